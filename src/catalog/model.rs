@@ -1,0 +1,643 @@
+//! The catalog model: paths, data sets, extents, volumes, and the one function that changes
+//! them ([`Catalog::apply`]).
+//!
+//! Every change to the catalog is an [`Op`]. The live file system builds an op, appends it to
+//! the log (store.rs) and then applies it; recovery replays the same ops through the same
+//! `apply`. So the state after a crash is exactly the state after the last op whose frame
+//! reached the log. `apply` validates everything it relies on and refuses an op that does not
+//! fit the state (that can only mean a corrupt log or a bug), leaving the state unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::geometry::{Geometry, TrackNo};
+use crate::space::{Extent, FreeMap, SpaceError, VolumeId};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+/// Longest file name, as in every Linux file system.
+pub const NAME_MAX_BYTES: usize = 255;
+/// Longest symlink target (PATH_MAX - 1).
+pub const SYMLINK_MAX_BYTES: usize = 4095;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits (0o7777), without the file type.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    Dir {
+        parent: Ino,
+        entries: BTreeMap<Vec<u8>, Ino>,
+    },
+    /// A data set: its bytes are its extents laid end to end; bytes at and past `size_bytes`
+    /// are zero (the allocation may run past the size).
+    File {
+        size_bytes: u64,
+        extents: Vec<Extent>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: Ino,
+    pub meta: Meta,
+    pub body: Body,
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        matches!(self.body, Body::Dir { .. })
+    }
+    pub fn allocated_tracks(&self) -> u64 {
+        match &self.body {
+            Body::File { extents, .. } => extents.iter().map(|e| e.count_tracks).sum(),
+            _ => 0,
+        }
+    }
+    pub fn size_bytes(&self) -> u64 {
+        match &self.body {
+            Body::File { size_bytes, .. } => *size_bytes,
+            Body::Symlink { target } => target.len() as u64,
+            Body::Dir { entries, .. } => entries.len() as u64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: VolumeId,
+    pub name: String,
+    /// Absolute path of the image.
+    pub path: String,
+    pub size_bytes: u64,
+    pub free: FreeMap,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NewKind {
+    Dir,
+    File,
+    Symlink { target: Vec<u8> },
+}
+
+/// One change to the catalog; the payload of one log frame. docs/format.md draws each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    AddVolume {
+        id: VolumeId,
+        name: String,
+        path: String,
+        size_bytes: u64,
+        tracks_total: u64,
+    },
+    MakeNode {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        meta: Meta,
+        kind: NewKind,
+    },
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        time_ns: i64,
+    },
+    /// Removes a name: a file's or symlink's link, or an empty directory. An inode left with
+    /// no link stays (an orphan, still open somewhere) until [`Op::Destroy`].
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+        time_ns: i64,
+    },
+    /// Moves `name` to `new_name`, replacing what is there (its link is dropped), or with
+    /// `exchange` swaps the two.
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        exchange: bool,
+        time_ns: i64,
+    },
+    SetMeta {
+        ino: Ino,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime_ns: Option<i64>,
+        mtime_ns: Option<i64>,
+        ctime_ns: i64,
+    },
+    /// A data set's size changed (write past the end, truncate, fallocate).
+    SetSize {
+        ino: Ino,
+        size_bytes: u64,
+        mtime_ns: i64,
+    },
+    /// Extents appended to a data set (an extent contiguous with the last one merges).
+    Grow {
+        ino: Ino,
+        extents: Vec<Extent>,
+    },
+    /// Keep the first `keep_tracks` logical tracks of a data set, free the rest.
+    Trim {
+        ino: Ino,
+        keep_tracks: u64,
+    },
+    /// Remove an inode with no links and free its tracks.
+    Destroy {
+        ino: Ino,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("no inode {0}")]
+    NoInode(Ino),
+    #[error("inode {0} is not a directory")]
+    NotDir(Ino),
+    #[error("inode {0} is not a data set")]
+    NotFile(Ino),
+    #[error("no entry {name:?} in directory {parent}")]
+    NoEntry { parent: Ino, name: String },
+    #[error("entry {name:?} already exists in directory {parent}")]
+    Exists { parent: Ino, name: String },
+    #[error("directory {0} is not empty")]
+    NotEmpty(Ino),
+    #[error("inode {0} already exists")]
+    InoInUse(Ino),
+    #[error("inode {0} still has links")]
+    StillLinked(Ino),
+    #[error("no volume {0}")]
+    NoVolume(u32),
+    #[error("volume {0} already exists")]
+    VolumeExists(String),
+    #[error(transparent)]
+    Space(#[from] SpaceError),
+}
+
+fn name_str(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// The whole catalog, in memory. Serialized as is into snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub geometry: Geometry,
+    pub next_ino: Ino,
+    pub next_volume: u32,
+    pub volumes: BTreeMap<VolumeId, VolumeRec>,
+    pub inodes: HashMap<Ino, Inode>,
+}
+
+/// What an applied op released, for the caller to punch after the op is durable.
+pub type Freed = Vec<Extent>;
+
+impl Catalog {
+    pub fn new(geometry: Geometry, root_meta: Meta) -> Catalog {
+        let mut inodes = HashMap::new();
+        inodes.insert(
+            ROOT_INO,
+            Inode { ino: ROOT_INO, meta: root_meta, body: Body::Dir { parent: ROOT_INO, entries: BTreeMap::new() } },
+        );
+        Catalog { geometry, next_ino: ROOT_INO + 1, next_volume: 1, volumes: BTreeMap::new(), inodes }
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        match &self.inodes.get(&parent)?.body {
+            Body::Dir { entries, .. } => entries.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRec> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    fn inode_mut(&mut self, ino: Ino) -> Result<&mut Inode, ApplyError> {
+        self.inodes.get_mut(&ino).ok_or(ApplyError::NoInode(ino))
+    }
+
+    fn entries_mut(&mut self, dir: Ino) -> Result<&mut BTreeMap<Vec<u8>, Ino>, ApplyError> {
+        match &mut self.inode_mut(dir)?.body {
+            Body::Dir { entries, .. } => Ok(entries),
+            _ => Err(ApplyError::NotDir(dir)),
+        }
+    }
+
+    fn entry(&self, parent: Ino, name: &[u8]) -> Result<Ino, ApplyError> {
+        match &self.inodes.get(&parent).ok_or(ApplyError::NoInode(parent))?.body {
+            Body::Dir { entries, .. } => {
+                entries.get(name).copied().ok_or(ApplyError::NoEntry { parent, name: name_str(name) })
+            }
+            _ => Err(ApplyError::NotDir(parent)),
+        }
+    }
+
+    fn touch_dir(&mut self, dir: Ino, time_ns: i64) {
+        if let Some(d) = self.inodes.get_mut(&dir) {
+            d.meta.mtime_ns = time_ns;
+            d.meta.ctime_ns = time_ns;
+        }
+    }
+
+    fn free_extents(&mut self, extents: &[Extent]) -> Result<(), ApplyError> {
+        for e in extents {
+            let v = self.volumes.get_mut(&e.volume).ok_or(ApplyError::NoVolume(e.volume.0))?;
+            v.free.give(e.first.0, e.count_tracks)?;
+        }
+        Ok(())
+    }
+
+    /// Check that `op` fits the current state, without changing anything.
+    pub fn check(&self, op: &Op) -> Result<(), ApplyError> {
+        match op {
+            Op::AddVolume { id, name, .. } => {
+                if self.volumes.contains_key(id) || self.volume_by_name(name).is_some() {
+                    return Err(ApplyError::VolumeExists(name.clone()));
+                }
+            }
+            Op::MakeNode { ino, parent, name, .. } => {
+                if self.inodes.contains_key(ino) {
+                    return Err(ApplyError::InoInUse(*ino));
+                }
+                if self.lookup(parent_checked(self, *parent)?, name).is_some() {
+                    return Err(ApplyError::Exists { parent: *parent, name: name_str(name) });
+                }
+            }
+            Op::Link { ino, parent, name, .. } => {
+                let i = self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
+                if i.is_dir() {
+                    return Err(ApplyError::NotFile(*ino));
+                }
+                if self.lookup(parent_checked(self, *parent)?, name).is_some() {
+                    return Err(ApplyError::Exists { parent: *parent, name: name_str(name) });
+                }
+            }
+            Op::Unlink { parent, name, .. } => {
+                let ino = self.entry(*parent, name)?;
+                if let Some(Body::Dir { entries, .. }) = self.inodes.get(&ino).map(|i| &i.body) {
+                    if !entries.is_empty() {
+                        return Err(ApplyError::NotEmpty(ino));
+                    }
+                }
+            }
+            Op::Rename { parent, name, new_parent, new_name, exchange, .. } => {
+                self.entry(*parent, name)?;
+                parent_checked(self, *new_parent)?;
+                match self.lookup(*new_parent, new_name) {
+                    Some(target) if !*exchange => {
+                        if let Some(Body::Dir { entries, .. }) = self.inodes.get(&target).map(|i| &i.body) {
+                            if !entries.is_empty() {
+                                return Err(ApplyError::NotEmpty(target));
+                            }
+                        }
+                    }
+                    None if *exchange => {
+                        return Err(ApplyError::NoEntry { parent: *new_parent, name: name_str(new_name) })
+                    }
+                    _ => {}
+                }
+            }
+            Op::SetMeta { ino, .. } => {
+                self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
+            }
+            Op::SetSize { ino, .. } | Op::Trim { ino, .. } => {
+                file_checked(self, *ino)?;
+            }
+            Op::Grow { ino, extents } => {
+                file_checked(self, *ino)?;
+                for e in extents {
+                    let v = self.volumes.get(&e.volume).ok_or(ApplyError::NoVolume(e.volume.0))?;
+                    if v.free.free_run_at(e.first.0) < e.count_tracks {
+                        let (first, end) = (e.first.0, e.first.0 + e.count_tracks);
+                        return Err(SpaceError::NotFree { volume: e.volume, first, end }.into());
+                    }
+                }
+            }
+            Op::Destroy { ino } => {
+                let i = self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
+                if i.meta.nlink != 0 {
+                    return Err(ApplyError::StillLinked(*ino));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply one op. On error nothing changed.
+    pub fn apply(&mut self, op: &Op) -> Result<Freed, ApplyError> {
+        self.check(op)?;
+        let mut freed = Vec::new();
+        match op.clone() {
+            Op::AddVolume { id, name, path, size_bytes, tracks_total } => {
+                self.next_volume = self.next_volume.max(id.0 + 1);
+                self.volumes.insert(id, VolumeRec { id, name, path, size_bytes, free: FreeMap::new(id, tracks_total) });
+            }
+            Op::MakeNode { ino, parent, name, mut meta, kind } => {
+                let time_ns = meta.ctime_ns;
+                let body = match kind {
+                    NewKind::Dir => {
+                        meta.nlink = 2;
+                        self.inode_mut(parent)?.meta.nlink += 1;
+                        Body::Dir { parent, entries: BTreeMap::new() }
+                    }
+                    NewKind::File => {
+                        meta.nlink = 1;
+                        Body::File { size_bytes: 0, extents: Vec::new() }
+                    }
+                    NewKind::Symlink { target } => {
+                        meta.nlink = 1;
+                        Body::Symlink { target }
+                    }
+                };
+                self.entries_mut(parent)?.insert(name, ino);
+                self.inodes.insert(ino, Inode { ino, meta, body });
+                self.next_ino = self.next_ino.max(ino + 1);
+                self.touch_dir(parent, time_ns);
+            }
+            Op::Link { ino, parent, name, time_ns } => {
+                self.entries_mut(parent)?.insert(name, ino);
+                let i = self.inode_mut(ino)?;
+                i.meta.nlink += 1;
+                i.meta.ctime_ns = time_ns;
+                self.touch_dir(parent, time_ns);
+            }
+            Op::Unlink { parent, name, time_ns } => {
+                let ino = self.entries_mut(parent)?.remove(&name).expect("checked");
+                self.drop_link(parent, ino, time_ns)?;
+                self.touch_dir(parent, time_ns);
+            }
+            Op::Rename { parent, name, new_parent, new_name, exchange, time_ns } => {
+                let src = self.entry(parent, &name)?;
+                let dst = self.lookup(new_parent, &new_name);
+                if exchange {
+                    let dst = dst.expect("checked");
+                    self.entries_mut(parent)?.insert(name, dst);
+                    self.entries_mut(new_parent)?.insert(new_name, src);
+                    self.reparent(dst, parent, new_parent)?;
+                    self.reparent(src, new_parent, parent)?;
+                } else {
+                    self.entries_mut(parent)?.remove(&name);
+                    if let Some(dst) = dst {
+                        self.drop_link(new_parent, dst, time_ns)?;
+                    }
+                    self.entries_mut(new_parent)?.insert(new_name, src);
+                    self.reparent(src, new_parent, parent)?;
+                }
+                if let Some(i) = self.inodes.get_mut(&src) {
+                    i.meta.ctime_ns = time_ns;
+                }
+                self.touch_dir(parent, time_ns);
+                self.touch_dir(new_parent, time_ns);
+            }
+            Op::SetMeta { ino, perm, uid, gid, atime_ns, mtime_ns, ctime_ns } => {
+                let m = &mut self.inode_mut(ino)?.meta;
+                if let Some(p) = perm {
+                    m.perm = p & 0o7777;
+                }
+                if let Some(u) = uid {
+                    m.uid = u;
+                }
+                if let Some(g) = gid {
+                    m.gid = g;
+                }
+                if let Some(t) = atime_ns {
+                    m.atime_ns = t;
+                }
+                if let Some(t) = mtime_ns {
+                    m.mtime_ns = t;
+                }
+                m.ctime_ns = ctime_ns;
+            }
+            Op::SetSize { ino, size_bytes, mtime_ns } => {
+                let i = self.inode_mut(ino)?;
+                i.meta.mtime_ns = mtime_ns;
+                i.meta.ctime_ns = mtime_ns;
+                if let Body::File { size_bytes: s, .. } = &mut i.body {
+                    *s = size_bytes;
+                }
+            }
+            Op::Grow { ino, extents } => {
+                for e in &extents {
+                    self.volumes.get_mut(&e.volume).expect("checked").free.take(e.first.0, e.count_tracks)?;
+                }
+                if let Body::File { extents: have, .. } = &mut self.inode_mut(ino)?.body {
+                    for e in extents {
+                        match have.last_mut() {
+                            Some(last) if last.volume == e.volume && last.end() == e.first => {
+                                last.count_tracks += e.count_tracks
+                            }
+                            _ => have.push(e),
+                        }
+                    }
+                }
+            }
+            Op::Trim { ino, keep_tracks } => {
+                if let Body::File { extents, .. } = &mut self.inode_mut(ino)?.body {
+                    freed = trim_extents(extents, keep_tracks);
+                }
+                self.free_extents(&freed)?;
+            }
+            Op::Destroy { ino } => {
+                let i = self.inodes.remove(&ino).expect("checked");
+                if let Body::File { extents, .. } = i.body {
+                    self.free_extents(&extents)?;
+                    freed = extents;
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    fn reparent(&mut self, ino: Ino, new_parent: Ino, old_parent: Ino) -> Result<(), ApplyError> {
+        if let Body::Dir { parent, .. } = &mut self.inode_mut(ino)?.body {
+            *parent = new_parent;
+            if new_parent != old_parent {
+                self.inode_mut(old_parent)?.meta.nlink -= 1;
+                self.inode_mut(new_parent)?.meta.nlink += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop one link of `ino`, whose entry in `parent` is already gone.
+    fn drop_link(&mut self, parent: Ino, ino: Ino, time_ns: i64) -> Result<(), ApplyError> {
+        let i = self.inode_mut(ino)?;
+        i.meta.ctime_ns = time_ns;
+        if i.is_dir() {
+            i.meta.nlink = 0;
+            self.inodes.remove(&ino);
+            self.inode_mut(parent)?.meta.nlink -= 1;
+        } else {
+            i.meta.nlink = i.meta.nlink.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Inodes with no links left (open when the mount stopped); recovery destroys them.
+    pub fn orphans(&self) -> Vec<Ino> {
+        let mut v: Vec<Ino> = self.inodes.values().filter(|i| i.meta.nlink == 0).map(|i| i.ino).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Map a logical track of a data set to its volume track.
+    pub fn physical(&self, extents: &[Extent], logical: TrackNo) -> Option<(VolumeId, TrackNo)> {
+        let mut base = 0u64;
+        for e in extents {
+            if logical.0 < base + e.count_tracks {
+                return Some((e.volume, TrackNo(e.first.0 + logical.0 - base)));
+            }
+            base += e.count_tracks;
+        }
+        None
+    }
+}
+
+fn parent_checked(c: &Catalog, parent: Ino) -> Result<Ino, ApplyError> {
+    match c.inodes.get(&parent) {
+        Some(i) if i.is_dir() => Ok(parent),
+        Some(_) => Err(ApplyError::NotDir(parent)),
+        None => Err(ApplyError::NoInode(parent)),
+    }
+}
+
+fn file_checked(c: &Catalog, ino: Ino) -> Result<(), ApplyError> {
+    match c.inodes.get(&ino) {
+        Some(Inode { body: Body::File { .. }, .. }) => Ok(()),
+        Some(_) => Err(ApplyError::NotFile(ino)),
+        None => Err(ApplyError::NoInode(ino)),
+    }
+}
+
+/// Cut `extents` to their first `keep_tracks` tracks; returns what was cut.
+pub fn trim_extents(extents: &mut Vec<Extent>, keep_tracks: u64) -> Vec<Extent> {
+    let mut freed = Vec::new();
+    let mut base = 0u64;
+    let mut keep_len = 0;
+    for (i, e) in extents.iter_mut().enumerate() {
+        if base >= keep_tracks {
+            freed.push(*e);
+            continue;
+        }
+        keep_len = i + 1;
+        if base + e.count_tracks > keep_tracks {
+            let keep = keep_tracks - base;
+            freed.push(Extent {
+                volume: e.volume,
+                first: TrackNo(e.first.0 + keep),
+                count_tracks: e.count_tracks - keep,
+            });
+            e.count_tracks = keep;
+        }
+        base += e.count_tracks;
+    }
+    extents.truncate(keep_len);
+    freed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta { perm: 0o755, uid: 0, gid: 0, nlink: 0, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
+    }
+
+    fn cat() -> Catalog {
+        let mut c = Catalog::new(Geometry::new(4096).unwrap(), meta());
+        c.apply(&Op::AddVolume {
+            id: VolumeId(1),
+            name: "V1".into(),
+            path: "/x".into(),
+            size_bytes: 40960,
+            tracks_total: 10,
+        })
+        .unwrap();
+        c
+    }
+
+    #[test]
+    fn make_grow_trim_destroy_returns_space() {
+        let mut c = cat();
+        c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"f".to_vec(), meta: meta(), kind: NewKind::File })
+            .unwrap();
+        let e = |first, n| Extent { volume: VolumeId(1), first: TrackNo(first), count_tracks: n };
+        c.apply(&Op::Grow { ino: 2, extents: vec![e(0, 4)] }).unwrap();
+        c.apply(&Op::Grow { ino: 2, extents: vec![e(4, 2)] }).unwrap();
+        assert_eq!(
+            c.get(2).unwrap().body,
+            Body::File { size_bytes: 0, extents: vec![e(0, 6)] },
+            "contiguous grow merges"
+        );
+        assert!(c.apply(&Op::Grow { ino: 2, extents: vec![e(5, 2)] }).is_err(), "owned tracks can't be taken twice");
+        assert_eq!(c.apply(&Op::Trim { ino: 2, keep_tracks: 1 }).unwrap(), vec![e(1, 5)]);
+        assert_eq!(c.volumes[&VolumeId(1)].free.free_tracks(), 9);
+        assert!(c.apply(&Op::Destroy { ino: 2 }).is_err(), "a linked inode can't be destroyed");
+        c.apply(&Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), time_ns: 1 }).unwrap();
+        assert_eq!(c.orphans(), vec![2]);
+        c.apply(&Op::Destroy { ino: 2 }).unwrap();
+        assert_eq!(c.volumes[&VolumeId(1)].free.free_tracks(), 10);
+    }
+
+    #[test]
+    fn rename_replaces_and_counts_dir_links() {
+        let mut c = cat();
+        c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"d".to_vec(), meta: meta(), kind: NewKind::Dir })
+            .unwrap();
+        c.apply(&Op::MakeNode { ino: 3, parent: 2, name: b"sub".to_vec(), meta: meta(), kind: NewKind::Dir }).unwrap();
+        assert_eq!(c.get(2).unwrap().meta.nlink, 3);
+        c.apply(&Op::Rename {
+            parent: 2,
+            name: b"sub".to_vec(),
+            new_parent: ROOT_INO,
+            new_name: b"sub2".to_vec(),
+            exchange: false,
+            time_ns: 1,
+        })
+        .unwrap();
+        assert_eq!(c.get(2).unwrap().meta.nlink, 2);
+        assert_eq!(c.get(ROOT_INO).unwrap().meta.nlink, 4);
+        assert!(c
+            .apply(&Op::Rename {
+                parent: ROOT_INO,
+                name: b"sub2".to_vec(),
+                new_parent: ROOT_INO,
+                new_name: b"d".to_vec(),
+                exchange: false,
+                time_ns: 2
+            })
+            .is_ok());
+        assert_eq!(c.lookup(ROOT_INO, b"d"), Some(3));
+        assert!(c.get(2).is_none(), "the replaced empty directory is gone");
+    }
+
+    #[test]
+    fn trim_extents_cuts_in_the_middle() {
+        let e = |v, first, n| Extent { volume: VolumeId(v), first: TrackNo(first), count_tracks: n };
+        let mut x = vec![e(1, 0, 4), e(2, 10, 4)];
+        assert_eq!(trim_extents(&mut x, 6), vec![e(2, 12, 2)]);
+        assert_eq!(x, vec![e(1, 0, 4), e(2, 10, 2)]);
+        assert_eq!(trim_extents(&mut x, 0), vec![e(1, 0, 4), e(2, 10, 2)]);
+        assert!(x.is_empty());
+    }
+}

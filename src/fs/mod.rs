@@ -1,0 +1,1304 @@
+//! The FUSE file system: inodes, handles and operations, over the catalog and the volumes.
+//!
+//! Locks, always taken in this order (never the reverse):
+//!
+//! 1. `nodes`: the table of open data sets. Held by open, release, unlink, rename and
+//!    truncate, so that a data set's in-memory node is unique and no open can build a node
+//!    from a catalog state that a concurrent truncate is about to change.
+//! 2. `FileNode::gate`: shared by every read and write of the data set, exclusive for
+//!    whatever frees its tracks (truncate, trim at close). So no I/O is ever in flight to a
+//!    track being freed.
+//! 3. `catalog`: the store. Held only to validate and log an op and to apply it (a few
+//!    microseconds), never across volume I/O except the punch of newly allocated tracks.
+//!
+//! The I/O path takes no global lock: a read or a write finds its handle, takes the data
+//! set's gate shared, loads the extent map through an atomic pointer, and does positional
+//! I/O on the volume images. It takes the catalog lock only when it must allocate tracks or
+//! raise the size, and that op is in the log before the write is acknowledged, so a kill -9
+//! loses nothing that returned.
+
+mod attr;
+mod control;
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use fuser::{
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use log::{error, info, warn};
+use parking_lot::{Mutex, RwLock};
+
+use crate::catalog::model::{Body, Ino, Meta, NewKind, Op, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
+use crate::catalog::store::{Store, StoreError};
+use crate::extent_map::{ExtentMap, Piece};
+use crate::geometry::Geometry;
+use crate::monitor::DirtyBitmap;
+use crate::pool::now_ns;
+use crate::space::{plan_growth, Extent, VolumeId};
+use crate::volume::VolumeIo;
+
+pub use control::CONTROL_DIR_NAME;
+
+/// How long the kernel may cache names and attributes. Only this mount changes the pool,
+/// and every change goes through the kernel, so caching is safe; one second bounds the
+/// staleness of what the kernel can't see (an orphan's destruction, a migration's extents).
+const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel may send in one request (with FUSE_MAX_PAGES).
+pub const WRITE_MAX_BYTES: u32 = 1 << 20;
+/// Readahead asked of the kernel: reads otherwise arrive in pieces of 128-256 KiB.
+pub const READAHEAD_BYTES: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("entry exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a directory")]
+    NotDir,
+    #[error("no space left in the pool")]
+    NoSpace,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("not supported")]
+    NotSupported,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("volume I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("catalog: {0}")]
+    Catalog(#[from] StoreError),
+}
+
+impl FsError {
+    /// The one place where errors become errno values.
+    pub fn errno(&self) -> Errno {
+        match self {
+            FsError::NotFound => Errno::ENOENT,
+            FsError::Exists => Errno::EEXIST,
+            FsError::NotEmpty => Errno::ENOTEMPTY,
+            FsError::NameTooLong => Errno::ENAMETOOLONG,
+            FsError::IsDir => Errno::EISDIR,
+            FsError::NotDir => Errno::ENOTDIR,
+            FsError::NoSpace => Errno::ENOSPC,
+            FsError::Invalid => Errno::EINVAL,
+            FsError::NotPermitted => Errno::EPERM,
+            FsError::NotSupported => Errno::from_i32(libc::EOPNOTSUPP),
+            FsError::BadHandle => Errno::EBADF,
+            FsError::Io(e) => Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)),
+            FsError::Catalog(StoreError::Io { source, .. }) => {
+                Errno::from_i32(source.raw_os_error().filter(|&e| e == libc::ENOSPC).unwrap_or(libc::EIO))
+            }
+            FsError::Catalog(_) => Errno::EIO,
+        }
+    }
+}
+
+type FsResult<T> = Result<T, FsError>;
+
+/// A data set that is open (or being changed): its live extent map and size.
+pub struct FileNode {
+    pub ino: Ino,
+    pub map: ArcSwap<ExtentMap>,
+    pub size_bytes: AtomicU64,
+    /// Shared for I/O, exclusive to free tracks.
+    pub gate: RwLock<()>,
+    open_handles: AtomicU32,
+    /// The mtime of in-place writes, persisted at fsync, release and setattr.
+    mtime_ns: AtomicI64,
+    mtime_dirty: AtomicBool,
+    /// Present while a migration watches this data set (the monitor).
+    pub monitor: ArcSwapOption<DirtyBitmap>,
+}
+
+enum Handle {
+    File {
+        node: Arc<FileNode>,
+    },
+    Dir {
+        entries: Vec<(Vec<u8>, Ino, FileType)>,
+    },
+    /// A generated control file (.ferry/status): its bytes at open.
+    Generated {
+        bytes: Vec<u8>,
+    },
+}
+
+pub struct Shared {
+    pub geometry: Geometry,
+    pub pool_dir: PathBuf,
+    pub mountpoint: PathBuf,
+    pub catalog: Mutex<Store>,
+    volumes: RwLock<HashMap<VolumeId, Arc<dyn VolumeIo>>>,
+    nodes: Mutex<HashMap<Ino, Arc<FileNode>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// Bytes of the log known durable (fdatasync'ed).
+    log_synced_bytes: AtomicU64,
+}
+
+pub struct FerryFs {
+    pub shared: Arc<Shared>,
+}
+
+fn ts(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn time_or_now(t: TimeOrNow, now: i64) -> i64 {
+    match t {
+        TimeOrNow::Now => now,
+        TimeOrNow::SpecificTime(t) => ns_of(t),
+    }
+}
+
+fn check_name(name: &OsStr) -> FsResult<&[u8]> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX_BYTES {
+        return Err(FsError::NameTooLong);
+    }
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(FsError::Invalid);
+    }
+    Ok(b)
+}
+
+impl Shared {
+    pub fn new(
+        store: Store,
+        pool_dir: PathBuf,
+        mountpoint: PathBuf,
+        volumes: Vec<(VolumeId, Arc<dyn VolumeIo>)>,
+    ) -> Shared {
+        let geometry = store.catalog.geometry;
+        let synced = store.log_len_bytes();
+        Shared {
+            geometry,
+            pool_dir,
+            mountpoint,
+            catalog: Mutex::new(store),
+            volumes: RwLock::new(volumes.into_iter().collect()),
+            nodes: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            log_synced_bytes: AtomicU64::new(synced),
+        }
+    }
+
+    fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn VolumeIo>> {
+        self.volumes.read().get(&id).cloned().ok_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: FileHandle) -> FsResult<Arc<Handle>> {
+        self.handles.read().get(&fh.0).cloned().ok_or(FsError::BadHandle)
+    }
+
+    fn file_handle(&self, fh: FileHandle) -> FsResult<Arc<FileNode>> {
+        match &*self.handle(fh)? {
+            Handle::File { node } => Ok(node.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Commit an op, compacting the log when it has grown past its limit.
+    fn commit(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
+        let freed = cat.commit(op)?;
+        if cat.needs_compaction() {
+            match cat.compact() {
+                Ok(()) => self.log_synced_bytes.store(cat.log_len_bytes(), Ordering::Release),
+                Err(e) => warn!("catalog compaction failed (the log keeps growing): {e}"),
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Release the space of freed tracks (best effort: allocation zeroes again anyway).
+    fn punch_extents(&self, extents: &[Extent]) {
+        let g = self.geometry;
+        for e in extents {
+            if let Ok(v) = self.volume(e.volume) {
+                if let Err(err) = v.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks)) {
+                    warn!("punching freed tracks of volume #{}: {err}", e.volume.0);
+                }
+            }
+        }
+    }
+
+    /// Zero `offset..offset+len` of a data set, inside its allocation.
+    fn zero_range(&self, map: &ExtentMap, offset: u64, len: u64) -> FsResult<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for p in map.pieces(offset, len as usize) {
+            if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
+                self.volume(volume)?.punch(offset_bytes, len as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn make_node(&self, cat: &Store, ino: Ino) -> FsResult<Arc<FileNode>> {
+        let i = cat.catalog.get(ino).ok_or(FsError::NotFound)?;
+        let Body::File { size_bytes, extents } = &i.body else { return Err(FsError::IsDir) };
+        Ok(Arc::new(FileNode {
+            ino,
+            map: ArcSwap::from_pointee(ExtentMap::new(self.geometry, extents)),
+            size_bytes: AtomicU64::new(*size_bytes),
+            gate: RwLock::new(()),
+            open_handles: AtomicU32::new(0),
+            mtime_ns: AtomicI64::new(i.meta.mtime_ns),
+            mtime_dirty: AtomicBool::new(false),
+            monitor: ArcSwapOption::empty(),
+        }))
+    }
+
+    /// Re-read a data set's extents from the catalog into its node (after grow or trim).
+    fn refresh_map(&self, cat: &Store, node: &FileNode) {
+        if let Some(Body::File { extents, size_bytes }) = cat.catalog.get(node.ino).map(|i| &i.body) {
+            node.map.store(Arc::new(ExtentMap::new(self.geometry, extents)));
+            node.size_bytes.store(*size_bytes, Ordering::Release);
+        }
+    }
+
+    /// Allocate tracks so that the data set holds at least `end_bytes`. Called with the gate
+    /// held shared (allocation only adds tracks).
+    fn grow(&self, node: &FileNode, end_bytes: u64) -> FsResult<()> {
+        let g = self.geometry;
+        let mut cat = self.catalog.lock();
+        let (last, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { extents, .. }) => (extents.last().copied(), extents.iter().map(|e| e.count_tracks).sum()),
+            _ => return Err(FsError::NotFound),
+        };
+        let needed = g.tracks_for(end_bytes).saturating_sub(allocated);
+        if needed == 0 {
+            self.refresh_map(&cat, node);
+            return Ok(());
+        }
+        let plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed)
+            .ok_or(FsError::NoSpace)?;
+        // New tracks must read as zeros: another data set's old bytes may be there.
+        for e in &plan {
+            self.volume(e.volume)?.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?;
+        }
+        self.commit(&mut cat, Op::Grow { ino: node.ino, extents: plan })?;
+        self.refresh_map(&cat, node);
+        Ok(())
+    }
+
+    /// Raise the recorded size to `end_bytes` if it is below. Logged before the write that
+    /// needed it is acknowledged.
+    fn raise_size(&self, node: &FileNode, end_bytes: u64, now: i64) -> FsResult<()> {
+        let mut cat = self.catalog.lock();
+        let size = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { size_bytes, .. }) => *size_bytes,
+            _ => return Err(FsError::NotFound),
+        };
+        if end_bytes > size {
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: end_bytes, mtime_ns: now })?;
+            node.size_bytes.store(end_bytes, Ordering::Release);
+            node.mtime_dirty.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, node: &FileNode, offset: u64, data: &[u8]) -> FsResult<()> {
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Invalid)?;
+        let _io = node.gate.read();
+        if end > node.map.load().allocated_bytes() {
+            self.grow(node, end)?;
+        }
+        let map = node.map.load();
+        for p in map.pieces(offset, data.len()) {
+            match p {
+                Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                    self.volume(volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
+                }
+                Piece::Unallocated { .. } => return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO))),
+            }
+        }
+        // The monitor: mark after the bytes reached the source (see monitor.rs).
+        if let Some(m) = node.monitor.load().as_ref() {
+            if !data.is_empty() {
+                m.mark(self.geometry.track_of(offset), self.geometry.track_of(end - 1));
+            }
+        }
+        let now = now_ns();
+        if end > node.size_bytes.load(Ordering::Acquire) {
+            self.raise_size(node, end, now)?;
+        } else {
+            node.mtime_ns.store(now, Ordering::Release);
+            node.mtime_dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, node: &FileNode, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let _io = node.gate.read();
+        let file_size = node.size_bytes.load(Ordering::Acquire);
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let len = (size as u64).min(file_size - offset) as usize;
+        let mut buf = vec![0u8; len];
+        let map = node.map.load();
+        for p in map.pieces(offset, len) {
+            if let Piece::Mapped { volume, offset_bytes, buf_start, len } = p {
+                self.volume(volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Set a data set's size. Shrinking zeroes the cut part of the last kept track and frees
+    /// the tracks past it. The caller holds the `nodes` lock.
+    fn truncate_locked(&self, node: &FileNode, new_size: u64, now: i64) -> FsResult<()> {
+        let g = self.geometry;
+        let _excl = node.gate.write();
+        let mut cat = self.catalog.lock();
+        let (old_size, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { size_bytes, extents }) => {
+                (*size_bytes, extents.iter().map(|e| e.count_tracks).sum::<u64>())
+            }
+            _ => return Err(FsError::NotFound),
+        };
+        if new_size < old_size {
+            let keep_tracks = g.tracks_for(new_size);
+            let map = node.map.load();
+            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(map.allocated_bytes());
+            if zero_end > new_size {
+                self.zero_range(&map, new_size, zero_end - new_size)?;
+            }
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
+            if allocated > keep_tracks {
+                let freed = self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
+                self.refresh_map(&cat, node);
+                drop(cat);
+                self.punch_extents(&freed);
+            } else {
+                self.refresh_map(&cat, node);
+            }
+        } else if new_size > old_size {
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
+            self.refresh_map(&cat, node);
+        } else {
+            self.commit(
+                &mut cat,
+                Op::SetMeta {
+                    ino: node.ino,
+                    perm: None,
+                    uid: None,
+                    gid: None,
+                    atime_ns: None,
+                    mtime_ns: Some(now),
+                    ctime_ns: now,
+                },
+            )?;
+        }
+        node.mtime_dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// The node of an open data set, or a fresh one built from the catalog.
+    fn node_for(&self, nodes: &HashMap<Ino, Arc<FileNode>>, ino: Ino) -> FsResult<Arc<FileNode>> {
+        if let Some(n) = nodes.get(&ino) {
+            return Ok(n.clone());
+        }
+        let cat = self.catalog.lock();
+        self.make_node(&cat, ino)
+    }
+
+    /// Persist the mtime of in-place writes, if any.
+    fn persist_mtime(&self, node: &FileNode) -> FsResult<()> {
+        if node.mtime_dirty.swap(false, Ordering::AcqRel) {
+            let t = node.mtime_ns.load(Ordering::Acquire);
+            let mut cat = self.catalog.lock();
+            if cat.catalog.get(node.ino).is_some() {
+                self.commit(
+                    &mut cat,
+                    Op::SetMeta {
+                        ino: node.ino,
+                        perm: None,
+                        uid: None,
+                        gid: None,
+                        atime_ns: None,
+                        mtime_ns: Some(t),
+                        ctime_ns: t,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the log durable up to what is written now.
+    pub fn sync_log(&self) -> FsResult<()> {
+        let (log, len) = {
+            let cat = self.catalog.lock();
+            (cat.log_handle(), cat.log_len_bytes())
+        };
+        if len <= self.log_synced_bytes.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(log) = log {
+            log.sync_data().map_err(|source| StoreError::Io { path: self.pool_dir.join("catalog.log"), source })?;
+        }
+        self.log_synced_bytes.fetch_max(len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn fsync_node(&self, node: &FileNode, datasync: bool) -> FsResult<()> {
+        let volumes: BTreeSet<VolumeId> = node.map.load().extents().iter().map(|e| e.volume).collect();
+        for v in volumes {
+            self.volume(v)?.flush()?;
+        }
+        if !datasync {
+            self.persist_mtime(node)?;
+        }
+        self.sync_log()
+    }
+
+    /// Drop a link; destroy the inode if nothing holds it any more. Caller holds `nodes`.
+    fn destroy_if_unused(
+        &self,
+        nodes: &HashMap<Ino, Arc<FileNode>>,
+        cat: &mut Store,
+        ino: Ino,
+    ) -> FsResult<Vec<Extent>> {
+        match cat.catalog.get(ino) {
+            Some(i) if i.meta.nlink == 0 && !nodes.contains_key(&ino) => Ok(self.commit(cat, Op::Destroy { ino })?),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Last close of a data set: persist mtime, trim the over-provisioned tail, destroy an
+    /// unlinked one. Caller holds `nodes` and has removed the node from it.
+    fn last_close(&self, nodes: &HashMap<Ino, Arc<FileNode>>, node: &FileNode) -> FsResult<()> {
+        self.persist_mtime(node)?;
+        let g = self.geometry;
+        let _excl = node.gate.write();
+        let mut cat = self.catalog.lock();
+        let (nlink, size, allocated) = match cat.catalog.get(node.ino) {
+            Some(i) => (i.meta.nlink, i.size_bytes(), i.allocated_tracks()),
+            None => return Ok(()),
+        };
+        let freed = if nlink == 0 {
+            self.destroy_if_unused(nodes, &mut cat, node.ino)?
+        } else if allocated > g.tracks_for(size) {
+            self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks: g.tracks_for(size) })?
+        } else {
+            Vec::new()
+        };
+        drop(cat);
+        self.punch_extents(&freed);
+        Ok(())
+    }
+
+    /// Zero every byte past each data set's size inside its allocation: after a crash, a write
+    /// that landed on the volume but whose size change never reached the log left bytes there.
+    pub fn zero_tails(&self) -> FsResult<u64> {
+        let g = self.geometry;
+        let cat = self.catalog.lock();
+        let mut n = 0;
+        for i in cat.catalog.inodes.values() {
+            if let Body::File { size_bytes, extents } = &i.body {
+                let map = ExtentMap::new(g, extents);
+                let end = map.allocated_bytes();
+                if end > *size_bytes {
+                    self.zero_range(&map, *size_bytes, end - size_bytes)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Free inodes left without links by a mount that stopped while they were open.
+    pub fn destroy_orphans(&self) -> FsResult<usize> {
+        let mut cat = self.catalog.lock();
+        let orphans = cat.catalog.orphans();
+        let mut freed = Vec::new();
+        for ino in &orphans {
+            freed.extend(self.commit(&mut cat, Op::Destroy { ino: *ino })?);
+        }
+        drop(cat);
+        self.punch_extents(&freed);
+        Ok(orphans.len())
+    }
+
+    /// Clean shutdown: fold the log into a snapshot.
+    pub fn shutdown(&self) {
+        let nodes: Vec<Arc<FileNode>> = self.nodes.lock().values().cloned().collect();
+        for n in nodes {
+            if let Err(e) = self.persist_mtime(&n) {
+                warn!("persisting mtime of {}: {e}", n.ino);
+            }
+        }
+        for v in self.volumes.read().values() {
+            if let Err(e) = v.flush() {
+                error!("flushing a volume at unmount: {e}");
+            }
+        }
+        let mut cat = self.catalog.lock();
+        if let Err(e) = cat.compact() {
+            error!("compacting the catalog at unmount: {e}");
+        }
+    }
+}
+
+impl FerryFs {
+    pub fn new(shared: Arc<Shared>) -> FerryFs {
+        FerryFs { shared }
+    }
+
+    fn attr_of(&self, ino: Ino) -> FsResult<fuser::FileAttr> {
+        if let Some(a) = control::attr(&self.shared, ino) {
+            return Ok(a);
+        }
+        let node = self.shared.nodes.lock().get(&ino).cloned();
+        let cat = self.shared.catalog.lock();
+        let i = cat.catalog.get(ino).ok_or(FsError::NotFound)?;
+        let mut a = attr::attr(self.shared.geometry, i);
+        if let Some(n) = node {
+            if n.mtime_dirty.load(Ordering::Acquire) {
+                a.mtime = ts(n.mtime_ns.load(Ordering::Acquire));
+                a.ctime = a.mtime;
+            }
+        }
+        Ok(a)
+    }
+
+    fn do_lookup(&self, parent: Ino, name: &OsStr) -> FsResult<fuser::FileAttr> {
+        if let Some(a) = control::lookup(&self.shared, parent, name) {
+            return Ok(a);
+        }
+        let b = name.as_bytes();
+        if b.len() > NAME_MAX_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        let ino = {
+            let cat = self.shared.catalog.lock();
+            match cat.catalog.get(parent).map(|i| &i.body) {
+                Some(Body::Dir { entries, .. }) => entries.get(b).copied().ok_or(FsError::NotFound)?,
+                Some(_) => return Err(FsError::NotDir),
+                None => return Err(FsError::NotFound),
+            }
+        };
+        self.attr_of(ino)
+    }
+
+    /// Create a node (file, dir, symlink) in `parent`.
+    fn make(&self, req: &Request, parent: Ino, name: &OsStr, perm: u32, kind: NewKind) -> FsResult<fuser::FileAttr> {
+        let name = check_name(name)?;
+        if control::is_reserved(parent, name) {
+            return Err(if parent == ROOT_INO { FsError::Exists } else { FsError::NotPermitted });
+        }
+        let now = now_ns();
+        let ino = {
+            let mut cat = self.shared.catalog.lock();
+            let p = cat.catalog.get(parent).ok_or(FsError::NotFound)?;
+            let Body::Dir { entries, .. } = &p.body else { return Err(FsError::NotDir) };
+            if entries.contains_key(name) {
+                return Err(FsError::Exists);
+            }
+            // A set-group-id directory passes its group (and, to directories, the bit) on.
+            let (gid, perm) = if p.meta.perm & libc::S_ISGID != 0 {
+                (p.meta.gid, if matches!(kind, NewKind::Dir) { perm | libc::S_ISGID } else { perm })
+            } else {
+                (req.gid(), perm)
+            };
+            let ino = cat.catalog.next_ino;
+            let meta = Meta {
+                perm: perm & 0o7777,
+                uid: req.uid(),
+                gid,
+                nlink: 1,
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+            };
+            self.shared.commit(&mut cat, Op::MakeNode { ino, parent, name: name.to_vec(), meta, kind })?;
+            ino
+        };
+        self.attr_of(ino)
+    }
+
+    fn open_file(&self, ino: Ino) -> FsResult<u64> {
+        let mut nodes = self.shared.nodes.lock();
+        let node = match nodes.get(&ino) {
+            Some(n) => n.clone(),
+            None => {
+                let cat = self.shared.catalog.lock();
+                let n = self.shared.make_node(&cat, ino)?;
+                drop(cat);
+                nodes.insert(ino, n.clone());
+                n
+            }
+        };
+        node.open_handles.fetch_add(1, Ordering::AcqRel);
+        Ok(self.shared.add_handle(Handle::File { node }))
+    }
+
+    fn release_file(&self, fh: FileHandle) -> FsResult<()> {
+        let h = self.shared.handles.write().remove(&fh.0).ok_or(FsError::BadHandle)?;
+        let Handle::File { node } = &*h else { return Ok(()) };
+        let mut nodes = self.shared.nodes.lock();
+        if node.open_handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            nodes.remove(&node.ino);
+            self.shared.last_close(&nodes, node)?;
+        } else {
+            drop(nodes);
+            self.shared.persist_mtime(node)?;
+        }
+        Ok(())
+    }
+
+    fn do_setattr(
+        &self,
+        ino: Ino,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> FsResult<fuser::FileAttr> {
+        if control::attr(&self.shared, ino).is_some() {
+            return Err(FsError::NotPermitted);
+        }
+        let now = now_ns();
+        if let Some(size) = size {
+            let nodes = self.shared.nodes.lock();
+            let node = self.shared.node_for(&nodes, ino)?;
+            self.shared.truncate_locked(&node, size, now)?;
+        }
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+            let node = self.shared.nodes.lock().get(&ino).cloned();
+            if let (Some(n), Some(_)) = (&node, &mtime) {
+                n.mtime_dirty.store(false, Ordering::Release);
+            }
+            let mut cat = self.shared.catalog.lock();
+            cat.catalog.get(ino).ok_or(FsError::NotFound)?;
+            self.shared.commit(
+                &mut cat,
+                Op::SetMeta {
+                    ino,
+                    perm: mode.map(|m| m & 0o7777),
+                    uid,
+                    gid,
+                    atime_ns: atime.map(|t| time_or_now(t, now)),
+                    mtime_ns: mtime.map(|t| time_or_now(t, now)),
+                    ctime_ns: now,
+                },
+            )?;
+        }
+        self.attr_of(ino)
+    }
+
+    fn do_unlink(&self, parent: Ino, name: &OsStr, want_dir: bool) -> FsResult<()> {
+        let name = check_name(name)?;
+        if control::is_reserved(parent, name) {
+            return Err(FsError::NotPermitted);
+        }
+        let nodes = self.shared.nodes.lock();
+        let mut cat = self.shared.catalog.lock();
+        let ino = cat.catalog.lookup(parent, name).ok_or_else(|| match cat.catalog.get(parent) {
+            Some(p) if !p.is_dir() => FsError::NotDir,
+            _ => FsError::NotFound,
+        })?;
+        let target = cat.catalog.get(ino).ok_or(FsError::NotFound)?;
+        match (&target.body, want_dir) {
+            (Body::Dir { entries, .. }, true) if !entries.is_empty() => return Err(FsError::NotEmpty),
+            (Body::Dir { .. }, false) => return Err(FsError::IsDir),
+            (Body::Dir { .. }, true) => {}
+            (_, true) => return Err(FsError::NotDir),
+            (_, false) => {}
+        }
+        self.shared.commit(&mut cat, Op::Unlink { parent, name: name.to_vec(), time_ns: now_ns() })?;
+        let freed = self.shared.destroy_if_unused(&nodes, &mut cat, ino)?;
+        drop(cat);
+        drop(nodes);
+        self.shared.punch_extents(&freed);
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        let name = check_name(name)?;
+        let new_name = check_name(new_name)?;
+        if control::is_reserved(parent, name) || control::is_reserved(new_parent, new_name) {
+            return Err(FsError::NotPermitted);
+        }
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        if (exchange && noreplace) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(FsError::Invalid);
+        }
+        let nodes = self.shared.nodes.lock();
+        let mut cat = self.shared.catalog.lock();
+        let c = &cat.catalog;
+        for p in [parent, new_parent] {
+            match c.get(p) {
+                Some(i) if i.is_dir() => {}
+                Some(_) => return Err(FsError::NotDir),
+                None => return Err(FsError::NotFound),
+            }
+        }
+        let src = c.lookup(parent, name).ok_or(FsError::NotFound)?;
+        let src_is_dir = c.get(src).is_some_and(|i| i.is_dir());
+        let dst = c.lookup(new_parent, new_name);
+        if src_is_dir || exchange {
+            // A directory can't move under itself.
+            let mut at = new_parent;
+            loop {
+                if at == src {
+                    return Err(FsError::Invalid);
+                }
+                match c.get(at).map(|i| &i.body) {
+                    Some(Body::Dir { parent: up, .. }) if *up != at => at = *up,
+                    _ => break,
+                }
+            }
+        }
+        if exchange {
+            let Some(dst) = dst else { return Err(FsError::NotFound) };
+            if c.get(dst).is_some_and(|i| i.is_dir()) {
+                let mut at = parent;
+                loop {
+                    if at == dst {
+                        return Err(FsError::Invalid);
+                    }
+                    match c.get(at).map(|i| &i.body) {
+                        Some(Body::Dir { parent: up, .. }) if *up != at => at = *up,
+                        _ => break,
+                    }
+                }
+            }
+        } else if let Some(dst) = dst {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            if dst == src {
+                return Ok(()); // two links of one inode: POSIX says do nothing
+            }
+            match (&c.get(dst).ok_or(FsError::NotFound)?.body, src_is_dir) {
+                (Body::Dir { entries, .. }, true) if !entries.is_empty() => return Err(FsError::NotEmpty),
+                (Body::Dir { .. }, false) => return Err(FsError::IsDir),
+                (Body::Dir { .. }, true) => {}
+                (_, true) => return Err(FsError::NotDir),
+                (_, false) => {}
+            }
+        }
+        self.shared.commit(
+            &mut cat,
+            Op::Rename {
+                parent,
+                name: name.to_vec(),
+                new_parent,
+                new_name: new_name.to_vec(),
+                exchange,
+                time_ns: now_ns(),
+            },
+        )?;
+        let mut freed = Vec::new();
+        if let (Some(dst), false) = (dst, exchange) {
+            freed = self.shared.destroy_if_unused(&nodes, &mut cat, dst)?;
+        }
+        drop(cat);
+        drop(nodes);
+        self.shared.punch_extents(&freed);
+        Ok(())
+    }
+
+    fn do_link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<fuser::FileAttr> {
+        let name = check_name(new_name)?;
+        if control::is_reserved(new_parent, name) || control::attr(&self.shared, ino).is_some() {
+            return Err(FsError::NotPermitted);
+        }
+        {
+            let mut cat = self.shared.catalog.lock();
+            match cat.catalog.get(ino) {
+                Some(i) if i.is_dir() => return Err(FsError::NotPermitted),
+                Some(_) => {}
+                None => return Err(FsError::NotFound),
+            }
+            match cat.catalog.get(new_parent).map(|i| &i.body) {
+                Some(Body::Dir { entries, .. }) if entries.contains_key(name) => return Err(FsError::Exists),
+                Some(Body::Dir { .. }) => {}
+                Some(_) => return Err(FsError::NotDir),
+                None => return Err(FsError::NotFound),
+            }
+            self.shared
+                .commit(&mut cat, Op::Link { ino, parent: new_parent, name: name.to_vec(), time_ns: now_ns() })?;
+        }
+        self.attr_of(ino)
+    }
+
+    fn do_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let node = self.shared.file_handle(fh)?;
+        let end = offset.checked_add(length).ok_or(FsError::Invalid)?;
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            return Err(FsError::NotSupported);
+        }
+        if punch && !keep_size {
+            return Err(FsError::Invalid);
+        }
+        let _io = node.gate.read();
+        if punch {
+            // Only inside the size: past it the bytes are zero already.
+            let size = node.size_bytes.load(Ordering::Acquire);
+            let map = node.map.load();
+            let stop = end.min(size).min(map.allocated_bytes());
+            if stop > offset {
+                self.shared.zero_range(&map, offset, stop - offset)?;
+            }
+            return Ok(());
+        }
+        if end > node.map.load().allocated_bytes() {
+            self.shared.grow(&node, end)?;
+        }
+        if zero {
+            let map = node.map.load();
+            self.shared.zero_range(&map, offset, length)?;
+        }
+        if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
+            self.shared.raise_size(&node, end, now_ns())?;
+        }
+        Ok(())
+    }
+
+    fn dir_entries(&self, ino: Ino) -> FsResult<Vec<(Vec<u8>, Ino, FileType)>> {
+        if let Some(list) = control::dir_entries(ino) {
+            return Ok(list);
+        }
+        let cat = self.shared.catalog.lock();
+        let d = cat.catalog.get(ino).ok_or(FsError::NotFound)?;
+        let Body::Dir { parent, entries } = &d.body else { return Err(FsError::NotDir) };
+        let mut out = Vec::with_capacity(entries.len() + 3);
+        out.push((b".".to_vec(), ino, FileType::Directory));
+        out.push((b"..".to_vec(), *parent, FileType::Directory));
+        if ino == ROOT_INO {
+            out.push((CONTROL_DIR_NAME.as_bytes().to_vec(), control::CONTROL_DIR_INO, FileType::Directory));
+        }
+        for (name, &child) in entries {
+            let kind = cat.catalog.get(child).map(attr::kind_of).unwrap_or(FileType::RegularFile);
+            out.push((name.clone(), child, kind));
+        }
+        Ok(out)
+    }
+}
+
+macro_rules! reply_result {
+    ($reply:expr, $res:expr, $ok:expr) => {
+        match $res {
+            Ok(v) => $ok($reply, v),
+            Err(e) => {
+                log_err(&e);
+                $reply.error(e.errno())
+            }
+        }
+    };
+}
+
+fn log_err(e: &FsError) {
+    match e {
+        FsError::Io(_) | FsError::Catalog(_) => error!("{e}"),
+        _ => {}
+    }
+}
+
+impl Filesystem for FerryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(WRITE_MAX_BYTES);
+        let _ = config.set_max_readahead(READAHEAD_BYTES);
+        for cap in [
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        info!("unmounting: folding the catalog log into a snapshot");
+        self.shared.shutdown();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_result!(reply, self.do_lookup(parent.0, name), |r: ReplyEntry, a| r.entry(
+            &ATTR_TTL,
+            &a,
+            fuser::Generation(0)
+        ))
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply_result!(reply, self.attr_of(ino.0), |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let res = self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime);
+        reply_result!(reply, res, |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let cat = self.shared.catalog.lock();
+        match cat.catalog.get(ino.0).map(|i| &i.body) {
+            Some(Body::Symlink { target }) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Data sets are regular files; device nodes, fifos and sockets have no extents.
+            reply.error(Errno::EPERM);
+            return;
+        }
+        let res = self.make(req, parent.0, name, mode, NewKind::File);
+        reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let res = self.make(req, parent.0, name, mode, NewKind::Dir);
+        reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_result!(reply, self.do_unlink(parent.0, name, false), |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_result!(reply, self.do_unlink(parent.0, name, true), |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let t = target.as_os_str().as_bytes();
+        if t.len() > SYMLINK_MAX_BYTES {
+            reply.error(Errno::ENAMETOOLONG);
+            return;
+        }
+        let res = self.make(req, parent.0, link_name, 0o777, NewKind::Symlink { target: t.to_vec() });
+        reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_result!(reply, self.do_rename(parent.0, name, newparent.0, newname, flags), |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let res = self.do_link(ino.0, newparent.0, newname);
+        reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(res) = control::open(&self.shared, ino.0) {
+            match res {
+                Ok(bytes) => {
+                    let fh = self.shared.add_handle(Handle::Generated { bytes });
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                }
+                Err(e) => reply.error(e.errno()),
+            }
+            return;
+        }
+        match self.open_file(ino.0) {
+            // The page cache stays valid across opens: every change goes through this mount.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.shared.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e.errno()),
+        };
+        match &*h {
+            Handle::File { node } => {
+                reply_result!(reply, self.shared.read(node, offset, size), |r: ReplyData, b: Vec<u8>| r.data(&b))
+            }
+            Handle::Generated { bytes } => {
+                let start = (offset as usize).min(bytes.len());
+                let end = (start + size as usize).min(bytes.len());
+                reply.data(&bytes[start..end])
+            }
+            Handle::Dir { .. } => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let res = self.shared.file_handle(fh).and_then(|node| self.shared.write(&node, offset, data));
+        reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        // Nothing is buffered here: every write reached the volume before it was acknowledged.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_result!(reply, self.release_file(fh), |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let res = match self.shared.handle(fh).as_deref() {
+            Ok(Handle::File { node }) => self.shared.fsync_node(node, datasync),
+            Ok(_) => Ok(()),
+            Err(_) => Err(FsError::BadHandle),
+        };
+        reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.dir_entries(ino.0) {
+            Ok(entries) => {
+                let fh = self.shared.add_handle(Handle::Dir { entries });
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let h = match self.shared.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        for (i, (name, ino, kind)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let h = match self.shared.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        for (i, (name, ino, _)) in entries.iter().enumerate().skip(offset as usize) {
+            // An entry removed since opendir is skipped.
+            let Ok(a) = self.attr_of(*ino) else { continue };
+            if reply.add(INodeNo(*ino), i as u64 + 1, OsStr::from_bytes(name), &ATTR_TTL, &a, fuser::Generation(0)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.shared.handles.write().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply_result!(reply, self.shared.sync_log(), |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let cat = self.shared.catalog.lock();
+        let total: u64 = cat.catalog.volumes.values().map(|v| v.free.tracks_total()).sum();
+        let free: u64 = cat.catalog.volumes.values().map(|v| v.free.free_tracks()).sum();
+        let files = cat.catalog.inodes.len() as u64;
+        let bsize = self.shared.geometry.track_size_bytes() as u32;
+        reply.statfs(total, free, free, files, u32::MAX as u64, bsize, NAME_MAX_BYTES as u32, bsize)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = self.make(req, parent.0, name, mode, NewKind::File).and_then(|a| Ok((a, self.open_file(a.ino.0)?)));
+        match res {
+            Ok((a, fh)) => {
+                reply.created(&ATTR_TTL, &a, fuser::Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => {
+                log_err(&e);
+                reply.error(e.errno())
+            }
+        }
+    }
+
+    // No extended attributes: ENOSYS tells the kernel once, and it stops asking (the
+    // security.capability lookup before every write included).
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_result!(reply, self.do_fallocate(fh, offset, length, mode), |r: ReplyEmpty, _| r.ok())
+    }
+}
+
+/// Best effort: raise the mount's readahead (bdi read_ahead_kb) to [`READAHEAD_BYTES`].
+/// The device number comes from /proc/self/mountinfo: a stat of the mountpoint would be a
+/// FUSE request, and this runs before the session serves.
+pub fn raise_readahead(mountpoint: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let want = mountpoint.to_string_lossy();
+    // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
+    let dev = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
+        })
+        .next_back();
+    let Some(dev) = dev else { return };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{}", READAHEAD_BYTES / 1024)) {
+        info!("could not raise readahead ({path}): {e}");
+    }
+}

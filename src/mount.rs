@@ -1,0 +1,247 @@
+//! Running a mount: the daemon (foreground session), daemonizing, and unmounting.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+use log::{info, warn};
+
+use crate::catalog::store::replace_file;
+use crate::fs::{raise_readahead, FerryFs, Shared, CONTROL_DIR_NAME};
+use crate::pool::{read_mounted, MountedInfo, Pool, MOUNTED_FILE, MOUNT_LOG_FILE};
+use crate::report::Status;
+
+/// Environment variable that tells a foreground mount to report readiness on stdout (set by
+/// the parent when daemonizing).
+const NOTIFY_ENV: &str = "FERRYFS_NOTIFY_READY";
+const READY_LINE: &str = "ready";
+/// How long `umount` waits for the daemon to write its catalog and exit.
+const UMOUNT_WAIT: Duration = Duration::from_secs(120);
+/// Threads serving FUSE requests by default: one per core and one to cover a blocked fsync.
+pub const THREADS_DEFAULT: usize = 3;
+/// More threads than this only add contention on a pool's catalog lock.
+pub const THREADS_MAX: usize = 64;
+
+pub fn status_of_mount(mnt: &Path) -> Option<Status> {
+    let b = std::fs::read(mnt.join(CONTROL_DIR_NAME).join("status")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Mount in the background: start a foreground mount as a detached child and wait until it
+/// says it is ready (or why it is not).
+pub fn mount_daemon(pool: &Path, mnt: &Path, threads: usize) -> Result<u32, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("can't find the ferryfs binary: {e}"))?;
+    let log_path = pool.join(MOUNT_LOG_FILE);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(pool)
+        .arg(mnt)
+        .arg("--foreground")
+        .arg("--threads")
+        .arg(threads.to_string())
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the child leaves our session so that a closing
+    // terminal doesn't signal the daemon.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("can't start the mount daemon: {e}"))?;
+    let pid = child.id();
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    let line = line.trim();
+    if line == READY_LINE {
+        return Ok(pid);
+    }
+    let _ = child.wait();
+    if line.is_empty() {
+        Err(format!("the mount daemon exited; see {}", log_path.display()))
+    } else {
+        Err(line.to_string())
+    }
+}
+
+/// Mount and serve until unmounted. Reports readiness (or the error) on stdout when run as a
+/// daemon child.
+pub fn mount_foreground(pool: &Path, mnt: &Path, threads: usize) -> Result<(), String> {
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    match prepare(pool, mnt, threads) {
+        Ok((session, shared, mnt)) => {
+            if notify {
+                println!("{READY_LINE}");
+                let _ = std::io::stdout().flush();
+                // Detach from the parent's pipe.
+                if let Ok(null) = OpenOptions::new().write(true).open("/dev/null") {
+                    // SAFETY: dup2 onto stdout, both fds valid.
+                    unsafe { libc::dup2(null.as_raw_fd(), 1) };
+                }
+            } else {
+                println!("mounted {} at {} (pid {})", shared.pool_dir.display(), mnt.display(), std::process::id());
+            }
+            info!("serving {} at {}", shared.pool_dir.display(), mnt.display());
+            let res = session.run();
+            // destroy() folded the log into a snapshot; the pool is clean now.
+            let _ = std::fs::remove_file(shared.pool_dir.join(MOUNTED_FILE));
+            info!("unmounted {}", mnt.display());
+            res.map_err(|e| format!("FUSE session ended with an error: {e}"))
+        }
+        Err(e) => {
+            if notify {
+                println!("{e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+type Prepared = (fuser::Session<FerryFs>, Arc<Shared>, PathBuf);
+
+fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> {
+    if !(1..=THREADS_MAX).contains(&threads) {
+        return Err(format!("--threads must be 1..={THREADS_MAX}"));
+    }
+    let mnt = mnt.canonicalize().map_err(|e| format!("mountpoint {}: {e}", mnt.display()))?;
+    if !mnt.is_dir() {
+        return Err(format!("mountpoint {} is not a directory", mnt.display()));
+    }
+    if status_of_mount(&mnt).is_some() {
+        return Err(format!("{} is already a ferryfs mount", mnt.display()));
+    }
+    let p = Pool::open(pool).map_err(|e| e.to_string())?;
+    let unclean = read_mounted(&p.dir).is_some() || p.dir.join(MOUNTED_FILE).exists();
+    let volumes = p.open_volumes().map_err(|e| e.to_string())?;
+    let report = p.report.clone();
+    let pool_dir = p.dir.clone();
+    let (store, lock) = p.into_parts();
+    // The pool lock holds for as long as this process lives: no second writer, ever.
+    std::mem::forget(lock);
+    let shared = Arc::new(Shared::new(store, pool_dir.clone(), mnt.clone(), volumes));
+    if report.torn_tail_bytes > 0 {
+        warn!("catalog log: cut a torn append of {} bytes", report.torn_tail_bytes);
+    }
+    let orphans = shared.destroy_orphans().map_err(|e| format!("freeing orphans: {e}"))?;
+    if unclean {
+        let n = shared.zero_tails().map_err(|e| format!("recovery: {e}"))?;
+        warn!(
+            "the previous mount stopped without unmounting: replayed {} ops, freed {orphans} orphans, zeroed {n} tails",
+            report.ops_replayed
+        );
+    }
+    {
+        let mut cat = shared.catalog.lock();
+        cat.compact().map_err(|e| e.to_string())?;
+    }
+    let info = MountedInfo { pid: std::process::id(), mountpoint: mnt.to_string_lossy().into_owned() };
+    replace_file(&pool_dir, MOUNTED_FILE, &serde_json::to_vec(&info).expect("serializes"))
+        .map_err(|e| e.to_string())?;
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("ferryfs:{}", pool_dir.display())),
+        MountOption::Subtype("ferryfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // SAFETY: geteuid can't fail.
+    config.acl = if unsafe { libc::geteuid() } == 0 { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    block_signals_and_unmount_on_them(mnt.clone());
+    let session = fuser::Session::new(FerryFs::new(shared.clone()), &mnt, &config).map_err(|e| {
+        let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
+        format!("mount {}: {e}", mnt.display())
+    })?;
+    raise_readahead(&mnt);
+    Ok((session, shared, mnt))
+}
+
+/// SIGTERM, SIGINT and SIGHUP unmount (lazily), which ends the session cleanly.
+fn block_signals_and_unmount_on_them(mnt: PathBuf) {
+    // SAFETY: plain sigset manipulation on a local set; the mask is inherited by the threads
+    // spawned after this, and one thread takes the signals with sigwait.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let set_copy = set;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig = 0;
+                libc::sigwait(&set_copy, &mut sig);
+                info!("signal {sig}: unmounting");
+                let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
+                if libc::umount2(c.as_ptr(), libc::MNT_DETACH) != 0 {
+                    let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).status();
+                }
+            })
+            .expect("spawn the signal thread");
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    if r != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    // A zombie is as good as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Unmount and wait for the daemon to finish writing the catalog.
+pub fn umount(mnt: &Path) -> Result<(), String> {
+    let mnt = mnt.canonicalize().map_err(|e| format!("{}: {e}", mnt.display()))?;
+    let status = status_of_mount(&mnt).ok_or_else(|| format!("{} is not a ferryfs mount", mnt.display()))?;
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EBUSY) => return Err(format!("{} is busy: close the files open on it first", mnt.display())),
+            Some(libc::EPERM) => {
+                let ok = Command::new("fusermount3").arg("-u").arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+                if !ok {
+                    return Err(format!("fusermount3 -u {} failed", mnt.display()));
+                }
+            }
+            _ => return Err(format!("unmount {}: {err}", mnt.display())),
+        }
+    }
+    let start = Instant::now();
+    while pid_alive(status.pid) {
+        if start.elapsed() > UMOUNT_WAIT {
+            return Err(format!(
+                "unmounted, but the daemon (pid {}) has not exited; see {}/{MOUNT_LOG_FILE}",
+                status.pid, status.pool
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

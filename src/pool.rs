@@ -1,0 +1,207 @@
+//! A pool on disk: the directory holding the catalog, the lock and (by default) the volume
+//! images. One pool is one mount; the mount holds `pool.lock` (flock) for its lifetime, so
+//! no other writer can open the catalog.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::model::{Catalog, Meta, Op, VolumeRec};
+use crate::catalog::store::{OpenReport, Store, StoreError};
+use crate::geometry::Geometry;
+use crate::space::VolumeId;
+use crate::volume::{FileVolume, VolumeIo};
+
+pub const LOCK_FILE: &str = "pool.lock";
+pub const MOUNTED_FILE: &str = "mounted";
+pub const VOLUMES_DIR: &str = "volumes";
+pub const MOUNT_LOG_FILE: &str = "mount.log";
+/// Longest volume name.
+pub const VOLUME_NAME_MAX_CHARS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{} is not empty; a new pool needs an empty or missing directory", path.display())]
+    NotEmpty { path: PathBuf },
+    #[error("pool {} is in use{}", path.display(), by.as_ref().map(|m| format!(" (mounted at {} by pid {})", m.mountpoint, m.pid)).unwrap_or_default())]
+    Locked { path: PathBuf, by: Option<MountedInfo> },
+    #[error("bad volume name {name:?}: {why}")]
+    BadVolumeName { name: String, why: &'static str },
+    #[error("volume {name} already exists in this pool")]
+    VolumeExists { name: String },
+    #[error("{} already exists; a volume image must be a new file", path.display())]
+    ImageExists { path: PathBuf },
+    #[error("bad volume size {size_bytes} bytes: a volume holds at least one track of {track_bytes} bytes")]
+    VolumeTooSmall { size_bytes: u64, track_bytes: u64 },
+    #[error("volume {name}: image {path} can't be opened: {source}")]
+    Image { name: String, path: String, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PoolError + '_ {
+    move |source| PoolError::Io { path: path.to_path_buf(), source }
+}
+
+/// Contents of `POOL/mounted` while a mount runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountedInfo {
+    pub pid: u32,
+    pub mountpoint: String,
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+pub fn validate_volume_name(name: &str) -> Result<(), PoolError> {
+    let bad = |why| Err(PoolError::BadVolumeName { name: name.to_string(), why });
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.chars().count() > VOLUME_NAME_MAX_CHARS {
+        return bad("it is longer than 32 characters");
+    }
+    if !name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        return bad("it must start with a letter or a digit");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return bad("use only A-Z, a-z, 0-9, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Create a new pool at `dir`.
+pub fn init(dir: &Path, geometry: Geometry) -> Result<(), PoolError> {
+    match fs::read_dir(dir) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                return Err(PoolError::NotEmpty { path: dir.to_path_buf() });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir).map_err(io_err(dir))?,
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    fs::create_dir(dir.join(VOLUMES_DIR)).map_err(io_err(dir))?;
+    let now = now_ns();
+    // SAFETY: getuid/getgid can't fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let root = Meta { perm: 0o755, uid, gid, nlink: 2, atime_ns: now, mtime_ns: now, ctime_ns: now };
+    Store::create(dir, Catalog::new(geometry, root))?;
+    Ok(())
+}
+
+/// An open, locked pool: the catalog store and the lock.
+pub struct Pool {
+    pub dir: PathBuf,
+    pub store: Store,
+    pub report: OpenReport,
+    _lock: File,
+}
+
+impl Pool {
+    /// Open for writing: takes the pool lock or says who holds it.
+    pub fn open(dir: &Path) -> Result<Pool, PoolError> {
+        let dir = dir.canonicalize().map_err(io_err(dir))?;
+        if !dir.join(crate::catalog::store::SNAP_FILE).exists() {
+            return Err(StoreError::NotAPool { path: dir }.into());
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(PoolError::Locked { by: read_mounted(&dir), path: dir });
+        }
+        let (store, report) = Store::open(&dir, true)?;
+        Ok(Pool { dir, store, report, _lock: lock })
+    }
+
+    /// Add a volume image: a new sparse file, then the catalog record.
+    pub fn add_volume(&mut self, name: &str, size_bytes: u64, path: Option<&Path>) -> Result<VolumeRec, PoolError> {
+        validate_volume_name(name)?;
+        let cat = &self.store.catalog;
+        if cat.volume_by_name(name).is_some() {
+            return Err(PoolError::VolumeExists { name: name.to_string() });
+        }
+        let g = cat.geometry;
+        let tracks_total = g.whole_tracks_in(size_bytes);
+        if tracks_total == 0 {
+            return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
+        }
+        let path = match path {
+            Some(p) => absolute(p)?,
+            None => self.dir.join(VOLUMES_DIR).join(format!("{name}.img")),
+        };
+        if path.exists() {
+            return Err(PoolError::ImageExists { path });
+        }
+        let size_bytes = g.bytes_of(tracks_total);
+        FileVolume::create(&path, size_bytes).map_err(io_err(&path))?;
+        if let Some(parent) = path.parent() {
+            File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent))?;
+        }
+        let id = VolumeId(cat.next_volume);
+        let op = Op::AddVolume {
+            id,
+            name: name.to_string(),
+            path: path.to_string_lossy().into_owned(),
+            size_bytes,
+            tracks_total,
+        };
+        if let Err(e) = self.store.commit(op).and_then(|_| self.store.sync()) {
+            let _ = fs::remove_file(&path);
+            return Err(e.into());
+        }
+        Ok(self.store.catalog.volumes[&id].clone())
+    }
+
+    /// Split into the store and the lock file; the lock holds while the file stays open.
+    pub fn into_parts(self) -> (Store, File) {
+        (self.store, self._lock)
+    }
+
+    /// Open every volume image of the catalog.
+    pub fn open_volumes(&self) -> Result<Vec<(VolumeId, Arc<dyn VolumeIo>)>, PoolError> {
+        open_volumes(&self.store.catalog)
+    }
+}
+
+pub fn open_volumes(cat: &Catalog) -> Result<Vec<(VolumeId, Arc<dyn VolumeIo>)>, PoolError> {
+    let mut out = Vec::new();
+    for v in cat.volumes.values() {
+        let io = FileVolume::open(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
+            name: v.name.clone(),
+            path: v.path.clone(),
+            source,
+        })?;
+        out.push((v.id, Arc::new(io) as Arc<dyn VolumeIo>));
+    }
+    Ok(out)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, PoolError> {
+    let p = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map_err(io_err(p))?.join(p) };
+    // Canonicalize the parent (it must exist), keep the file name.
+    let parent = p.parent().unwrap_or(Path::new("/"));
+    let parent = parent.canonicalize().map_err(io_err(parent))?;
+    Ok(parent.join(p.file_name().unwrap_or_default()))
+}
+
+pub fn read_mounted(dir: &Path) -> Option<MountedInfo> {
+    let b = fs::read(dir.join(MOUNTED_FILE)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Open the catalog without the lock and without writing (ls, volume list, fsck).
+pub fn open_read_only(dir: &Path) -> Result<Store, PoolError> {
+    let dir = dir.canonicalize().map_err(io_err(dir))?;
+    Ok(Store::open(&dir, false)?.0)
+}

@@ -1,0 +1,145 @@
+//! What the admin views print: `ls`, `volume list` and `.ferry/status`, as stable JSON
+//! (documented in docs/cli.md; scripts and tests parse it).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::model::{Body, Catalog, Ino, ROOT_INO};
+use crate::space::VolumeId;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VolumeReport {
+    pub name: String,
+    pub path: String,
+    pub size_bytes: u64,
+    pub tracks_total: u64,
+    pub tracks_used: u64,
+    pub tracks_free: u64,
+    pub data_sets: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VolumeList {
+    pub track_size_bytes: u64,
+    pub volumes: Vec<VolumeReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExtentReport {
+    pub volume: String,
+    pub first_track: u64,
+    pub track_count: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DataSetReport {
+    pub path: String,
+    pub ino: Ino,
+    pub size_bytes: u64,
+    pub allocated_tracks: u64,
+    pub extent_count: usize,
+    pub volumes: Vec<String>,
+    pub extents: Vec<ExtentReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Listing {
+    pub track_size_bytes: u64,
+    pub data_sets: Vec<DataSetReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pool: String,
+    pub mountpoint: String,
+    pub pid: u32,
+    pub track_size_bytes: u64,
+    pub volumes: Vec<VolumeReport>,
+    pub jobs: Vec<serde_json::Value>,
+}
+
+pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
+    let mut sets: HashMap<VolumeId, u64> = HashMap::new();
+    for i in c.inodes.values() {
+        if let Body::File { extents, .. } = &i.body {
+            let mut seen: Vec<VolumeId> = extents.iter().map(|e| e.volume).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for v in seen {
+                *sets.entry(v).or_default() += 1;
+            }
+        }
+    }
+    c.volumes
+        .values()
+        .map(|v| VolumeReport {
+            name: v.name.clone(),
+            path: v.path.clone(),
+            size_bytes: v.size_bytes,
+            tracks_total: v.free.tracks_total(),
+            tracks_used: v.free.tracks_total() - v.free.free_tracks(),
+            tracks_free: v.free.free_tracks(),
+            data_sets: sets.get(&v.id).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// Resolve a path inside the pool ("/a/b" or "a/b") to an inode.
+pub fn resolve(c: &Catalog, path: &str) -> Option<Ino> {
+    let mut at = ROOT_INO;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        at = c.lookup(at, part.as_bytes())?;
+    }
+    Some(at)
+}
+
+/// Every data set at or below `path`, in path order.
+pub fn list(c: &Catalog, path: &str) -> Option<Listing> {
+    let start = resolve(c, path)?;
+    let base = {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        format!("/{}", parts.join("/"))
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(start, base)];
+    while let Some((ino, p)) = stack.pop() {
+        let Some(i) = c.get(ino) else { continue };
+        match &i.body {
+            Body::Dir { entries, .. } => {
+                for (name, &child) in entries.iter().rev() {
+                    let sep = if p.ends_with('/') { "" } else { "/" };
+                    stack.push((child, format!("{p}{sep}{}", String::from_utf8_lossy(name))));
+                }
+            }
+            Body::File { size_bytes, extents } => {
+                let name = |id: VolumeId| c.volumes.get(&id).map(|v| v.name.clone()).unwrap_or(format!("#{}", id.0));
+                let mut vols: Vec<String> = Vec::new();
+                for e in extents {
+                    let n = name(e.volume);
+                    if !vols.contains(&n) {
+                        vols.push(n);
+                    }
+                }
+                out.push(DataSetReport {
+                    path: p,
+                    ino,
+                    size_bytes: *size_bytes,
+                    allocated_tracks: extents.iter().map(|e| e.count_tracks).sum(),
+                    extent_count: extents.len(),
+                    volumes: vols,
+                    extents: extents
+                        .iter()
+                        .map(|e| ExtentReport {
+                            volume: name(e.volume),
+                            first_track: e.first.0,
+                            track_count: e.count_tracks,
+                        })
+                        .collect(),
+                });
+            }
+            Body::Symlink { .. } => {}
+        }
+    }
+    Some(Listing { track_size_bytes: c.geometry.track_size_bytes(), data_sets: out })
+}
