@@ -208,7 +208,8 @@ pub struct Catalog {
 pub type Freed = Vec<Extent>;
 
 impl Catalog {
-    pub fn new(geometry: Geometry, root_meta: Meta) -> Catalog {
+    pub fn new(geometry: Geometry, mut root_meta: Meta) -> Catalog {
+        root_meta.nlink = 2;
         let mut inodes = HashMap::new();
         inodes.insert(
             ROOT_INO,
@@ -495,7 +496,7 @@ impl Catalog {
 
     /// Inodes with no links left (open when the mount stopped); recovery destroys them.
     pub fn orphans(&self) -> Vec<Ino> {
-        let mut v: Vec<Ino> = self.inodes.values().filter(|i| i.meta.nlink == 0).map(|i| i.ino).collect();
+        let mut v: Vec<Ino> = self.inodes.values().filter(|i| i.meta.nlink == 0 && !i.is_dir()).map(|i| i.ino).collect();
         v.sort_unstable();
         v
     }
