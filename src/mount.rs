@@ -36,6 +36,10 @@ pub fn status_of_mount(mnt: &Path) -> Option<Status> {
 /// Mount in the background: start a foreground mount as a detached child and wait until it
 /// says it is ready (or why it is not).
 pub fn mount_daemon(pool: &Path, mnt: &Path, threads: usize) -> Result<u32, String> {
+    // Refuse a non-pool before writing anything into it (the daemon's log goes there).
+    if !pool.join(crate::catalog::store::SNAP_FILE).is_file() {
+        return Err(crate::catalog::StoreError::NotAPool { path: pool.to_path_buf() }.to_string());
+    }
     let exe = std::env::current_exe().map_err(|e| format!("can't find the ferryfs binary: {e}"))?;
     let log_path = pool.join(MOUNT_LOG_FILE);
     let log = OpenOptions::new()

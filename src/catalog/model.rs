@@ -496,7 +496,8 @@ impl Catalog {
 
     /// Inodes with no links left (open when the mount stopped); recovery destroys them.
     pub fn orphans(&self) -> Vec<Ino> {
-        let mut v: Vec<Ino> = self.inodes.values().filter(|i| i.meta.nlink == 0 && !i.is_dir()).map(|i| i.ino).collect();
+        let mut v: Vec<Ino> =
+            self.inodes.values().filter(|i| i.meta.nlink == 0 && !i.is_dir()).map(|i| i.ino).collect();
         v.sort_unstable();
         v
     }
