@@ -118,10 +118,46 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, threads: usize) -> Result<(), S
 
 type Prepared = (fuser::Session<FerryFs>, Arc<Shared>, PathBuf);
 
+/// A ferryfs mount whose daemon died (kill -9, OOM) leaves the kernel mount behind, and
+/// every access to it fails with ENOTCONN. Detach it, so that the pool can be mounted again.
+/// Returns whether there was one.
+pub fn detach_dead_mount(mnt: &Path) -> bool {
+    let dead = matches!(std::fs::metadata(mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    if !dead || !is_ferryfs_mountpoint(mnt) {
+        return false;
+    }
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: umount2 with a valid C string.
+    let ok = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+        || Command::new("fusermount3").arg("-uz").arg(mnt).status().map(|s| s.success()).unwrap_or(false);
+    if ok {
+        warn!("detached the dead ferryfs mount at {}", mnt.display());
+    }
+    ok
+}
+
+/// Is `mnt` (as given, absolute) the mountpoint of a ferryfs mount in /proc/self/mountinfo?
+fn is_ferryfs_mountpoint(mnt: &Path) -> bool {
+    let abs = if mnt.is_absolute() {
+        mnt.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(mnt)).unwrap_or_else(|_| mnt.to_path_buf())
+    };
+    let want = abs.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        // After the "-" separator: the fs type, then the source ("ferryfs:POOL").
+        let source = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 2));
+        f.len() > 4 && f[4] == want && source.is_some_and(|s| s.starts_with("ferryfs:"))
+    })
+}
+
 fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> {
     if !(1..=THREADS_MAX).contains(&threads) {
         return Err(format!("--threads must be 1..={THREADS_MAX}"));
     }
+    detach_dead_mount(mnt);
     let mnt = mnt.canonicalize().map_err(|e| format!("mountpoint {}: {e}", mnt.display()))?;
     if !mnt.is_dir() {
         return Err(format!("mountpoint {} is not a directory", mnt.display()));
@@ -220,6 +256,9 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Unmount and wait for the daemon to finish writing the catalog.
 pub fn umount(mnt: &Path) -> Result<(), String> {
+    if detach_dead_mount(mnt) {
+        return Ok(());
+    }
     let mnt = mnt.canonicalize().map_err(|e| format!("{}: {e}", mnt.display()))?;
     let status = status_of_mount(&mnt).ok_or_else(|| format!("{} is not a ferryfs mount", mnt.display()))?;
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;

@@ -17,6 +17,9 @@ use crate::geometry::Geometry;
 use crate::space::VolumeId;
 use crate::volume::{FileVolume, VolumeIo};
 
+/// Every volume image of a pool, open, by id.
+pub type OpenVolumes = Vec<(VolumeId, Arc<dyn VolumeIo>)>;
+
 pub const LOCK_FILE: &str = "pool.lock";
 pub const MOUNTED_FILE: &str = "mounted";
 pub const VOLUMES_DIR: &str = "volumes";
@@ -169,12 +172,12 @@ impl Pool {
     }
 
     /// Open every volume image of the catalog.
-    pub fn open_volumes(&self) -> Result<Vec<(VolumeId, Arc<dyn VolumeIo>)>, PoolError> {
+    pub fn open_volumes(&self) -> Result<OpenVolumes, PoolError> {
         open_volumes(&self.store.catalog)
     }
 }
 
-pub fn open_volumes(cat: &Catalog) -> Result<Vec<(VolumeId, Arc<dyn VolumeIo>)>, PoolError> {
+pub fn open_volumes(cat: &Catalog) -> Result<OpenVolumes, PoolError> {
     let mut out = Vec::new();
     for v in cat.volumes.values() {
         let io = FileVolume::open(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {

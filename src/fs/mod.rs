@@ -587,6 +587,16 @@ impl Shared {
     }
 }
 
+/// The changes a setattr asks for.
+struct SetAttr {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 impl FerryFs {
     pub fn new(shared: Arc<Shared>) -> FerryFs {
         FerryFs { shared }
@@ -694,16 +704,8 @@ impl FerryFs {
         Ok(())
     }
 
-    fn do_setattr(
-        &self,
-        ino: Ino,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> FsResult<fuser::FileAttr> {
+    fn do_setattr(&self, ino: Ino, set: SetAttr) -> FsResult<fuser::FileAttr> {
+        let SetAttr { mode, uid, gid, size, atime, mtime } = set;
         if control::attr(&self.shared, ino).is_some() {
             return Err(FsError::NotPermitted);
         }
@@ -1006,7 +1008,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let res = self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime);
+        let res = self.do_setattr(ino.0, SetAttr { mode, uid, gid, size, atime, mtime });
         reply_result!(reply, res, |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
     }
 
