@@ -42,6 +42,10 @@ const FRAME_PAYLOAD_MAX_BYTES: usize = 1 << 20;
 /// When the log passes this size it is folded into a new snapshot, so that a mount replays at
 /// most this much (about a second of replay at worst).
 pub const LOG_COMPACT_BYTES: u64 = 64 << 20;
+/// A read-only open that meets a log newer than its snapshot (a compaction ran between the
+/// two reads) tries again this many times before calling it corruption.
+const COMPACTION_RACE_RETRIES: u32 = 5;
+const NEWER_LOG: &str = "is newer than the snapshot's";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,6 +96,18 @@ impl Store {
     /// Load the catalog. `writable` opens the log for appends (the caller holds the pool
     /// lock); read-only opens never write a byte.
     pub fn open(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
+        // A read-only open races the mount's compaction: it can read the old snapshot and
+        // then the new log. The generations tell, and a second read sees a consistent pair.
+        let mut tries = if writable { 1 } else { COMPACTION_RACE_RETRIES };
+        loop {
+            match Self::open_once(dir, writable) {
+                Err(StoreError::Corrupt { what, .. }) if tries > 1 && what.contains(NEWER_LOG) => tries -= 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
         let snap_path = dir.join(SNAP_FILE);
         let snap = match fs::read(&snap_path) {
             Ok(b) => b,
@@ -114,7 +130,7 @@ impl Store {
             if log_gen > generation {
                 return Err(StoreError::Corrupt {
                     path: log_path,
-                    what: format!("log generation {log_gen} is newer than snapshot generation {generation}"),
+                    what: format!("log generation {log_gen} {NEWER_LOG} generation {generation}"),
                 });
             }
             if log_gen == generation {
