@@ -3,7 +3,8 @@
 //! ```text
 //! POOL/catalog.snap   header (magic "FYSN", version, generation, length) + postcard(Catalog) + crc32c
 //! POOL/catalog.log    header (magic "FYLG", version, generation) + frames
-//! frame               magic "FYOP" | version u16 | reserved u16 | length u32 | postcard(Op) | crc32c
+//! frame               magic "FYOP" | version u16 | reserved u16 | length u32 | header crc32c
+//!                     | postcard(Op) | crc32c
 //! ```
 //!
 //! Why our own log and not an embedded store: every op is one `pwrite` of a few dozen bytes
@@ -35,7 +36,9 @@ const FRAME_MAGIC: &[u8; 4] = b"FYOP";
 pub const FORMAT_VERSION: u16 = 1;
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
-const FRAME_HEADER_BYTES: usize = 4 + 2 + 2 + 4;
+/// magic, version, reserved, payload length, and a checksum of those 12 bytes: a length
+/// field can't be corrupted into "the log ends here" without the header checksum noticing.
+const FRAME_HEADER_BYTES: usize = 4 + 2 + 2 + 4 + 4;
 /// A frame's payload is one op; the largest (a symlink or a grow of a fragmented data set)
 /// is a few KiB. Anything bigger is a corrupt length field, not a record.
 const FRAME_PAYLOAD_MAX_BYTES: usize = 1 << 20;
@@ -316,6 +319,8 @@ pub fn encode_frame(op: &Op) -> Vec<u8> {
     f.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     f.extend_from_slice(&0u16.to_le_bytes());
     f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let header_crc = crc32c::crc32c(&f[..12]);
+    f.extend_from_slice(&header_crc.to_le_bytes());
     f.extend_from_slice(&payload);
     let crc = crc32c::crc32c(&f[4..]);
     f.extend_from_slice(&crc.to_le_bytes());
@@ -342,6 +347,10 @@ fn decode_frames(path: &Path, b: &[u8]) -> Result<(Vec<(u64, Op)>, u64), StoreEr
             }
             return Err(corrupt(path, format!("frame at byte {at} has a bad magic")));
         }
+        let header_crc = u32::from_le_bytes(rest[12..16].try_into().unwrap());
+        if header_crc != crc32c::crc32c(&rest[..12]) {
+            return Err(corrupt(path, format!("frame header at byte {at} fails its checksum")));
+        }
         let version = u16::from_le_bytes([rest[4], rest[5]]);
         let len = u32::from_le_bytes(rest[8..12].try_into().unwrap()) as usize;
         if len > FRAME_PAYLOAD_MAX_BYTES {
@@ -349,7 +358,8 @@ fn decode_frames(path: &Path, b: &[u8]) -> Result<(Vec<(u64, Op)>, u64), StoreEr
         }
         let total = FRAME_HEADER_BYTES + len + 4;
         if rest.len() < total {
-            // The last frame is cut short: a torn append.
+            // The header is intact and says the frame runs past the end of the file: the
+            // last append was cut short (never acknowledged).
             break;
         }
         let crc = u32::from_le_bytes(rest[total - 4..total].try_into().unwrap());
@@ -423,6 +433,12 @@ mod tests {
         fs::write(&log, &bytes).unwrap();
         let e = Store::open(dir.path(), false).err().unwrap();
         assert!(e.to_string().contains("fails its checksum"), "{e}");
+        bytes[LOG_HEADER_BYTES + FRAME_HEADER_BYTES + 2] ^= 0x40;
+        // Corrupt: a length field that points past the end is not mistaken for a torn tail.
+        bytes[LOG_HEADER_BYTES + 10] ^= 0x01;
+        fs::write(&log, &bytes).unwrap();
+        let e = Store::open(dir.path(), false).err().unwrap();
+        assert!(e.to_string().contains("header at byte"), "{e}");
         // Corrupt snapshot.
         let snap = dir.path().join(SNAP_FILE);
         let mut b = fs::read(&snap).unwrap();
