@@ -35,8 +35,8 @@ pub enum PoolError {
     Io { path: PathBuf, source: io::Error },
     #[error("{} is not empty; a new pool needs an empty or missing directory", path.display())]
     NotEmpty { path: PathBuf },
-    #[error("pool {} is in use{}", path.display(), by.as_ref().map(|m| format!(" (mounted at {} by pid {})", m.mountpoint, m.pid)).unwrap_or_default())]
-    Locked { path: PathBuf, by: Option<MountedInfo> },
+    #[error("pool {} is in use{}", path.display(), holder_text(by, holder))]
+    Locked { path: PathBuf, by: Option<MountedInfo>, holder: Option<(u32, String)> },
     #[error("bad volume name {name:?}: {why}")]
     BadVolumeName { name: String, why: &'static str },
     #[error("volume {name} already exists in this pool")]
@@ -121,7 +121,8 @@ impl Pool {
             OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(PoolError::Locked { by: read_mounted(&dir), path: dir });
+            let holder = lock_holder(&lock);
+            return Err(PoolError::Locked { by: read_mounted(&dir), path: dir, holder });
         }
         let (store, report) = Store::open(&dir, true)?;
         Ok(Pool { dir, store, report, _lock: lock })
@@ -196,6 +197,39 @@ fn absolute(p: &Path) -> Result<PathBuf, PoolError> {
     let parent = p.parent().unwrap_or(Path::new("/"));
     let parent = parent.canonicalize().map_err(io_err(parent))?;
     Ok(parent.join(p.file_name().unwrap_or_default()))
+}
+
+fn holder_text(by: &Option<MountedInfo>, holder: &Option<(u32, String)>) -> String {
+    match (by, holder) {
+        (Some(m), Some((pid, _))) if m.pid == *pid => format!(" (mounted at {} by pid {pid})", m.mountpoint),
+        (_, Some((pid, cmd))) => format!(" (locked by pid {pid}: {cmd})"),
+        (Some(m), None) => format!(" (mounted at {} by pid {})", m.mountpoint, m.pid),
+        (None, None) => String::new(),
+    }
+}
+
+/// Who holds the flock on `lock`, from /proc/locks: (pid, command line).
+fn lock_holder(lock: &File) -> Option<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = lock.metadata().ok()?;
+    let ino = md.ino();
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    for line in locks.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != "FLOCK" {
+            continue;
+        }
+        let file_ino = f[5].rsplit(':').next().and_then(|x| x.parse::<u64>().ok());
+        if file_ino == Some(ino) {
+            let pid: u32 = f[4].parse().ok()?;
+            let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+                .unwrap_or_default();
+            return Some((pid, cmd));
+        }
+    }
+    None
 }
 
 pub fn read_mounted(dir: &Path) -> Option<MountedInfo> {

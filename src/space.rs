@@ -12,9 +12,10 @@
 //!    over the largest runs, spilling across volumes.
 //! 3. The request itself is over-provisioned: a data set that grows gets at least as many new
 //!    tracks as it already has, up to [`SECONDARY_EXTENT_MAX_TRACKS`], so the number of
-//!    extents of a steadily growing file is logarithmic in its size. The surplus is trimmed
-//!    when the last handle closes. When the pool is short of space, only what is needed is
-//!    taken.
+//!    extents of a steadily growing file is logarithmic in its size, also when it is closed
+//!    between appends (the surplus stays with it). The surplus of closed data sets is taken
+//!    back when the pool runs short and at clean unmount. When the pool is short of space,
+//!    only what is needed is taken.
 
 use std::collections::BTreeMap;
 

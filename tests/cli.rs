@@ -67,7 +67,7 @@ fn init_rejects_bad_track_sizes() {
         let left = fs::read_dir(&tp.pool).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "track size {bad:?}: refused init left {left} files in the pool dir");
         assert!(
-            ferry(&["fsck", s(&tp.pool)]).status.code() != Some(0),
+            ferry(["fsck", s(&tp.pool)]).status.code() != Some(0),
             "track size {bad:?}: a refused init must not leave a pool"
         );
     }
@@ -368,8 +368,8 @@ fn fusermount_unmount_is_clean() {
     let m = tp.mount();
     let data = pattern(500_000, 90);
     fs::write(m.p("f"), &data).unwrap();
-    let st = std::process::Command::new("fusermount3").arg("-u").arg(&m.mnt).status().unwrap();
-    assert!(st.success(), "fusermount3 -u failed");
+    let out = retry_while_busy(|| std::process::Command::new("fusermount3").arg("-u").arg(&m.mnt).output().unwrap());
+    assert!(out.status.success(), "fusermount3 -u failed: {}", String::from_utf8_lossy(&out.stderr));
     m.wait_daemon_exit();
     fsck_clean(&tp.pool);
     let m = tp.mount();
@@ -423,7 +423,7 @@ fn pool_with_log() -> TestPool {
 #[track_caller]
 fn assert_refused_as_corrupt(tp: &TestPool) {
     let before = pool_state(&tp.pool);
-    let out = ferry(&["fsck", s(&tp.pool)]);
+    let out = ferry(["fsck", s(&tp.pool)]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "fsck of a corrupt catalog exited 0:\n{stdout}{err}");

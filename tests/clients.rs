@@ -18,8 +18,8 @@ use std::process::{Command, Stdio};
 use common::{fsck_clean, TestPool};
 
 const TRACK_SIZE: &str = "16K";
-/// A small first volume, so the larger data sets spill onto the second.
-const VOLUMES: &[(&str, &str)] = &[("V1", "8M"), ("V2", "512M")];
+/// Volumes of similar size, so the allocator spreads data sets over all of them.
+const VOLUMES: &[(&str, &str)] = &[("V1", "48M"), ("V2", "64M"), ("V3", "64M")];
 
 /// Whether `tool` is on PATH; prints why the test is skipped when it is not.
 fn have(tool: &str) -> bool {
@@ -231,6 +231,14 @@ fn build_tree(root: &Path) {
 // ---------------------------------------------------------------------------------------
 // sqlite3
 
+/// `sqlite3` that waits for a lock held by another connection instead of failing with
+/// SQLITE_BUSY (two processes share the database below).
+fn sqlite3() -> Command {
+    let mut c = Command::new("sqlite3");
+    c.args(["-cmd", ".timeout 30000"]);
+    c
+}
+
 /// The SQL that loads 10^4 rows in WAL mode, in four transactions, then deletes every
 /// seventh row and updates every eleventh.
 fn sqlite_script() -> String {
@@ -281,24 +289,19 @@ fn sqlite3_wal_database_survives_remount() {
     let m = tp.mount();
     fs::create_dir(m.p("db")).unwrap();
     let db = m.p("db/test.sqlite");
-    let out = run_with_input(Command::new("sqlite3").arg("-bail").arg(&db), sqlite_script().as_bytes());
+    let out = run_with_input(sqlite3().arg("-bail").arg(&db), sqlite_script().as_bytes());
     assert_eq!(out.trim(), "wal", "journal_mode=WAL was not accepted: {out:?}");
-    let check = run_with_input(Command::new("sqlite3").arg("-bail").arg(&db), SQLITE_CHECK_SQL.as_bytes());
+    let check = run_with_input(sqlite3().arg("-bail").arg(&db), SQLITE_CHECK_SQL.as_bytes());
     assert_eq!(check, sqlite_expected(), "database contents right after loading");
 
     // A reader holding a read transaction while another process commits a transaction
     // (net zero rows), through the WAL and its shared memory.
-    let mut reader = Command::new("sqlite3")
-        .arg(&db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut reader =
+        sqlite3().arg(&db).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut rin = reader.stdin.take().unwrap();
     writeln!(rin, "BEGIN; SELECT count(*) FROM t;").unwrap();
     rin.flush().unwrap();
-    run(Command::new("sqlite3").arg("-bail").arg(&db).arg(
+    run(sqlite3().arg("-bail").arg(&db).arg(
         "BEGIN; INSERT INTO t(id, k, v) VALUES(20000, 'late', X'00'); \
               DELETE FROM t WHERE id = 20000; COMMIT;",
     ));
@@ -313,8 +316,7 @@ fn sqlite3_wal_database_survives_remount() {
     m.unmount();
     fsck_clean(&tp.pool);
     let m = tp.mount();
-    let check =
-        run_with_input(Command::new("sqlite3").arg("-bail").arg(m.p("db/test.sqlite")), SQLITE_CHECK_SQL.as_bytes());
+    let check = run_with_input(sqlite3().arg("-bail").arg(m.p("db/test.sqlite")), SQLITE_CHECK_SQL.as_bytes());
     assert_eq!(check, sqlite_expected(), "database contents after a remount");
     m.unmount();
     fsck_clean(&tp.pool);

@@ -26,8 +26,9 @@ use common::{fsck_clean, ls_json, Mounted, TestPool};
 
 /// Track size of the test pools: small, so a file spans many tracks and extents.
 const TRACK_SIZE: &str = "16K";
-/// Volumes: two small ones that fill up, so data sets spill across volumes.
-const VOLUMES: &[(&str, &str)] = &[("V1", "2M"), ("V2", "4M"), ("V3", "64M")];
+/// Volumes: three small ones that the data (up to ~7.5 MiB) mostly fills, so the allocator
+/// has to use all of them and data sets spill across volumes.
+const VOLUMES: &[(&str, &str)] = &[("V1", "3M"), ("V2", "3M"), ("V3", "4M")];
 /// Data files, each owned by exactly one writer thread.
 const FILES: usize = 6;
 /// Writer threads; thread t owns the files f with f % WRITERS == t.
@@ -36,6 +37,8 @@ const WRITERS: usize = 3;
 const BLOCK_SIZES_BYTES: [u64; FILES] = [4096, 5000, 16384, 12288, 700, 4096];
 /// Highest block count a file grows to (bounds the data at ~7 MiB).
 const BLOCKS_MAX: u64 = 160;
+/// About one step in this many is a truncate (to a block boundary, down or up).
+const TRUNCATE_ONE_IN: u64 = 40;
 /// Every this many writes a writer fsyncs the file it just wrote.
 const SYNC_EVERY: u64 = 16;
 /// Kill rounds of the crash test.
@@ -76,7 +79,7 @@ fn block_bytes(file: usize, block: u64, counter: u64, len: usize) -> Vec<u8> {
     if counter == 0 {
         return vec![0; len];
     }
-    let seed = (file as u64) << 56 ^ block << 32 ^ counter;
+    let seed = ((file as u64) << 56) ^ (block << 32) ^ counter;
     let mut v = common::pattern(len, seed ^ 0x5EED_F00D);
     let mut header = Vec::with_capacity(16);
     header.extend_from_slice(b"FRY");
@@ -121,6 +124,8 @@ struct FileLog {
     size_bytes: u64,
     /// End of an extending write that is in flight.
     inflight_end_bytes: Option<u64>,
+    /// A truncate to this many blocks that is in flight.
+    inflight_truncate_blocks: Option<u64>,
 }
 
 impl FileLog {
@@ -131,6 +136,7 @@ impl FileLog {
             blocks: vec![BlockLog::default(); BLOCKS_MAX as usize],
             size_bytes: 0,
             inflight_end_bytes: None,
+            inflight_truncate_blocks: None,
         }
     }
 
@@ -143,7 +149,7 @@ impl FileLog {
 type MetaState = BTreeMap<String, Vec<u8>>;
 
 /// One metadata step, logged before it starts and applied to the state when it returned.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum MetaOp {
     /// open(O_CREAT|O_EXCL) of a new, empty file.
     Create(String),
@@ -152,6 +158,17 @@ enum MetaOp {
     /// rename(from, to), `to` may exist and is then replaced.
     Rename(String, String),
     Unlink(String),
+}
+
+impl std::fmt::Debug for MetaOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaOp::Create(n) => write!(f, "create meta/{n}"),
+            MetaOp::Fill(n, d) => write!(f, "write {} bytes to meta/{n}", d.len()),
+            MetaOp::Rename(a, b) => write!(f, "rename meta/{a} to meta/{b}"),
+            MetaOp::Unlink(n) => write!(f, "unlink meta/{n}"),
+        }
+    }
 }
 
 impl MetaOp {
@@ -187,34 +204,77 @@ struct MetaLog {
 struct Log {
     files: Vec<Mutex<FileLog>>,
     meta: Mutex<MetaLog>,
+    /// The syscall failures that ended each worker (expected only after a kill).
+    errors: Mutex<Vec<String>>,
 }
 
 impl Log {
+    fn failed(&self, what: String, e: std::io::Error) {
+        self.errors.lock().unwrap().push(format!("{what}: {e}"));
+    }
+
     fn new() -> Log {
-        Log { files: (0..FILES).map(|i| Mutex::new(FileLog::new(i))).collect(), meta: Mutex::new(MetaLog::default()) }
+        Log {
+            files: (0..FILES).map(|i| Mutex::new(FileLog::new(i))).collect(),
+            meta: Mutex::new(MetaLog::default()),
+            errors: Mutex::new(Vec::new()),
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Workers
 
+/// Logs a truncate to `blocks` blocks that returned: later blocks are gone (read as holes
+/// if the file grows again).
+fn apply_truncate(fl: &mut FileLog, blocks: u64) {
+    for b in &mut fl.blocks[blocks as usize..] {
+        b.acked = 0;
+        b.synced = false;
+    }
+    fl.size_bytes = blocks * fl.block_size_bytes;
+    fl.inflight_truncate_blocks = None;
+}
+
 /// Writes random blocks of the writer's files until `stop` is set, `ops_max` writes are
-/// done, or a syscall fails (the daemon is gone). Returns the number of acknowledged writes.
+/// done, or a syscall fails (the daemon is gone); now and then truncates instead. Returns the
+/// number of acknowledged writes and truncates.
 fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool, ops_max: Option<u64>) -> u64 {
-    let mut rng = Rng::new(seed ^ (thread_no as u64 + 1) * 0x1000_0001);
+    let mut rng = Rng::new(seed ^ ((thread_no as u64 + 1) * 0x1000_0001));
     let mine: Vec<usize> = (0..FILES).filter(|f| f % WRITERS == thread_no).collect();
     let mut handles = Vec::new();
     for &f in &mine {
         let name = log.files[f].lock().unwrap().name();
         match OpenOptions::new().write(true).open(mnt.join(&name)) {
             Ok(h) => handles.push(h),
-            Err(_) => return 0,
+            Err(e) => {
+                log.failed(format!("open {name}"), e);
+                return 0;
+            }
         }
     }
     let mut done = 0u64;
     while !stop.load(Ordering::Relaxed) && ops_max.is_none_or(|m| done < m) {
         let k = rng.below(mine.len() as u64) as usize;
         let f = mine[k];
+        if rng.below(TRUNCATE_ONE_IN) == 0 {
+            let (blocks, bs) = {
+                let mut fl = log.files[f].lock().unwrap();
+                let bs = fl.block_size_bytes;
+                // Shrinks most of the time; sometimes grows by up to two blocks of zeros.
+                let blocks = rng.below((fl.size_bytes.div_ceil(bs) + 3).min(BLOCKS_MAX));
+                fl.inflight_truncate_blocks = Some(blocks);
+                (blocks, bs)
+            };
+            if let Err(e) = handles[k].set_len(blocks * bs) {
+                log.failed(format!("ftruncate f{f} to {blocks} blocks"), e);
+                return done; // outcome unknown: stays in flight
+            }
+            let mut fl = log.files[f].lock().unwrap();
+            apply_truncate(&mut fl, blocks);
+            done += 1;
+            continue;
+        }
         let (block, counter, bs, bytes) = {
             let mut fl = log.files[f].lock().unwrap();
             let bs = fl.block_size_bytes;
@@ -231,7 +291,8 @@ fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool,
             }
             (block, counter, bs, block_bytes(f, block, counter, bs as usize))
         };
-        if handles[k].write_all_at(&bytes, block * bs).is_err() {
+        if let Err(e) = handles[k].write_all_at(&bytes, block * bs) {
+            log.failed(format!("pwrite f{f} block {block}"), e);
             return done; // outcome unknown: stays in flight
         }
         {
@@ -247,7 +308,8 @@ fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool,
         if done % SYNC_EVERY == 0 {
             // Snapshot what the fsync covers before it starts: writes acknowledged by now.
             let covered: Vec<u64> = log.files[f].lock().unwrap().blocks.iter().map(|b| b.acked).collect();
-            if handles[k].sync_all().is_err() {
+            if let Err(e) = handles[k].sync_all() {
+                log.failed(format!("fsync f{f}"), e);
                 return done;
             }
             let mut fl = log.files[f].lock().unwrap();
@@ -266,10 +328,14 @@ fn meta_step(mnt: &Path, log: &Log, op: MetaOp) -> bool {
     log.meta.lock().unwrap().inflight = Some(op.clone());
     let dir = mnt.join("meta");
     let ok = match &op {
-        MetaOp::Create(n) => OpenOptions::new().write(true).create_new(true).open(dir.join(n)).is_ok(),
+        MetaOp::Create(n) => OpenOptions::new().write(true).create_new(true).open(dir.join(n)).map(drop),
         MetaOp::Fill(n, data) => match OpenOptions::new().write(true).open(dir.join(n)) {
             Ok(mut h) => {
-                let r = h.write_all(data).is_ok();
+                let r = h.write_all(data);
+                if let Err(e) = &r {
+                    log.failed(format!("{op:?}"), std::io::Error::from(e.kind()));
+                }
+                let r = r.is_ok();
                 // The write is acknowledged by write(); close is not part of the step.
                 if r {
                     let mut m = log.meta.lock().unwrap();
@@ -280,10 +346,17 @@ fn meta_step(mnt: &Path, log: &Log, op: MetaOp) -> bool {
                 drop(h);
                 return r;
             }
-            Err(_) => false,
+            Err(e) => Err(e),
         },
-        MetaOp::Rename(a, b) => fs::rename(dir.join(a), dir.join(b)).is_ok(),
-        MetaOp::Unlink(n) => fs::remove_file(dir.join(n)).is_ok(),
+        MetaOp::Rename(a, b) => fs::rename(dir.join(a), dir.join(b)),
+        MetaOp::Unlink(n) => fs::remove_file(dir.join(n)),
+    };
+    let ok = match ok {
+        Ok(()) => true,
+        Err(e) => {
+            log.failed(format!("{op:?}"), e);
+            false
+        }
     };
     if ok {
         let mut m = log.meta.lock().unwrap();
@@ -297,7 +370,7 @@ fn meta_step(mnt: &Path, log: &Log, op: MetaOp) -> bool {
 /// Creates, fills, renames (to new names and over existing ones) and unlinks small files
 /// in `meta/` until `stop`, `ops_max` steps, or a failure.
 fn meta_worker(mnt: &Path, log: &Log, seed: u64, stop: &AtomicBool, ops_max: Option<u64>) {
-    let mut rng = Rng::new(seed ^ 0xAB5E_17);
+    let mut rng = Rng::new(seed ^ 0x00AB_5E17);
     let mut done = 0u64;
     while !stop.load(Ordering::Relaxed) && ops_max.is_none_or(|m| done < m) {
         let (names, fresh): (Vec<String>, String) = {
@@ -361,6 +434,11 @@ impl Workers {
             );
             thread::sleep(Duration::from_millis(20));
         }
+        self.join()
+    }
+
+    /// Waits for every thread to end by itself; returns the acknowledged writes.
+    fn join(self) -> u64 {
         self.handles.into_iter().map(|h| h.join().expect("worker thread panicked")).sum()
     }
 }
@@ -379,15 +457,24 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
         }
     };
     let size = data.len() as u64;
+    let bs = fl.block_size_bytes;
     let size_max = fl.size_bytes.max(fl.inflight_end_bytes.unwrap_or(0));
-    if size < fl.size_bytes || size > size_max {
+    if let Some(blocks) = fl.inflight_truncate_blocks {
+        if size != fl.size_bytes && size != blocks * bs {
+            problems.push(format!(
+                "{name}: size {size} after remount, but it must be {} (before the truncate in flight) \
+                 or {} (after it)",
+                fl.size_bytes,
+                blocks * bs
+            ));
+        }
+    } else if size < fl.size_bytes || size > size_max {
         problems.push(format!(
             "{name}: size {size} after remount, acknowledged writes imply {} (at most {size_max} \
              with the write in flight)",
             fl.size_bytes
         ));
     }
-    let bs = fl.block_size_bytes;
     for (i, b) in fl.blocks.iter().enumerate() {
         let start = i as u64 * bs;
         if start >= size && b.acked == 0 {
@@ -396,6 +483,17 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
         let end = (start + bs).min(size);
         let got: &[u8] = if start < size { &data[start as usize..end as usize] } else { &[] };
         let old = block_bytes(fl.id, i as u64, b.acked, bs as usize);
+        if fl.inflight_truncate_blocks.is_some_and(|t| i as u64 >= t) {
+            // Cut by a truncate in flight: the old bytes, or gone (a hole of zeros).
+            if got != &old[..got.len()] && got.iter().any(|x| *x != 0) {
+                problems.push(format!(
+                    "{name} block {i} (offset {start}): a truncate was in flight, but the block holds \
+                     neither write #{} nor zeros",
+                    b.acked
+                ));
+            }
+            continue;
+        }
         match b.inflight {
             None => {
                 if got.len() as u64 != bs && b.acked != 0 {
@@ -542,6 +640,11 @@ fn settle(m: &Mounted, log: &Log, meta_found: MetaState) {
         }
         fl.size_bytes = size_now;
         fl.inflight_end_bytes = None;
+        if let Some(blocks) = fl.inflight_truncate_blocks {
+            // Repeat the truncate on the new mount, so the state is known again.
+            h.set_len(blocks * bs).expect("repeat of a truncate in flight at the kill");
+            apply_truncate(fl, blocks);
+        }
     }
     let mut ml = log.meta.lock().unwrap();
     ml.state = meta_found;
@@ -614,7 +717,12 @@ fn kill9_while_writing_keeps_every_acknowledged_write() {
         m.kill9();
         let writes = workers.finish();
         total_writes += writes;
-        eprintln!("round {round}: killed daemon {pid} after {delay_ms} ms, {writes} writes acknowledged");
+        let meta_ops = log.meta.lock().unwrap().acked_ops;
+        let first_error = log.errors.lock().unwrap().drain(..).next().unwrap_or_default();
+        eprintln!(
+            "round {round}: killed daemon {pid} after {delay_ms} ms; {writes} writes, {meta_ops} metadata \
+             steps acknowledged so far; first failure seen by a worker: {first_error}"
+        );
 
         m = tp.mount();
         fsck_clean(&tp.pool);
@@ -624,6 +732,11 @@ fn kill9_while_writing_keeps_every_acknowledged_write() {
     }
     assert!(total_writes > 0, "no write was acknowledged in {ROUNDS} rounds");
     assert!(log.meta.lock().unwrap().acked_ops > 0, "no metadata step was acknowledged in {ROUNDS} rounds");
+
+    // The premise of the small volumes: the data sets spread over more than one volume.
+    let vols = common::volume_list_json(&m.mnt);
+    let used = vols["volumes"].as_array().unwrap().iter().filter(|v| v["tracks_used"].as_u64().unwrap() > 0).count();
+    assert!(used >= 2, "the workload was meant to fill more than one volume: {vols:#}");
 
     // The same data survives a clean unmount and another mount.
     m.unmount();
@@ -643,7 +756,9 @@ fn clean_unmount_remount_keeps_every_write() {
     let log = Arc::new(Log::new());
     let m = tp.mount();
     prepare(&m, &log);
-    let writes = start_workers(&m, &log, seed, Some(400)).finish();
+    let writes = start_workers(&m, &log, seed, Some(400)).join();
+    let errors = log.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "syscalls failed on a healthy mount: {errors:#?}");
     assert_eq!(writes, 400 * WRITERS as u64, "some writes failed on a healthy mount");
     // Nothing may be in flight on a healthy mount.
     for f in &log.files {
@@ -659,6 +774,48 @@ fn clean_unmount_remount_keeps_every_write() {
     fsck_clean(&tp.pool);
     verify(&m, &log, "after a clean unmount and a remount");
     check_ls_sizes(&m);
+    m.unmount();
+    fsck_clean(&tp.pool);
+}
+
+/// SIGKILL of the daemon while `ferryfs umount` runs (the daemon writes its catalog on the
+/// way out): each of five rounds runs a bounded workload to completion, starts the unmount,
+/// kills the daemon after a random short delay, mounts again and checks every write, all
+/// of which were acknowledged before the unmount began.
+#[test]
+fn kill9_during_unmount_keeps_every_write() {
+    let seed = seed_from_env();
+    let mut rng = Rng::new(seed ^ 0x0D15_EA5E);
+    let tp = TestPool::new(TRACK_SIZE, VOLUMES);
+    let log = Arc::new(Log::new());
+    let mut m = tp.mount();
+    prepare(&m, &log);
+    for round in 0..ROUNDS {
+        let writes = start_workers(&m, &log, seed.wrapping_add(round as u64 * 104_729), Some(150)).join();
+        let errors: Vec<String> = log.errors.lock().unwrap().drain(..).collect();
+        assert!(errors.is_empty(), "round {round}: syscalls failed on a healthy mount: {errors:#?}");
+        assert_eq!(writes, 150 * WRITERS as u64, "round {round}: some writes failed on a healthy mount");
+
+        let umount = std::process::Command::new(common::bin())
+            .arg("umount")
+            .arg(&m.mnt)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferryfs umount");
+        let delay_us = rng.below(6_000);
+        thread::sleep(Duration::from_micros(delay_us));
+        m.kill9();
+        let mut umount = umount;
+        let status = umount.wait().expect("wait for ferryfs umount");
+        eprintln!("round {round}: killed the daemon {delay_us} us into the unmount (umount exited {status})");
+
+        m = tp.mount();
+        fsck_clean(&tp.pool);
+        verify(&m, &log, &format!("round {round}, after kill -9 during unmount and a remount"));
+        check_ls_sizes(&m);
+    }
     m.unmount();
     fsck_clean(&tp.pool);
 }

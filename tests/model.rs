@@ -1,5 +1,6 @@
 //! Model-based test: a random script of file operations runs through a real mount and
-//! against an in-memory oracle (path -> bytes). After every step the mount must hold
+//! against an in-memory oracle (path -> inode -> bytes, plus handles held open across
+//! steps, which follow renames and keep unlinked files alive). After every step the mount must hold
 //! exactly the oracle's files, sizes and bytes, and every operation must succeed or fail
 //! exactly as the oracle says. Remounts are steps of the script, and a final remount
 //! compares everything once more, together with `ls --json` and `ferryfs fsck`.
@@ -11,7 +12,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use proptest::prelude::*;
@@ -26,14 +27,18 @@ const DIRS: [&str; 2] = ["d", "d/e"];
 const WRITE_OFFSET_MAX_BYTES: u64 = 256 * 1024;
 const WRITE_LEN_MAX_BYTES: usize = 48 * 1024;
 const TRUNCATE_MAX_BYTES: u64 = 300 * 1024;
-/// Volumes: two small ones that fill up early, one large.
-const VOLUMES: &[(&str, &str)] = &[("V1", "96K"), ("V2", "320K"), ("V3", "16M")];
+/// Volumes: small enough that the files (at most 6 x 304 KiB) need all three, so data sets
+/// spill across volumes.
+const VOLUMES: &[(&str, &str)] = &[("V1", "256K"), ("V2", "1M"), ("V3", "1M")];
+
+/// Slots for handles held open across steps.
+const HELD_SLOTS: usize = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
     /// open(O_CREAT|O_EXCL)
     Create(usize),
-    /// pwrite of `len` pattern bytes at `offset` into an existing file
+    /// pwrite of `len` pattern bytes at `offset` into an existing file (open, write, close)
     Write {
         name: usize,
         offset: u64,
@@ -50,74 +55,184 @@ enum Op {
         from: usize,
         to: usize,
     },
+    /// link(from, to): a second name for the same data set
+    Link {
+        from: usize,
+        to: usize,
+    },
     Unlink(usize),
-    /// open, write nothing, fsync
+    /// open, fsync, close
     Fsync(usize),
-    /// clean unmount and mount again
+    /// open a path read-write and keep the handle in a slot (closing what the slot held);
+    /// the handle follows its file through renames and keeps it alive after an unlink
+    Hold {
+        slot: usize,
+        name: usize,
+    },
+    /// pwrite through a held handle
+    HeldWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        seed: u64,
+    },
+    /// ftruncate through a held handle
+    HeldTruncate {
+        slot: usize,
+        size_bytes: u64,
+    },
+    /// close a held handle
+    Release(usize),
+    /// close every handle, clean unmount, mount again
     Remount,
+}
+
+fn offset_strategy() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        // Offsets at and just before 4 KiB boundaries, and anywhere in the range.
+        (0u64..8).prop_map(|k| k * 4096 - k.min(1)),
+        0..=WRITE_OFFSET_MAX_BYTES,
+    ]
+}
+
+fn len_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![1usize..64, 1..=WRITE_LEN_MAX_BYTES]
+}
+
+fn size_strategy() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..5000, 0..=TRUNCATE_MAX_BYTES]
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     let name = 0..NAMES.len();
+    let slot = 0..HELD_SLOTS;
     prop_oneof![
         2 => name.clone().prop_map(Op::Create),
-        6 => (
-            name.clone(),
-            prop_oneof![
-                // Small offsets near track boundaries, and anywhere in the range.
-                (0u64..8).prop_map(|k| k * 4096 - (k.min(1))),
-                0..=WRITE_OFFSET_MAX_BYTES,
-            ],
-            prop_oneof![1usize..64, 1..=WRITE_LEN_MAX_BYTES],
-            any::<u64>()
-        )
+        5 => (name.clone(), offset_strategy(), len_strategy(), any::<u64>())
             .prop_map(|(name, offset, len, seed)| Op::Write { name, offset, len, seed }),
-        2 => (name.clone(), prop_oneof![0u64..5000, 0..=TRUNCATE_MAX_BYTES])
-            .prop_map(|(name, size_bytes)| Op::Truncate { name, size_bytes }),
+        2 => (name.clone(), size_strategy()).prop_map(|(name, size_bytes)| Op::Truncate { name, size_bytes }),
         2 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => name.clone().prop_map(Op::Unlink),
-        1 => name.prop_map(Op::Fsync),
+        1 => name.clone().prop_map(Op::Fsync),
+        2 => (slot.clone(), name).prop_map(|(slot, name)| Op::Hold { slot, name }),
+        3 => (slot.clone(), offset_strategy(), len_strategy(), any::<u64>())
+            .prop_map(|(slot, offset, len, seed)| Op::HeldWrite { slot, offset, len, seed }),
+        1 => (slot.clone(), size_strategy()).prop_map(|(slot, size_bytes)| Op::HeldTruncate { slot, size_bytes }),
+        1 => slot.prop_map(Op::Release),
         1 => Just(Op::Remount),
     ]
 }
 
-type Oracle = BTreeMap<String, Vec<u8>>;
+/// The oracle: names point at inodes, inodes own bytes. An inode lives while a name or a
+/// held handle refers to it.
+#[derive(Default)]
+struct Oracle {
+    names: BTreeMap<String, u64>,
+    data: BTreeMap<u64, Vec<u8>>,
+    held: [Option<u64>; HELD_SLOTS],
+    next_ino: u64,
+}
 
-/// What the oracle says an operation returns: Ok, or the errno it fails with.
-fn apply_oracle(o: &mut Oracle, op: &Op) -> Result<(), i32> {
-    let n = |i: &usize| NAMES[*i].to_string();
-    match op {
-        Op::Create(i) => {
-            if o.contains_key(&n(i)) {
-                return Err(libc::EEXIST);
-            }
-            o.insert(n(i), Vec::new());
-        }
-        Op::Write { name, offset, len, seed } => {
-            let f = o.get_mut(&n(name)).ok_or(libc::ENOENT)?;
-            let end = *offset as usize + len;
-            if f.len() < end {
-                f.resize(end, 0);
-            }
-            f[*offset as usize..end].copy_from_slice(&common::pattern(*len, *seed));
-        }
-        Op::Truncate { name, size_bytes } => {
-            let f = o.get_mut(&n(name)).ok_or(libc::ENOENT)?;
-            f.resize(*size_bytes as usize, 0);
-        }
-        Op::Rename { from, to } => {
-            let data = o.remove(&n(from)).ok_or(libc::ENOENT)?;
-            o.insert(n(to), data);
-        }
-        Op::Unlink(i) => {
-            o.remove(&n(i)).ok_or(libc::ENOENT)?;
-        }
-        Op::Fsync(i) => {
-            o.get(&n(i)).ok_or(libc::ENOENT)?;
-        }
-        Op::Remount => {}
+impl Oracle {
+    /// Path -> bytes of every file reachable by a name.
+    fn files(&self) -> BTreeMap<String, &Vec<u8>> {
+        self.names.iter().map(|(n, ino)| (n.clone(), &self.data[ino])).collect()
     }
-    Ok(())
+
+    /// Drops inodes that no name and no handle refers to.
+    fn collect(&mut self) {
+        let live: BTreeSet<u64> = self.names.values().copied().chain(self.held.iter().flatten().copied()).collect();
+        self.data.retain(|ino, _| live.contains(ino));
+    }
+
+    fn ino(&self, i: &usize) -> Result<u64, i32> {
+        self.names.get(NAMES[*i]).copied().ok_or(libc::ENOENT)
+    }
+
+    /// What an operation returns (Ok, or the errno it fails with), applied to the oracle.
+    fn apply(&mut self, op: &Op) -> Result<(), i32> {
+        let n = |i: &usize| NAMES[*i].to_string();
+        let r = match op {
+            Op::Create(i) => {
+                if self.names.contains_key(&n(i)) {
+                    return Err(libc::EEXIST);
+                }
+                self.next_ino += 1;
+                self.names.insert(n(i), self.next_ino);
+                self.data.insert(self.next_ino, Vec::new());
+                Ok(())
+            }
+            Op::Write { name, offset, len, seed } => {
+                let ino = self.ino(name)?;
+                write_model(self.data.get_mut(&ino).unwrap(), *offset, *len, *seed);
+                Ok(())
+            }
+            Op::Truncate { name, size_bytes } => {
+                let ino = self.ino(name)?;
+                self.data.get_mut(&ino).unwrap().resize(*size_bytes as usize, 0);
+                Ok(())
+            }
+            Op::Rename { from, to } => {
+                let ino = self.ino(from)?;
+                // rename of two names of the same file does nothing (POSIX)
+                if self.names.get(&n(to)) != Some(&ino) {
+                    self.names.remove(&n(from));
+                    self.names.insert(n(to), ino);
+                }
+                Ok(())
+            }
+            Op::Link { from, to } => {
+                let ino = self.ino(from)?;
+                if self.names.contains_key(&n(to)) {
+                    return Err(libc::EEXIST);
+                }
+                self.names.insert(n(to), ino);
+                Ok(())
+            }
+            Op::Unlink(i) => {
+                self.names.remove(&n(i)).ok_or(libc::ENOENT)?;
+                Ok(())
+            }
+            Op::Fsync(i) => self.ino(i).map(drop),
+            Op::Hold { slot, name } => {
+                self.held[*slot] = None;
+                let ino = self.ino(name)?;
+                self.held[*slot] = Some(ino);
+                Ok(())
+            }
+            Op::HeldWrite { slot, offset, len, seed } => {
+                if let Some(ino) = self.held[*slot] {
+                    write_model(self.data.get_mut(&ino).unwrap(), *offset, *len, *seed);
+                }
+                Ok(())
+            }
+            Op::HeldTruncate { slot, size_bytes } => {
+                if let Some(ino) = self.held[*slot] {
+                    self.data.get_mut(&ino).unwrap().resize(*size_bytes as usize, 0);
+                }
+                Ok(())
+            }
+            Op::Release(slot) => {
+                self.held[*slot] = None;
+                Ok(())
+            }
+            Op::Remount => {
+                self.held = [None; HELD_SLOTS];
+                Ok(())
+            }
+        };
+        self.collect();
+        r
+    }
+}
+
+fn write_model(f: &mut Vec<u8>, offset: u64, len: usize, seed: u64) {
+    let end = offset as usize + len;
+    if f.len() < end {
+        f.resize(end, 0);
+    }
+    f[offset as usize..end].copy_from_slice(&common::pattern(len, seed));
 }
 
 fn errno_of(r: io::Result<()>) -> Result<(), i32> {
@@ -125,22 +240,84 @@ fn errno_of(r: io::Result<()>) -> Result<(), i32> {
 }
 
 /// Runs one operation (other than Remount) through the mount.
-fn apply_mount(m: &Mounted, op: &Op) -> Result<(), i32> {
+fn apply_mount(m: &Mounted, held: &mut [Option<fs::File>; HELD_SLOTS], op: &Op) -> Result<(), i32> {
     let p = |i: &usize| m.p(NAMES[*i]);
+    let rw = || OpenOptions::new().read(true).write(true).to_owned();
     errno_of(match op {
         Op::Create(i) => OpenOptions::new().write(true).create_new(true).open(p(i)).map(drop),
-        Op::Write { name, offset, len, seed } => OpenOptions::new()
-            .write(true)
-            .open(p(name))
-            .and_then(|f| f.write_all_at(&common::pattern(*len, *seed), *offset)),
-        Op::Truncate { name, size_bytes } => {
-            OpenOptions::new().write(true).open(p(name)).and_then(|f| f.set_len(*size_bytes))
+        Op::Write { name, offset, len, seed } => {
+            rw().open(p(name)).and_then(|f| f.write_all_at(&common::pattern(*len, *seed), *offset))
         }
+        Op::Truncate { name, size_bytes } => rw().open(p(name)).and_then(|f| f.set_len(*size_bytes)),
         Op::Rename { from, to } => fs::rename(p(from), p(to)),
+        Op::Link { from, to } => fs::hard_link(p(from), p(to)),
         Op::Unlink(i) => fs::remove_file(p(i)),
-        Op::Fsync(i) => OpenOptions::new().write(true).open(p(i)).and_then(|f| f.sync_all()),
+        Op::Fsync(i) => rw().open(p(i)).and_then(|f| f.sync_all()),
+        Op::Hold { slot, name } => {
+            held[*slot] = None;
+            rw().open(p(name)).map(|f| held[*slot] = Some(f))
+        }
+        Op::HeldWrite { slot, offset, len, seed } => match &held[*slot] {
+            Some(f) => f.write_all_at(&common::pattern(*len, *seed), *offset),
+            None => Ok(()),
+        },
+        Op::HeldTruncate { slot, size_bytes } => match &held[*slot] {
+            Some(f) => f.set_len(*size_bytes),
+            None => Ok(()),
+        },
+        Op::Release(slot) => {
+            held[*slot] = None;
+            Ok(())
+        }
         Op::Remount => unreachable!("remount is handled by the runner"),
     })
+}
+
+/// Reads a held file through its handle: fstat size and every byte.
+fn read_held(f: &fs::File) -> io::Result<(u64, Vec<u8>)> {
+    let size = f.metadata()?.len();
+    let mut buf = vec![0u8; size as usize + 4096];
+    let mut done = 0;
+    loop {
+        let n = f.read_at(&mut buf[done..], done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+        if done == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    buf.truncate(done);
+    Ok((size, buf))
+}
+
+/// Compares what the held handles see with the oracle's inodes.
+fn compare_held(held: &[Option<fs::File>; HELD_SLOTS], o: &Oracle, when: &str) -> Result<(), TestCaseError> {
+    for (slot, (real, model)) in held.iter().zip(&o.held).enumerate() {
+        prop_assert_eq!(real.is_some(), model.is_some(), "{}: slot {} open state", when, slot);
+        if let (Some(f), Some(ino)) = (real, model) {
+            let (size, got) =
+                read_held(f).map_err(|e| TestCaseError::fail(format!("{when}: read held slot {slot}: {e}")))?;
+            let want = &o.data[ino];
+            prop_assert_eq!(size, want.len() as u64, "{}: fstat size through held slot {}", when, slot);
+            check_bytes(&got, want, &format!("{when}: held slot {slot}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_bytes(got: &[u8], want: &[u8], what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}: number of bytes read", what);
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        return Err(TestCaseError::fail(format!(
+            "{what}: differs from the oracle first at byte {i} (got {:#04x}, expected {:#04x}; size {})",
+            got[i],
+            want[i],
+            want.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Every regular file under `root` (relative paths), skipping the `.ferry` control tree.
@@ -165,29 +342,29 @@ fn list_files(root: &Path) -> io::Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// Compares the whole mount with the oracle.
+/// Compares the whole mount with the oracle: names, sizes, bytes, and which names share
+/// an inode.
 fn compare(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> {
     for d in DIRS {
         prop_assert!(m.p(d).is_dir(), "{when}: directory {d} is missing");
     }
     let names = list_files(&m.mnt).map_err(|e| TestCaseError::fail(format!("{when}: walk: {e}")))?;
-    let want: BTreeSet<String> = o.keys().cloned().collect();
+    let want: BTreeSet<String> = o.names.keys().cloned().collect();
     prop_assert_eq!(&names, &want, "{}: file names differ from the oracle", when);
-    for (name, data) in o {
-        let md = fs::metadata(m.p(name)).map_err(|e| TestCaseError::fail(format!("{when}: stat {name}: {e}")))?;
+    let mut ino_of_oracle_ino: BTreeMap<u64, u64> = BTreeMap::new();
+    for (name, data) in o.files() {
+        let md = fs::metadata(m.p(&name)).map_err(|e| TestCaseError::fail(format!("{when}: stat {name}: {e}")))?;
         prop_assert_eq!(md.len(), data.len() as u64, "{}: stat size of {}", when, name);
-        let got = fs::read(m.p(name)).map_err(|e| TestCaseError::fail(format!("{when}: read {name}: {e}")))?;
-        prop_assert_eq!(got.len(), data.len(), "{}: bytes read from {}", when, name);
-        if let Some(i) = got.iter().zip(data).position(|(a, b)| a != b) {
-            return Err(TestCaseError::fail(format!(
-                "{when}: {name} differs from the oracle first at byte {i} (got {:#04x}, \
-                 expected {:#04x}; size {})",
-                got[i],
-                data[i],
-                data.len()
-            )));
-        }
+        let links = o.names.values().filter(|i| **i == o.names[&name]).count() as u64;
+        prop_assert_eq!(md.nlink(), links, "{}: link count of {}", when, name);
+        // Names of one oracle inode share one real inode, and different ones do not.
+        let real = *ino_of_oracle_ino.entry(o.names[&name]).or_insert(md.ino());
+        prop_assert_eq!(real, md.ino(), "{}: {} is not the same file as its other names", when, name);
+        let got = fs::read(m.p(&name)).map_err(|e| TestCaseError::fail(format!("{when}: read {name}: {e}")))?;
+        check_bytes(&got, data, &format!("{when}: {name}"))?;
     }
+    let distinct: BTreeSet<u64> = ino_of_oracle_ino.values().copied().collect();
+    prop_assert_eq!(distinct.len(), ino_of_oracle_ino.len(), "{}: different files share an inode number", when);
     Ok(())
 }
 
@@ -199,7 +376,7 @@ fn compare_ls(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> 
         let path = d["path"].as_str().expect("path").trim_start_matches('/').to_string();
         got.insert(path, d["size_bytes"].as_u64().expect("size_bytes"));
     }
-    let want: BTreeMap<String, u64> = o.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    let want: BTreeMap<String, u64> = o.files().into_iter().map(|(k, v)| (k, v.len() as u64)).collect();
     prop_assert_eq!(got, want, "{}: ls --json paths and sizes differ from the oracle", when);
     Ok(())
 }
@@ -210,25 +387,31 @@ fn run_script(track_size: &str, ops: &[Op]) -> Result<(), TestCaseError> {
     for d in DIRS {
         fs::create_dir(m.as_ref().unwrap().p(d)).expect("mkdir");
     }
-    let mut oracle = Oracle::new();
+    let mut oracle = Oracle::default();
+    // Declared after the mount, so the handles are closed before the mount is dropped.
+    let mut held: [Option<fs::File>; HELD_SLOTS] = Default::default();
     for (step, op) in ops.iter().enumerate() {
         let when = format!("step {step} ({op:?})");
+        let want = oracle.apply(op);
         if let Op::Remount = op {
+            held = Default::default();
             m.take().unwrap().unmount();
             fsck_clean(&tp.pool);
             m = Some(tp.mount());
             compare_ls(m.as_ref().unwrap(), &oracle, &when)?;
         } else {
-            let want = apply_oracle(&mut oracle, op);
-            let got = apply_mount(m.as_ref().unwrap(), op);
+            let got = apply_mount(m.as_ref().unwrap(), &mut held, op);
             prop_assert_eq!(got, want, "{}: result (Err = errno) differs from the oracle", when);
         }
         compare(m.as_ref().unwrap(), &oracle, &when)?;
+        compare_held(&held, &oracle, &when)?;
     }
+    drop(held);
     let mnt = m.take().unwrap();
     compare_ls(&mnt, &oracle, "end of script")?;
     mnt.unmount();
     fsck_clean(&tp.pool);
+    oracle.apply(&Op::Remount).unwrap();
     let mnt = tp.mount();
     compare(&mnt, &oracle, "after the final remount")?;
     compare_ls(&mnt, &oracle, "after the final remount")?;

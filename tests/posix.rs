@@ -149,7 +149,7 @@ fn random_io_matches_model_small_tracks() {
     let m = tp.mount();
     let path = m.p("model.bin");
     let mut model: Vec<u8> = Vec::new();
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&path).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let mut rng = 0x1234_5678_9abc_def1u64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -233,7 +233,7 @@ fn fsync_fdatasync_and_fsyncdir() {
 #[test]
 fn seek_data_on_written_file() {
     let (_tp, m) = setup();
-    let mut f = OpenOptions::new().read(true).write(true).create(true).open(m.p("f")).unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("f")).unwrap();
     f.write_all(&pattern(70_000, 8)).unwrap();
     let end = f.seek(SeekFrom::End(0)).unwrap();
     assert_eq!(end, 70_000);
@@ -329,7 +329,7 @@ fn chmod() {
 #[test]
 fn create_honours_mode_and_umask_bits() {
     let (_tp, m) = setup();
-    let f = OpenOptions::new().write(true).create(true).mode(0o600).open(m.p("f")).unwrap();
+    let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(m.p("f")).unwrap();
     drop(f);
     let mode = fs::metadata(m.p("f")).unwrap().mode() & 0o777;
     assert_eq!(mode & !0o600, 0, "created 0600 file has mode {mode:o}");
@@ -678,17 +678,17 @@ fn statfs_reflects_volumes_and_usage() {
     let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "4M")]);
     let m = tp.mount();
     let st0 = statvfs(&m.mnt);
-    let frsize = if st0.f_frsize != 0 { st0.f_frsize } else { st0.f_bsize } as u64;
-    let total = st0.f_blocks as u64 * frsize;
+    let frsize = if st0.f_frsize != 0 { st0.f_frsize } else { st0.f_bsize };
+    let total = st0.f_blocks * frsize;
     assert_eq!(total, 12 << 20, "f_blocks*f_frsize = total volume size");
-    let free0 = st0.f_bfree as u64 * frsize;
+    let free0 = st0.f_bfree * frsize;
     assert!(free0 <= total);
-    assert!(st0.f_bavail as u64 * frsize <= free0);
+    assert!(st0.f_bavail * frsize <= free0);
     assert!(st0.f_namemax >= 255, "f_namemax {}", st0.f_namemax);
     fs::write(m.p("f"), vec![1u8; 2 << 20]).unwrap();
     File::open(m.p("f")).unwrap().sync_all().unwrap();
     let st1 = statvfs(&m.mnt);
-    let free1 = st1.f_bfree as u64 * frsize;
+    let free1 = st1.f_bfree * frsize;
     assert_eq!(st1.f_blocks, st0.f_blocks, "total unchanged by writes");
     assert!(free0 - free1 >= 2 << 20, "2 MiB written: free {free0} -> {free1}");
     // agrees with volume list
@@ -704,7 +704,7 @@ fn statfs_reflects_volumes_and_usage() {
 #[test]
 fn fallocate_modes() {
     let (_tp, m) = setup();
-    let f = OpenOptions::new().read(true).write(true).create(true).open(m.p("f")).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("f")).unwrap();
     // mode 0 grows the size, reads zeros
     fallocate(&f, 0, 0, 1 << 20).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 1 << 20);
@@ -788,14 +788,15 @@ fn enospc_when_volume_full() {
     assert_eq!(errno(&err), libc::ENOSPC, "error when full: {err}");
     assert!(written <= 1 << 20);
     drop(f);
-    // truncate up allocates nothing (design: reads inside the size but past the allocation
-    // are zeros), but a write far past the allocation needs every track up to it
+    // a data set is dense: a truncate up past the pool's free space fails, changing nothing
+    let size_before = fs::metadata(m.p("big")).unwrap().len();
     let g = OpenOptions::new().write(true).open(m.p("big")).unwrap();
-    g.set_len(8 << 20).unwrap();
-    assert_errno(g.write_all_at(b"x", 7 << 20), libc::ENOSPC, "write past capacity");
-    drop(g);
-    assert_eq!(fs::metadata(m.p("big")).unwrap().len(), 8 << 20);
-    assert!(read_all(&m.p("big"))[written..].iter().all(|&b| b == 0), "zeros past the written bytes");
+    assert_errno(g.set_len(8 << 20), libc::ENOSPC, "truncate up past capacity");
+    assert_errno(g.write_all_at(b"x", 7 << 20), libc::ENOSPC, "write far past capacity");
+    let f2 = OpenOptions::new().read(true).write(true).open(m.p("big")).unwrap();
+    assert_errno(fallocate(&f2, 0, 0, 8 << 20), libc::ENOSPC, "fallocate past capacity");
+    drop((g, f2));
+    assert_eq!(fs::metadata(m.p("big")).unwrap().len(), size_before, "size unchanged by refused growth");
     // what was acknowledged is intact
     let got = read_all(&m.p("big"));
     assert!(got.len() >= written, "size {} < acknowledged {written}", got.len());
@@ -1017,4 +1018,149 @@ fn concurrent_appenders_lose_nothing() {
     for t in 0..4u8 {
         assert_eq!(got.iter().filter(|&&b| b == b'a' + t).count(), 200 * 100);
     }
+}
+
+// ---------------------------------------------------------------- what tools rely on
+
+#[test]
+fn large_sequential_io() {
+    let (_tp, m) = setup();
+    let data = pattern(24 << 20, 15);
+    {
+        let mut f = File::create(m.p("big")).unwrap();
+        for c in data.chunks(1 << 20) {
+            f.write_all(c).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let mut f = File::open(m.p("big")).unwrap();
+    let mut got = Vec::with_capacity(data.len());
+    f.read_to_end(&mut got).unwrap();
+    assert_bytes_eq(&got, &data, "24 MiB read back");
+}
+
+#[test]
+fn copy_within_the_mount() {
+    // std's copy uses copy_file_range, which the kernel may pass to the file system
+    let (_tp, m) = setup();
+    let data = pattern(1_000_003, 16);
+    fs::write(m.p("src"), &data).unwrap();
+    let n = fs::copy(m.p("src"), m.p("dst")).unwrap();
+    assert_eq!(n, data.len() as u64);
+    assert_bytes_eq(&read_all(&m.p("dst")), &data, "copy");
+    // and onto an existing, longer file
+    fs::write(m.p("dst2"), vec![9u8; 2_000_000]).unwrap();
+    fs::copy(m.p("src"), m.p("dst2")).unwrap();
+    assert_bytes_eq(&read_all(&m.p("dst2")), &data, "copy over a longer file");
+}
+
+#[test]
+fn seek_data_and_hole() {
+    use std::os::fd::AsRawFd;
+    let (_tp, m) = setup();
+    fs::write(m.p("f"), pattern(100_000, 17)).unwrap();
+    let f = File::open(m.p("f")).unwrap();
+    let d = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(d, 0, "SEEK_DATA at 0 of a written file, errno {}", last_errno());
+    let h = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(h > 0 && h <= 100_000, "SEEK_HOLE returned {h}");
+    let past = unsafe { libc::lseek(f.as_raw_fd(), 200_000, libc::SEEK_DATA) };
+    assert_eq!(past, -1);
+    assert_eq!(last_errno(), libc::ENXIO, "SEEK_DATA past EOF");
+}
+
+#[test]
+fn xattr_calls_fail_cleanly() {
+    // cp -a and rsync -X ask; an answer of "no attributes" or "not supported" is fine
+    let (_tp, m) = setup();
+    fs::write(m.p("f"), b"x").unwrap();
+    let c = cpath(&m.p("f"));
+    let mut buf = [0u8; 256];
+    let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    assert!(n >= 0 || last_errno() == libc::EOPNOTSUPP, "listxattr: {n}, errno {}", last_errno());
+    let name = CString::new("user.test").unwrap();
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    assert_eq!(n, -1);
+    let e = last_errno();
+    assert!(e == libc::ENODATA || e == libc::EOPNOTSUPP, "getxattr of a missing attribute: errno {e}");
+}
+
+#[test]
+fn directory_times_follow_changes() {
+    let (_tp, m) = setup();
+    fs::create_dir(m.p("d")).unwrap();
+    let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let set_old = || {
+        File::open(m.p("d")).unwrap().set_modified(old).unwrap();
+        assert_eq!(fs::metadata(m.p("d")).unwrap().mtime(), 1_000_000_000);
+    };
+    set_old();
+    File::create(m.p("d/f")).unwrap();
+    assert!(fs::metadata(m.p("d")).unwrap().mtime() > 1_000_000_000, "create updates the parent's mtime");
+    set_old();
+    fs::rename(m.p("d/f"), m.p("d/g")).unwrap();
+    assert!(fs::metadata(m.p("d")).unwrap().mtime() > 1_000_000_000, "rename updates the parent's mtime");
+    set_old();
+    fs::remove_file(m.p("d/g")).unwrap();
+    assert!(fs::metadata(m.p("d")).unwrap().mtime() > 1_000_000_000, "unlink updates the parent's mtime");
+    // chmod changes ctime, not mtime
+    fs::write(m.p("h"), b"x").unwrap();
+    File::options().write(true).open(m.p("h")).unwrap().set_modified(old).unwrap();
+    let before = fs::metadata(m.p("h")).unwrap();
+    fs::set_permissions(m.p("h"), fs::Permissions::from_mode(0o600)).unwrap();
+    let after = fs::metadata(m.p("h")).unwrap();
+    assert_eq!(after.mtime(), 1_000_000_000, "chmod keeps mtime");
+    assert!(
+        (after.ctime(), after.ctime_nsec()) >= (before.ctime(), before.ctime_nsec()),
+        "chmod must not move ctime backwards"
+    );
+}
+
+#[test]
+fn open_handle_survives_rename_and_rename_between_links_is_a_no_op() {
+    let (_tp, m) = setup();
+    fs::create_dir(m.p("d")).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("a")).unwrap();
+    f.write_all_at(b"before", 0).unwrap();
+    fs::rename(m.p("a"), m.p("d/b")).unwrap();
+    f.write_all_at(b"AFTER!", 6).unwrap();
+    drop(f);
+    assert_eq!(read_all(&m.p("d/b")), b"beforeAFTER!");
+    // two names of one inode: rename one onto the other changes nothing
+    fs::hard_link(m.p("d/b"), m.p("c")).unwrap();
+    fs::rename(m.p("c"), m.p("d/b")).unwrap();
+    assert!(m.p("c").exists() && m.p("d/b").exists(), "rename between links of one inode is a no-op");
+    assert_eq!(fs::metadata(m.p("c")).unwrap().nlink(), 2);
+}
+
+#[test]
+fn write_to_read_only_handle_is_ebadf() {
+    let (_tp, m) = setup();
+    fs::write(m.p("f"), b"abc").unwrap();
+    let mut f = File::open(m.p("f")).unwrap();
+    assert_errno(f.write(b"x"), libc::EBADF, "write on O_RDONLY");
+    assert_eq!(read_all(&m.p("f")), b"abc");
+}
+
+// ---------------------------------------------------------------- the harness itself
+
+#[test]
+fn harness_unmounts_when_a_test_panics() {
+    let tp = TestPool::new("64K", &[("V1", "4M")]);
+    let (mnt, pool) = (tp.mnt().to_path_buf(), tp.pool.clone());
+    let pid = std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tp = &tp;
+        let h = sc.spawn(move || {
+            let m = tp.mount();
+            fs::write(m.p("f"), b"x").unwrap();
+            tx.send(m.daemon_pid()).unwrap();
+            panic!("deliberate panic with a live mount");
+        });
+        assert!(h.join().is_err(), "the thread panicked");
+        rx.recv().unwrap()
+    });
+    assert!(!is_mounted(&mnt), "the guard unmounted on panic");
+    assert!(!pid_alive(pid), "the daemon is gone");
+    fsck_clean(&pool);
 }

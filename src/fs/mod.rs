@@ -11,6 +11,8 @@
 //! 3. `catalog`: the store. Held only to validate and log an op and to apply it (a few
 //!    microseconds), never across volume I/O except the punch of newly allocated tracks.
 //!
+//! `open_inodes`, `handles` and `volumes` are leaf locks: nothing is taken while holding one.
+//!
 //! The I/O path takes no global lock: a read or a write finds its handle, takes the data
 //! set's gate shared, loads the extent map through an atomic pointer, and does positional
 //! I/O on the volume images. It takes the catalog lock only when it must allocate tracks or
@@ -20,7 +22,7 @@
 mod attr;
 mod control;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -149,6 +151,8 @@ pub struct Shared {
     pub catalog: Mutex<Store>,
     volumes: RwLock<HashMap<VolumeId, Arc<dyn VolumeIo>>>,
     nodes: Mutex<HashMap<Ino, Arc<FileNode>>>,
+    /// The inodes in `nodes`, as a leaf lock that the catalog's holder may take.
+    open_inodes: Mutex<HashSet<Ino>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     /// Bytes of the log known durable (fdatasync'ed).
@@ -208,6 +212,7 @@ impl Shared {
             catalog: Mutex::new(store),
             volumes: RwLock::new(volumes.into_iter().collect()),
             nodes: Mutex::new(HashMap::new()),
+            open_inodes: Mutex::new(HashSet::new()),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             log_synced_bytes: AtomicU64::new(synced),
@@ -309,8 +314,11 @@ impl Shared {
             self.refresh_map(&cat, node);
             return Ok(());
         }
-        let plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed)
-            .ok_or(FsError::NoSpace)?;
+        let mut plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed);
+        if plan.is_none() && self.reclaim_surplus(&mut cat)? > 0 {
+            plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed);
+        }
+        let plan = plan.ok_or(FsError::NoSpace)?;
         // New tracks must read as zeros: another data set's old bytes may be there.
         for e in &plan {
             self.volume(e.volume)?.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?;
@@ -390,6 +398,8 @@ impl Shared {
         let g = self.geometry;
         let _excl = node.gate.write();
         let mut cat = self.catalog.lock();
+        // A node built for this truncate alone may predate a reclaim of its surplus.
+        self.refresh_map(&cat, node);
         let (old_size, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
             Some(Body::File { size_bytes, extents }) => {
                 (*size_bytes, extents.iter().map(|e| e.count_tracks).sum::<u64>())
@@ -512,27 +522,46 @@ impl Shared {
         }
     }
 
-    /// Last close of a data set: persist mtime, trim the over-provisioned tail, destroy an
-    /// unlinked one. Caller holds `nodes` and has removed the node from it.
+    /// Last close of a data set: persist mtime, destroy it if it was unlinked. The
+    /// over-provisioned tail is kept (a file appended by open-append-close keeps growing in
+    /// place); [`Shared::reclaim_surplus`] takes it back when the pool runs short, and clean
+    /// unmount trims it. Caller holds `nodes` and has removed the node from it.
     fn last_close(&self, nodes: &HashMap<Ino, Arc<FileNode>>, node: &FileNode) -> FsResult<()> {
         self.persist_mtime(node)?;
-        let g = self.geometry;
         let _excl = node.gate.write();
         let mut cat = self.catalog.lock();
-        let (nlink, size, allocated) = match cat.catalog.get(node.ino) {
-            Some(i) => (i.meta.nlink, i.size_bytes(), i.allocated_tracks()),
-            None => return Ok(()),
-        };
-        let freed = if nlink == 0 {
-            self.destroy_if_unused(nodes, &mut cat, node.ino)?
-        } else if allocated > g.tracks_for(size) {
-            self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks: g.tracks_for(size) })?
-        } else {
-            Vec::new()
-        };
+        self.open_inodes.lock().remove(&node.ino);
+        let freed = self.destroy_if_unused(nodes, &mut cat, node.ino)?;
         drop(cat);
         self.punch_extents(&freed);
         Ok(())
+    }
+
+    /// Trim the over-provisioned tails of every data set that is not open. Returns the tracks
+    /// freed. Called with the catalog lock held; `open_inodes` is only changed under it too,
+    /// so no data set opens (and builds its extent map) halfway through.
+    fn reclaim_surplus(&self, cat: &mut Store) -> FsResult<u64> {
+        let g = self.geometry;
+        let open = self.open_inodes.lock().clone();
+        let victims: Vec<(Ino, u64)> = cat
+            .catalog
+            .inodes
+            .values()
+            .filter(|i| !open.contains(&i.ino))
+            .filter_map(|i| match &i.body {
+                Body::File { size_bytes, .. } if i.allocated_tracks() > g.tracks_for(*size_bytes) => {
+                    Some((i.ino, g.tracks_for(*size_bytes)))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut freed_tracks = 0;
+        for (ino, keep_tracks) in victims {
+            let freed = self.commit(cat, Op::Trim { ino, keep_tracks })?;
+            freed_tracks += freed.iter().map(|e| e.count_tracks).sum::<u64>();
+            self.punch_extents(&freed);
+        }
+        Ok(freed_tracks)
     }
 
     /// Zero every byte past each data set's size inside its allocation: after a crash, a write
@@ -581,6 +610,10 @@ impl Shared {
             }
         }
         let mut cat = self.catalog.lock();
+        self.open_inodes.lock().clear();
+        if let Err(e) = self.reclaim_surplus(&mut cat) {
+            error!("trimming over-provisioned tails at unmount: {e}");
+        }
         if let Err(e) = cat.compact() {
             error!("compacting the catalog at unmount: {e}");
         }
@@ -681,6 +714,8 @@ impl FerryFs {
             None => {
                 let cat = self.shared.catalog.lock();
                 let n = self.shared.make_node(&cat, ino)?;
+                // Under the catalog lock: reclaim_surplus must not trim what this map holds.
+                self.shared.open_inodes.lock().insert(ino);
                 drop(cat);
                 nodes.insert(ino, n.clone());
                 n

@@ -120,7 +120,7 @@ pub fn parse_json(text: &str) -> Value {
 
 /// Asserts `ferryfs fsck POOL` exits 0.
 pub fn fsck_clean(pool: &Path) {
-    let out = ferry(&[OsStr::new("fsck"), pool.as_os_str()]);
+    let out = ferry([OsStr::new("fsck"), pool.as_os_str()]);
     assert!(
         out.status.success(),
         "fsck {} is not clean ({})\nstdout:\n{}\nstderr:\n{}",
@@ -145,6 +145,24 @@ pub fn is_mounted(path: &Path) -> bool {
 
 fn unescape_mountinfo(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Reruns an unmount command while it reports the mount busy (at most ~10 s).
+///
+/// Tests run in parallel threads of one process: a child that another thread is starting
+/// holds copies of every open file descriptor of the process until it calls exec, so a
+/// mount can be briefly busy although this test has closed all its files.
+pub fn retry_while_busy(mut run: impl FnMut() -> Output) -> Output {
+    let mut out = run();
+    for _ in 0..100 {
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        if out.status.success() || !err.contains("busy") {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+        out = run();
+    }
+    out
 }
 
 /// Whether a process exists and is not a zombie.
@@ -430,7 +448,7 @@ impl Mounted {
     /// Clean unmount with `ferryfs umount MNT`; asserts it works and the daemon exits.
     pub fn unmount(mut self) {
         self.done = true;
-        let out = ferry(&["umount", s(&self.mnt)]);
+        let out = retry_while_busy(|| ferry(["umount", s(&self.mnt)]));
         let ok = out.status.success();
         let still = is_mounted(&self.mnt);
         let gone = self.pid.map(|p| wait_pid_gone(p, Duration::from_secs(60))).unwrap_or(true);
