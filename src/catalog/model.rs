@@ -164,6 +164,21 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// A data set's contents changed at `time_ns` (mtime and ctime).
+    pub fn set_mtime(ino: Ino, time_ns: i64) -> Op {
+        Op::SetMeta {
+            ino,
+            perm: None,
+            uid: None,
+            gid: None,
+            atime_ns: None,
+            mtime_ns: Some(time_ns),
+            ctime_ns: time_ns,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApplyError {
     #[error("no inode {0}")]

@@ -433,18 +433,7 @@ impl Shared {
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             self.refresh_map(&cat, node);
         } else {
-            self.commit(
-                &mut cat,
-                Op::SetMeta {
-                    ino: node.ino,
-                    perm: None,
-                    uid: None,
-                    gid: None,
-                    atime_ns: None,
-                    mtime_ns: Some(now),
-                    ctime_ns: now,
-                },
-            )?;
+            self.commit(&mut cat, Op::set_mtime(node.ino, now))?;
         }
         node.mtime_dirty.store(false, Ordering::Release);
         Ok(())
@@ -465,18 +454,7 @@ impl Shared {
             let t = node.mtime_ns.load(Ordering::Acquire);
             let mut cat = self.catalog.lock();
             if cat.catalog.get(node.ino).is_some() {
-                self.commit(
-                    &mut cat,
-                    Op::SetMeta {
-                        ino: node.ino,
-                        perm: None,
-                        uid: None,
-                        gid: None,
-                        atime_ns: None,
-                        mtime_ns: Some(t),
-                        ctime_ns: t,
-                    },
-                )?;
+                self.commit(&mut cat, Op::set_mtime(node.ino, t))?;
             }
         }
         Ok(())
