@@ -180,8 +180,10 @@ fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> 
     let orphans = shared.destroy_orphans().map_err(|e| format!("freeing orphans: {e}"))?;
     if unclean {
         let n = shared.zero_tails().map_err(|e| format!("recovery: {e}"))?;
+        let runs = shared.zero_free_space().map_err(|e| format!("recovery: {e}"))?;
         warn!(
-            "the previous mount stopped without unmounting: replayed {} ops, freed {orphans} orphans, zeroed {n} tails",
+            "the previous mount stopped without unmounting: replayed {} ops, freed {orphans} orphans, \
+             zeroed {n} tails and {runs} free runs",
             report.ops_replayed
         );
     }

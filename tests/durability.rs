@@ -7,9 +7,13 @@
 //! renames and unlinks small files the same way. Then the daemon is killed with SIGKILL
 //! (its pid comes from `POOL/mounted`), the pool is mounted again, and every block must hold
 //! its last acknowledged write; a write that was in flight at the kill may show the old
-//! bytes, the new bytes, or a byte-wise mix of the two, and nothing else. Renames and
-//! unlinks that returned before the kill must be visible; file sizes must cover every
-//! acknowledged extending write. `ferryfs fsck POOL` must be clean after every remount.
+//! bytes, the new bytes, or a byte-wise mix of the two, and nothing else. Writers also
+//! truncate now and then (to block boundaries): a truncate that returned is visible, one in
+//! flight leaves the size before or after it. Renames and unlinks that returned before the
+//! kill must be visible; file sizes must match every acknowledged extending write.
+//! `ferryfs fsck POOL` must be clean after every remount. A second crash test kills the
+//! daemon while `ferryfs umount` runs, and a third checks the same workload across a clean
+//! unmount.
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -49,6 +49,18 @@ enum Op {
     Truncate {
         name: usize,
         size_bytes: u64,
+    },
+    /// open(O_WRONLY|O_APPEND) and one write of `len` bytes
+    Append {
+        name: usize,
+        len: usize,
+        seed: u64,
+    },
+    /// open(O_WRONLY|O_CREAT|O_TRUNC), as a shell's `>` does, and one write of `len` bytes
+    Overwrite {
+        name: usize,
+        len: usize,
+        seed: u64,
     },
     /// rename, replacing the target if it exists
     Rename {
@@ -111,6 +123,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         5 => (name.clone(), offset_strategy(), len_strategy(), any::<u64>())
             .prop_map(|(name, offset, len, seed)| Op::Write { name, offset, len, seed }),
         2 => (name.clone(), size_strategy()).prop_map(|(name, size_bytes)| Op::Truncate { name, size_bytes }),
+        1 => (name.clone(), len_strategy(), any::<u64>())
+            .prop_map(|(name, len, seed)| Op::Append { name, len, seed }),
+        1 => (name.clone(), prop_oneof![0usize..1, len_strategy()], any::<u64>())
+            .prop_map(|(name, len, seed)| Op::Overwrite { name, len, seed }),
         2 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => name.clone().prop_map(Op::Unlink),
@@ -166,6 +182,23 @@ impl Oracle {
             Op::Write { name, offset, len, seed } => {
                 let ino = self.ino(name)?;
                 write_model(self.data.get_mut(&ino).unwrap(), *offset, *len, *seed);
+                Ok(())
+            }
+            Op::Append { name, len, seed } => {
+                let ino = self.ino(name)?;
+                self.data.get_mut(&ino).unwrap().extend_from_slice(&common::pattern(*len, *seed));
+                Ok(())
+            }
+            Op::Overwrite { name, len, seed } => {
+                let ino = match self.ino(name) {
+                    Ok(ino) => ino,
+                    Err(_) => {
+                        self.next_ino += 1;
+                        self.names.insert(n(name), self.next_ino);
+                        self.next_ino
+                    }
+                };
+                self.data.insert(ino, common::pattern(*len, *seed));
                 Ok(())
             }
             Op::Truncate { name, size_bytes } => {
@@ -249,6 +282,15 @@ fn apply_mount(m: &Mounted, held: &mut [Option<fs::File>; HELD_SLOTS], op: &Op) 
             rw().open(p(name)).and_then(|f| f.write_all_at(&common::pattern(*len, *seed), *offset))
         }
         Op::Truncate { name, size_bytes } => rw().open(p(name)).and_then(|f| f.set_len(*size_bytes)),
+        Op::Append { name, len, seed } => {
+            OpenOptions::new().append(true).open(p(name)).and_then(|mut f| f.write_all(&common::pattern(*len, *seed)))
+        }
+        Op::Overwrite { name, len, seed } => OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p(name))
+            .and_then(|mut f| f.write_all(&common::pattern(*len, *seed))),
         Op::Rename { from, to } => fs::rename(p(from), p(to)),
         Op::Link { from, to } => fs::hard_link(p(from), p(to)),
         Op::Unlink(i) => fs::remove_file(p(i)),
@@ -368,12 +410,55 @@ fn compare(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// `ls --json` reports one data set per oracle path, with the oracle's size.
-fn compare_ls(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> {
+/// The documented invariants of one `ls --json` entry: the extents add up to the allocated
+/// tracks, they hold the whole size, and `volumes` lists each extent's volume once, in the
+/// order of first appearance.
+fn check_extents(d: &serde_json::Value, track_size_bytes: u64, trimmed: bool, what: &str) -> Result<(), TestCaseError> {
+    let extents = d["extents"].as_array().expect("extents array");
+    let tracks: u64 = extents.iter().map(|e| e["track_count"].as_u64().expect("track_count")).sum();
+    let allocated = d["allocated_tracks"].as_u64().expect("allocated_tracks");
+    let size = d["size_bytes"].as_u64().expect("size_bytes");
+    prop_assert_eq!(tracks, allocated, "{}: extents do not add up to allocated_tracks: {}", what, d);
+    prop_assert!(
+        allocated * track_size_bytes >= size,
+        "{}: {} tracks cannot hold {} bytes: {}",
+        what,
+        allocated,
+        size,
+        d
+    );
+    prop_assert_eq!(extents.len() as u64, d["extent_count"].as_u64().expect("extent_count"), "{}: extent_count", what);
+    let mut order: Vec<&str> = Vec::new();
+    for e in extents {
+        let vol = e["volume"].as_str().expect("volume");
+        if !order.contains(&vol) {
+            order.push(vol);
+        }
+    }
+    let listed: Vec<&str> = d["volumes"].as_array().expect("volumes").iter().map(|v| v.as_str().unwrap()).collect();
+    prop_assert_eq!(listed, order, "{}: volumes must list the extents' volumes in order: {}", what, d);
+    if trimmed {
+        // docs/design.md: the over-provisioned surplus is taken back at clean unmount.
+        prop_assert_eq!(
+            allocated,
+            size.div_ceil(track_size_bytes),
+            "{}: after a clean unmount a data set holds exactly the tracks its size needs: {}",
+            what,
+            d
+        );
+    }
+    Ok(())
+}
+
+/// `ls --json` reports one data set per oracle path, with the oracle's size; `trimmed`:
+/// right after a clean unmount and a mount, when no surplus tracks may be left.
+fn compare_ls(m: &Mounted, o: &Oracle, trimmed: bool, when: &str) -> Result<(), TestCaseError> {
     let v = ls_json(&m.mnt);
     let mut got = BTreeMap::new();
+    let track_size_bytes = v["track_size_bytes"].as_u64().expect("track_size_bytes");
     for d in v["data_sets"].as_array().expect("data_sets array") {
         let path = d["path"].as_str().expect("path").trim_start_matches('/').to_string();
+        check_extents(d, track_size_bytes, trimmed, &format!("{when}: ls --json entry of {path}"))?;
         got.insert(path, d["size_bytes"].as_u64().expect("size_bytes"));
     }
     let want: BTreeMap<String, u64> = o.files().into_iter().map(|(k, v)| (k, v.len() as u64)).collect();
@@ -398,7 +483,7 @@ fn run_script(track_size: &str, ops: &[Op]) -> Result<(), TestCaseError> {
             m.take().unwrap().unmount();
             fsck_clean(&tp.pool);
             m = Some(tp.mount());
-            compare_ls(m.as_ref().unwrap(), &oracle, &when)?;
+            compare_ls(m.as_ref().unwrap(), &oracle, true, &when)?;
         } else {
             let got = apply_mount(m.as_ref().unwrap(), &mut held, op);
             prop_assert_eq!(got, want, "{}: result (Err = errno) differs from the oracle", when);
@@ -408,13 +493,13 @@ fn run_script(track_size: &str, ops: &[Op]) -> Result<(), TestCaseError> {
     }
     drop(held);
     let mnt = m.take().unwrap();
-    compare_ls(&mnt, &oracle, "end of script")?;
+    compare_ls(&mnt, &oracle, false, "end of script")?;
     mnt.unmount();
     fsck_clean(&tp.pool);
     oracle.apply(&Op::Remount).unwrap();
     let mnt = tp.mount();
     compare(&mnt, &oracle, "after the final remount")?;
-    compare_ls(&mnt, &oracle, "after the final remount")?;
+    compare_ls(&mnt, &oracle, true, "after the final remount")?;
     mnt.unmount();
     fsck_clean(&tp.pool);
     Ok(())

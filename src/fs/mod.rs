@@ -43,7 +43,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::catalog::model::{Body, Ino, Meta, NewKind, Op, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
 use crate::catalog::store::{Store, StoreError};
 use crate::extent_map::{ExtentMap, Piece};
-use crate::geometry::Geometry;
+use crate::geometry::{Geometry, TrackNo};
 use crate::monitor::DirtyBitmap;
 use crate::pool::now_ns;
 use crate::space::{plan_growth, Extent, VolumeId};
@@ -157,6 +157,8 @@ pub struct Shared {
     next_fh: AtomicU64,
     /// Bytes of the log known durable (fdatasync'ed).
     log_synced_bytes: AtomicU64,
+    /// Freed extents whose punch failed; zeroed before they are handed out again.
+    unzeroed: Mutex<Vec<Extent>>,
 }
 
 pub struct FerryFs {
@@ -216,6 +218,7 @@ impl Shared {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             log_synced_bytes: AtomicU64::new(synced),
+            unzeroed: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,9 +243,13 @@ impl Shared {
         }
     }
 
-    /// Commit an op, compacting the log when it has grown past its limit.
+    /// Commit an op, compacting the log when it has grown past its limit. Tracks the op
+    /// frees are punched before the catalog lock (held by the caller as `cat`) is released:
+    /// until then no allocation can hand them out, so a punch can never land on a new
+    /// owner's bytes, and no new owner can read the old ones.
     fn commit(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
         let freed = cat.commit(op)?;
+        self.punch_freed(&freed);
         if cat.needs_compaction() {
             match cat.compact() {
                 Ok(()) => self.log_synced_bytes.store(cat.log_len_bytes(), Ordering::Release),
@@ -252,16 +259,54 @@ impl Shared {
         Ok(freed)
     }
 
-    /// Release the space of freed tracks (best effort: allocation zeroes again anyway).
-    fn punch_extents(&self, extents: &[Extent]) {
+    /// Zero freed tracks. One that fails stays on the `unzeroed` list: `grow` zeroes it
+    /// before handing it out, or refuses to.
+    fn punch_freed(&self, extents: &[Extent]) {
         let g = self.geometry;
         for e in extents {
-            if let Ok(v) = self.volume(e.volume) {
-                if let Err(err) = v.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks)) {
-                    warn!("punching freed tracks of volume #{}: {err}", e.volume.0);
-                }
+            let r =
+                self.volume(e.volume).and_then(|v| Ok(v.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?));
+            if let Err(err) = r {
+                warn!("zeroing freed tracks {}..{} of volume #{}: {err}", e.first.0, e.end().0, e.volume.0);
+                self.unzeroed.lock().push(*e);
             }
         }
+    }
+
+    /// Zero the parts of `plan` still on the `unzeroed` list (a punch at free time failed).
+    fn zero_unzeroed(&self, plan: &[Extent]) -> FsResult<()> {
+        let g = self.geometry;
+        let mut list = self.unzeroed.lock();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let mut keep = Vec::new();
+        for u in list.drain(..) {
+            let hit = plan.iter().any(|p| p.volume == u.volume && p.first.0 < u.end().0 && u.first.0 < p.end().0);
+            if hit {
+                self.volume(u.volume)?.punch(g.track_offset(u.first), g.bytes_of(u.count_tracks))?;
+            } else {
+                keep.push(u);
+            }
+        }
+        *list = keep;
+        Ok(())
+    }
+
+    /// After a mount that stopped without unmounting: zero every free run, since a crash can
+    /// land between a free's log frame and its punch.
+    pub fn zero_free_space(&self) -> FsResult<u64> {
+        let g = self.geometry;
+        let cat = self.catalog.lock();
+        let mut runs = 0;
+        for v in cat.catalog.volumes.values() {
+            let io = self.volume(v.id)?;
+            for (first, count) in v.free.runs() {
+                io.punch(g.track_offset(TrackNo(first)), g.bytes_of(count))?;
+                runs += 1;
+            }
+        }
+        Ok(runs)
     }
 
     /// Zero `offset..offset+len` of a data set, inside its allocation.
@@ -319,10 +364,8 @@ impl Shared {
             plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed);
         }
         let plan = plan.ok_or(FsError::NoSpace)?;
-        // New tracks must read as zeros: another data set's old bytes may be there.
-        for e in &plan {
-            self.volume(e.volume)?.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?;
-        }
+        // Free tracks read as zeros already (punched when freed, under this lock).
+        self.zero_unzeroed(&plan)?;
         self.commit(&mut cat, Op::Grow { ino: node.ino, extents: plan })?;
         self.refresh_map(&cat, node);
         Ok(())
@@ -415,10 +458,8 @@ impl Shared {
             }
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             if allocated > keep_tracks {
-                let freed = self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
+                self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
                 self.refresh_map(&cat, node);
-                drop(cat);
-                self.punch_extents(&freed);
             } else {
                 self.refresh_map(&cat, node);
             }
@@ -509,9 +550,7 @@ impl Shared {
         let _excl = node.gate.write();
         let mut cat = self.catalog.lock();
         self.open_inodes.lock().remove(&node.ino);
-        let freed = self.destroy_if_unused(nodes, &mut cat, node.ino)?;
-        drop(cat);
-        self.punch_extents(&freed);
+        self.destroy_if_unused(nodes, &mut cat, node.ino)?;
         Ok(())
     }
 
@@ -537,7 +576,6 @@ impl Shared {
         for (ino, keep_tracks) in victims {
             let freed = self.commit(cat, Op::Trim { ino, keep_tracks })?;
             freed_tracks += freed.iter().map(|e| e.count_tracks).sum::<u64>();
-            self.punch_extents(&freed);
         }
         Ok(freed_tracks)
     }
@@ -565,12 +603,9 @@ impl Shared {
     pub fn destroy_orphans(&self) -> FsResult<usize> {
         let mut cat = self.catalog.lock();
         let orphans = cat.catalog.orphans();
-        let mut freed = Vec::new();
         for ino in &orphans {
-            freed.extend(self.commit(&mut cat, Op::Destroy { ino: *ino })?);
+            self.commit(&mut cat, Op::Destroy { ino: *ino })?;
         }
-        drop(cat);
-        self.punch_extents(&freed);
         Ok(orphans.len())
     }
 
@@ -771,10 +806,7 @@ impl FerryFs {
             (_, false) => {}
         }
         self.shared.commit(&mut cat, Op::Unlink { parent, name: name.to_vec(), time_ns: now_ns() })?;
-        let freed = self.shared.destroy_if_unused(&nodes, &mut cat, ino)?;
-        drop(cat);
-        drop(nodes);
-        self.shared.punch_extents(&freed);
+        self.shared.destroy_if_unused(&nodes, &mut cat, ino)?;
         Ok(())
     }
 
@@ -862,13 +894,9 @@ impl FerryFs {
                 time_ns: now_ns(),
             },
         )?;
-        let mut freed = Vec::new();
         if let (Some(dst), false) = (dst, exchange) {
-            freed = self.shared.destroy_if_unused(&nodes, &mut cat, dst)?;
+            self.shared.destroy_if_unused(&nodes, &mut cat, dst)?;
         }
-        drop(cat);
-        drop(nodes);
-        self.shared.punch_extents(&freed);
         Ok(())
     }
 
