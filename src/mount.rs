@@ -212,7 +212,7 @@ fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> 
         let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
         format!("mount {}: {e}", mnt.display())
     })?;
-    raise_readahead(&mnt);
+    raise_readahead(&mnt, &pool_dir);
     Ok((session, shared, mnt))
 }
 

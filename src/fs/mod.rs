@@ -1332,10 +1332,27 @@ impl Filesystem for FerryFs {
     }
 }
 
-/// Best effort: raise the mount's readahead (bdi read_ahead_kb) to [`READAHEAD_BYTES`].
-/// The device number comes from /proc/self/mountinfo: a stat of the mountpoint would be a
-/// FUSE request, and this runs before the session serves.
-pub fn raise_readahead(mountpoint: &Path) {
+/// Readahead of the block device under `path`, in KiB, if it has one.
+fn backing_readahead_kb(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    [
+        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
+        format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb"),
+        // A partition: the queue belongs to the whole disk.
+        format!("/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// Best effort: raise the mount's readahead (bdi read_ahead_kb) to at least
+/// [`READAHEAD_BYTES`], and to the readahead of the device under the pool, so that a cold
+/// sequential read through the mount asks the images for as much as a native read would.
+/// The mount's device number comes from /proc/self/mountinfo: a stat of the mountpoint
+/// would be a FUSE request, and this runs before the session serves.
+pub fn raise_readahead(mountpoint: &Path, pool_dir: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let want = mountpoint.to_string_lossy();
     // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
@@ -1347,8 +1364,9 @@ pub fn raise_readahead(mountpoint: &Path) {
         })
         .next_back();
     let Some(dev) = dev else { return };
+    let kb = backing_readahead_kb(pool_dir).unwrap_or(0).max(READAHEAD_BYTES as u64 / 1024);
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{}", READAHEAD_BYTES / 1024)) {
+    if let Err(e) = std::fs::write(&path, format!("{kb}")) {
         info!("could not raise readahead ({path}): {e}");
     }
 }
