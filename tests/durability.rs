@@ -33,12 +33,19 @@ const TRACK_SIZE: &str = "16K";
 /// Volumes: three small ones that the data (up to ~7.5 MiB) mostly fills, so the allocator
 /// has to use all of them and data sets spill across volumes.
 const VOLUMES: &[(&str, &str)] = &[("V1", "3M"), ("V2", "3M"), ("V3", "4M")];
-/// Data files, each owned by exactly one writer thread.
-const FILES: usize = 6;
-/// Writer threads; thread t owns the files f with f % WRITERS == t.
+/// Data files: the first `OWNED_FILES` each belong to one writer thread; the last one,
+/// `SHARED_FILE`, is written by every writer at once.
+const FILES: usize = 7;
+const OWNED_FILES: usize = 6;
+/// Every writer writes this file: thread t writes the blocks b with b % WRITERS == t, so
+/// neighbouring blocks, which share tracks, are written concurrently by different threads.
+/// Nobody truncates it.
+const SHARED_FILE: usize = 6;
+/// Writer threads; thread t owns the files f < OWNED_FILES with f % WRITERS == t.
 const WRITERS: usize = 3;
-/// Block sizes per file: aligned, unaligned, whole tracks, several blocks per track, tiny.
-const BLOCK_SIZES_BYTES: [u64; FILES] = [4096, 5000, 16384, 12288, 700, 4096];
+/// Block sizes per file: aligned, unaligned, whole tracks, several blocks per track, tiny;
+/// the shared file's blocks are unaligned, so one track holds parts of several threads' blocks.
+const BLOCK_SIZES_BYTES: [u64; FILES] = [4096, 5000, 16384, 12288, 700, 4096, 3000];
 /// Highest block count a file grows to (bounds the data at ~7 MiB).
 const BLOCKS_MAX: u64 = 160;
 /// About one step in this many is a truncate (to a block boundary, down or up).
@@ -126,8 +133,6 @@ struct FileLog {
     blocks: Vec<BlockLog>,
     /// Size every acknowledged write implies (no truncates here, so it only grows).
     size_bytes: u64,
-    /// End of an extending write that is in flight.
-    inflight_end_bytes: Option<u64>,
     /// A truncate to this many blocks that is in flight.
     inflight_truncate_blocks: Option<u64>,
 }
@@ -139,7 +144,6 @@ impl FileLog {
             block_size_bytes: BLOCK_SIZES_BYTES[id],
             blocks: vec![BlockLog::default(); BLOCKS_MAX as usize],
             size_bytes: 0,
-            inflight_end_bytes: None,
             inflight_truncate_blocks: None,
         }
     }
@@ -245,7 +249,8 @@ fn apply_truncate(fl: &mut FileLog, blocks: u64) {
 /// number of acknowledged writes and truncates.
 fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool, ops_max: Option<u64>) -> u64 {
     let mut rng = Rng::new(seed ^ ((thread_no as u64 + 1) * 0x1000_0001));
-    let mine: Vec<usize> = (0..FILES).filter(|f| f % WRITERS == thread_no).collect();
+    let mut mine: Vec<usize> = (0..OWNED_FILES).filter(|f| f % WRITERS == thread_no).collect();
+    mine.push(SHARED_FILE);
     let mut handles = Vec::new();
     for &f in &mine {
         let name = log.files[f].lock().unwrap().name();
@@ -261,7 +266,7 @@ fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool,
     while !stop.load(Ordering::Relaxed) && ops_max.is_none_or(|m| done < m) {
         let k = rng.below(mine.len() as u64) as usize;
         let f = mine[k];
-        if rng.below(TRUNCATE_ONE_IN) == 0 {
+        if f != SHARED_FILE && rng.below(TRUNCATE_ONE_IN) == 0 {
             let (blocks, bs) = {
                 let mut fl = log.files[f].lock().unwrap();
                 let bs = fl.block_size_bytes;
@@ -284,15 +289,22 @@ fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool,
             let bs = fl.block_size_bytes;
             let blocks_now = fl.size_bytes.div_ceil(bs);
             // Up to two blocks past the end: extends the file, sometimes leaving a hole.
-            let block = rng.below((blocks_now + 2).min(BLOCKS_MAX));
+            let block = if f == SHARED_FILE {
+                // This thread's blocks only: b % WRITERS == thread_no.
+                let limit = (blocks_now + 2 + WRITERS as u64).min(BLOCKS_MAX);
+                let b = rng.below(limit.div_ceil(WRITERS as u64)) * WRITERS as u64 + thread_no as u64;
+                if b >= BLOCKS_MAX {
+                    b - WRITERS as u64
+                } else {
+                    b
+                }
+            } else {
+                rng.below((blocks_now + 2).min(BLOCKS_MAX))
+            };
             let b = &mut fl.blocks[block as usize];
             let counter = b.top + 1;
             b.top = counter;
             b.inflight = Some(counter);
-            let end = (block + 1) * bs;
-            if end > fl.size_bytes {
-                fl.inflight_end_bytes = Some(end);
-            }
             (block, counter, bs, block_bytes(f, block, counter, bs as usize))
         };
         if let Err(e) = handles[k].write_all_at(&bytes, block * bs) {
@@ -306,7 +318,6 @@ fn writer(mnt: &Path, log: &Log, thread_no: usize, seed: u64, stop: &AtomicBool,
             b.synced = false;
             b.inflight = None;
             fl.size_bytes = fl.size_bytes.max((block + 1) * bs);
-            fl.inflight_end_bytes = None;
         }
         done += 1;
         if done % SYNC_EVERY == 0 {
@@ -462,7 +473,14 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
     };
     let size = data.len() as u64;
     let bs = fl.block_size_bytes;
-    let size_max = fl.size_bytes.max(fl.inflight_end_bytes.unwrap_or(0));
+    // Writes in flight may have extended the file.
+    let size_max = fl
+        .blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.inflight.is_some())
+        .map(|(i, _)| (i as u64 + 1) * bs)
+        .fold(fl.size_bytes, u64::max);
     if let Some(blocks) = fl.inflight_truncate_blocks {
         if size != fl.size_bytes && size != blocks * bs {
             problems.push(format!(
@@ -643,7 +661,6 @@ fn settle(m: &Mounted, log: &Log, meta_found: MetaState) {
             }
         }
         fl.size_bytes = size_now;
-        fl.inflight_end_bytes = None;
         if let Some(blocks) = fl.inflight_truncate_blocks {
             // Repeat the truncate on the new mount, so the state is known again.
             h.set_len(blocks * bs).expect("repeat of a truncate in flight at the kill");
