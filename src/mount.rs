@@ -256,6 +256,13 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Can the pool lock be taken now? (Taken and released at once.)
+fn lock_free(lock_path: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(lock_path) else { return true };
+    // SAFETY: flock on an fd we own; closing it releases the lock.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// Unmount and wait for the daemon to finish writing the catalog.
 pub fn umount(mnt: &Path) -> Result<(), String> {
     if detach_dead_mount(mnt) {
@@ -278,15 +285,18 @@ pub fn umount(mnt: &Path) -> Result<(), String> {
             _ => return Err(format!("unmount {}: {err}", mnt.display())),
         }
     }
+    // Done means the pool can be mounted again: the daemon is gone and so is its lock. (Its
+    // main thread turns zombie before the other threads have exited and closed the lock.)
     let start = Instant::now();
-    while pid_alive(status.pid) {
+    let lock_path = Path::new(&status.pool).join(crate::pool::LOCK_FILE);
+    while pid_alive(status.pid) || !lock_free(&lock_path) {
         if start.elapsed() > UMOUNT_WAIT {
             return Err(format!(
                 "unmounted, but the daemon (pid {}) has not exited; see {}/{MOUNT_LOG_FILE}",
                 status.pid, status.pool
             ));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
 }

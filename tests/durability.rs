@@ -102,12 +102,21 @@ fn block_bytes(file: usize, block: u64, counter: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// The counter in a block's header, when it has a whole one, for messages.
-fn header_counter(bytes: &[u8]) -> Option<u32> {
+/// What a block holds, from its header, for messages: "write #7", or another block's header
+/// ("file 3 block 12 write #7"), or "no write header" with a count of its zero bytes.
+fn describe_block(file: usize, block: u64, bytes: &[u8]) -> String {
     if bytes.len() >= 12 && &bytes[..3] == b"FRY" {
-        Some(u32::from_le_bytes(bytes[8..12].try_into().unwrap()))
+        let f = bytes[3] as usize;
+        let b = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as u64;
+        let c = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if (f, b) == (file, block) {
+            format!("write #{c}")
+        } else {
+            format!("the header of file f{f} block {b} write #{c}")
+        }
     } else {
-        None
+        let zeros = bytes.iter().filter(|x| **x == 0).count();
+        format!("no write header ({zeros} of {} bytes zero)", bytes.len())
     }
 }
 
@@ -506,12 +515,14 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
         let got: &[u8] = if start < size { &data[start as usize..end as usize] } else { &[] };
         let old = block_bytes(fl.id, i as u64, b.acked, bs as usize);
         if fl.inflight_truncate_blocks.is_some_and(|t| i as u64 >= t) {
-            // Cut by a truncate in flight: the old bytes, or gone (a hole of zeros).
-            if got != &old[..got.len()] && got.iter().any(|x| *x != 0) {
+            // Cut by a truncate in flight: each byte is the old one or zero (gone, or a
+            // partly cut track whose tail was already cleared).
+            if let Some(k) = got.iter().zip(&old).position(|(g, o)| g != o && *g != 0) {
                 problems.push(format!(
-                    "{name} block {i} (offset {start}): a truncate was in flight, but the block holds \
-                     neither write #{} nor zeros",
-                    b.acked
+                    "{name} block {i} (offset {start}): a truncate was in flight, but byte +{k} is \
+                     neither from write #{} nor zero; the block holds {}",
+                    b.acked,
+                    describe_block(fl.id, i as u64, got)
                 ));
             }
             continue;
@@ -528,7 +539,7 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
                     problems.push(format!(
                         "{name} block {i} (offset {start}): holds {} but the last acknowledged \
                          write is #{} ({}); first bad byte at +{}",
-                        header_counter(got).map(|c| format!("write #{c}")).unwrap_or_else(|| "no write header".into()),
+                        describe_block(fl.id, i as u64, got),
                         b.acked,
                         if b.synced { "fsynced" } else { "not fsynced" },
                         got.iter().zip(&old).position(|(x, y)| x != y).unwrap_or(0)
@@ -541,8 +552,9 @@ fn verify_file(mnt: &Path, fl: &FileLog, problems: &mut Vec<String>) {
                 if let Some(k) = bad {
                     problems.push(format!(
                         "{name} block {i} (offset {start}): write #{new_counter} was in flight \
-                         over #{}, but byte +{k} is neither old nor new",
-                        b.acked
+                         over #{}, but byte +{k} is neither old nor new; the block holds {}",
+                        b.acked,
+                        describe_block(fl.id, i as u64, got)
                     ));
                 }
                 if b.acked != 0 && (got.len() as u64) < bs && start + bs <= fl.size_bytes {
