@@ -244,6 +244,20 @@ impl Catalog {
         }
     }
 
+    /// Is directory `dir` the directory `ancestor` or below it?
+    pub fn is_within(&self, dir: Ino, ancestor: Ino) -> bool {
+        let mut at = dir;
+        loop {
+            if at == ancestor {
+                return true;
+            }
+            match self.inodes.get(&at).map(|i| &i.body) {
+                Some(Body::Dir { parent, .. }) if *parent != at => at = *parent,
+                _ => return false,
+            }
+        }
+    }
+
     pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRec> {
         self.volumes.values().find(|v| v.name == name)
     }

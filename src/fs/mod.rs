@@ -841,32 +841,14 @@ impl FerryFs {
         let src = c.lookup(parent, name).ok_or(FsError::NotFound)?;
         let src_is_dir = c.get(src).is_some_and(|i| i.is_dir());
         let dst = c.lookup(new_parent, new_name);
-        if src_is_dir || exchange {
-            // A directory can't move under itself.
-            let mut at = new_parent;
-            loop {
-                if at == src {
-                    return Err(FsError::Invalid);
-                }
-                match c.get(at).map(|i| &i.body) {
-                    Some(Body::Dir { parent: up, .. }) if *up != at => at = *up,
-                    _ => break,
-                }
-            }
+        // A directory can't move under itself.
+        if (src_is_dir || exchange) && c.is_within(new_parent, src) {
+            return Err(FsError::Invalid);
         }
         if exchange {
             let Some(dst) = dst else { return Err(FsError::NotFound) };
-            if c.get(dst).is_some_and(|i| i.is_dir()) {
-                let mut at = parent;
-                loop {
-                    if at == dst {
-                        return Err(FsError::Invalid);
-                    }
-                    match c.get(at).map(|i| &i.body) {
-                        Some(Body::Dir { parent: up, .. }) if *up != at => at = *up,
-                        _ => break,
-                    }
-                }
+            if c.get(dst).is_some_and(|i| i.is_dir()) && c.is_within(parent, dst) {
+                return Err(FsError::Invalid);
             }
         } else if let Some(dst) = dst {
             if noreplace {
