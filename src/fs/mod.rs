@@ -52,9 +52,11 @@ use crate::volume::VolumeIo;
 pub use control::CONTROL_DIR_NAME;
 
 /// How long the kernel may cache names and attributes. Only this mount changes the pool,
-/// and every change goes through the kernel, so caching is safe; one second bounds the
-/// staleness of what the kernel can't see (an orphan's destruction, a migration's extents).
-const ATTR_TTL: Duration = Duration::from_secs(1);
+/// and every change of a name, a size or a mode goes through the kernel, which updates its
+/// cache itself; what it can't see is only `st_blocks` (the allocation, which trims and
+/// migrations change), so a long TTL is safe. Ten seconds bound that staleness, and save a
+/// LOOKUP round trip for nearly every path a metadata-heavy workload touches twice.
+const ATTR_TTL: Duration = Duration::from_secs(10);
 /// Largest write the kernel may send in one request (with FUSE_MAX_PAGES).
 pub const WRITE_MAX_BYTES: u32 = 1 << 20;
 /// Readahead asked of the kernel: reads otherwise arrive in pieces of 128-256 KiB.
