@@ -422,6 +422,7 @@ fn pool_with_log() -> TestPool {
 /// nothing gets mounted.
 #[track_caller]
 fn assert_refused_as_corrupt(tp: &TestPool) {
+    tp.corrupted();
     let before = pool_state(&tp.pool);
     let out = ferry(["fsck", s(&tp.pool)]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

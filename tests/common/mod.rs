@@ -229,11 +229,13 @@ pub fn lazy_unmount(mnt: &Path) {
     }
 }
 
-/// A pool in its own temp directory.
+/// A pool in its own temp directory. When a test that did not fail drops it, the pool must
+/// pass `ferryfs fsck` (unless the test broke the catalog on purpose: [`TestPool::corrupted`]).
 pub struct TestPool {
     dir: TempDir,
     pub pool: PathBuf,
     mnt: PathBuf,
+    fsck_on_drop: std::sync::atomic::AtomicBool,
 }
 
 impl TestPool {
@@ -254,7 +256,12 @@ impl TestPool {
         let pool = dir.path().join("pool");
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).expect("mkdir mnt");
-        TestPool { dir, pool, mnt }
+        TestPool { dir, pool, mnt, fsck_on_drop: std::sync::atomic::AtomicBool::new(true) }
+    }
+
+    /// This test damages the catalog on purpose: no fsck when the pool is dropped.
+    pub fn corrupted(&self) {
+        self.fsck_on_drop.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn add_volume(&self, name: &str, size: &str) {
@@ -380,6 +387,20 @@ impl Drop for TestPool {
             };
             guard.force_cleanup();
             guard.done = true;
+        }
+        // Every pool a passing test leaves behind must be clean.
+        if self.fsck_on_drop.load(std::sync::atomic::Ordering::Relaxed)
+            && !std::thread::panicking()
+            && self.pool.join("catalog.snap").exists()
+        {
+            let out = ferry([OsStr::new("fsck"), self.pool.as_os_str()]);
+            if !out.status.success() {
+                panic!(
+                    "fsck of the pool this test left is not clean:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
     }
 }
