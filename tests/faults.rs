@@ -103,3 +103,65 @@ fn missing_volume_image_refuses_the_mount_with_one_line() {
     let m = tp.mount();
     assert_eq!(fs::read(m.p("x")).unwrap(), b"data");
 }
+
+/// The catalog's own file system fills up: the log append fails, the operation fails with
+/// ENOSPC (or EIO), nothing half-done stays in the log, and once there is room again the
+/// mount carries on and a remount sees exactly the operations that succeeded.
+#[test]
+fn full_catalog_file_system_fails_the_op_and_loses_nothing() {
+    let outer = tempfile::tempdir().unwrap();
+    let Some(tmp) = Tmpfs::new(&outer.path().join("cat"), "4m") else {
+        eprintln!("skipping: can't mount a tmpfs here (needs root)");
+        return;
+    };
+    let pool = tmp.dir.join("pool");
+    let mnt = outer.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    ferry_ok(&["init", s(&pool)]);
+    // The volume image lives elsewhere: only the catalog is short of room.
+    let image = outer.path().join("V1.img");
+    ferry_ok(&["volume", "add", s(&pool), "V1", "--size", "64M", "--path", s(&image)]);
+    let m = mount_at(&pool, &mnt, &outer.path().join("mount.out"));
+    fs::write(m.p("before"), b"made before the catalog filled").unwrap();
+
+    // Fill the tmpfs that holds the catalog.
+    let filler = tmp.dir.join("filler");
+    {
+        let mut f = File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+    let mut refused = 0;
+    let mut made = Vec::new();
+    for i in 0..200 {
+        let name = format!("after{i}");
+        // A create is one catalog op: it either happened and returned, or failed and left nothing.
+        match File::create(m.p(&name)) {
+            Ok(_) => made.push(name),
+            Err(e) => {
+                assert!([libc::ENOSPC, libc::EIO].contains(&errno(&e)), "create on a full catalog: {e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "some creates must fail once the catalog's file system is full");
+    // Room again: the mount carries on.
+    fs::remove_file(&filler).unwrap();
+    fs::write(m.p("later"), b"made after room came back").unwrap();
+    m.unmount();
+    fsck_clean(&pool);
+
+    let m = mount_at(&pool, &mnt, &outer.path().join("mount2.out"));
+    assert_eq!(fs::read(m.p("before")).unwrap(), b"made before the catalog filled");
+    assert_eq!(fs::read(m.p("later")).unwrap(), b"made after room came back");
+    for name in &made {
+        assert!(m.p(name).exists(), "{name} was created (acknowledged) before the failures");
+    }
+    let names: Vec<String> =
+        fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = names.into_iter().filter(|n| n != ".ferry").collect();
+    assert_eq!(names.len(), made.len() + 2, "exactly the acknowledged creates exist: {names:?}");
+    m.unmount();
+    fsck_clean(&pool);
+    drop(tmp);
+}
