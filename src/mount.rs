@@ -13,8 +13,8 @@ use fuser::{Config, MountOption, SessionACL};
 use log::{info, warn};
 
 use crate::catalog::store::replace_file;
-use crate::fs::{raise_readahead, FerryFs, Shared, CONTROL_DIR_NAME};
-use crate::pool::{read_mounted, MountedInfo, Pool, MOUNTED_FILE, MOUNT_LOG_FILE};
+use crate::fs::{FerryFs, Shared, CONTROL_DIR_NAME, READAHEAD_BYTES};
+use crate::pool::{MountedInfo, Pool, MOUNTED_FILE, MOUNT_LOG_FILE};
 use crate::report::Status;
 
 /// Environment variable that tells a foreground mount to report readiness on stdout (set by
@@ -136,21 +136,57 @@ pub fn detach_dead_mount(mnt: &Path) -> bool {
     ok
 }
 
-/// Is `mnt` (as given, absolute) the mountpoint of a ferryfs mount in /proc/self/mountinfo?
+/// The newest mount at `mnt` (absolute) in /proc/self/mountinfo: (major:minor, source).
+/// Read from the file, never by a stat of the mountpoint: that would be a FUSE request, and
+/// the mount may be dead or not yet serving.
+fn mountinfo_entry(mnt: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy();
+    // Fields: id parent major:minor root mountpoint ... - fstype source superopts
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let source = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 2))?;
+            (f.len() > 4 && f[4] == want).then(|| (f[2].to_string(), source.to_string()))
+        })
+        .next_back()
+}
+
+/// Is `mnt` the mountpoint of a ferryfs mount (source "ferryfs:POOL")?
 fn is_ferryfs_mountpoint(mnt: &Path) -> bool {
     let abs = if mnt.is_absolute() {
         mnt.to_path_buf()
     } else {
         std::env::current_dir().map(|d| d.join(mnt)).unwrap_or_else(|_| mnt.to_path_buf())
     };
-    let want = abs.to_string_lossy();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        // After the "-" separator: the fs type, then the source ("ferryfs:POOL").
-        let source = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 2));
-        f.len() > 4 && f[4] == want && source.is_some_and(|s| s.starts_with("ferryfs:"))
-    })
+    mountinfo_entry(&abs).is_some_and(|(_, source)| source.starts_with("ferryfs:"))
+}
+
+/// Readahead of the block device under `path`, in KiB, if it has one.
+fn backing_readahead_kb(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    [
+        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
+        format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb"),
+        // A partition: the queue belongs to the whole disk.
+        format!("/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// Best effort: raise the mount's readahead (bdi read_ahead_kb) to at least
+/// [`READAHEAD_BYTES`], and to the readahead of the device under the pool, so that a cold
+/// sequential read through the mount asks the images for as much as a native read would.
+fn raise_readahead(mnt: &Path, pool_dir: &Path) {
+    let Some((dev, _)) = mountinfo_entry(mnt) else { return };
+    let kb = backing_readahead_kb(pool_dir).unwrap_or(0).max(READAHEAD_BYTES as u64 / 1024);
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{kb}")) {
+        info!("could not raise readahead ({path}): {e}");
+    }
 }
 
 fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> {
@@ -166,7 +202,8 @@ fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> 
         return Err(format!("{} is already a ferryfs mount", mnt.display()));
     }
     let p = Pool::open(pool).map_err(|e| e.to_string())?;
-    let unclean = read_mounted(&p.dir).is_some() || p.dir.join(MOUNTED_FILE).exists();
+    // The marker outlives a mount that did not stop cleanly.
+    let unclean = p.dir.join(MOUNTED_FILE).exists();
     let volumes = p.open_volumes().map_err(|e| e.to_string())?;
     let report = p.report.clone();
     let pool_dir = p.dir.clone();

@@ -174,21 +174,17 @@ impl Pool {
 
     /// Open every volume image of the catalog.
     pub fn open_volumes(&self) -> Result<OpenVolumes, PoolError> {
-        open_volumes(&self.store.catalog)
+        let mut out = Vec::new();
+        for v in self.store.catalog.volumes.values() {
+            let io = FileVolume::open(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
+                name: v.name.clone(),
+                path: v.path.clone(),
+                source,
+            })?;
+            out.push((v.id, Arc::new(io) as Arc<dyn VolumeIo>));
+        }
+        Ok(out)
     }
-}
-
-pub fn open_volumes(cat: &Catalog) -> Result<OpenVolumes, PoolError> {
-    let mut out = Vec::new();
-    for v in cat.volumes.values() {
-        let io = FileVolume::open(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
-            name: v.name.clone(),
-            path: v.path.clone(),
-            source,
-        })?;
-        out.push((v.id, Arc::new(io) as Arc<dyn VolumeIo>));
-    }
-    Ok(out)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, PoolError> {

@@ -530,18 +530,6 @@ impl Catalog {
         v.sort_unstable();
         v
     }
-
-    /// Map a logical track of a data set to its volume track.
-    pub fn physical(&self, extents: &[Extent], logical: TrackNo) -> Option<(VolumeId, TrackNo)> {
-        let mut base = 0u64;
-        for e in extents {
-            if logical.0 < base + e.count_tracks {
-                return Some((e.volume, TrackNo(e.first.0 + logical.0 - base)));
-            }
-            base += e.count_tracks;
-        }
-        None
-    }
 }
 
 fn parent_checked(c: &Catalog, parent: Ino) -> Result<Ino, ApplyError> {

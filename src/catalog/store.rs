@@ -168,10 +168,6 @@ impl Store {
         Ok((s, report))
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn log_len_bytes(&self) -> u64 {
         self.log_len_bytes
     }

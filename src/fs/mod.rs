@@ -200,6 +200,13 @@ fn check_name(name: &OsStr) -> FsResult<&[u8]> {
     Ok(b)
 }
 
+/// A volume of the table, borrowed: the I/O path looks volumes up without touching their
+/// reference counts. A missing one (the catalog names a volume this mount has not opened)
+/// is an I/O error.
+fn io_volume(volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>, id: VolumeId) -> FsResult<&Arc<dyn VolumeIo>> {
+    volumes.get(&id).ok_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+}
+
 impl Shared {
     pub fn new(
         store: Store,
@@ -225,7 +232,7 @@ impl Shared {
     }
 
     fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn VolumeIo>> {
-        self.volumes.read().get(&id).cloned().ok_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+        io_volume(&self.volumes.read(), id).cloned()
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -396,10 +403,11 @@ impl Shared {
             self.grow(node, end)?;
         }
         let map = node.map.load();
+        let volumes = self.volumes.read();
         for p in map.pieces(offset, data.len()) {
             match p {
                 Piece::Mapped { volume, offset_bytes, buf_start, len } => {
-                    self.volume(volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
+                    io_volume(&volumes, volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
                 }
                 Piece::Unallocated { .. } => return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO))),
             }
@@ -429,9 +437,10 @@ impl Shared {
         let len = (size as u64).min(file_size - offset) as usize;
         let mut buf = vec![0u8; len];
         let map = node.map.load();
+        let volumes = self.volumes.read();
         for p in map.pieces(offset, len) {
             if let Piece::Mapped { volume, offset_bytes, buf_start, len } = p {
-                self.volume(volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?;
+                io_volume(&volumes, volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?;
             }
         }
         Ok(buf)
@@ -1327,45 +1336,6 @@ impl Filesystem for FerryFs {
         reply: ReplyEmpty,
     ) {
         reply_result!(reply, self.do_fallocate(fh, offset, length, mode), |r: ReplyEmpty, _| r.ok())
-    }
-}
-
-/// Readahead of the block device under `path`, in KiB, if it has one.
-fn backing_readahead_kb(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(path).ok()?.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    [
-        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
-        format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb"),
-        // A partition: the queue belongs to the whole disk.
-        format!("/sys/dev/block/{major}:{minor}/../queue/read_ahead_kb"),
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
-}
-
-/// Best effort: raise the mount's readahead (bdi read_ahead_kb) to at least
-/// [`READAHEAD_BYTES`], and to the readahead of the device under the pool, so that a cold
-/// sequential read through the mount asks the images for as much as a native read would.
-/// The mount's device number comes from /proc/self/mountinfo: a stat of the mountpoint
-/// would be a FUSE request, and this runs before the session serves.
-pub fn raise_readahead(mountpoint: &Path, pool_dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    let want = mountpoint.to_string_lossy();
-    // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
-    let dev = info
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
-        })
-        .next_back();
-    let Some(dev) = dev else { return };
-    let kb = backing_readahead_kb(pool_dir).unwrap_or(0).max(READAHEAD_BYTES as u64 / 1024);
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{kb}")) {
-        info!("could not raise readahead ({path}): {e}");
     }
 }
 
