@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 
 use crate::catalog::check::check;
 use crate::catalog::store::SNAP_FILE;
+use crate::client;
 use crate::geometry::{parse_size, Geometry};
-use crate::mount::{self, status_of_mount, THREADS_DEFAULT};
+use crate::migrate::command::quote;
+use crate::mount::{self, status_of_mount, MountOptions, THREADS_DEFAULT};
 use crate::pool::{self, Pool};
 use crate::report;
 
@@ -46,6 +48,13 @@ pub enum Cmd {
         /// Threads serving FUSE requests.
         #[arg(long, default_value_t = THREADS_DEFAULT)]
         threads: usize,
+        /// Migration jobs that copy at once (more wait in a queue).
+        #[arg(long, default_value_t = crate::migrate::DEFAULT_MAX_JOBS)]
+        max_jobs: usize,
+        /// Pool-wide cap on the copy rate of migrations, bytes per second (K/M/G suffixes;
+        /// 0: none).
+        #[arg(long, default_value = "0")]
+        copy_rate: String,
     },
     /// Unmount and wait for the daemon to write its catalog.
     Umount { mountpoint: PathBuf },
@@ -66,6 +75,41 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move data sets (a directory: every data set under it) to other volumes while they
+    /// stay in use.
+    Migrate {
+        mountpoint: PathBuf,
+        /// Paths in the mount (absolute, or relative to the mount's root).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Target volumes, comma-separated.
+        #[arg(long, required = true)]
+        to: String,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Move every data set with an extent on the source volumes into one volume.
+    Merge {
+        mountpoint: PathBuf,
+        #[arg(required = true)]
+        sources: Vec<String>,
+        #[arg(long, required = true)]
+        into: String,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Move every data set off a volume, to the volumes with the most free space.
+    Drain {
+        mountpoint: PathBuf,
+        volume: String,
+        /// Target volumes, comma-separated (default: every other volume).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Cancel a job (or a plan) before its switch: the target is freed, the source untouched.
+    Cancel { mountpoint: PathBuf, job: u64 },
     /// Check every invariant of a pool's catalog.
     Fsck { pool: PathBuf },
     /// Build a temporary pool, mount it, write and verify data, and clean up.
@@ -94,6 +138,65 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove an empty volume from a pool (unmounted) or a mount. Its image is deleted if it
+    /// lives in the pool directory.
+    Retire {
+        /// A pool directory or a mountpoint.
+        target: PathBuf,
+        name: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// live: hold writes for a few milliseconds at the switch; close: wait for the data set
+    /// to be closed and hold opens during the switch.
+    #[arg(long, default_value = "live", value_parser = ["live", "close"])]
+    cutover: String,
+    /// Cap each job's copy rate, bytes per second (K/M/G suffixes).
+    #[arg(long)]
+    rate: Option<String>,
+    /// Follow the jobs to their end; exit non-zero if any did not switch.
+    #[arg(long)]
+    wait: bool,
+}
+
+impl JobArgs {
+    fn options(&self) -> Result<String, String> {
+        let mut s = format!("cutover={}", self.cutover);
+        if let Some(r) = &self.rate {
+            let bytes = parse_size(r).map_err(|e| format!("bad --rate: {e}"))?;
+            s.push_str(&format!(" rate={bytes}"));
+        }
+        Ok(s)
+    }
+}
+
+/// A path as the mount sees it: "/a/b" for MOUNT/a/b, an absolute path inside the mount, or a
+/// relative one (to the current directory if that is inside the mount, else to its root).
+fn path_in_mount(mnt: &Path, p: &str) -> String {
+    let mnt_abs = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
+    let cand = if Path::new(p).is_absolute() {
+        PathBuf::from(p)
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| PathBuf::from(p))
+    };
+    let cand = cand.canonicalize().unwrap_or(cand);
+    match cand.strip_prefix(&mnt_abs) {
+        Ok(rel) => format!("/{}", rel.to_string_lossy()),
+        Err(_) if !p.starts_with('/') => format!("/{p}"),
+        Err(_) => p.to_string(),
+    }
+}
+
+/// Send a command line; print the reply; follow it with `--wait`.
+fn command(mnt: &Path, line: &str, wait: bool) -> CliResult {
+    let reply = client::send(mnt, line)?;
+    println!("{reply}");
+    if wait {
+        client::wait(mnt, &client::started(&reply))?;
+    }
+    Ok(())
 }
 
 pub type CliResult = Result<(), String>;
@@ -147,6 +250,35 @@ pub fn run(cli: Cli) -> CliResult {
             );
             Ok(())
         }
+        Cmd::Volume { cmd: VolumeCmd::Retire { target, name } } => match resolve_target(&target)? {
+            Target::Mount { .. } => command(&target, &format!("retire {}", quote(&name)), false),
+            Target::Pool(pool) => {
+                let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
+                let (path, removed) = p.retire_volume(&name).map_err(|e| e.to_string())?;
+                if removed {
+                    println!("retired volume {name}; removed its image {path}");
+                } else {
+                    println!("retired volume {name}; its image {path} is outside the pool and was kept");
+                }
+                Ok(())
+            }
+        },
+        Cmd::Migrate { mountpoint, paths, to, job } => {
+            let paths: Vec<String> = paths.iter().map(|p| quote(&path_in_mount(&mountpoint, p))).collect();
+            let line = format!("migrate {} to {} {}", paths.join(" "), quote(&to), job.options()?);
+            command(&mountpoint, &line, job.wait)
+        }
+        Cmd::Merge { mountpoint, sources, into, job } => {
+            let srcs: Vec<String> = sources.iter().map(|s| quote(s)).collect();
+            let line = format!("merge {} into {} {}", srcs.join(" "), quote(&into), job.options()?);
+            command(&mountpoint, &line, job.wait)
+        }
+        Cmd::Drain { mountpoint, volume, to, job } => {
+            let to = to.map(|t| format!(" to {}", quote(&t))).unwrap_or_default();
+            let line = format!("drain {}{to} {}", quote(&volume), job.options()?);
+            command(&mountpoint, &line, job.wait)
+        }
+        Cmd::Cancel { mountpoint, job } => command(&mountpoint, &format!("cancel {job}"), false),
         Cmd::Volume { cmd: VolumeCmd::List { target, json } } => {
             let c = target_catalog(&target)?;
             let list =
@@ -158,11 +290,13 @@ pub fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Cmd::Mount { pool, mountpoint, foreground, threads } => {
+        Cmd::Mount { pool, mountpoint, foreground, threads, max_jobs, copy_rate } => {
+            let copy_rate = parse_size(&copy_rate).map_err(|e| format!("bad --copy-rate: {e}"))?;
+            let opts = MountOptions { threads, max_jobs, copy_rate };
             if foreground {
-                mount::mount_foreground(&pool, &mountpoint, threads)
+                mount::mount_foreground(&pool, &mountpoint, &opts)
             } else {
-                let pid = mount::mount_daemon(&pool, &mountpoint, threads)?;
+                let pid = mount::mount_daemon(&pool, &mountpoint, &opts)?;
                 println!("mounted {} at {} (pid {pid})", pool.display(), mountpoint.display());
                 Ok(())
             }
@@ -194,7 +328,10 @@ pub fn run(cli: Cli) -> CliResult {
                     s.pool, s.mountpoint, s.pid, s.track_size_bytes
                 );
                 print_volumes(&s.volumes);
-                println!("jobs: {}", if s.jobs.is_empty() { "none".to_string() } else { s.jobs.len().to_string() });
+                if !s.closed_volumes.is_empty() {
+                    println!("closed to new data: {}", s.closed_volumes.join(", "));
+                }
+                client::print_jobs(&s);
             }
             Ok(())
         }
@@ -315,6 +452,10 @@ fn demo(keep: bool) -> CliResult {
     result
 }
 
+fn demo_mount_options() -> MountOptions {
+    MountOptions { threads: THREADS_DEFAULT, max_jobs: crate::migrate::DEFAULT_MAX_JOBS, copy_rate: 0 }
+}
+
 fn step(what: &str) {
     println!("\n== {what}");
 }
@@ -332,7 +473,7 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
         }
     }
     step("mount it");
-    let pid = mount::mount_daemon(pool, mnt, THREADS_DEFAULT)?;
+    let pid = mount::mount_daemon(pool, mnt, &demo_mount_options())?;
     println!("mounted {} at {} (daemon pid {pid})", pool.display(), mnt.display());
 
     step("write data sets through the mount with ordinary file I/O");
@@ -370,7 +511,7 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
     step("remount and verify again");
     mount::umount(mnt)?;
     println!("unmounted");
-    let pid = mount::mount_daemon(pool, mnt, THREADS_DEFAULT)?;
+    let pid = mount::mount_daemon(pool, mnt, &demo_mount_options())?;
     println!("mounted again (daemon pid {pid})");
     verify(mnt, &files)?;
     println!("\n$ ferryfs volume list {}", mnt.display());

@@ -5,9 +5,11 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod extent_map;
 pub mod fs;
 pub mod geometry;
+pub mod migrate;
 pub mod monitor;
 pub mod mount;
 pub mod pool;

@@ -1,14 +1,35 @@
-//! The dirty-track bitmap: the monitor that the write path feeds while a data set is being
-//! migrated. One bit per logical track of the data set, in 64-bit atomic words.
+//! The monitor: what the write path of a data set under migration feeds (steps d and e of the
+//! method), and what the copier reads.
 //!
-//! Marking is a `fetch_or` on one word: lock-free, no system call. The write path marks a
-//! track *after* its bytes reached the source volume; a copier takes-and-clears a word
-//! (`swap(0)`) *before* reading the tracks it covers. So a write either completed before the
-//! copier's read (and the read sees it) or it sets the bit again after the clear (and the
-//! track is copied again): no write can slip between the read and the clear.
+//! [`DirtyBitmap`]: one bit per logical track of the data set, in 64-bit atomic words.
+//! Marking is a `fetch_or` on one word: lock-free, no system call.
+//!
+//! **Why no write slips between the copier's read of a track and the clearing of its bit.**
+//! The write path marks a track *after* its bytes reached the source volume (the `pwrite`
+//! returned); the copier takes-and-clears a word (`swap(0)`, acquire-release) *before* it
+//! reads the tracks that word covers. Take any write W to track T and any copy C of T:
+//! - if W's mark happened before C's clear, W's bytes were in the source before the clear,
+//!   hence before C's read: C copies them;
+//! - if W's mark happened after C's clear, the bit is set again and a later pass copies T
+//!   again (or the cutover does, with writes held).
+//!
+//! Either way the target ends with W's bytes. The bulk copy reads tracks without clearing
+//! bits first; a write during it just leaves a bit that the next pass re-copies.
+//!
+//! [`JobLink`] adds mirrored writes: once a job turns them on, a write to a track below the
+//! copied mark goes to the source *and* the target, under the track's stripe lock, and is
+//! not marked. The copier holds the same stripe locks while it re-copies a track, so a
+//! mirrored write and a copy of the same track never interleave; the dirty set then only
+//! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
+//! before.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
 
 /// Bits per bitmap word: one `fetch_or`/`swap` covers this many tracks.
@@ -59,6 +80,127 @@ impl DirtyBitmap {
     }
 }
 
+/// Stripe locks of mirrored tracks: track `t` is guarded by stripe `t % STRIPES`.
+pub const STRIPES: u64 = 64;
+
+/// A job's hooks in the write and open paths of its data set.
+#[derive(Debug)]
+pub struct JobLink {
+    pub job: u64,
+    pub dirty: DirtyBitmap,
+    /// Logical tracks below this were copied to the target at least once.
+    copied_tracks: AtomicU64,
+    mirror: AtomicBool,
+    /// The target's reservation as an extent map (grows with the data set).
+    pub target: ArcSwap<ExtentMap>,
+    stripes: Vec<Mutex<()>>,
+    pub mirrored_writes: AtomicU64,
+    /// Close mode: true from the start of the downtime window to its end; opens wait.
+    window: Mutex<bool>,
+    window_cv: Condvar,
+    /// Close mode: set by the last release of a handle, with its time.
+    closed: Mutex<Option<i64>>,
+    closed_cv: Condvar,
+    pub last_close_ns: AtomicI64,
+}
+
+/// The stripe locks of a range of tracks, held.
+pub struct TrackGuard<'a> {
+    _held: Vec<MutexGuard<'a, ()>>,
+}
+
+impl JobLink {
+    pub fn new(job: u64, capacity_tracks: u64, target: ExtentMap) -> JobLink {
+        JobLink {
+            job,
+            dirty: DirtyBitmap::new(capacity_tracks),
+            copied_tracks: AtomicU64::new(0),
+            mirror: AtomicBool::new(false),
+            target: ArcSwap::from_pointee(target),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            mirrored_writes: AtomicU64::new(0),
+            window: Mutex::new(false),
+            window_cv: Condvar::new(),
+            closed: Mutex::new(None),
+            closed_cv: Condvar::new(),
+            last_close_ns: AtomicI64::new(0),
+        }
+    }
+
+    pub fn copied_tracks(&self) -> u64 {
+        self.copied_tracks.load(Ordering::Acquire)
+    }
+
+    /// Tracks below `tracks` have been copied (never lowered).
+    pub fn set_copied(&self, tracks: u64) {
+        self.copied_tracks.fetch_max(tracks, Ordering::AcqRel);
+    }
+
+    pub fn mirroring(&self) -> bool {
+        self.mirror.load(Ordering::Acquire)
+    }
+
+    pub fn start_mirroring(&self) {
+        self.mirror.store(true, Ordering::Release);
+    }
+
+    /// Lock the stripes of tracks `first..=last`, in ascending stripe order (so two lockers
+    /// never wait on each other in a cycle).
+    pub fn lock_tracks(&self, first: u64, last: u64) -> TrackGuard<'_> {
+        let mut idx: Vec<u64> = if last - first + 1 >= STRIPES {
+            (0..STRIPES).collect()
+        } else {
+            (first..=last).map(|t| t % STRIPES).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        TrackGuard { _held: idx.into_iter().map(|i| self.stripes[i as usize].lock()).collect() }
+    }
+
+    /// For a write of tracks `first..=last`: the held stripes if the write must be mirrored
+    /// (mirroring is on and every track was copied), else `None` (write the source, then
+    /// [`DirtyBitmap::mark`]).
+    pub fn mirror_guard(&self, first: u64, last: u64) -> Option<TrackGuard<'_>> {
+        (self.mirroring() && last < self.copied_tracks()).then(|| self.lock_tracks(first, last))
+    }
+
+    /// Close mode: open the downtime window (opens of the data set wait) or close it.
+    pub fn set_window(&self, on: bool) {
+        *self.window.lock() = on;
+        if !on {
+            self.window_cv.notify_all();
+        }
+    }
+
+    pub fn in_window(&self) -> bool {
+        *self.window.lock()
+    }
+
+    /// Wait while the downtime window is open.
+    pub fn wait_window(&self) {
+        let mut w = self.window.lock();
+        while *w {
+            self.window_cv.wait(&mut w);
+        }
+    }
+
+    /// The last open handle of the data set was released at `now_ns`.
+    pub fn notify_closed(&self, now_ns: i64) {
+        self.last_close_ns.store(now_ns, Ordering::Release);
+        *self.closed.lock() = Some(now_ns);
+        self.closed_cv.notify_all();
+    }
+
+    /// Wait up to `timeout` for a last close; returns its time and clears it.
+    pub fn wait_closed(&self, timeout: Duration) -> Option<i64> {
+        let mut c = self.closed.lock();
+        if c.is_none() {
+            self.closed_cv.wait_for(&mut c, timeout);
+        }
+        c.take()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +216,20 @@ mod tests {
         assert_eq!(b.count_dirty(), 0);
         b.mark(TrackNo(199), TrackNo(500));
         assert_eq!(b.count_dirty(), 1);
+    }
+
+    #[test]
+    fn mirror_only_below_the_copied_mark() {
+        let l = JobLink::new(1, 100, ExtentMap::default());
+        assert!(l.mirror_guard(0, 0).is_none(), "mirroring is off");
+        l.start_mirroring();
+        assert!(l.mirror_guard(0, 0).is_none(), "nothing copied yet");
+        l.set_copied(10);
+        assert!(l.mirror_guard(3, 9).is_some());
+        assert!(l.mirror_guard(9, 10).is_none(), "track 10 is not copied yet");
+        // Stripes of a wide range are all taken in order: a second locker waits, no deadlock.
+        let g = l.lock_tracks(0, 99);
+        drop(g);
+        let _a = l.lock_tracks(63, 64);
     }
 }

@@ -28,6 +28,16 @@ pub const THREADS_DEFAULT: usize = 3;
 /// More threads than this only add contention on a pool's catalog lock.
 pub const THREADS_MAX: usize = 64;
 
+/// What `ferryfs mount` takes besides the pool and the mountpoint.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub threads: usize,
+    /// Migration jobs that copy at once.
+    pub max_jobs: usize,
+    /// Pool-wide copy rate cap, bytes per second (0: none).
+    pub copy_rate: u64,
+}
+
 pub fn status_of_mount(mnt: &Path) -> Option<Status> {
     let b = std::fs::read(mnt.join(CONTROL_DIR_NAME).join("status")).ok()?;
     serde_json::from_slice(&b).ok()
@@ -35,7 +45,7 @@ pub fn status_of_mount(mnt: &Path) -> Option<Status> {
 
 /// Mount in the background: start a foreground mount as a detached child and wait until it
 /// says it is ready (or why it is not).
-pub fn mount_daemon(pool: &Path, mnt: &Path, threads: usize) -> Result<u32, String> {
+pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32, String> {
     // Refuse a non-pool before writing anything into it (the daemon's log goes there).
     if !pool.join(crate::catalog::store::SNAP_FILE).is_file() {
         return Err(crate::catalog::StoreError::NotAPool { path: pool.to_path_buf() }.to_string());
@@ -53,7 +63,11 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, threads: usize) -> Result<u32, Stri
         .arg(mnt)
         .arg("--foreground")
         .arg("--threads")
-        .arg(threads.to_string())
+        .arg(opts.threads.to_string())
+        .arg("--max-jobs")
+        .arg(opts.max_jobs.to_string())
+        .arg("--copy-rate")
+        .arg(opts.copy_rate.to_string())
         .env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -85,10 +99,12 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, threads: usize) -> Result<u32, Stri
 
 /// Mount and serve until unmounted. Reports readiness (or the error) on stdout when run as a
 /// daemon child.
-pub fn mount_foreground(pool: &Path, mnt: &Path, threads: usize) -> Result<(), String> {
+pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<(), String> {
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    match prepare(pool, mnt, threads) {
-        Ok((session, shared, mnt)) => {
+    match prepare(pool, mnt, opts) {
+        Ok((session, shared, mnt, again)) => {
+            // Jobs start once the mount serves (they don't need it, but the admin does).
+            crate::migrate::resume(&shared, again);
             if notify {
                 println!("{READY_LINE}");
                 let _ = std::io::stdout().flush();
@@ -116,7 +132,7 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, threads: usize) -> Result<(), S
     }
 }
 
-type Prepared = (fuser::Session<FerryFs>, Arc<Shared>, PathBuf);
+type Prepared = (fuser::Session<FerryFs>, Arc<Shared>, PathBuf, Vec<crate::catalog::model::JobRec>);
 
 /// A ferryfs mount whose daemon died (kill -9, OOM) leaves the kernel mount behind, and
 /// every access to it fails with ENOTCONN. Detach it, so that the pool can be mounted again.
@@ -189,9 +205,13 @@ fn raise_readahead(mnt: &Path, pool_dir: &Path) {
     }
 }
 
-fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> {
+fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, String> {
+    let threads = opts.threads;
     if !(1..=THREADS_MAX).contains(&threads) {
         return Err(format!("--threads must be 1..={THREADS_MAX}"));
+    }
+    if !(1..=crate::migrate::command::MAX_JOBS_LIMIT).contains(&opts.max_jobs) {
+        return Err(format!("--max-jobs must be 1..={}", crate::migrate::command::MAX_JOBS_LIMIT));
     }
     detach_dead_mount(mnt);
     let mnt = mnt.canonicalize().map_err(|e| format!("mountpoint {}: {e}", mnt.display()))?;
@@ -214,6 +234,10 @@ fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> 
     if report.torn_tail_bytes > 0 {
         warn!("catalog log: cut a torn append of {} bytes", report.torn_tail_bytes);
     }
+    shared.migrations.set_max_jobs(opts.max_jobs);
+    shared.migrations.copy_rate.set_rate(opts.copy_rate);
+    // Jobs first: a job's data set may be an orphan, and its target must be freed before.
+    let again = crate::migrate::recover(&shared).map_err(|e| format!("recovering migrations: {e}"))?;
     let orphans = shared.destroy_orphans().map_err(|e| format!("freeing orphans: {e}"))?;
     if unclean {
         let n = shared.zero_tails().map_err(|e| format!("recovery: {e}"))?;
@@ -250,7 +274,7 @@ fn prepare(pool: &Path, mnt: &Path, threads: usize) -> Result<Prepared, String> 
         format!("mount {}: {e}", mnt.display())
     })?;
     raise_readahead(&mnt, &pool_dir);
-    Ok((session, shared, mnt))
+    Ok((session, shared, mnt, again))
 }
 
 /// SIGTERM, SIGINT and SIGHUP unmount (lazily), which ends the session cleanly.

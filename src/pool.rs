@@ -47,6 +47,10 @@ pub enum PoolError {
     VolumeTooSmall { size_bytes: u64, track_bytes: u64 },
     #[error("volume {name}: image {path} can't be opened: {source}")]
     Image { name: String, path: String, source: io::Error },
+    #[error("no volume named {name:?} in this pool")]
+    NoVolume { name: String },
+    #[error("volume {name} can't be retired: {why}")]
+    NotRetirable { name: String, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PoolError + '_ {
@@ -167,6 +171,26 @@ impl Pool {
         Ok(self.store.catalog.volumes[&id].clone())
     }
 
+    /// Remove an empty volume from the pool (offline). Returns the image path and whether
+    /// the image was deleted (only images inside the pool are).
+    pub fn retire_volume(&mut self, name: &str) -> Result<(String, bool), PoolError> {
+        let c = &self.store.catalog;
+        let v = c.volume_by_name(name).ok_or_else(|| PoolError::NoVolume { name: name.to_string() })?;
+        let id = v.id;
+        let not = |why: String| PoolError::NotRetirable { name: name.to_string(), why };
+        if v.free.free_tracks() != v.free.tracks_total() {
+            let used = v.free.tracks_total() - v.free.free_tracks();
+            return Err(not(format!("it is not empty ({used} tracks in use); drain it first")));
+        }
+        if let Some(p) = c.plans.values().find(|p| p.sources.contains(&id) || p.targets.contains(&id)) {
+            return Err(not(format!("plan {} is running on it", p.id)));
+        }
+        let path = v.path.clone();
+        self.store.commit(Op::RemoveVolume { id }).and_then(|_| self.store.sync())?;
+        let removed = remove_retired_image(&self.dir, Path::new(&path));
+        Ok((path, removed))
+    }
+
     /// Split into the store and the lock file; the lock holds while the file stays open.
     pub fn into_parts(self) -> (Store, File) {
         (self.store, self._lock)
@@ -226,6 +250,13 @@ fn lock_holder(lock: &File) -> Option<(u32, String)> {
         }
     }
     None
+}
+
+/// Delete a retired volume's image if it lives in the pool's own volumes directory (one
+/// given with `--path` elsewhere is the admin's to remove). Returns whether it was deleted.
+pub fn remove_retired_image(pool_dir: &Path, image: &Path) -> bool {
+    let inside = image.parent().is_some_and(|p| p == pool_dir.join(VOLUMES_DIR));
+    inside && fs::remove_file(image).is_ok()
 }
 
 pub fn read_mounted(dir: &Path) -> Option<MountedInfo> {

@@ -56,7 +56,61 @@ pub struct Status {
     pub pid: u32,
     pub track_size_bytes: u64,
     pub volumes: Vec<VolumeReport>,
-    pub jobs: Vec<serde_json::Value>,
+    /// Volumes that take no new allocation (sources of a merge or drain, running or done).
+    pub closed_volumes: Vec<String>,
+    pub max_jobs: usize,
+    pub copy_rate_limit_bytes_per_s: u64,
+    pub jobs: Vec<JobReport>,
+    pub plans: Vec<PlanReport>,
+}
+
+/// One migration job, as `.ferry/status` shows it (docs/cli.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobReport {
+    pub id: u64,
+    pub path: String,
+    pub plan: Option<u64>,
+    /// queued, assessing, allocating, copying, resyncing, awaiting-close, cutover, then one of
+    /// switched, cancelled, failed, stopped.
+    pub phase: String,
+    pub cutover: String,
+    pub targets: Vec<String>,
+    /// First-pass copy progress (at most `bytes_total`).
+    pub bytes_copied: u64,
+    /// Bytes copied again by re-sync passes.
+    pub bytes_resynced: u64,
+    /// The data set's allocation (it follows growth).
+    pub bytes_total: u64,
+    pub dirty_tracks: u64,
+    pub track_size_bytes: u64,
+    pub passes: u32,
+    /// Mirrored writes on (the dirty set stopped shrinking).
+    pub mirrored: bool,
+    pub mirrored_writes: u64,
+    pub rate_limit_bytes_per_s: u64,
+    pub copy_rate_bytes_per_s: u64,
+    pub started: String,
+    pub started_ns: i64,
+    pub ended_ns: Option<i64>,
+    /// Live cutover: how long writes were held.
+    pub stall_us: Option<u64>,
+    /// Close cutover: how long opens were held (the downtime window).
+    pub window_us: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub id: u64,
+    /// merge or drain.
+    pub kind: String,
+    /// running, done, failed or cancelled.
+    pub phase: String,
+    pub sources: Vec<String>,
+    pub targets: Vec<String>,
+    pub cutover: String,
+    pub jobs: Vec<u64>,
+    pub error: Option<String>,
 }
 
 pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {

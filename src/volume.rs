@@ -26,6 +26,11 @@ pub trait VolumeIo: Send + Sync + std::fmt::Debug {
     /// Make the range read as zeros, releasing its space where the file system can.
     fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()>;
     fn size_bytes(&self) -> u64;
+    /// Push a written range to the disk (`wait`: and wait until it is there). A pacing aid
+    /// for bulk writers, not a durability point: `flush` is.
+    fn writeback(&self, _offset_bytes: u64, _len_bytes: u64, _wait: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Remembers the first write/flush failure of a volume (an errno), so that no later flush
@@ -135,6 +140,29 @@ impl VolumeIo for FileVolume {
 
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    fn writeback(&self, offset_bytes: u64, len_bytes: u64, wait: bool) -> io::Result<()> {
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        // SAFETY: sync_file_range on an fd we own, with plain integer arguments.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset_bytes as libc::off64_t,
+                len_bytes as libc::off64_t,
+                flags,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            // Not every file system has it; this is pacing, not durability.
+            Ok(())
+        }
     }
 }
 

@@ -28,7 +28,8 @@ pub fn check(c: &Catalog) -> CheckReport {
     let vol_name = |id: VolumeId| c.volumes.get(&id).map(|v| v.name.clone()).unwrap_or(format!("#{}", id.0));
 
     // Extents, per volume.
-    let mut owned: HashMap<VolumeId, Vec<(u64, u64, Ino)>> = HashMap::new();
+    // (first, end, owner): a data set, or a job's reservation or set-aside tracks.
+    let mut owned: HashMap<VolumeId, Vec<(u64, u64, String)>> = HashMap::new();
     for i in c.inodes.values() {
         if let Body::File { size_bytes, extents } = &i.body {
             r.data_sets += 1;
@@ -55,7 +56,36 @@ pub fn check(c: &Catalog) -> CheckReport {
                     )),
                     Some(_) => {}
                 }
-                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, i.ino));
+                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, format!("data set {}", i.ino)));
+            }
+        }
+    }
+    for j in c.jobs.values() {
+        if !c.inodes.get(&j.ino).is_some_and(|i| matches!(i.body, Body::File { .. })) {
+            r.problems.push(format!("job {}: data set {} is missing", j.id, j.ino));
+        }
+        if j.switched && !j.target.is_empty() {
+            r.problems.push(format!("job {}: switched but still holds a target reservation", j.id));
+        }
+        for (what, list) in [("reservation", &j.target), ("set-aside tracks", &j.release)] {
+            for e in list {
+                if !c.volumes.get(&e.volume).is_some_and(|v| e.end().0 <= v.free.tracks_total()) {
+                    r.problems.push(format!(
+                        "job {}: {what} {}..{} lies outside volume #{}",
+                        j.id,
+                        e.first.0,
+                        e.end().0,
+                        e.volume.0
+                    ));
+                }
+                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, format!("job {} ({what})", j.id)));
+            }
+        }
+    }
+    for p in c.plans.values() {
+        for v in p.sources.iter().chain(&p.targets) {
+            if !c.volumes.contains_key(v) {
+                r.problems.push(format!("plan {}: volume #{} is not in the pool", p.id, v.0));
             }
         }
     }
@@ -66,7 +96,7 @@ pub fn check(c: &Catalog) -> CheckReport {
         for w in list.windows(2) {
             if w[1].0 < w[0].1 {
                 r.problems.push(format!(
-                    "volume {}: tracks {}..{} are owned by data sets {} and {}",
+                    "volume {}: tracks {}..{} are owned by {} and {}",
                     v.name,
                     w[1].0,
                     w[0].1.min(w[1].1),
@@ -75,13 +105,12 @@ pub fn check(c: &Catalog) -> CheckReport {
                 ));
             }
         }
-        for &(s, e, ino) in &list {
+        for (s, e, owner) in &list {
+            let (s, e) = (*s, *e);
             owned_tracks += e - s;
             if e <= v.free.tracks_total() && v.free.overlaps_free(s, e - s) {
-                r.problems.push(format!(
-                    "volume {}: tracks in {}..{} are both free and owned by data set {}",
-                    v.name, s, e, ino
-                ));
+                r.problems
+                    .push(format!("volume {}: tracks in {}..{} are both free and owned by {owner}", v.name, s, e));
             }
         }
         let total = v.free.tracks_total();

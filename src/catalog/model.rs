@@ -7,7 +7,7 @@
 //! reached the log. `apply` validates everything it relies on and refuses an op that does not
 //! fit the state (that can only mean a corrupt log or a bug), leaving the state unchanged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,75 @@ pub enum NewKind {
     Symlink { target: Vec<u8> },
 }
 
+/// How a migration ends: `Live` holds writes for the switch; `Close` waits for the data set
+/// to be closed and holds opens for the switch (the patent's downtime window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cutover {
+    Live,
+    Close,
+}
+
+impl Cutover {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cutover::Live => "live",
+            Cutover::Close => "close",
+        }
+    }
+}
+
+/// A migration of one data set, as far as it must survive a crash: the private reservation
+/// of its target (or, once switched, the source tracks it still has to free).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRec {
+    pub id: u64,
+    pub ino: Ino,
+    /// The path when the job started (for reports; the job follows the inode).
+    pub path: String,
+    /// The volumes the job may place the data set on.
+    pub targets: Vec<VolumeId>,
+    /// The reserved target tracks, in logical order. No data set owns them; no allocation
+    /// can hand them out.
+    pub target: Vec<Extent>,
+    /// After the switch: the tracks (source and unneeded target tail) to free once the
+    /// switch is durable.
+    pub release: Vec<Extent>,
+    pub switched: bool,
+    pub cutover: Cutover,
+    /// Copy rate cap, bytes per second (0: none).
+    pub rate_bytes_per_s: u64,
+    /// The merge or drain plan this job belongs to.
+    pub plan: Option<u64>,
+    pub started_ns: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanKind {
+    Merge,
+    Drain,
+}
+
+impl PlanKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanKind::Merge => "merge",
+            PlanKind::Drain => "drain",
+        }
+    }
+}
+
+/// A merge or drain: move every data set off `sources` onto `targets`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRec {
+    pub id: u64,
+    pub kind: PlanKind,
+    pub sources: Vec<VolumeId>,
+    pub targets: Vec<VolumeId>,
+    pub cutover: Cutover,
+    pub rate_bytes_per_s: u64,
+    pub started_ns: i64,
+}
+
 /// One change to the catalog; the payload of one log frame. docs/format.md draws each.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -162,6 +231,43 @@ pub enum Op {
     Destroy {
         ino: Ino,
     },
+    /// A migration starts: its target tracks are taken from the free space, privately.
+    JobStart {
+        job: JobRec,
+    },
+    /// More target tracks for a job whose data set grew.
+    JobGrow {
+        job: u64,
+        extents: Vec<Extent>,
+    },
+    /// The catalog switch: the data set's extents become the first tracks of the target
+    /// (as many as it holds now); its old extents and the unneeded target tail are kept
+    /// aside until [`Op::JobRelease`].
+    JobSwitch {
+        job: u64,
+    },
+    /// After the switch is durable: free what the switch set aside, and forget the job.
+    JobRelease {
+        job: u64,
+    },
+    /// A job that never switched is rolled back: its target is freed, the source is untouched.
+    JobCancel {
+        job: u64,
+    },
+    /// A merge or drain starts: its source volumes stop taking new allocations.
+    PlanStart {
+        plan: PlanRec,
+    },
+    /// A plan ends. `reopen` gives the sources back to allocation (a cancelled plan); a
+    /// finished plan leaves them closed and empty, ready to retire.
+    PlanEnd {
+        plan: u64,
+        reopen: bool,
+    },
+    /// An empty volume leaves the pool.
+    RemoveVolume {
+        id: VolumeId,
+    },
 }
 
 impl Op {
@@ -201,6 +307,20 @@ pub enum ApplyError {
     NoVolume(u32),
     #[error("volume {0} already exists")]
     VolumeExists(String),
+    #[error("no job {0}")]
+    NoJob(u64),
+    #[error("job {0} already exists")]
+    JobExists(u64),
+    #[error("job {0} has already switched")]
+    JobSwitched(u64),
+    #[error("job {job}: the target holds {target} tracks, the data set {have}")]
+    TargetShort { job: u64, target: u64, have: u64 },
+    #[error("no plan {0}")]
+    NoPlan(u64),
+    #[error("plan {0} already exists")]
+    PlanExists(u64),
+    #[error("volume {0} is not empty")]
+    VolumeInUse(String),
     #[error(transparent)]
     Space(#[from] SpaceError),
 }
@@ -217,6 +337,12 @@ pub struct Catalog {
     pub next_volume: u32,
     pub volumes: BTreeMap<VolumeId, VolumeRec>,
     pub inodes: HashMap<Ino, Inode>,
+    /// Jobs and plans count from 1 and are never reused.
+    pub next_job: u64,
+    pub jobs: BTreeMap<u64, JobRec>,
+    pub plans: BTreeMap<u64, PlanRec>,
+    /// Volumes that take no new allocation (the sources of a plan, running or finished).
+    pub closed_volumes: BTreeSet<VolumeId>,
 }
 
 /// What an applied op released, for the caller to punch after the op is durable.
@@ -230,7 +356,17 @@ impl Catalog {
             ROOT_INO,
             Inode { ino: ROOT_INO, meta: root_meta, body: Body::Dir { parent: ROOT_INO, entries: BTreeMap::new() } },
         );
-        Catalog { geometry, next_ino: ROOT_INO + 1, next_volume: 1, volumes: BTreeMap::new(), inodes }
+        Catalog {
+            geometry,
+            next_ino: ROOT_INO + 1,
+            next_volume: 1,
+            volumes: BTreeMap::new(),
+            inodes,
+            next_job: 1,
+            jobs: BTreeMap::new(),
+            plans: BTreeMap::new(),
+            closed_volumes: BTreeSet::new(),
+        }
     }
 
     pub fn get(&self, ino: Ino) -> Option<&Inode> {
@@ -355,13 +491,7 @@ impl Catalog {
             }
             Op::Grow { ino, extents } => {
                 file_checked(self, *ino)?;
-                for e in extents {
-                    let v = self.volumes.get(&e.volume).ok_or(ApplyError::NoVolume(e.volume.0))?;
-                    if v.free.free_run_at(e.first.0) < e.count_tracks {
-                        let (first, end) = (e.first.0, e.first.0 + e.count_tracks);
-                        return Err(SpaceError::NotFree { volume: e.volume, first, end }.into());
-                    }
-                }
+                self.check_free(extents)?;
             }
             Op::Destroy { ino } => {
                 let i = self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
@@ -369,8 +499,96 @@ impl Catalog {
                     return Err(ApplyError::StillLinked(*ino));
                 }
             }
+            Op::JobStart { job } => {
+                if self.jobs.contains_key(&job.id) {
+                    return Err(ApplyError::JobExists(job.id));
+                }
+                file_checked(self, job.ino)?;
+                self.check_free(&job.target)?;
+            }
+            Op::JobGrow { job, extents } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                self.check_free(extents)?;
+            }
+            Op::JobSwitch { job } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                file_checked(self, j.ino)?;
+                let have = self.inodes[&j.ino].allocated_tracks();
+                let target: u64 = j.target.iter().map(|e| e.count_tracks).sum();
+                if target < have {
+                    return Err(ApplyError::TargetShort { job: *job, target, have });
+                }
+            }
+            Op::JobRelease { job } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if !j.switched {
+                    return Err(ApplyError::NoJob(*job));
+                }
+            }
+            Op::JobCancel { job } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+            }
+            Op::PlanStart { plan } => {
+                if self.plans.contains_key(&plan.id) {
+                    return Err(ApplyError::PlanExists(plan.id));
+                }
+                for v in plan.sources.iter().chain(&plan.targets) {
+                    self.volumes.get(v).ok_or(ApplyError::NoVolume(v.0))?;
+                }
+            }
+            Op::PlanEnd { plan, .. } => {
+                self.plans.get(plan).ok_or(ApplyError::NoPlan(*plan))?;
+            }
+            Op::RemoveVolume { id } => {
+                let v = self.volumes.get(id).ok_or(ApplyError::NoVolume(id.0))?;
+                if v.free.free_tracks() != v.free.tracks_total() || self.plans.values().any(|p| p.targets.contains(id))
+                {
+                    return Err(ApplyError::VolumeInUse(v.name.clone()));
+                }
+            }
         }
         Ok(())
+    }
+
+    fn check_free(&self, extents: &[Extent]) -> Result<(), ApplyError> {
+        for e in extents {
+            let v = self.volumes.get(&e.volume).ok_or(ApplyError::NoVolume(e.volume.0))?;
+            if v.free.free_run_at(e.first.0) < e.count_tracks {
+                let (first, end) = (e.first.0, e.first.0 + e.count_tracks);
+                return Err(SpaceError::NotFree { volume: e.volume, first, end }.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn take_extents(&mut self, extents: &[Extent]) -> Result<(), ApplyError> {
+        for e in extents {
+            self.volumes
+                .get_mut(&e.volume)
+                .ok_or(ApplyError::NoVolume(e.volume.0))?
+                .free
+                .take(e.first.0, e.count_tracks)?;
+        }
+        Ok(())
+    }
+
+    /// Volumes that may take new allocations.
+    pub fn open_volumes(&self) -> impl Iterator<Item = &VolumeRec> + Clone {
+        self.volumes.values().filter(|v| !self.closed_volumes.contains(&v.id))
+    }
+
+    /// The job migrating `ino`, if any.
+    pub fn job_of(&self, ino: Ino) -> Option<&JobRec> {
+        self.jobs.values().find(|j| j.ino == ino)
     }
 
     /// Apply one op. On error nothing changed.
@@ -467,18 +685,9 @@ impl Catalog {
                 }
             }
             Op::Grow { ino, extents } => {
-                for e in &extents {
-                    self.volumes.get_mut(&e.volume).expect("checked").free.take(e.first.0, e.count_tracks)?;
-                }
+                self.take_extents(&extents)?;
                 if let Body::File { extents: have, .. } = &mut self.inode_mut(ino)?.body {
-                    for e in extents {
-                        match have.last_mut() {
-                            Some(last) if last.volume == e.volume && last.end() == e.first => {
-                                last.count_tracks += e.count_tracks
-                            }
-                            _ => have.push(e),
-                        }
-                    }
+                    append_extents(have, extents);
                 }
             }
             Op::Trim { ino, keep_tracks } => {
@@ -493,6 +702,59 @@ impl Catalog {
                     self.free_extents(&extents)?;
                     freed = extents;
                 }
+            }
+            Op::JobStart { job } => {
+                self.take_extents(&job.target)?;
+                self.next_job = self.next_job.max(job.id + 1);
+                self.jobs.insert(job.id, job);
+            }
+            Op::JobGrow { job, extents } => {
+                self.take_extents(&extents)?;
+                append_extents(&mut self.jobs.get_mut(&job).expect("checked").target, extents);
+            }
+            Op::JobSwitch { job } => {
+                let j = self.jobs.get_mut(&job).expect("checked");
+                let ino = j.ino;
+                let mut target = std::mem::take(&mut j.target);
+                let Some(Inode { body: Body::File { extents, .. }, .. }) = self.inodes.get_mut(&ino) else {
+                    unreachable!("checked")
+                };
+                let have: u64 = extents.iter().map(|e| e.count_tracks).sum();
+                let mut release = trim_extents(&mut target, have);
+                let old = std::mem::replace(extents, target);
+                release.extend(old);
+                let j = self.jobs.get_mut(&job).expect("checked");
+                j.release = release;
+                j.switched = true;
+            }
+            Op::JobRelease { job } => {
+                let j = self.jobs.remove(&job).expect("checked");
+                self.free_extents(&j.release)?;
+                freed = j.release;
+            }
+            Op::JobCancel { job } => {
+                let j = self.jobs.remove(&job).expect("checked");
+                self.free_extents(&j.target)?;
+                freed = j.target;
+            }
+            Op::PlanStart { plan } => {
+                self.next_job = self.next_job.max(plan.id + 1);
+                self.closed_volumes.extend(plan.sources.iter().copied());
+                self.plans.insert(plan.id, plan);
+            }
+            Op::PlanEnd { plan, reopen } => {
+                let p = self.plans.remove(&plan).expect("checked");
+                if reopen {
+                    for v in &p.sources {
+                        if !self.plans.values().any(|q| q.sources.contains(v)) {
+                            self.closed_volumes.remove(v);
+                        }
+                    }
+                }
+            }
+            Op::RemoveVolume { id } => {
+                self.volumes.remove(&id);
+                self.closed_volumes.remove(&id);
             }
         }
         Ok(freed)
@@ -545,6 +807,16 @@ fn file_checked(c: &Catalog, ino: Ino) -> Result<(), ApplyError> {
         Some(Inode { body: Body::File { .. }, .. }) => Ok(()),
         Some(_) => Err(ApplyError::NotFile(ino)),
         None => Err(ApplyError::NoInode(ino)),
+    }
+}
+
+/// Append extents in order; one contiguous with the last merges into it.
+pub fn append_extents(have: &mut Vec<Extent>, more: Vec<Extent>) {
+    for e in more {
+        match have.last_mut() {
+            Some(last) if last.volume == e.volume && last.end() == e.first => last.count_tracks += e.count_tracks,
+            _ => have.push(e),
+        }
     }
 }
 

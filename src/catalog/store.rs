@@ -32,8 +32,11 @@ pub const LOG_FILE: &str = "catalog.log";
 const SNAP_MAGIC: &[u8; 4] = b"FYSN";
 const LOG_MAGIC: &[u8; 4] = b"FYLG";
 const FRAME_MAGIC: &[u8; 4] = b"FYOP";
-/// Version of every record of the store; bumped on any incompatible change.
-pub const FORMAT_VERSION: u16 = 1;
+/// Version of every record of the store; bumped on any incompatible change. Version 2 added
+/// the migration journal (jobs, plans, closed volumes) to the snapshot and its ops to the log;
+/// version 1 stores are read (their ops are a subset) and rewritten as version 2.
+pub const FORMAT_VERSION: u16 = 2;
+const FORMAT_VERSIONS_READ: [u16; 2] = [1, 2];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
 /// magic, version, reserved, payload length, and a checksum of those 12 bytes: a length
@@ -258,6 +261,32 @@ pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     Ok(())
 }
 
+/// A version 1 snapshot: the catalog before the migration journal.
+#[derive(serde::Deserialize)]
+struct CatalogV1 {
+    geometry: crate::geometry::Geometry,
+    next_ino: super::model::Ino,
+    next_volume: u32,
+    volumes: std::collections::BTreeMap<crate::space::VolumeId, super::model::VolumeRec>,
+    inodes: std::collections::HashMap<super::model::Ino, super::model::Inode>,
+}
+
+impl From<CatalogV1> for Catalog {
+    fn from(v: CatalogV1) -> Catalog {
+        Catalog {
+            geometry: v.geometry,
+            next_ino: v.next_ino,
+            next_volume: v.next_volume,
+            volumes: v.volumes,
+            inodes: v.inodes,
+            next_job: 1,
+            jobs: Default::default(),
+            plans: Default::default(),
+            closed_volumes: Default::default(),
+        }
+    }
+}
+
 fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
     StoreError::Corrupt { path: path.to_path_buf(), what: what.into() }
 }
@@ -270,8 +299,8 @@ fn decode_snapshot(path: &Path, b: &[u8]) -> Result<(u64, Catalog), StoreError> 
         return Err(corrupt(path, "bad magic (not a ferryfs catalog snapshot)"));
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != FORMAT_VERSION {
-        return Err(corrupt(path, format!("format version {version}, this ferryfs reads {FORMAT_VERSION}")));
+    if !FORMAT_VERSIONS_READ.contains(&version) {
+        return Err(corrupt(path, format!("format version {version}, this ferryfs reads {FORMAT_VERSIONS_READ:?}")));
     }
     let generation = u64::from_le_bytes(b[8..16].try_into().unwrap());
     let len = u64::from_le_bytes(b[16..24].try_into().unwrap());
@@ -285,8 +314,13 @@ fn decode_snapshot(path: &Path, b: &[u8]) -> Result<(u64, Catalog), StoreError> 
     if crc != actual {
         return Err(corrupt(path, format!("snapshot checksum mismatch (stored {crc:#010x}, computed {actual:#010x})")));
     }
-    let catalog: Catalog = postcard::from_bytes(&b[SNAP_HEADER_BYTES..body_end])
-        .map_err(|e| corrupt(path, format!("snapshot does not decode: {e}")))?;
+    let body = &b[SNAP_HEADER_BYTES..body_end];
+    let decoded = if version == 1 {
+        postcard::from_bytes::<CatalogV1>(body).map(Catalog::from)
+    } else {
+        postcard::from_bytes::<Catalog>(body)
+    };
+    let catalog = decoded.map_err(|e| corrupt(path, format!("snapshot does not decode: {e}")))?;
     Ok((generation, catalog))
 }
 
@@ -302,8 +336,8 @@ fn decode_log_header(path: &Path, b: &[u8]) -> Result<u64, StoreError> {
         return Err(corrupt(path, "log header checksum mismatch"));
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != FORMAT_VERSION {
-        return Err(corrupt(path, format!("format version {version}, this ferryfs reads {FORMAT_VERSION}")));
+    if !FORMAT_VERSIONS_READ.contains(&version) {
+        return Err(corrupt(path, format!("format version {version}, this ferryfs reads {FORMAT_VERSIONS_READ:?}")));
     }
     Ok(u64::from_le_bytes(b[8..16].try_into().unwrap()))
 }
@@ -362,7 +396,7 @@ fn decode_frames(path: &Path, b: &[u8]) -> Result<(Vec<(u64, Op)>, u64), StoreEr
         if crc != crc32c::crc32c(&rest[4..total - 4]) {
             return Err(corrupt(path, format!("frame at byte {at} fails its checksum")));
         }
-        if version != FORMAT_VERSION {
+        if !FORMAT_VERSIONS_READ.contains(&version) {
             return Err(corrupt(path, format!("frame at byte {at} has format version {version}")));
         }
         let op: Op = postcard::from_bytes(&rest[FRAME_HEADER_BYTES..total - 4])

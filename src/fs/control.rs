@@ -2,7 +2,13 @@
 //! its inodes live above every inode number the catalog hands out, and no user entry can be
 //! created, renamed or removed there.
 //!
-//! - `.ferry/status` reads as JSON: the pool, its volumes and their usage, and the jobs.
+//! - `.ferry/status` reads as JSON: the pool, its volumes and their usage, the jobs and the
+//!   plans (report.rs; docs/cli.md).
+//! - `.ferry/events` reads as timestamped lines, one per event of a job or a plan.
+//! - `.ferry/control` takes commands as text lines (migrate/command.rs). Only the mount's
+//!   owner may open it for writing. Each line's reply (`ok ...` or `error: ...`) reads back
+//!   from the same open file, as a stream; a refused line also fails its write with an
+//!   errno that says what kind of refusal it was.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -18,9 +24,13 @@ pub const CONTROL_DIR_NAME: &str = ".ferry";
 /// Catalog inode numbers count up from 1 and never reach this.
 pub const CONTROL_DIR_INO: Ino = 1 << 62;
 pub const STATUS_INO: Ino = CONTROL_DIR_INO + 1;
+pub const CONTROL_INO: Ino = CONTROL_DIR_INO + 2;
+pub const EVENTS_INO: Ino = CONTROL_DIR_INO + 3;
 const STATUS_NAME: &str = "status";
+const CONTROL_NAME: &str = "control";
+const EVENTS_NAME: &str = "events";
 
-fn fixed_attr(ino: Ino, kind: FileType, perm: u16) -> FileAttr {
+fn fixed_attr(ino: Ino, kind: FileType, perm: u16, uid: u32) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size: 0,
@@ -32,7 +42,7 @@ fn fixed_attr(ino: Ino, kind: FileType, perm: u16) -> FileAttr {
         kind,
         perm,
         nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid: 0,
+        uid,
         gid: 0,
         rdev: 0,
         blksize: 4096,
@@ -40,10 +50,12 @@ fn fixed_attr(ino: Ino, kind: FileType, perm: u16) -> FileAttr {
     }
 }
 
-pub fn attr(_shared: &Shared, ino: Ino) -> Option<FileAttr> {
+pub fn attr(shared: &Shared, ino: Ino) -> Option<FileAttr> {
+    let owner = shared.owner_uid;
     match ino {
-        CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o555)),
-        STATUS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o444)),
+        CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o555, owner)),
+        STATUS_INO | EVENTS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o444, owner)),
+        CONTROL_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o600, owner)),
         _ => None,
     }
 }
@@ -52,6 +64,8 @@ pub fn lookup(shared: &Shared, parent: Ino, name: &OsStr) -> Option<FileAttr> {
     match (parent, name.as_bytes()) {
         (ROOT_INO, n) if n == CONTROL_DIR_NAME.as_bytes() => attr(shared, CONTROL_DIR_INO),
         (CONTROL_DIR_INO, n) if n == STATUS_NAME.as_bytes() => attr(shared, STATUS_INO),
+        (CONTROL_DIR_INO, n) if n == CONTROL_NAME.as_bytes() => attr(shared, CONTROL_INO),
+        (CONTROL_DIR_INO, n) if n == EVENTS_NAME.as_bytes() => attr(shared, EVENTS_INO),
         _ => None,
     }
 }
@@ -66,6 +80,8 @@ pub fn dir_entries(ino: Ino) -> Option<Vec<(Vec<u8>, Ino, FileType)>> {
         vec![
             (b".".to_vec(), CONTROL_DIR_INO, FileType::Directory),
             (b"..".to_vec(), ROOT_INO, FileType::Directory),
+            (CONTROL_NAME.as_bytes().to_vec(), CONTROL_INO, FileType::RegularFile),
+            (EVENTS_NAME.as_bytes().to_vec(), EVENTS_INO, FileType::RegularFile),
             (STATUS_NAME.as_bytes().to_vec(), STATUS_INO, FileType::RegularFile),
         ]
     })
@@ -75,19 +91,27 @@ pub fn dir_entries(ino: Ino) -> Option<Vec<(Vec<u8>, Ino, FileType)>> {
 pub fn open(shared: &Shared, ino: Ino) -> Option<FsResult<Vec<u8>>> {
     match ino {
         STATUS_INO => {
+            let m = &shared.migrations;
+            let (jobs, plans) = m.reports(shared);
             let cat = shared.catalog.lock();
+            let c = &cat.catalog;
             let status = report::Status {
                 pool: shared.pool_dir.to_string_lossy().into_owned(),
                 mountpoint: shared.mountpoint.to_string_lossy().into_owned(),
                 pid: std::process::id(),
-                track_size_bytes: cat.catalog.geometry.track_size_bytes(),
-                volumes: report::volumes(&cat.catalog),
-                jobs: Vec::new(),
+                track_size_bytes: c.geometry.track_size_bytes(),
+                volumes: report::volumes(c),
+                closed_volumes: c.closed_volumes.iter().map(|&v| crate::migrate::plan::volume_name(c, v)).collect(),
+                max_jobs: m.max_jobs(),
+                copy_rate_limit_bytes_per_s: m.copy_rate.rate(),
+                jobs,
+                plans,
             };
             let mut bytes = serde_json::to_vec_pretty(&status).expect("status serializes");
             bytes.push(b'\n');
             Some(Ok(bytes))
         }
+        EVENTS_INO => Some(Ok(shared.migrations.events_text())),
         CONTROL_DIR_INO => Some(Err(FsError::IsDir)),
         _ => None,
     }

@@ -2,13 +2,18 @@
 //!
 //! Locks, always taken in this order (never the reverse):
 //!
-//! 1. `nodes`: the table of open data sets. Held by open, release, unlink, rename and
-//!    truncate, so that a data set's in-memory node is unique and no open can build a node
-//!    from a catalog state that a concurrent truncate is about to change.
-//! 2. `FileNode::gate`: shared by every read and write of the data set, exclusive for
+//! 1. `nodes`: the table of open data sets (and of data sets a migration pins). Held by open,
+//!    release, unlink, rename and truncate, so that a data set's in-memory node is unique and
+//!    no open can build a node from a catalog state that a concurrent truncate is about to
+//!    change.
+//! 2. `FileNode::write_hold`: shared by everything that changes a data set's bytes or size
+//!    (write, truncate, fallocate), exclusive for a migration's cutover ("hold the writes").
+//!    Reads don't take it.
+//! 3. `FileNode::gate`: shared by every read and write of the data set, exclusive for
 //!    whatever frees its tracks (truncate, trim at close). So no I/O is ever in flight to a
 //!    track being freed.
-//! 3. `catalog`: the store. Held only to validate and log an op and to apply it (a few
+//! 4. a migration's stripe locks (monitor.rs), around mirrored writes and re-copies.
+//! 5. `catalog`: the store. Held only to validate and log an op and to apply it (a few
 //!    microseconds), never across volume I/O except the punch of newly allocated tracks.
 //!
 //! `open_inodes`, `handles` and `volumes` are leaf locks: nothing is taken while holding one.
@@ -44,7 +49,7 @@ use crate::catalog::model::{Body, Ino, Meta, NewKind, Op, NAME_MAX_BYTES, ROOT_I
 use crate::catalog::store::{Store, StoreError};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::{Geometry, TrackNo};
-use crate::monitor::DirtyBitmap;
+use crate::monitor::JobLink;
 use crate::pool::now_ns;
 use crate::space::{plan_growth, Extent, VolumeId};
 use crate::volume::VolumeIo;
@@ -123,14 +128,28 @@ pub struct FileNode {
     pub ino: Ino,
     pub map: ArcSwap<ExtentMap>,
     pub size_bytes: AtomicU64,
+    /// Shared by whatever changes the bytes or the size; exclusive while a cutover holds writes.
+    pub write_hold: RwLock<()>,
     /// Shared for I/O, exclusive to free tracks.
     pub gate: RwLock<()>,
-    open_handles: AtomicU32,
+    pub open_handles: AtomicU32,
     /// The mtime of in-place writes, persisted at fsync, release and setattr.
     mtime_ns: AtomicI64,
     mtime_dirty: AtomicBool,
-    /// Present while a migration watches this data set (the monitor).
-    pub monitor: ArcSwapOption<DirtyBitmap>,
+    /// Present while a migration watches this data set (the monitor). The node stays in
+    /// the `nodes` table while it is set.
+    pub job: ArcSwapOption<JobLink>,
+}
+
+impl FileNode {
+    /// Record that bytes `offset..end` of the source changed (the monitor, step e).
+    fn mark_changed(&self, g: Geometry, offset: u64, end: u64) {
+        if end > offset {
+            if let Some(link) = self.job.load().as_ref() {
+                link.dirty.mark(g.track_of(offset), g.track_of(end - 1));
+            }
+        }
+    }
 }
 
 enum Handle {
@@ -144,6 +163,10 @@ enum Handle {
     Generated {
         bytes: Vec<u8>,
     },
+    /// `.ferry/control`: lines written are commands; their replies read back from here.
+    Control {
+        replies: Mutex<Vec<u8>>,
+    },
 }
 
 pub struct Shared {
@@ -151,7 +174,7 @@ pub struct Shared {
     pub pool_dir: PathBuf,
     pub mountpoint: PathBuf,
     pub catalog: Mutex<Store>,
-    volumes: RwLock<HashMap<VolumeId, Arc<dyn VolumeIo>>>,
+    pub(crate) volumes: RwLock<HashMap<VolumeId, Arc<dyn VolumeIo>>>,
     nodes: Mutex<HashMap<Ino, Arc<FileNode>>>,
     /// The inodes in `nodes`, as a leaf lock that the catalog's holder may take.
     open_inodes: Mutex<HashSet<Ino>>,
@@ -161,6 +184,12 @@ pub struct Shared {
     log_synced_bytes: AtomicU64,
     /// Freed extents whose punch failed; zeroed before they are handed out again.
     unzeroed: Mutex<Vec<Extent>>,
+    /// Migration jobs, plans and events.
+    pub migrations: crate::migrate::Migrations,
+    /// Time of the last application read or write (the copier's pacing looks at it).
+    pub last_app_io_ns: AtomicI64,
+    /// The uid allowed to write `.ferry/control` (the mount's owner).
+    pub owner_uid: u32,
 }
 
 pub struct FerryFs {
@@ -203,7 +232,7 @@ fn check_name(name: &OsStr) -> FsResult<&[u8]> {
 /// A volume of the table, borrowed: the I/O path looks volumes up without touching their
 /// reference counts. A missing one (the catalog names a volume this mount has not opened)
 /// is an I/O error.
-fn io_volume(volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>, id: VolumeId) -> FsResult<&Arc<dyn VolumeIo>> {
+pub fn volume_of(volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>, id: VolumeId) -> FsResult<&Arc<dyn VolumeIo>> {
     volumes.get(&id).ok_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
 }
 
@@ -228,11 +257,20 @@ impl Shared {
             next_fh: AtomicU64::new(1),
             log_synced_bytes: AtomicU64::new(synced),
             unzeroed: Mutex::new(Vec::new()),
+            migrations: crate::migrate::Migrations::default(),
+            last_app_io_ns: AtomicI64::new(0),
+            // SAFETY: geteuid can't fail.
+            owner_uid: unsafe { libc::geteuid() },
         }
     }
 
-    fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn VolumeIo>> {
-        io_volume(&self.volumes.read(), id).cloned()
+    /// A retired volume leaves the table (nothing maps to it any more).
+    pub fn forget_volume(&self, id: VolumeId) {
+        self.volumes.write().remove(&id);
+    }
+
+    pub fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn VolumeIo>> {
+        volume_of(&self.volumes.read(), id).cloned()
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -256,7 +294,7 @@ impl Shared {
     /// frees are punched before the catalog lock (held by the caller as `cat`) is released:
     /// until then no allocation can hand them out, so a punch can never land on a new
     /// owner's bytes, and no new owner can read the old ones.
-    fn commit(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
+    pub fn commit(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
         let freed = cat.commit(op)?;
         self.punch_freed(&freed);
         if cat.needs_compaction() {
@@ -342,12 +380,62 @@ impl Shared {
             open_handles: AtomicU32::new(0),
             mtime_ns: AtomicI64::new(i.meta.mtime_ns),
             mtime_dirty: AtomicBool::new(false),
-            monitor: ArcSwapOption::empty(),
+            write_hold: RwLock::new(()),
+            job: ArcSwapOption::empty(),
         }))
     }
 
+    /// Keep a data set's node in the table while a migration works on it (so the job's link
+    /// reaches every open and every write), and out of surplus reclaim.
+    pub fn pin_node(&self, ino: Ino, link: Arc<JobLink>) -> FsResult<Arc<FileNode>> {
+        let mut nodes = self.nodes.lock();
+        let node = match nodes.get(&ino) {
+            Some(n) => n.clone(),
+            None => {
+                let cat = self.catalog.lock();
+                let n = self.make_node(&cat, ino)?;
+                self.open_inodes.lock().insert(ino);
+                drop(cat);
+                nodes.insert(ino, n.clone());
+                n
+            }
+        };
+        // With writes held: a write in flight now finished before the monitor starts, and
+        // every later one sees it (so the copy that follows misses nothing).
+        {
+            let _hold = node.write_hold.write();
+            node.job.store(Some(link));
+        }
+        Ok(node)
+    }
+
+    /// The migration is over: detach its link; a node nobody has open leaves the table (and
+    /// an unlinked data set is destroyed), as at a last close.
+    pub fn unpin_node(&self, node: &FileNode) -> FsResult<()> {
+        let mut nodes = self.nodes.lock();
+        node.job.store(None);
+        let ours = nodes.get(&node.ino).is_some_and(|n| std::ptr::eq(Arc::as_ptr(n), node));
+        if ours && node.open_handles.load(Ordering::Acquire) == 0 {
+            nodes.remove(&node.ino);
+            self.last_close(&nodes, node)?;
+        }
+        Ok(())
+    }
+
+    /// Close mode: open the downtime window if no handle of the data set is open. Under the
+    /// `nodes` lock, so that no open slips in between the check and the window.
+    pub fn open_window_if_closed(&self, node: &FileNode, link: &JobLink) -> bool {
+        let _nodes = self.nodes.lock();
+        if node.open_handles.load(Ordering::Acquire) == 0 {
+            link.set_window(true);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Re-read a data set's extents from the catalog into its node (after grow or trim).
-    fn refresh_map(&self, cat: &Store, node: &FileNode) {
+    pub(crate) fn refresh_map(&self, cat: &Store, node: &FileNode) {
         if let Some(Body::File { extents, size_bytes }) = cat.catalog.get(node.ino).map(|i| &i.body) {
             node.map.store(Arc::new(ExtentMap::new(self.geometry, extents)));
             node.size_bytes.store(*size_bytes, Ordering::Release);
@@ -368,9 +456,10 @@ impl Shared {
             self.refresh_map(&cat, node);
             return Ok(());
         }
-        let mut plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed);
+        // Volumes that a merge or drain is emptying take nothing new.
+        let mut plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
         if plan.is_none() && self.reclaim_surplus(&mut cat)? > 0 {
-            plan = plan_growth(cat.catalog.volumes.values().map(|v| &v.free), last, allocated, needed);
+            plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
         }
         let plan = plan.ok_or(FsError::NoSpace)?;
         // Free tracks read as zeros already (punched when freed, under this lock).
@@ -398,27 +487,32 @@ impl Shared {
 
     pub fn write(&self, node: &FileNode, offset: u64, data: &[u8]) -> FsResult<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::Invalid)?;
+        let _hold = node.write_hold.read();
         let _io = node.gate.read();
         if end > node.map.load().allocated_bytes() {
             self.grow(node, end)?;
         }
         let map = node.map.load();
         let volumes = self.volumes.read();
-        for p in map.pieces(offset, data.len()) {
-            match p {
-                Piece::Mapped { volume, offset_bytes, buf_start, len } => {
-                    io_volume(&volumes, volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
-                }
-                Piece::Unallocated { .. } => return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO))),
+        let link = node.job.load();
+        let g = self.geometry;
+        // Mirrored: source and target under the tracks' stripe locks, no mark. Otherwise the
+        // source, then the mark (after the bytes landed: see monitor.rs).
+        let mirror = match (link.as_ref(), data.is_empty()) {
+            (Some(l), false) => l.mirror_guard(g.track_of(offset).0, g.track_of(end - 1).0).map(|guard| (l, guard)),
+            _ => None,
+        };
+        write_pieces(&volumes, &map, offset, data)?;
+        match &mirror {
+            Some((l, _guard)) => {
+                write_pieces(&volumes, &l.target.load(), offset, data)?;
+                l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
             }
+            None => node.mark_changed(g, offset, end),
         }
-        // The monitor: mark after the bytes reached the source (see monitor.rs).
-        if let Some(m) = node.monitor.load().as_ref() {
-            if !data.is_empty() {
-                m.mark(self.geometry.track_of(offset), self.geometry.track_of(end - 1));
-            }
-        }
+        drop(mirror);
         let now = now_ns();
+        self.last_app_io_ns.store(now, Ordering::Relaxed);
         if end > node.size_bytes.load(Ordering::Acquire) {
             self.raise_size(node, end, now)?;
         } else {
@@ -429,6 +523,7 @@ impl Shared {
     }
 
     pub fn read(&self, node: &FileNode, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.last_app_io_ns.store(now_ns(), Ordering::Relaxed);
         let _io = node.gate.read();
         let file_size = node.size_bytes.load(Ordering::Acquire);
         if offset >= file_size {
@@ -436,13 +531,7 @@ impl Shared {
         }
         let len = (size as u64).min(file_size - offset) as usize;
         let mut buf = vec![0u8; len];
-        let map = node.map.load();
-        let volumes = self.volumes.read();
-        for p in map.pieces(offset, len) {
-            if let Piece::Mapped { volume, offset_bytes, buf_start, len } = p {
-                io_volume(&volumes, volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?;
-            }
-        }
+        read_pieces(&self.volumes.read(), &node.map.load(), offset, &mut buf)?;
         Ok(buf)
     }
 
@@ -450,6 +539,7 @@ impl Shared {
     /// the tracks past it. The caller holds the `nodes` lock.
     fn truncate_locked(&self, node: &FileNode, new_size: u64, now: i64) -> FsResult<()> {
         let g = self.geometry;
+        let _hold = node.write_hold.read();
         let _excl = node.gate.write();
         let mut cat = self.catalog.lock();
         // A node built for this truncate alone may predate a reclaim of its surplus.
@@ -467,6 +557,9 @@ impl Shared {
             if zero_end > new_size {
                 self.zero_range(&map, new_size, zero_end - new_size)?;
             }
+            // A migration re-copies the cut track, and drops (or re-copies, if the data set
+            // grows back) every track past it.
+            node.mark_changed(g, new_size, map.allocated_bytes().max(new_size + 1));
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             if allocated > keep_tracks {
                 self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
@@ -622,6 +715,7 @@ impl Shared {
 
     /// Clean shutdown: fold the log into a snapshot.
     pub fn shutdown(&self) {
+        self.migrations.stop();
         let nodes: Vec<Arc<FileNode>> = self.nodes.lock().values().cloned().collect();
         for n in nodes {
             if let Err(e) = self.persist_mtime(&n) {
@@ -642,6 +736,42 @@ impl Shared {
             error!("compacting the catalog at unmount: {e}");
         }
     }
+}
+
+/// Write `data` at logical `offset` of a data set mapped by `map`.
+pub fn write_pieces(
+    volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>,
+    map: &ExtentMap,
+    offset: u64,
+    data: &[u8],
+) -> FsResult<()> {
+    for p in map.pieces(offset, data.len()) {
+        match p {
+            Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                volume_of(volumes, volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
+            }
+            Piece::Unallocated { .. } => return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO))),
+        }
+    }
+    Ok(())
+}
+
+/// Read `buf.len()` bytes at logical `offset` of a data set mapped by `map` (zeros past it).
+pub fn read_pieces(
+    volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>,
+    map: &ExtentMap,
+    offset: u64,
+    buf: &mut [u8],
+) -> FsResult<()> {
+    for p in map.pieces(offset, buf.len()) {
+        match p {
+            Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                volume_of(volumes, volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?
+            }
+            Piece::Unallocated { buf_start, len } => buf[buf_start..buf_start + len].fill(0),
+        }
+    }
+    Ok(())
 }
 
 /// The changes a setattr asks for.
@@ -733,6 +863,13 @@ impl FerryFs {
 
     fn open_file(&self, ino: Ino) -> FsResult<u64> {
         let mut nodes = self.shared.nodes.lock();
+        // A close-mode cutover's downtime window: the open waits (it doesn't fail) until the
+        // data set is switched (step m).
+        while let Some(link) = nodes.get(&ino).and_then(|n| n.job.load_full()).filter(|l| l.in_window()) {
+            drop(nodes);
+            link.wait_window();
+            nodes = self.shared.nodes.lock();
+        }
         let node = match nodes.get(&ino) {
             Some(n) => n.clone(),
             None => {
@@ -754,6 +891,13 @@ impl FerryFs {
         let Handle::File { node } = &*h else { return Ok(()) };
         let mut nodes = self.shared.nodes.lock();
         if node.open_handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(link) = node.job.load_full() {
+                // Pinned by a migration: it stays; a close-mode job learns the data set closed.
+                drop(nodes);
+                self.shared.persist_mtime(node)?;
+                link.notify_closed(now_ns());
+                return Ok(());
+            }
             nodes.remove(&node.ino);
             self.shared.last_close(&nodes, node)?;
         } else {
@@ -765,6 +909,10 @@ impl FerryFs {
 
     fn do_setattr(&self, ino: Ino, set: SetAttr) -> FsResult<fuser::FileAttr> {
         let SetAttr { mode, uid, gid, size, atime, mtime } = set;
+        if ino == control::CONTROL_INO && mode.is_none() && uid.is_none() && gid.is_none() {
+            // `echo CMD > .ferry/control` opens with O_TRUNC: there is nothing to truncate.
+            return self.attr_of(ino);
+        }
         if control::attr(&self.shared, ino).is_some() {
             return Err(FsError::NotPermitted);
         }
@@ -929,6 +1077,8 @@ impl FerryFs {
         if punch && !keep_size {
             return Err(FsError::Invalid);
         }
+        let g = self.shared.geometry;
+        let _hold = node.write_hold.read();
         let _io = node.gate.read();
         if punch {
             // Only inside the size: past it the bytes are zero already.
@@ -937,6 +1087,7 @@ impl FerryFs {
             let stop = end.min(size).min(map.allocated_bytes());
             if stop > offset {
                 self.shared.zero_range(&map, offset, stop - offset)?;
+                node.mark_changed(g, offset, stop);
             }
             return Ok(());
         }
@@ -946,9 +1097,36 @@ impl FerryFs {
         if zero {
             let map = node.map.load();
             self.shared.zero_range(&map, offset, length)?;
+            node.mark_changed(g, offset, end);
         }
         if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
             self.shared.raise_size(&node, end, now_ns())?;
+        }
+        Ok(())
+    }
+
+    /// Run the command lines of one write to `.ferry/control`; every reply goes to the
+    /// handle's stream. The first refusal stops the write and is its errno (the lines before
+    /// it ran).
+    fn control_write(&self, replies: &Mutex<Vec<u8>>, data: &[u8]) -> Result<(), i32> {
+        let Ok(text) = std::str::from_utf8(data) else {
+            replies.lock().extend_from_slice(b"error: a command must be UTF-8 text\n");
+            return Err(libc::EINVAL);
+        };
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            match crate::migrate::execute(&self.shared, line) {
+                Ok(ok) => {
+                    let mut r = replies.lock();
+                    r.extend_from_slice(ok.as_bytes());
+                    r.push(b'\n');
+                }
+                Err(refusal) => {
+                    self.shared.migrations.event(format!("refused command={line:?} reason={:?}", refusal.message));
+                    let mut r = replies.lock();
+                    r.extend_from_slice(format!("error: {}\n", refusal.message).as_bytes());
+                    return Err(refusal.errno);
+                }
+            }
         }
         Ok(())
     }
@@ -1132,7 +1310,16 @@ impl Filesystem for FerryFs {
         reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == control::CONTROL_INO {
+            // The kernel checked the mode (0600, the owner's); say it again for root-less
+            // mounts that other users may reach.
+            if req.uid() != self.shared.owner_uid && req.uid() != 0 {
+                return reply.error(Errno::EACCES);
+            }
+            let fh = self.shared.add_handle(Handle::Control { replies: Mutex::new(Vec::new()) });
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE);
+        }
         if let Some(res) = control::open(&self.shared, ino.0) {
             match res {
                 Ok(bytes) => {
@@ -1173,6 +1360,13 @@ impl Filesystem for FerryFs {
                 let end = (start + size as usize).min(bytes.len());
                 reply.data(&bytes[start..end])
             }
+            // A stream: each read takes the replies not read yet.
+            Handle::Control { replies } => {
+                let mut r = replies.lock();
+                let n = (size as usize).min(r.len());
+                let out: Vec<u8> = r.drain(..n).collect();
+                reply.data(&out)
+            }
             Handle::Dir { .. } => reply.error(Errno::EISDIR),
         }
     }
@@ -1189,6 +1383,14 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Ok(h) = self.shared.handle(fh) {
+            if let Handle::Control { replies } = &*h {
+                return match self.control_write(replies, data) {
+                    Ok(()) => reply.written(data.len() as u32),
+                    Err(errno) => reply.error(Errno::from_i32(errno)),
+                };
+            }
+        }
         let res = self.shared.file_handle(fh).and_then(|node| self.shared.write(&node, offset, data));
         reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
     }

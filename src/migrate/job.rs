@@ -1,0 +1,584 @@
+//! One job: the method's steps a to m for one data set, run by its own thread (the copier).
+//! docs/design.md maps each step to the functions here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::pace::{rest_after, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
+use super::plan::{grow_target, names, place_target, tracks_text};
+use super::{JobState, Phase};
+use crate::catalog::model::{Body, Cutover, Op};
+use crate::extent_map::{ExtentMap, Piece};
+use crate::fs::{read_pieces, write_pieces, FileNode, FsError, Shared};
+use crate::geometry::Geometry;
+use crate::monitor::{JobLink, WORD_BITS};
+use crate::pool::now_ns;
+use crate::space::VolumeId;
+use crate::volume::VolumeIo;
+
+/// Re-sync passes before the job turns on mirrored writes (step g, bounded).
+pub const MAX_PASSES: u32 = 8;
+/// Passes in a row whose dirty set did not shrink before mirrored writes go on.
+pub const STUCK_PASSES: u32 = 2;
+/// The dirty set is small enough for the cutover when it holds at most this many bytes:
+/// copying it with writes held takes well under a millisecond from the page cache.
+pub const CONVERGED_BYTES: u64 = 1 << 20;
+
+/// Why a job stopped before its switch.
+#[derive(Debug)]
+pub enum End {
+    /// The mount is stopping: the job's record stays; the next mount rolls it back and
+    /// starts it again.
+    Stopped,
+    Cancelled,
+    Failed(String),
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Failed(format!("volume I/O: {e}"))
+    }
+}
+
+impl From<FsError> for End {
+    fn from(e: FsError) -> End {
+        End::Failed(e.to_string())
+    }
+}
+
+type JobResult<T> = Result<T, End>;
+
+/// A chunk of the target pushed to the disk, to be waited for one chunk later.
+struct InFlight {
+    volume: Arc<dyn VolumeIo>,
+    offset: u64,
+    len: u64,
+}
+
+struct Runner<'a> {
+    shared: &'a Arc<Shared>,
+    job: &'a JobState,
+    g: Geometry,
+    node: Option<Arc<FileNode>>,
+    link: Option<Arc<JobLink>>,
+    buf: Vec<u8>,
+    in_flight: Vec<InFlight>,
+    copy_started: Option<Instant>,
+}
+
+/// Run the job to its end; the phase and the events say how it ended.
+pub fn run(shared: &Arc<Shared>, job: &JobState) {
+    let mut r = Runner {
+        shared,
+        job,
+        g: shared.geometry,
+        node: None,
+        link: None,
+        buf: Vec::new(),
+        in_flight: Vec::new(),
+        copy_started: None,
+    };
+    let m = &shared.migrations;
+    match r.run() {
+        Ok(()) => {}
+        Err(End::Stopped) => {
+            r.detach();
+            job.set_phase(Phase::Stopped);
+            m.event(format!(
+                "job {} stopped path={} (the next mount rolls it back and starts it again)",
+                job.id, job.path
+            ));
+        }
+        Err(End::Cancelled) => {
+            r.detach();
+            match r.drop_record() {
+                Ok(()) => {
+                    job.set_phase(Phase::Cancelled);
+                    m.event(format!("job {} cancelled path={} (target freed, source untouched)", job.id, job.path));
+                }
+                Err(e) => job.fail(m, format!("cancelling: {e}")),
+            }
+        }
+        Err(End::Failed(why)) => {
+            r.detach();
+            let why = match r.drop_record() {
+                Ok(()) => why,
+                Err(e) => format!("{why}; rolling back: {e}"),
+            };
+            job.fail(m, why);
+        }
+    }
+}
+
+impl Runner<'_> {
+    fn check(&self) -> JobResult<()> {
+        if self.shared.migrations.stopping() {
+            return Err(End::Stopped);
+        }
+        if self.job.cancel_requested() {
+            return Err(End::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn node(&self) -> &Arc<FileNode> {
+        self.node.as_ref().expect("pinned")
+    }
+
+    fn link(&self) -> &Arc<JobLink> {
+        self.link.as_ref().expect("pinned")
+    }
+
+    fn run(&mut self) -> JobResult<()> {
+        let m = &self.shared.migrations;
+        let job = self.job;
+        self.check()?;
+
+        // a. Assess: the source extents and the total space.
+        job.set_phase(Phase::Assessing);
+        let (tracks, pool_tracks) = {
+            let cat = self.shared.catalog.lock();
+            let c = &cat.catalog;
+            let i = c.get(job.ino).ok_or_else(|| End::Failed("the data set no longer exists".into()))?;
+            if !matches!(i.body, Body::File { .. }) || i.meta.nlink == 0 {
+                return Err(End::Failed("the data set no longer exists".into()));
+            }
+            (i.allocated_tracks(), c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>())
+        };
+        job.bytes_total.store(self.g.bytes_of(tracks), Ordering::Relaxed);
+
+        // b, c. Allocate the target as one request and map every source track onto it, in
+        // order: logical track t of the data set goes to track t of the target map.
+        job.set_phase(Phase::Allocating);
+        let target = {
+            let mut cat = self.shared.catalog.lock();
+            let c = &cat.catalog;
+            let plan = place_target(c, &job.targets, tracks).ok_or_else(|| {
+                End::Failed(format!(
+                    "target full: {} needs {}; {} {} {} free",
+                    job.path,
+                    tracks_text(c, tracks),
+                    names(c, &job.targets),
+                    if job.targets.len() == 1 { "has" } else { "have" },
+                    tracks_text(c, super::plan::free_on(c, &job.targets))
+                ))
+            })?;
+            if !plan.is_empty() {
+                self.shared.commit(&mut cat, Op::JobGrow { job: job.id, extents: plan })?;
+            }
+            cat.catalog.jobs.get(&job.id).map(|j| j.target.clone()).unwrap_or_default()
+        };
+
+        // d. Start the monitor: from here every write of the data set marks its tracks. The
+        // bitmap covers the whole pool, so no growth can outrun it.
+        let link = Arc::new(JobLink::new(job.id, pool_tracks, ExtentMap::new(self.g, &target)));
+        let node = self.shared.pin_node(job.ino, link.clone())?;
+        job.link.store(Some(link.clone()));
+        self.node = Some(node);
+        self.link = Some(link);
+        m.event(format!(
+            "job {} job-start path={} tracks={} to={} cutover={}",
+            job.id,
+            job.path,
+            tracks,
+            self.target_names(),
+            job.cutover.name()
+        ));
+
+        // f. Copy, following growth.
+        job.set_phase(Phase::Copying);
+        self.copy_started = Some(Instant::now());
+        self.copy_growth(true)?;
+        m.event(format!(
+            "job {} copy-done path={} bytes={}",
+            job.id,
+            job.path,
+            job.bytes_copied.load(Ordering::Relaxed)
+        ));
+
+        // g. Re-sync until the dirty set is small (mirrored writes if it won't shrink).
+        job.set_phase(Phase::Resyncing);
+        self.converge()?;
+
+        // h..m. Cutover.
+        match job.cutover {
+            Cutover::Live => self.cutover_live(),
+            Cutover::Close => self.cutover_close(),
+        }
+    }
+
+    fn target_names(&self) -> String {
+        let cat = self.shared.catalog.lock();
+        names(&cat.catalog, &self.job.targets)
+    }
+
+    fn source_tracks(&self) -> u64 {
+        self.node().map.load().allocated_tracks()
+    }
+
+    /// Step k: the target holds at least `tracks` tracks (the data set grew).
+    fn ensure_target(&self, tracks: u64) -> JobResult<()> {
+        let link = self.link();
+        let have = link.target.load().allocated_tracks();
+        if have >= tracks {
+            return Ok(());
+        }
+        if tracks > link.dirty.tracks() {
+            return Err(End::Failed("the data set grew past the pool's size at the start of the job".into()));
+        }
+        let mut cat = self.shared.catalog.lock();
+        let c = &cat.catalog;
+        let current = c.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
+        let more = grow_target(c, &self.job.targets, &current, tracks - have).ok_or_else(|| {
+            End::Failed(format!(
+                "target full: {} grew to {}; {} can't hold it",
+                self.job.path,
+                tracks_text(c, tracks),
+                names(c, &self.job.targets)
+            ))
+        })?;
+        self.shared.commit(&mut cat, Op::JobGrow { job: self.job.id, extents: more })?;
+        let extents = cat.catalog.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
+        link.target.store(Arc::new(ExtentMap::new(self.g, &extents)));
+        Ok(())
+    }
+
+    fn chunk_tracks(&self, apps_active: bool) -> u64 {
+        let bytes = if apps_active { BUSY_CHUNK_BYTES } else { IDLE_CHUNK_BYTES };
+        (bytes / self.g.track_size_bytes()).max(1)
+    }
+
+    fn apps_active(&self) -> bool {
+        now_ns() - self.shared.last_app_io_ns.load(Ordering::Relaxed) < APP_ACTIVE_WINDOW.as_nanos() as i64
+    }
+
+    /// Steps f and k: copy the tracks past the copied mark, up to the data set's allocation,
+    /// growing the target as needed. `paced` is false while writes are held.
+    fn copy_growth(&mut self, paced: bool) -> JobResult<()> {
+        loop {
+            if paced {
+                self.check()?;
+            }
+            let a = self.source_tracks();
+            self.job.bytes_total.store(self.g.bytes_of(a), Ordering::Relaxed);
+            let c = self.link().copied_tracks();
+            if c >= a {
+                return Ok(());
+            }
+            self.ensure_target(a)?;
+            let active = paced && self.apps_active();
+            let n = self.chunk_tracks(active).min(a - c);
+            let t0 = Instant::now();
+            self.copy(c, n)?;
+            self.link().set_copied(c + n);
+            self.job.bytes_copied.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
+            self.note_rate();
+            if paced {
+                self.pace(self.g.bytes_of(n), t0.elapsed(), active);
+            }
+        }
+    }
+
+    /// Copy logical tracks `first..first+n` from the source to the target. Tracks past the
+    /// source's allocation (cut by a truncate) are zeroed on the target.
+    ///
+    /// The data set's gate is held shared, so no truncate frees source tracks under the
+    /// copy; with mirrored writes on, the tracks' stripes are held too, so no mirrored write
+    /// interleaves with the copy (monitor.rs).
+    fn copy(&mut self, first: u64, n: u64) -> JobResult<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let g = self.g;
+        let node = self.node.clone().expect("pinned");
+        let link = self.link.clone().expect("pinned");
+        let _io = node.gate.read();
+        let _stripes = link.mirroring().then(|| link.lock_tracks(first, first + n - 1));
+        let src = node.map.load();
+        let dst = link.target.load();
+        let end = (first + n).min(dst.allocated_tracks());
+        if first >= end {
+            return Ok(());
+        }
+        let copy_end = end.min(src.allocated_tracks()).max(first);
+        let volumes = self.shared.volumes.read();
+        if copy_end > first {
+            let len = g.bytes_of(copy_end - first) as usize;
+            if self.buf.len() < len {
+                self.buf.resize(len, 0);
+            }
+            let off = g.bytes_of(first);
+            read_pieces(&volumes, &src, off, &mut self.buf[..len])?;
+            write_pieces(&volumes, &dst, off, &self.buf[..len])?;
+            self.writeback(&volumes, &dst, off, len as u64)?;
+        }
+        if end > copy_end {
+            let off = g.bytes_of(copy_end);
+            for p in dst.pieces(off, g.bytes_of(end - copy_end) as usize) {
+                if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
+                    crate::fs::volume_of(&volumes, volume)?.punch(offset_bytes, len as u64)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Push what was just written to the disk, and wait for the chunk before it: the copier
+    /// keeps at most two chunks of dirty pages (pace.rs).
+    fn writeback(
+        &mut self,
+        volumes: &std::collections::HashMap<VolumeId, Arc<dyn VolumeIo>>,
+        dst: &ExtentMap,
+        off: u64,
+        len: u64,
+    ) -> JobResult<()> {
+        for f in self.in_flight.drain(..) {
+            f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
+        }
+        for p in dst.pieces(off, len as usize) {
+            if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
+                let v = crate::fs::volume_of(volumes, volume)?.clone();
+                v.writeback(offset_bytes, len as u64, false).map_err(FsError::from)?;
+                self.in_flight.push(InFlight { volume: v, offset: offset_bytes, len: len as u64 });
+            }
+        }
+        Ok(())
+    }
+
+    fn note_rate(&self) {
+        if let Some(t) = self.copy_started {
+            let secs = t.elapsed().as_secs_f64();
+            if secs > 0.0 {
+                let bytes =
+                    self.job.bytes_copied.load(Ordering::Relaxed) + self.job.bytes_resynced.load(Ordering::Relaxed);
+                self.job.copy_rate.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Rest after a chunk: priority to the applications, then the job's and the pool's caps.
+    fn pace(&self, bytes: u64, elapsed: Duration, apps_active: bool) {
+        let m = &self.shared.migrations;
+        let wait = rest_after(elapsed, apps_active).max(self.job.rate.take(bytes)).max(m.copy_rate.take(bytes));
+        let until = Instant::now() + wait;
+        // Sleep in slices, so that a cancel or an unmount is seen promptly.
+        while Instant::now() < until && !m.stopping() && !self.job.cancel_requested() {
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Step g: one pass over the bitmap. Each word is taken and cleared, then the runs of
+    /// tracks it marked are copied. Returns the tracks copied.
+    fn resync_pass(&mut self, paced: bool) -> JobResult<u64> {
+        let link = self.link.clone().expect("pinned");
+        let mut copied = 0;
+        for w in 0..link.dirty.word_count() {
+            let mut bits = link.dirty.take_word(w);
+            while bits != 0 {
+                let lo = bits.trailing_zeros() as u64;
+                let run = (bits >> lo).trailing_ones() as u64;
+                bits &= !(if run == WORD_BITS { u64::MAX } else { ((1u64 << run) - 1) << lo });
+                let first = w as u64 * WORD_BITS + lo;
+                let t0 = Instant::now();
+                self.copy(first, run)?;
+                copied += run;
+                self.job.bytes_resynced.fetch_add(self.g.bytes_of(run), Ordering::Relaxed);
+                if paced {
+                    let active = self.apps_active();
+                    self.pace(self.g.bytes_of(run), t0.elapsed(), active);
+                    self.check()?;
+                }
+            }
+        }
+        self.note_rate();
+        Ok(copied)
+    }
+
+    /// Step g, bounded: re-sync passes until the dirty set is small. If it stops shrinking
+    /// (or after [`MAX_PASSES`]), mirrored writes go on; from then on it can only shrink.
+    fn converge(&mut self) -> JobResult<()> {
+        let small = (CONVERGED_BYTES / self.g.track_size_bytes()).max(1);
+        let mut prev = u64::MAX;
+        let mut stuck = 0;
+        loop {
+            self.check()?;
+            self.copy_growth(true)?;
+            let dirty = self.link().dirty.count_dirty();
+            if dirty <= small {
+                return Ok(());
+            }
+            let passes = self.job.passes.load(Ordering::Relaxed);
+            let link = self.link().clone();
+            if !link.mirroring() && (passes >= MAX_PASSES || stuck >= STUCK_PASSES) {
+                link.start_mirroring();
+                self.job.mirrored.store(true, Ordering::Relaxed);
+                self.shared.migrations.event(format!(
+                    "job {} mirror-on path={} dirty_tracks={dirty} passes={passes}",
+                    self.job.id, self.job.path
+                ));
+            }
+            if link.mirroring() && passes >= 4 * MAX_PASSES {
+                // Only growth faster than the copier can keep the set from shrinking now;
+                // the cutover copies the rest with writes held.
+                return Ok(());
+            }
+            self.resync_pass(true)?;
+            self.job.passes.fetch_add(1, Ordering::Relaxed);
+            stuck = if dirty >= prev { stuck + 1 } else { 0 };
+            prev = dirty;
+        }
+    }
+
+    fn flush_target(&self) -> JobResult<()> {
+        let vols: std::collections::BTreeSet<VolumeId> =
+            self.link().target.load().extents().iter().map(|e| e.volume).collect();
+        for v in vols {
+            self.shared.volume(v)?.flush().map_err(FsError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Steps j, k and l, with writes held (and, in close mode, opens): copy what is still
+    /// dirty and any growth, make the target durable, and switch the catalog in one op. The
+    /// data set's extent map is swapped under the catalog lock, so every I/O after it goes
+    /// to the target.
+    fn final_sync_and_switch(&mut self) -> JobResult<()> {
+        self.copy_growth(false)?;
+        self.resync_pass(false)?;
+        for f in self.in_flight.drain(..) {
+            f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
+        }
+        self.flush_target()?;
+        let node = self.node().clone();
+        let mut cat = self.shared.catalog.lock();
+        self.shared.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
+        self.shared.refresh_map(&cat, &node);
+        Ok(())
+    }
+
+    /// After the switch: wait for reads still on the old map, make the switch durable, then
+    /// free (and punch) the source tracks.
+    fn release_source(&mut self) -> JobResult<()> {
+        drop(self.node().gate.write());
+        self.shared.sync_log()?;
+        let mut cat = self.shared.catalog.lock();
+        self.shared.commit(&mut cat, Op::JobRelease { job: self.job.id })?;
+        Ok(())
+    }
+
+    fn switched(&mut self, stall: Duration) -> JobResult<()> {
+        let node = self.node().clone();
+        self.shared.unpin_node(&node)?;
+        let link = self.link().clone();
+        link.set_window(false);
+        self.job.link.store(None);
+        let us = stall.as_micros() as i64;
+        let what = match self.job.cutover {
+            Cutover::Live => {
+                self.job.stall_us.store(us, Ordering::Relaxed);
+                format!("stall_us={us}")
+            }
+            Cutover::Close => {
+                self.job.window_us.store(us, Ordering::Relaxed);
+                self.shared
+                    .migrations
+                    .event(format!("job {} downtime-end path={} window_us={us}", self.job.id, self.job.path));
+                format!("window_us={us}")
+            }
+        };
+        let released = self.release_source();
+        self.job.set_phase(Phase::Switched);
+        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
+        let extents = {
+            let cat = self.shared.catalog.lock();
+            match cat.catalog.get(self.job.ino).map(|i| &i.body) {
+                Some(Body::File { extents, .. }) => extents.len(),
+                _ => 0,
+            }
+        };
+        self.shared.migrations.event(format!(
+            "job {} switched path={} {what} extents={extents} passes={} mirrored={} copy_rate={}",
+            self.job.id,
+            self.job.path,
+            self.job.passes.load(Ordering::Relaxed),
+            self.job.mirrored.load(Ordering::Relaxed),
+            self.job.copy_rate.load(Ordering::Relaxed)
+        ));
+        if let Err(End::Failed(e)) = released {
+            // The switch is in the catalog; the next mount frees the source.
+            log::warn!("job {}: freeing the source after the switch: {e}", self.job.id);
+        }
+        Ok(())
+    }
+
+    /// Live cutover: hold the writes (waiting for those in flight), final re-sync, switch,
+    /// release. Reads go on throughout.
+    fn cutover_live(&mut self) -> JobResult<()> {
+        self.job.set_phase(Phase::Cutover);
+        self.flush_target()?;
+        let node = self.node().clone();
+        let t0 = Instant::now();
+        let hold = node.write_hold.write();
+        self.final_sync_and_switch()?;
+        node.job.store(None);
+        drop(hold);
+        self.switched(t0.elapsed())
+    }
+
+    /// Close cutover, the patent's method: ask for a close (h), and when the last handle is
+    /// released open the downtime window (i): new opens wait. Final re-sync (j, k), switch
+    /// (l), and let the opens through (m).
+    fn cutover_close(&mut self) -> JobResult<()> {
+        let m = &self.shared.migrations;
+        self.job.set_phase(Phase::AwaitingClose);
+        m.event(format!("job {} close-requested path={}", self.job.id, self.job.path));
+        let node = self.node().clone();
+        let link = self.link().clone();
+        loop {
+            self.check()?;
+            if self.shared.open_window_if_closed(&node, &link) {
+                break;
+            }
+            link.wait_closed(Duration::from_millis(100));
+            // Keep the dirty set small while the applications finish.
+            self.copy_growth(true)?;
+            if link.dirty.count_dirty() > 0 {
+                self.resync_pass(true)?;
+            }
+        }
+        let t0 = Instant::now();
+        m.event(format!("job {} downtime-start path={}", self.job.id, self.job.path));
+        self.job.set_phase(Phase::Cutover);
+        let hold = node.write_hold.write();
+        if let Err(e) = self.final_sync_and_switch() {
+            drop(hold);
+            return Err(e);
+        }
+        node.job.store(None);
+        drop(hold);
+        self.switched(t0.elapsed())
+    }
+
+    /// Take the job's hooks out of the data set (no mirrored write is in flight after it),
+    /// and let any waiting opens through.
+    fn detach(&mut self) {
+        if let (Some(node), Some(link)) = (self.node.clone(), self.link.clone()) {
+            {
+                let _hold = node.write_hold.write();
+                node.job.store(None);
+            }
+            if let Err(e) = self.shared.unpin_node(&node) {
+                log::warn!("job {}: releasing the data set: {e}", self.job.id);
+            }
+            link.set_window(false);
+        }
+        self.job.link.store(None);
+        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Roll back: free the target; the source was never changed.
+    fn drop_record(&self) -> Result<(), FsError> {
+        self.shared.migrations.drop_record(self.shared, self.job.id)
+    }
+}

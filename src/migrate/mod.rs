@@ -1,0 +1,833 @@
+//! Migrations: jobs (one data set each), plans of jobs (merge, drain), the control verbs,
+//! events and status. docs/design.md maps the method's steps (a to m) to this code.
+//!
+//! - [`execute`] runs one control line (from `.ferry/control` or the CLI).
+//! - A job is recorded in the catalog when it is queued ([`Op::JobStart`] with no target);
+//!   its target is reserved when it starts ([`Op::JobGrow`]). A plan is recorded too
+//!   ([`Op::PlanStart`]), and its source volumes stop taking allocations.
+//! - At most `max-jobs` jobs run at once, each on its own thread (job.rs); the rest wait in
+//!   the queue.
+//! - [`recover`] runs at mount: a job that switched frees its source; one that did not is
+//!   rolled back (its target freed, the source untouched) and started again from the
+//!   beginning; a plan carries on with whatever is still on its sources.
+
+pub mod command;
+mod job;
+pub mod pace;
+pub mod plan;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use crate::catalog::model::{Body, Catalog, Cutover, Ino, JobRec, Op, PlanKind, PlanRec};
+use crate::fs::{FsError, Shared};
+use crate::monitor::JobLink;
+use crate::pool::now_ns;
+use crate::report::{self, JobReport, PlanReport};
+use crate::space::VolumeId;
+use command::{Command, JobOptions};
+use pace::TokenBucket;
+use plan::{names, tracks_text, PlannedJob};
+
+/// Lines of `.ferry/events` kept in memory (the oldest go first).
+pub const EVENTS_KEPT: usize = 10_000;
+/// Jobs that copy at once, unless `mount --max-jobs` or `set max-jobs=` says otherwise.
+pub const DEFAULT_MAX_JOBS: usize = 2;
+/// A plan re-plans this many times for data sets that still sit on its sources (moved there
+/// by growth that raced the plan) before it gives up.
+const PLAN_ROUNDS: u32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Queued,
+    Assessing,
+    Allocating,
+    Copying,
+    Resyncing,
+    AwaitingClose,
+    Cutover,
+    Switched,
+    Cancelled,
+    Failed,
+    Stopped,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Assessing => "assessing",
+            Phase::Allocating => "allocating",
+            Phase::Copying => "copying",
+            Phase::Resyncing => "resyncing",
+            Phase::AwaitingClose => "awaiting-close",
+            Phase::Cutover => "cutover",
+            Phase::Switched => "switched",
+            Phase::Cancelled => "cancelled",
+            Phase::Failed => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Switched | Phase::Cancelled | Phase::Failed | Phase::Stopped)
+    }
+}
+
+/// A job as this mount runs it.
+#[derive(Debug)]
+pub struct JobState {
+    pub id: u64,
+    pub ino: Ino,
+    pub path: String,
+    pub targets: Vec<VolumeId>,
+    pub cutover: Cutover,
+    pub plan: Option<u64>,
+    pub started_ns: i64,
+    pub rate: TokenBucket,
+    phase: Mutex<Phase>,
+    error: Mutex<Option<String>>,
+    cancel: AtomicBool,
+    pub bytes_copied: AtomicU64,
+    pub bytes_resynced: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub passes: AtomicU32,
+    pub mirrored: AtomicBool,
+    pub copy_rate: AtomicU64,
+    pub stall_us: AtomicI64,
+    pub window_us: AtomicI64,
+    pub ended_ns: AtomicI64,
+    pub link: ArcSwapOption<JobLink>,
+}
+
+impl JobState {
+    fn new(rec: &JobRec) -> JobState {
+        JobState {
+            id: rec.id,
+            ino: rec.ino,
+            path: rec.path.clone(),
+            targets: rec.targets.clone(),
+            cutover: rec.cutover,
+            plan: rec.plan,
+            started_ns: rec.started_ns,
+            rate: TokenBucket::new(rec.rate_bytes_per_s),
+            phase: Mutex::new(Phase::Queued),
+            error: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            bytes_copied: AtomicU64::new(0),
+            bytes_resynced: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
+            passes: AtomicU32::new(0),
+            mirrored: AtomicBool::new(false),
+            copy_rate: AtomicU64::new(0),
+            stall_us: AtomicI64::new(-1),
+            window_us: AtomicI64::new(-1),
+            ended_ns: AtomicI64::new(0),
+            link: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.lock()
+    }
+
+    fn set_phase(&self, p: Phase) {
+        *self.phase.lock() = p;
+    }
+
+    fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    fn fail(&self, m: &Migrations, why: String) {
+        m.event(format!("job {} failed path={} reason={why:?}", self.id, self.path));
+        *self.error.lock() = Some(why);
+        self.set_phase(Phase::Failed);
+        self.ended_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    fn report(&self, c: &Catalog, track_bytes: u64) -> JobReport {
+        let link = self.link.load();
+        let opt = |v: i64| (v >= 0).then_some(v as u64);
+        JobReport {
+            id: self.id,
+            path: self.path.clone(),
+            plan: self.plan,
+            phase: self.phase().name().into(),
+            cutover: self.cutover.name().into(),
+            targets: self.targets.iter().map(|&v| plan::volume_name(c, v)).collect(),
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            bytes_resynced: self.bytes_resynced.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            dirty_tracks: link.as_ref().map_or(0, |l| l.dirty.count_dirty()),
+            track_size_bytes: track_bytes,
+            passes: self.passes.load(Ordering::Relaxed),
+            mirrored: self.mirrored.load(Ordering::Relaxed),
+            mirrored_writes: link.as_ref().map_or(0, |l| l.mirrored_writes.load(Ordering::Relaxed)),
+            rate_limit_bytes_per_s: self.rate.rate(),
+            copy_rate_bytes_per_s: self.copy_rate.load(Ordering::Relaxed),
+            started: rfc3339(self.started_ns),
+            started_ns: self.started_ns,
+            ended_ns: Some(self.ended_ns.load(Ordering::Relaxed)).filter(|&t| t > 0),
+            stall_us: opt(self.stall_us.load(Ordering::Relaxed)),
+            window_us: opt(self.window_us.load(Ordering::Relaxed)),
+            error: self.error.lock().clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PlanPhase {
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub struct PlanState {
+    rec: PlanRec,
+    jobs: Mutex<Vec<u64>>,
+    phase: Mutex<PlanPhase>,
+    error: Mutex<Option<String>>,
+    rounds: AtomicU32,
+    cancel: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<u64, Arc<JobState>>,
+    plans: BTreeMap<u64, Arc<PlanState>>,
+    queue: VecDeque<Arc<JobState>>,
+    running: usize,
+    threads: Vec<JoinHandle<()>>,
+    next_id: u64,
+}
+
+/// The migrations of one mount.
+#[derive(Default)]
+pub struct Migrations {
+    inner: Mutex<Inner>,
+    events: Mutex<VecDeque<String>>,
+    /// The pool-wide copy rate cap (0: none).
+    pub copy_rate: TokenBucket,
+    max_jobs: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+/// A refused control line: what to say, and the errno for the write that carried it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub errno: i32,
+    pub message: String,
+}
+
+fn refuse<T>(errno: i32, message: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal { errno, message: message.into() })
+}
+
+impl From<FsError> for Refusal {
+    fn from(e: FsError) -> Refusal {
+        Refusal { errno: e.errno().code(), message: e.to_string() }
+    }
+}
+
+pub fn rfc3339(ns: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+impl Migrations {
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub fn max_jobs(&self) -> usize {
+        match self.max_jobs.load(Ordering::Relaxed) {
+            0 => DEFAULT_MAX_JOBS,
+            n => n,
+        }
+    }
+
+    pub fn set_max_jobs(&self, n: usize) {
+        self.max_jobs.store(n, Ordering::Relaxed);
+    }
+
+    /// Append a timestamped line to `.ferry/events` (and the mount's log).
+    pub fn event(&self, text: String) {
+        let line = format!("{} {text}", humantime::format_rfc3339_micros(SystemTime::now()));
+        info!("{text}");
+        let mut ev = self.events.lock();
+        if ev.len() >= EVENTS_KEPT {
+            ev.pop_front();
+        }
+        ev.push_back(line);
+    }
+
+    pub fn events_text(&self) -> Vec<u8> {
+        let ev = self.events.lock();
+        let mut out = Vec::new();
+        for l in ev.iter() {
+            out.extend_from_slice(l.as_bytes());
+            out.push(b'\n');
+        }
+        out
+    }
+
+    /// Every job and plan of this mount. Lock order: `inner` before the catalog, so the
+    /// caller must not hold the catalog.
+    pub fn reports(&self, shared: &Shared) -> (Vec<JobReport>, Vec<PlanReport>) {
+        let (jobs, plans): (Vec<Arc<JobState>>, Vec<Arc<PlanState>>) = {
+            let inner = self.inner.lock();
+            (inner.jobs.values().cloned().collect(), inner.plans.values().cloned().collect())
+        };
+        let cat = shared.catalog.lock();
+        let c = &cat.catalog;
+        let tb = c.geometry.track_size_bytes();
+        let jobs = jobs.iter().map(|j| j.report(c, tb)).collect();
+        let plans = plans
+            .iter()
+            .map(|p| PlanReport {
+                id: p.rec.id,
+                kind: p.rec.kind.name().into(),
+                phase: match *p.phase.lock() {
+                    PlanPhase::Running => "running",
+                    PlanPhase::Done => "done",
+                    PlanPhase::Failed => "failed",
+                    PlanPhase::Cancelled => "cancelled",
+                }
+                .into(),
+                sources: p.rec.sources.iter().map(|&v| plan::volume_name(c, v)).collect(),
+                targets: p.rec.targets.iter().map(|&v| plan::volume_name(c, v)).collect(),
+                cutover: p.rec.cutover.name().into(),
+                jobs: p.jobs.lock().clone(),
+                error: p.error.lock().clone(),
+            })
+            .collect();
+        (jobs, plans)
+    }
+
+    /// Inodes with a job that has not ended.
+    fn busy(&self) -> HashSet<Ino> {
+        self.inner.lock().jobs.values().filter(|j| !j.phase().is_final()).map(|j| j.ino).collect()
+    }
+
+    fn next_id(inner: &mut Inner, c: &Catalog) -> u64 {
+        inner.next_id = inner.next_id.max(c.next_job);
+        let id = inner.next_id;
+        inner.next_id += 1;
+        id
+    }
+
+    /// Roll a job back in the catalog: its target (if any) is freed and punched.
+    fn drop_record(&self, shared: &Shared, id: u64) -> Result<(), FsError> {
+        let mut cat = shared.catalog.lock();
+        if cat.catalog.jobs.get(&id).is_some_and(|j| !j.switched) {
+            shared.commit(&mut cat, Op::JobCancel { job: id })?;
+        }
+        Ok(())
+    }
+
+    /// Stop every job (at unmount): each detaches from its data set and leaves its record,
+    /// which the next mount rolls back and starts again.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let threads = std::mem::take(&mut self.inner.lock().threads);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Queue a job (recorded in the catalog, no target yet).
+fn enqueue(
+    shared: &Arc<Shared>,
+    inner: &mut Inner,
+    cat: &mut crate::catalog::store::Store,
+    p: &PlannedJob,
+    opts: &JobOptions,
+    plan: Option<u64>,
+) -> Result<Arc<JobState>, FsError> {
+    let id = Migrations::next_id(inner, &cat.catalog);
+    let rec = JobRec {
+        id,
+        ino: p.ino,
+        path: p.path.clone(),
+        targets: p.targets.clone(),
+        target: Vec::new(),
+        release: Vec::new(),
+        switched: false,
+        cutover: opts.cutover,
+        rate_bytes_per_s: opts.rate_bytes_per_s,
+        plan,
+        started_ns: now_ns(),
+    };
+    shared.commit(cat, Op::JobStart { job: rec.clone() })?;
+    let job = Arc::new(JobState::new(&rec));
+    inner.jobs.insert(id, job.clone());
+    inner.queue.push_back(job.clone());
+    Ok(job)
+}
+
+/// Start queued jobs while there are free slots.
+fn pump(shared: &Arc<Shared>) {
+    let m = &shared.migrations;
+    let mut inner = m.inner.lock();
+    inner.threads.retain(|t| !t.is_finished());
+    while inner.running < m.max_jobs() && !m.stopping() {
+        let Some(job) = inner.queue.pop_front() else { break };
+        if job.phase().is_final() {
+            continue;
+        }
+        inner.running += 1;
+        let sh = shared.clone();
+        let spawned = std::thread::Builder::new().name(format!("ferry-job-{}", job.id)).spawn(move || {
+            job::run(&sh, &job);
+            finished(&sh, &job);
+        });
+        match spawned {
+            Ok(t) => inner.threads.push(t),
+            Err(e) => {
+                inner.running -= 1;
+                warn!("starting a job thread: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn finished(shared: &Arc<Shared>, job: &Arc<JobState>) {
+    let m = &shared.migrations;
+    m.inner.lock().running -= 1;
+    if m.stopping() {
+        return;
+    }
+    if let Some(p) = job.plan {
+        let plan = m.inner.lock().plans.get(&p).cloned();
+        if let Some(plan) = plan {
+            plan_progress(shared, &plan);
+        }
+    }
+    pump(shared);
+}
+
+/// A plan's jobs have all ended, or one did: finish the plan when its sources are empty,
+/// re-plan what is still on them, or give up.
+fn plan_progress(shared: &Arc<Shared>, plan: &Arc<PlanState>) {
+    let m = &shared.migrations;
+    let mut inner = m.inner.lock();
+    if *plan.phase.lock() != PlanPhase::Running {
+        return;
+    }
+    let ids = plan.jobs.lock().clone();
+    let states: Vec<Arc<JobState>> = ids.iter().filter_map(|id| inner.jobs.get(id).cloned()).collect();
+    if states.iter().any(|j| !j.phase().is_final()) {
+        return;
+    }
+    let busy: HashSet<Ino> = inner.jobs.values().filter(|j| !j.phase().is_final()).map(|j| j.ino).collect();
+    let mut cat = shared.catalog.lock();
+    let failed = states.iter().find(|j| j.phase() == Phase::Failed);
+    let end = |cat: &mut crate::catalog::store::Store, phase: PlanPhase, why: Option<String>| {
+        let reopen = phase != PlanPhase::Done;
+        if let Err(e) = shared.commit(cat, Op::PlanEnd { plan: plan.rec.id, reopen }) {
+            warn!("ending plan {}: {e}", plan.rec.id);
+        }
+        *plan.phase.lock() = phase;
+        let kind = plan.rec.kind.name();
+        match &why {
+            None => m.event(format!(
+                "plan {} {kind}-done sources={} (empty)",
+                plan.rec.id,
+                names(&cat.catalog, &plan.rec.sources)
+            )),
+            Some(w) => m.event(format!(
+                "plan {} {kind}-{} reason={w:?}",
+                plan.rec.id,
+                if phase == PlanPhase::Cancelled { "cancelled" } else { "failed" }
+            )),
+        }
+        *plan.error.lock() = why;
+    };
+    if plan.cancel.load(Ordering::Acquire) {
+        end(&mut cat, PlanPhase::Cancelled, Some("cancelled".into()));
+        return;
+    }
+    if let Some(f) = failed {
+        let why = format!("job {} failed: {}", f.id, f.error.lock().clone().unwrap_or_default());
+        end(&mut cat, PlanPhase::Failed, Some(why));
+        return;
+    }
+    let left = match replan(&cat.catalog, &plan.rec, &busy) {
+        Ok(left) => left,
+        Err(e) => {
+            end(&mut cat, PlanPhase::Failed, Some(e));
+            return;
+        }
+    };
+    if left.is_empty() {
+        end(&mut cat, PlanPhase::Done, None);
+        return;
+    }
+    if plan.rounds.fetch_add(1, Ordering::AcqRel) + 1 >= PLAN_ROUNDS {
+        end(&mut cat, PlanPhase::Failed, Some(format!("{} data sets are still on the sources", left.len())));
+        return;
+    }
+    let opts = JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s };
+    for p in &left {
+        match enqueue(shared, &mut inner, &mut cat, p, &opts, Some(plan.rec.id)) {
+            Ok(j) => plan.jobs.lock().push(j.id),
+            Err(e) => warn!("plan {}: queueing {}: {e}", plan.rec.id, p.path),
+        }
+    }
+}
+
+fn replan(c: &Catalog, rec: &PlanRec, busy: &HashSet<Ino>) -> Result<Vec<PlannedJob>, String> {
+    match rec.kind {
+        PlanKind::Merge => plan::plan_merge(c, &rec.sources, rec.targets[0], busy),
+        PlanKind::Drain => plan::plan_drain(c, rec.sources[0], &rec.targets, busy),
+    }
+}
+
+fn volume_id(c: &Catalog, name: &str) -> Result<VolumeId, Refusal> {
+    match c.volume_by_name(name) {
+        Some(v) => Ok(v.id),
+        None => {
+            let known: Vec<&str> = c.volumes.values().map(|v| v.name.as_str()).collect();
+            refuse(libc::ENOENT, format!("no volume named {name:?} (the pool has {})", known.join(", ")))
+        }
+    }
+}
+
+fn open_target(c: &Catalog, name: &str) -> Result<VolumeId, Refusal> {
+    let id = volume_id(c, name)?;
+    if c.closed_volumes.contains(&id) {
+        return refuse(
+            libc::EINVAL,
+            format!("volume {name} is being emptied (a merge or drain source); it takes no data"),
+        );
+    }
+    Ok(id)
+}
+
+/// The data sets at `path` (itself, or every one under a directory).
+fn data_sets_at(c: &Catalog, path: &str) -> Result<Vec<PlannedJob>, Refusal> {
+    let Some(ino) = report::resolve(c, path) else { return refuse(libc::ENOENT, format!("no such path: {path}")) };
+    match c.get(ino).map(|i| &i.body) {
+        Some(Body::File { .. }) | Some(Body::Dir { .. }) => {}
+        _ => return refuse(libc::EINVAL, format!("{path} is not a data set or a directory")),
+    }
+    let list = report::list(c, path).map(|l| l.data_sets).unwrap_or_default();
+    Ok(list
+        .into_iter()
+        .map(|d| PlannedJob { ino: d.ino, path: d.path, tracks: d.allocated_tracks, targets: Vec::new() })
+        .collect())
+}
+
+/// Run one control line. `Ok` is the reply line (without its newline).
+pub fn execute(shared: &Arc<Shared>, line: &str) -> Result<String, Refusal> {
+    let cmd = match command::parse(line.trim()) {
+        Ok(c) => c,
+        Err(e) => return refuse(libc::EINVAL, e),
+    };
+    let m = &shared.migrations;
+    if m.stopping() {
+        return refuse(libc::ESHUTDOWN, "the mount is stopping");
+    }
+    let reply = match cmd {
+        Command::Migrate { paths, to, opts } => migrate(shared, &paths, &to, &opts)?,
+        Command::Merge { sources, into, opts } => start_plan(shared, PlanKind::Merge, &sources, &[into], &opts)?,
+        Command::Drain { source, to, opts } => start_plan(shared, PlanKind::Drain, &[source], &to, &opts)?,
+        Command::Cancel { id } => cancel(shared, id)?,
+        Command::Retire { volume } => retire(shared, &volume)?,
+        Command::SetCopyRate { bytes_per_s } => {
+            m.copy_rate.set_rate(bytes_per_s);
+            format!("ok copy-rate={bytes_per_s}")
+        }
+        Command::SetMaxJobs { jobs } => {
+            m.set_max_jobs(jobs);
+            pump(shared);
+            format!("ok max-jobs={jobs}")
+        }
+    };
+    pump(shared);
+    Ok(reply)
+}
+
+fn job_list(jobs: &[Arc<JobState>]) -> String {
+    jobs.iter().map(|j| j.id.to_string()).collect::<Vec<_>>().join(" ")
+}
+
+fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOptions) -> Result<String, Refusal> {
+    let m = &shared.migrations;
+    let busy = m.busy();
+    let mut inner = m.inner.lock();
+    let mut cat = shared.catalog.lock();
+    let c = &cat.catalog;
+    let targets = to.iter().map(|n| open_target(c, n)).collect::<Result<Vec<_>, _>>()?;
+    let mut planned: Vec<PlannedJob> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in paths {
+        for mut d in data_sets_at(c, p)? {
+            if !seen.insert(d.ino) {
+                continue;
+            }
+            if busy.contains(&d.ino) || c.job_of(d.ino).is_some() {
+                return refuse(libc::EBUSY, format!("{} is already being migrated", d.path));
+            }
+            d.targets = targets.clone();
+            planned.push(d);
+        }
+    }
+    if planned.is_empty() {
+        return refuse(libc::ENOENT, format!("no data set under {}", paths.join(" ")));
+    }
+    let need: u64 = planned.iter().map(|p| p.tracks).sum();
+    let free = plan::free_on(c, &targets);
+    if need > free {
+        return refuse(
+            libc::ENOSPC,
+            format!(
+                "target full: the data sets hold {}; {} {} free",
+                tracks_text(c, need),
+                names(c, &targets),
+                tracks_text(c, free)
+            ),
+        );
+    }
+    let mut jobs = Vec::new();
+    for p in &planned {
+        jobs.push(enqueue(shared, &mut inner, &mut cat, p, opts, None)?);
+    }
+    drop(cat);
+    drop(inner);
+    Ok(format!("ok jobs {}", job_list(&jobs)))
+}
+
+fn start_plan(
+    shared: &Arc<Shared>,
+    kind: PlanKind,
+    sources: &[String],
+    targets: &[String],
+    opts: &JobOptions,
+) -> Result<String, Refusal> {
+    let m = &shared.migrations;
+    let busy = m.busy();
+    let mut inner = m.inner.lock();
+    let mut cat = shared.catalog.lock();
+    let c = &cat.catalog;
+    let sources = sources.iter().map(|n| volume_id(c, n)).collect::<Result<Vec<_>, _>>()?;
+    let mut uniq = sources.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if uniq.len() != sources.len() {
+        return refuse(libc::EINVAL, "a source volume is named twice");
+    }
+    let targets = if targets.is_empty() {
+        c.open_volumes().map(|v| v.id).filter(|v| !sources.contains(v)).collect()
+    } else {
+        targets.iter().map(|n| open_target(c, n)).collect::<Result<Vec<_>, _>>()?
+    };
+    if targets.is_empty() {
+        return refuse(libc::ENOSPC, "no volume is left to move the data sets to");
+    }
+    if let Some(t) = targets.iter().find(|t| sources.contains(t)) {
+        return refuse(libc::EINVAL, format!("volume {} is both a source and a target", plan::volume_name(c, *t)));
+    }
+    if let Some(p) = c.plans.values().find(|p| p.sources.iter().any(|s| sources.contains(s) || targets.contains(s))) {
+        return refuse(libc::EBUSY, format!("plan {} is already emptying {}", p.id, names(c, &p.sources)));
+    }
+    let id = Migrations::next_id(&mut inner, c);
+    let rec = PlanRec {
+        id,
+        kind,
+        sources: sources.clone(),
+        targets: targets.clone(),
+        cutover: opts.cutover,
+        rate_bytes_per_s: opts.rate_bytes_per_s,
+        started_ns: now_ns(),
+    };
+    let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
+    if let Some(b) = busy.iter().find(|ino| on_any(c, **ino, &sources)) {
+        let path = c.job_of(*b).map(|j| j.path.clone()).unwrap_or_else(|| format!("inode {b}"));
+        return refuse(libc::EBUSY, format!("{path} is on a source volume and already being migrated; wait for it"));
+    }
+    shared.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
+    let state = Arc::new(PlanState {
+        rec,
+        jobs: Mutex::new(Vec::new()),
+        phase: Mutex::new(PlanPhase::Running),
+        error: Mutex::new(None),
+        rounds: AtomicU32::new(0),
+        cancel: AtomicBool::new(false),
+    });
+    inner.plans.insert(id, state.clone());
+    let mut jobs = Vec::new();
+    for p in &planned {
+        jobs.push(enqueue(shared, &mut inner, &mut cat, p, opts, Some(id))?);
+    }
+    *state.jobs.lock() = jobs.iter().map(|j| j.id).collect();
+    let c = &cat.catalog;
+    m.event(format!(
+        "plan {id} {}-start sources={} targets={} jobs={}",
+        kind.name(),
+        names(c, &sources),
+        names(c, &targets),
+        jobs.len()
+    ));
+    drop(cat);
+    drop(inner);
+    if jobs.is_empty() {
+        plan_progress(shared, &state);
+    }
+    Ok(format!("ok plan {id} jobs {}", job_list(&jobs)).trim_end().to_string())
+}
+
+fn on_any(c: &Catalog, ino: Ino, vols: &[VolumeId]) -> bool {
+    matches!(c.get(ino).map(|i| &i.body), Some(Body::File { extents, .. }) if extents.iter().any(|e| vols.contains(&e.volume)))
+}
+
+fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
+    let m = &shared.migrations;
+    let (job, plan) = {
+        let inner = m.inner.lock();
+        (inner.jobs.get(&id).cloned(), inner.plans.get(&id).cloned())
+    };
+    if let Some(plan) = plan {
+        if *plan.phase.lock() != PlanPhase::Running {
+            return refuse(libc::EINVAL, format!("plan {id} has already ended"));
+        }
+        plan.cancel.store(true, Ordering::Release);
+        let ids = plan.jobs.lock().clone();
+        for j in ids {
+            let _ = cancel(shared, j);
+        }
+        plan_progress(shared, &plan);
+        return Ok(format!("ok cancelling plan {id}"));
+    }
+    let Some(job) = job else { return refuse(libc::ENOENT, format!("no job or plan {id}")) };
+    match job.phase() {
+        Phase::Switched => return refuse(libc::EINVAL, format!("job {id} has already switched")),
+        p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
+        Phase::Cutover => return refuse(libc::EBUSY, format!("job {id} is switching; too late to cancel")),
+        Phase::Queued => {
+            job.cancel.store(true, Ordering::Release);
+            let removed = {
+                let mut inner = m.inner.lock();
+                let before = inner.queue.len();
+                inner.queue.retain(|j| j.id != id);
+                before != inner.queue.len()
+            };
+            if removed {
+                m.drop_record(shared, id)?;
+                job.set_phase(Phase::Cancelled);
+                job.ended_ns.store(now_ns(), Ordering::Relaxed);
+                m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
+                if let Some(p) = job.plan {
+                    let plan = m.inner.lock().plans.get(&p).cloned();
+                    if let Some(plan) = plan {
+                        plan_progress(shared, &plan);
+                    }
+                }
+            }
+        }
+        _ => job.cancel.store(true, Ordering::Release),
+    }
+    Ok(format!("ok cancelling job {id}"))
+}
+
+fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
+    let inner = shared.migrations.inner.lock();
+    let mut cat = shared.catalog.lock();
+    let c = &cat.catalog;
+    let id = volume_id(c, name)?;
+    if let Some(j) = inner.jobs.values().find(|j| !j.phase().is_final() && j.targets.contains(&id)) {
+        return refuse(libc::EBUSY, format!("volume {name} is a target of job {}", j.id));
+    }
+    let v = &c.volumes[&id];
+    if v.free.free_tracks() != v.free.tracks_total() {
+        let used = v.free.tracks_total() - v.free.free_tracks();
+        return refuse(libc::ENOTEMPTY, format!("volume {name} is not empty ({used} tracks in use); drain it first"));
+    }
+    if c.plans.values().any(|p| p.targets.contains(&id) || p.sources.contains(&id)) {
+        return refuse(libc::EBUSY, format!("volume {name} is part of a running plan"));
+    }
+    let path = v.path.clone();
+    shared.commit(&mut cat, Op::RemoveVolume { id })?;
+    drop(cat);
+    drop(inner);
+    shared.sync_log()?;
+    shared.forget_volume(id);
+    let removed = crate::pool::remove_retired_image(&shared.pool_dir, std::path::Path::new(&path));
+    shared.migrations.event(format!("volume {name} retired image={path} removed={removed}"));
+    Ok(format!("ok retired {name}{}", if removed { "" } else { " (its image is outside the pool and was kept)" }))
+}
+
+/// At mount, before serving: settle every job the catalog holds. A switched job frees its
+/// source; any other is rolled back (target freed, source untouched, it held every
+/// acknowledged write). Returns the jobs to start again.
+pub fn recover(shared: &Shared) -> Result<Vec<JobRec>, FsError> {
+    let mut cat = shared.catalog.lock();
+    let jobs: Vec<JobRec> = cat.catalog.jobs.values().cloned().collect();
+    let mut again = Vec::new();
+    for j in jobs {
+        if j.switched {
+            shared.commit(&mut cat, Op::JobRelease { job: j.id })?;
+            warn!("job {} ({}) had switched; freed its source", j.id, j.path);
+        } else {
+            shared.commit(&mut cat, Op::JobCancel { job: j.id })?;
+            warn!("job {} ({}) had not switched; rolled back (target freed)", j.id, j.path);
+            if j.plan.is_none() {
+                again.push(j);
+            }
+        }
+    }
+    Ok(again)
+}
+
+/// After recovery: start the rolled-back jobs again, and carry on with the recorded plans.
+pub fn resume(shared: &Arc<Shared>, again: Vec<JobRec>) {
+    let m = &shared.migrations;
+    {
+        let mut inner = m.inner.lock();
+        let mut cat = shared.catalog.lock();
+        for j in again {
+            let alive = cat.catalog.get(j.ino).is_some_and(|i| i.meta.nlink > 0 && !i.is_dir());
+            if !alive {
+                m.event(format!("job {} not resumed path={} (the data set is gone)", j.id, j.path));
+                continue;
+            }
+            let p = PlannedJob { ino: j.ino, path: j.path.clone(), tracks: 0, targets: j.targets.clone() };
+            let opts = JobOptions { cutover: j.cutover, rate_bytes_per_s: j.rate_bytes_per_s };
+            match enqueue(shared, &mut inner, &mut cat, &p, &opts, None) {
+                Ok(n) => m.event(format!("job {} resumed as job {} path={} (from the start)", j.id, n.id, j.path)),
+                Err(e) => m.event(format!("job {} not resumed path={} reason={:?}", j.id, j.path, e.to_string())),
+            }
+        }
+        let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
+        for rec in plans {
+            let id = rec.id;
+            let state = Arc::new(PlanState {
+                rec,
+                jobs: Mutex::new(Vec::new()),
+                phase: Mutex::new(PlanPhase::Running),
+                error: Mutex::new(None),
+                rounds: AtomicU32::new(0),
+                cancel: AtomicBool::new(false),
+            });
+            inner.plans.insert(id, state);
+            m.event(format!("plan {id} resumed"));
+        }
+    }
+    let plans: Vec<Arc<PlanState>> = m.inner.lock().plans.values().cloned().collect();
+    for p in plans {
+        plan_progress(shared, &p);
+    }
+    pump(shared);
+}
