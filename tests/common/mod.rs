@@ -2,6 +2,8 @@
 //! unmounted (even when a test panics), and helpers around the `ferryfs` CLI.
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
