@@ -102,6 +102,9 @@ pub struct JobLink {
     closed: Mutex<Option<i64>>,
     closed_cv: Condvar,
     pub last_close_ns: AtomicI64,
+    /// A mirrored write could not reach the target: the job fails (the application's write,
+    /// which reached the source, does not).
+    target_error: Mutex<Option<String>>,
 }
 
 /// The stripe locks of a range of tracks, held.
@@ -124,7 +127,16 @@ impl JobLink {
             closed: Mutex::new(None),
             closed_cv: Condvar::new(),
             last_close_ns: AtomicI64::new(0),
+            target_error: Mutex::new(None),
         }
+    }
+
+    pub fn fail_target(&self, why: String) {
+        self.target_error.lock().get_or_insert(why);
+    }
+
+    pub fn target_error(&self) -> Option<String> {
+        self.target_error.lock().clone()
     }
 
     pub fn copied_tracks(&self) -> u64 {

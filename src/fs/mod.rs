@@ -504,10 +504,16 @@ impl Shared {
         };
         write_pieces(&volumes, &map, offset, data)?;
         match &mirror {
-            Some((l, _guard)) => {
-                write_pieces(&volumes, &l.target.load(), offset, data)?;
-                l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
-            }
+            Some((l, _guard)) => match write_pieces(&volumes, &l.target.load(), offset, data) {
+                Ok(()) => {
+                    l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                // The source has the bytes; the job fails, not the application's write.
+                Err(e) => {
+                    l.fail_target(format!("mirrored write to the target: {e}"));
+                    node.mark_changed(g, offset, end);
+                }
+            },
             None => node.mark_changed(g, offset, end),
         }
         drop(mirror);
@@ -1573,6 +1579,102 @@ mod tests {
             shared.make_node(&cat, 2).unwrap()
         };
         (shared, node)
+    }
+
+    /// The monitor's promise (monitor.rs): with writers hammering a data set while a job
+    /// copies, re-syncs (and mirrors, once the dirty set stops shrinking) and switches, every
+    /// block ends with its last acknowledged write, read back from the target volume.
+    #[test]
+    fn no_write_slips_past_the_copier() {
+        for (writers, cutover) in [(1, "live"), (3, "live"), (2, "close")] {
+            let dir = tempfile::tempdir().unwrap();
+            let (sh, _) = shared_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
+            sh.volumes.write().insert(VolumeId(2), Arc::new(MemVolume::new(1024 * 4096)));
+            {
+                let mut cat = sh.catalog.lock();
+                cat.commit(Op::AddVolume {
+                    id: VolumeId(2),
+                    name: "V2".into(),
+                    path: "/mem2".into(),
+                    size_bytes: 1024 * 4096,
+                    tracks_total: 1024,
+                })
+                .unwrap();
+            }
+            // The data set outgrows V1 (64 tracks) and spans both volumes before the job.
+            let sh = Arc::new(sh);
+            let fs = FerryFs::new(sh.clone());
+            let fh = fs.open_file(2).unwrap();
+            let node = sh.file_handle(FileHandle(fh)).unwrap();
+            const BLOCKS: u64 = 2048; // 1 KiB blocks over 512 tracks of 4 KiB
+            let block = |b: u64, c: u64| vec![(b as u8) ^ (c as u8).wrapping_mul(31) | 1; 1024];
+            for b in 0..BLOCKS {
+                sh.write(&node, b * 1024, &block(b, 0)).unwrap();
+            }
+            let acked: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
+            let stop = Arc::new(AtomicBool::new(false));
+            let threads: Vec<_> = (0..writers)
+                .map(|k| {
+                    let (sh, node, acked, stop) = (sh.clone(), node.clone(), acked.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let mut c = 0u64;
+                        let mut x = 0x9E37_79B9u64 + k as u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let b = (x % (BLOCKS / writers as u64)) * writers as u64 + k as u64;
+                            c += 1;
+                            sh.write(&node, b * 1024, &block(b, c)).unwrap();
+                            acked[b as usize].store(c, Ordering::Release);
+                        }
+                    })
+                })
+                .collect();
+            // Capped, so that passes take long enough for the writers to outrun them.
+            let reply = crate::migrate::execute(&sh, &format!("migrate /f to V2 cutover={cutover} rate=8M")).unwrap();
+            assert_eq!(reply, "ok jobs 1");
+            let phase = |sh: &Arc<Shared>| sh.migrations.reports(sh).0[0].phase.clone();
+            let t0 = std::time::Instant::now();
+            // Close mode: the writers keep the data set open until the job asks for a close.
+            while !["switched", "failed", "awaiting-close"].contains(&phase(&sh).as_str()) {
+                assert!(t0.elapsed() < Duration::from_secs(60), "stuck in {}", phase(&sh));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stop.store(true, Ordering::Relaxed);
+            for t in threads {
+                t.join().unwrap();
+            }
+            if cutover == "close" {
+                fs.release_file(FileHandle(fh)).unwrap();
+            }
+            while !["switched", "failed"].contains(&phase(&sh).as_str()) {
+                assert!(t0.elapsed() < Duration::from_secs(60), "stuck in {}", phase(&sh));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let report = &sh.migrations.reports(&sh).0[0];
+            assert_eq!(report.phase, "switched", "{report:?}");
+            if cutover == "live" {
+                // The writers dirty every track during every pass: the job had to mirror.
+                assert!(report.mirrored && report.mirrored_writes > 0 && report.passes >= 2, "{report:?}");
+            }
+            let cat = sh.catalog.lock();
+            let Some(Body::File { extents, .. }) = cat.catalog.get(2).map(|i| &i.body) else { panic!() };
+            assert!(extents.iter().all(|e| e.volume == VolumeId(2)), "all on the target: {extents:?}");
+            let map = ExtentMap::new(sh.geometry, extents);
+            drop(cat);
+            let mut got = vec![0u8; (BLOCKS * 1024) as usize];
+            read_pieces(&sh.volumes.read(), &map, 0, &mut got).unwrap();
+            for b in 0..BLOCKS {
+                let want = block(b, acked[b as usize].load(Ordering::Acquire));
+                let at = (b * 1024) as usize;
+                assert!(
+                    got[at..at + 1024] == want[..],
+                    "{writers} writers, {cutover}: block {b} is stale on the target"
+                );
+            }
+            assert!(crate::catalog::check::check(&sh.catalog.lock().catalog).problems.is_empty());
+        }
     }
 
     #[test]

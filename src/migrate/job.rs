@@ -119,6 +119,9 @@ impl Runner<'_> {
         if self.job.cancel_requested() {
             return Err(End::Cancelled);
         }
+        if let Some(why) = self.link.as_ref().and_then(|l| l.target_error()) {
+            return Err(End::Failed(why));
+        }
         Ok(())
     }
 
@@ -450,6 +453,9 @@ impl Runner<'_> {
             f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
         }
         self.flush_target()?;
+        if let Some(why) = self.link().target_error() {
+            return Err(End::Failed(why));
+        }
         let node = self.node().clone();
         let mut cat = self.shared.catalog.lock();
         self.shared.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
@@ -472,7 +478,7 @@ impl Runner<'_> {
         self.shared.unpin_node(&node)?;
         let link = self.link().clone();
         link.set_window(false);
-        self.job.link.store(None);
+        self.job.unlink();
         let us = stall.as_micros() as i64;
         let what = match self.job.cutover {
             Cutover::Live => {
@@ -573,7 +579,7 @@ impl Runner<'_> {
             }
             link.set_window(false);
         }
-        self.job.link.store(None);
+        self.job.unlink();
         self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
     }
 

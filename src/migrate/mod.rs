@@ -104,6 +104,8 @@ pub struct JobState {
     pub stall_us: AtomicI64,
     pub window_us: AtomicI64,
     pub ended_ns: AtomicI64,
+    /// Mirrored writes, kept when the link goes.
+    pub mirrored_writes: AtomicU64,
     pub link: ArcSwapOption<JobLink>,
 }
 
@@ -130,6 +132,7 @@ impl JobState {
             stall_us: AtomicI64::new(-1),
             window_us: AtomicI64::new(-1),
             ended_ns: AtomicI64::new(0),
+            mirrored_writes: AtomicU64::new(0),
             link: ArcSwapOption::empty(),
         }
     }
@@ -144,6 +147,13 @@ impl JobState {
 
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// The job is done with its link: keep what the report needs from it.
+    fn unlink(&self) {
+        if let Some(l) = self.link.swap(None) {
+            self.mirrored_writes.store(l.mirrored_writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
     }
 
     fn fail(&self, m: &Migrations, why: String) {
@@ -170,7 +180,9 @@ impl JobState {
             track_size_bytes: track_bytes,
             passes: self.passes.load(Ordering::Relaxed),
             mirrored: self.mirrored.load(Ordering::Relaxed),
-            mirrored_writes: link.as_ref().map_or(0, |l| l.mirrored_writes.load(Ordering::Relaxed)),
+            mirrored_writes: link
+                .as_ref()
+                .map_or(self.mirrored_writes.load(Ordering::Relaxed), |l| l.mirrored_writes.load(Ordering::Relaxed)),
             rate_limit_bytes_per_s: self.rate.rate(),
             copy_rate_bytes_per_s: self.copy_rate.load(Ordering::Relaxed),
             started: rfc3339(self.started_ns),
@@ -409,11 +421,12 @@ fn finished(shared: &Arc<Shared>, job: &Arc<JobState>) {
     if m.stopping() {
         return;
     }
-    if let Some(p) = job.plan {
-        let plan = m.inner.lock().plans.get(&p).cloned();
-        if let Some(plan) = plan {
-            plan_progress(shared, &plan);
-        }
+    // Any running plan may be waiting for this data set (a job of its own, or one that
+    // started before the plan and kept the data set busy).
+    let _ = job;
+    let plans: Vec<Arc<PlanState>> = m.inner.lock().plans.values().cloned().collect();
+    for plan in plans {
+        plan_progress(shared, &plan);
     }
     pump(shared);
 }
@@ -462,6 +475,10 @@ fn plan_progress(shared: &Arc<Shared>, plan: &Arc<PlanState>) {
     if let Some(f) = failed {
         let why = format!("job {} failed: {}", f.id, f.error.lock().clone().unwrap_or_default());
         end(&mut cat, PlanPhase::Failed, Some(why));
+        return;
+    }
+    // Data sets on the sources that another job is moving: wait for it to end.
+    if busy.iter().any(|ino| on_any(&cat.catalog, *ino, &plan.rec.sources)) {
         return;
     }
     let left = match replan(&cat.catalog, &plan.rec, &busy) {
@@ -654,10 +671,6 @@ fn start_plan(
         started_ns: now_ns(),
     };
     let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
-    if let Some(b) = busy.iter().find(|ino| on_any(c, **ino, &sources)) {
-        let path = c.job_of(*b).map(|j| j.path.clone()).unwrap_or_else(|| format!("inode {b}"));
-        return refuse(libc::EBUSY, format!("{path} is on a source volume and already being migrated; wait for it"));
-    }
     shared.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
     let state = Arc::new(PlanState {
         rec,

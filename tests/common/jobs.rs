@@ -70,8 +70,10 @@ pub fn wait_jobs(mnt: &Path, ids: &[u64]) -> Vec<Value> {
     let start = Instant::now();
     loop {
         let st = status(mnt);
-        let jobs: Vec<Value> =
-            ids.iter().map(|id| st["jobs"].as_array().unwrap().iter().find(|j| j["id"] == *id).cloned().unwrap_or(Value::Null)).collect();
+        let jobs: Vec<Value> = ids
+            .iter()
+            .map(|id| st["jobs"].as_array().unwrap().iter().find(|j| j["id"] == *id).cloned().unwrap_or(Value::Null))
+            .collect();
         if jobs.iter().all(|j| j["phase"].as_str().is_some_and(is_final)) {
             return jobs;
         }
