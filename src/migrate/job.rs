@@ -443,16 +443,18 @@ impl Runner<'_> {
     }
 
     /// Steps j, k and l, with writes held (and, in close mode, opens): copy what is still
-    /// dirty and any growth, make the target durable, and switch the catalog in one op. The
-    /// data set's extent map is swapped under the catalog lock, so every I/O after it goes
-    /// to the target.
+    /// dirty and any growth, write it out, and switch the catalog in one op. The data set's
+    /// extent map is swapped under the catalog lock, so every I/O after it goes to the
+    /// target. The target was flushed before the hold; what this adds is written out and
+    /// waited for here, and flushed (fdatasync) before the switch is made durable
+    /// ([`Runner::release_source`]) — not here, where a flush of the whole image would also
+    /// wait for other jobs' pages.
     fn final_sync_and_switch(&mut self) -> JobResult<()> {
         self.copy_growth(false)?;
         self.resync_pass(false)?;
         for f in self.in_flight.drain(..) {
             f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
         }
-        self.flush_target()?;
         if let Some(why) = self.link().target_error() {
             return Err(End::Failed(why));
         }
@@ -463,10 +465,11 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// After the switch: wait for reads still on the old map, make the switch durable, then
-    /// free (and punch) the source tracks.
+    /// After the switch: wait for reads still on the old map, flush the target, make the
+    /// switch durable, then free (and punch) the source tracks.
     fn release_source(&mut self) -> JobResult<()> {
         drop(self.node().gate.write());
+        self.flush_target()?;
         self.shared.sync_log()?;
         let mut cat = self.shared.catalog.lock();
         self.shared.commit(&mut cat, Op::JobRelease { job: self.job.id })?;

@@ -1,0 +1,743 @@
+//! Crash tests of migrations: SIGKILL of the daemon while data sets move between volumes
+//! and applications keep writing.
+//!
+//! Each round builds a fresh pool, starts logged block writers on its data sets, starts a
+//! live or close-mode migrate (rate-limited, so that it spans time) or a merge or drain
+//! plan, and kills the daemon at a random point: when the job reaches a phase picked at
+//! random (copying, resyncing, awaiting-close, cutover, switched), or after a random delay.
+//! Then it mounts again and checks the crash semantics:
+//!
+//! - every acknowledged write is there (a write in flight at the kill may show its new
+//!   bytes);
+//! - a migrate that had not switched was rolled back and started again as a new job (a
+//!   "resumed" event), which ends switched with the data set on the target; one that had
+//!   switched is not started again and its data set is on the target;
+//! - a plan carries on and ends done, with its sources empty;
+//! - no reservation leaks: every volume's used tracks are exactly the tracks of the data
+//!   sets' extents on it;
+//! - `ferryfs fsck` is clean after the remount and after the final unmount.
+//!
+//! `FERRYFS_TEST_SEED` repeats a run; `FERRYFS_CRASH_ROUNDS` sets the number of rounds.
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use common::jobs::{self, control, events, reply_jobs, reply_plan, status, LoggedFile, Writers, JOB_LIMIT};
+use common::{fsck_clean, ls_json_at, volume_list_json, Mounted, TestPool};
+
+/// Small tracks: a data set spans many of them, so re-sync passes have work to do.
+const TRACK_SIZE: &str = "16K";
+const TRACK_SIZE_BYTES: u64 = 16 * 1024;
+/// Three volumes, each able to hold all the data, so every migrate, merge and drain fits.
+const VOLUMES: &[(&str, &str)] = &[("V1", "8M"), ("V2", "8M"), ("V3", "8M")];
+/// The data sets: name, block size, blocks, writer threads. The first is larger than the
+/// dirty set a job accepts for its cutover (1 MiB), so busy writers force re-sync passes;
+/// the second has blocks that straddle tracks; the third has whole-track blocks.
+const FILES: &[(&str, usize, u64, usize)] = &[("d/f0", 4096, 640, 2), ("d/f1", 5000, 200, 1), ("d/f2", 16384, 32, 1)];
+/// Kill rounds of the main test, unless `FERRYFS_CRASH_ROUNDS` says otherwise.
+const DEFAULT_ROUNDS: usize = 10;
+
+// ---------------------------------------------------------------------------------------
+// Set-up and checks
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+}
+
+fn seed_from_env() -> u64 {
+    let seed = std::env::var("FERRYFS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("migrate_crash seed: {seed} (set FERRYFS_TEST_SEED={seed} to repeat)");
+    seed
+}
+
+fn rounds_from_env() -> usize {
+    std::env::var("FERRYFS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_ROUNDS)
+}
+
+/// The last lines of the pool's mount.log, for failure messages.
+fn log_tail(pool: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(pool.join("mount.log")).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Creates the data sets (each block written once and fsync'ed).
+fn create_files(m: &Mounted, tag_base: u32) -> Vec<Arc<LoggedFile>> {
+    fs::create_dir_all(m.p("d")).expect("mkdir d");
+    FILES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, bs, blocks, _))| LoggedFile::create(&m.p(name), tag_base + i as u32, *bs, *blocks))
+        .collect()
+}
+
+fn start_writers(files: &[Arc<LoggedFile>], seed: u64) -> Vec<Writers> {
+    files
+        .iter()
+        .zip(FILES)
+        .enumerate()
+        .map(|(i, (f, spec))| Writers::start(f, spec.3, seed ^ (i as u64) << 40))
+        .collect()
+}
+
+fn stop_writers(w: Vec<Writers>) -> u64 {
+    w.into_iter().map(Writers::stop).sum()
+}
+
+/// Every block holds its last acknowledged write (or, with `allow_inflight`, one that was
+/// in flight); panics with the problems, the pool's events and its log.
+fn verify(m: &Mounted, files: &[Arc<LoggedFile>], allow_inflight: bool, when: &str) {
+    let mut problems = Vec::new();
+    for f in files {
+        problems.extend(f.verify_at(&f.path, allow_inflight));
+    }
+    if !problems.is_empty() {
+        panic!(
+            "{when}: acknowledged writes lost:\n{}\nstatus:\n{:#}\nevents:\n{}\nmount.log (end):\n{}",
+            problems.join("\n"),
+            status(&m.mnt),
+            events(&m.mnt),
+            log_tail(m.pool(), 60)
+        );
+    }
+}
+
+/// After a verified crash: writes every block that was in flight again, on the new mount,
+/// so that the log knows exactly what each block holds.
+fn settle(files: &[Arc<LoggedFile>]) {
+    for f in files {
+        let pending: Vec<u64> = f
+            .blocks
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.inflight.is_some())
+            .map(|(b, _)| b as u64)
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let h = OpenOptions::new().read(true).write(true).open(&f.path).expect("open a data set after the remount");
+        for b in pending {
+            f.write_block(&h, b).expect("rewrite of a block in flight at the kill");
+        }
+    }
+}
+
+/// Per volume: tracks used, and tracks held by the data sets' extents (each inode once).
+fn usage(target: &Path) -> (BTreeMap<String, u64>, BTreeMap<String, u64>, Value) {
+    let vols = volume_list_json(target);
+    let ls = ls_json_at(target, "/");
+    let mut held: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for d in ls["data_sets"].as_array().expect("data_sets") {
+        if !seen.insert(d["ino"].as_u64().unwrap()) {
+            continue;
+        }
+        for e in d["extents"].as_array().expect("extents") {
+            *held.entry(e["volume"].as_str().unwrap().to_string()).or_default() += e["track_count"].as_u64().unwrap();
+        }
+    }
+    let used = vols["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v["tracks_used"].as_u64().unwrap()))
+        .collect();
+    (used, held, ls)
+}
+
+/// No reservation leaks: with no job running, each volume's used tracks are exactly the
+/// tracks of the data sets' extents on it. `target` is a mountpoint or a pool.
+fn assert_no_leak(target: &Path, pool: &Path, when: &str) {
+    let (used, held, ls) = usage(target);
+    for (vol, n) in &used {
+        let h = held.get(vol).copied().unwrap_or(0);
+        assert_eq!(
+            *n,
+            h,
+            "{when}: volume {vol} has {n} tracks in use but the data sets' extents on it hold {h} \
+             (a leaked or lost reservation)\nls:\n{ls:#}\nvolume list:\n{:#}\nmount.log (end):\n{}",
+            volume_list_json(target),
+            log_tail(pool, 60)
+        );
+    }
+}
+
+/// The volumes a data set's extents are on.
+fn volumes_of(target: &Path, path: &str) -> BTreeSet<String> {
+    jobs::placement(target, path).0.into_iter().collect()
+}
+
+/// Tracks allocated to a data set.
+fn tracks_of(target: &Path, path: &str) -> u64 {
+    common::data_set(target, path)["allocated_tracks"].as_u64().unwrap()
+}
+
+fn free_tracks(target: &Path) -> BTreeMap<String, u64> {
+    volume_list_json(target)["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v["tracks_free"].as_u64().unwrap()))
+        .collect()
+}
+
+fn used_tracks(target: &Path) -> BTreeMap<String, u64> {
+    usage(target).0
+}
+
+// ---------------------------------------------------------------------------------------
+// What a round does
+
+#[derive(Clone, Debug)]
+enum Scenario {
+    /// `migrate PATHS to TARGETS cutover=.. rate=..`
+    Migrate { paths: Vec<String>, to: Vec<String>, close: bool, rate: u64 },
+    /// `merge SOURCE into INTO` or `drain SOURCE`
+    Plan { merge: bool, source: String, into: String, close: bool, rate: u64 },
+}
+
+impl Scenario {
+    fn close(&self) -> bool {
+        match self {
+            Scenario::Migrate { close, .. } | Scenario::Plan { close, .. } => *close,
+        }
+    }
+
+    fn line(&self) -> String {
+        let opts = |close: bool, rate: u64| format!("cutover={} rate={rate}", if close { "close" } else { "live" });
+        match self {
+            Scenario::Migrate { paths, to, close, rate } => {
+                format!("migrate {} to {} {}", paths.join(" "), to.join(","), opts(*close, *rate))
+            }
+            Scenario::Plan { merge: true, source, into, close, rate } => {
+                format!("merge {source} into {into} {}", opts(*close, *rate))
+            }
+            Scenario::Plan { merge: false, source, close, rate, .. } => {
+                format!("drain {source} {}", opts(*close, *rate))
+            }
+        }
+    }
+}
+
+/// Where the kill lands.
+#[derive(Clone, Copy, Debug)]
+enum KillAt {
+    /// As soon as a watched job is in this phase or beyond.
+    Phase(&'static str),
+    /// After this long.
+    Delay(Duration),
+}
+
+fn rank(phase: &str) -> u32 {
+    match phase {
+        "queued" => 0,
+        "assessing" => 1,
+        "allocating" => 2,
+        "copying" => 3,
+        "resyncing" => 4,
+        "awaiting-close" => 5,
+        "cutover" => 6,
+        "switched" => 7,
+        _ => 99,
+    }
+}
+
+/// Picks a migrate or a plan that fits the pool as it is.
+fn pick_scenario(m: &Mounted, kind: u64, rng: &mut Rng) -> Scenario {
+    let close = rng.below(2) == 0;
+    let rate = *rng.pick(&[1u64 << 20, 2 << 20, 3 << 20]);
+    let names: Vec<String> = ["V1", "V2", "V3"].iter().map(|s| s.to_string()).collect();
+    let free = free_tracks(&m.mnt);
+    let used = used_tracks(&m.mnt);
+    match kind {
+        0 | 1 => {
+            // One or two data sets, to a volume (or two) they are not on, if any.
+            let mut paths: Vec<String> = FILES.iter().map(|f| format!("/{}", f.0)).collect();
+            let k = 1 + rng.below(2) as usize;
+            while paths.len() > k {
+                let i = rng.below(paths.len() as u64) as usize;
+                paths.remove(i);
+            }
+            let need: u64 = paths.iter().map(|p| tracks_of(&m.mnt, p)).sum();
+            let on: BTreeSet<String> = paths.iter().flat_map(|p| volumes_of(&m.mnt, p)).collect();
+            let mut fits: Vec<String> = names.iter().filter(|v| free[*v] >= need).cloned().collect();
+            let away: Vec<String> = fits.iter().filter(|v| !on.contains(*v)).cloned().collect();
+            if !away.is_empty() {
+                fits = away;
+            }
+            assert!(!fits.is_empty(), "no volume holds {need} tracks: {free:?}");
+            let first = rng.pick(&fits).clone();
+            let mut to = vec![first.clone()];
+            if fits.len() > 1 && rng.below(4) == 0 {
+                to.push(fits.iter().find(|v| **v != first).unwrap().clone());
+            }
+            Scenario::Migrate { paths, to, close, rate }
+        }
+        _ => {
+            // Empty the fullest volume: into another one (merge) or onto the rest (drain).
+            let source = names.iter().max_by_key(|v| used[*v]).unwrap().clone();
+            let merge = kind == 2;
+            let ls = ls_json_at(&m.mnt, "/");
+            let need: u64 = ls["data_sets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["volumes"].as_array().unwrap().iter().any(|v| *v == source.as_str()))
+                .map(|d| d["allocated_tracks"].as_u64().unwrap())
+                .sum();
+            let into = names
+                .iter()
+                .filter(|v| **v != source && free[*v] >= need)
+                .max_by_key(|v| free[*v])
+                .cloned()
+                .unwrap_or_else(|| panic!("no volume holds the {need} tracks on {source}: {free:?}"));
+            Scenario::Plan { merge, source, into, close, rate }
+        }
+    }
+}
+
+fn pick_kill(close: bool, rng: &mut Rng) -> KillAt {
+    let mut phases = vec!["copying", "resyncing", "cutover", "switched"];
+    if close {
+        phases.push("awaiting-close");
+    }
+    if rng.below(3) == 0 {
+        KillAt::Delay(Duration::from_millis(rng.below(2500)))
+    } else {
+        KillAt::Phase(rng.pick(&phases))
+    }
+}
+
+/// What the test started: job ids (of a migrate), or a plan id.
+#[derive(Clone, Debug)]
+enum Started {
+    Jobs(Vec<u64>),
+    Plan(u64),
+}
+
+fn start(m: &Mounted, sc: &Scenario) -> Started {
+    let line = sc.line();
+    let reply = control(&m.mnt, &line).unwrap_or_else(|e| panic!("`{line}` refused: {e}\n{:#}", status(&m.mnt)));
+    match sc {
+        Scenario::Migrate { paths, .. } => {
+            let ids = reply_jobs(&reply);
+            assert_eq!(ids.len(), paths.len(), "`{line}`: one job per data set expected: {reply}");
+            Started::Jobs(ids)
+        }
+        Scenario::Plan { .. } => Started::Plan(reply_plan(&reply).unwrap_or_else(|| panic!("`{line}`: {reply}"))),
+    }
+}
+
+/// The watched jobs' reports, and whether everything the test started has ended.
+fn watched(st: &Value, started: &Started) -> (Vec<Value>, bool) {
+    let all = st["jobs"].as_array().unwrap();
+    let ids: Vec<u64> = match started {
+        Started::Jobs(ids) => ids.clone(),
+        Started::Plan(p) => st["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == *p)
+            .map(|x| x["jobs"].as_array().unwrap().iter().map(|j| j.as_u64().unwrap()).collect())
+            .unwrap_or_default(),
+    };
+    let jobs: Vec<Value> = ids.iter().filter_map(|id| all.iter().find(|j| j["id"] == *id).cloned()).collect();
+    let done = match started {
+        Started::Jobs(_) => jobs.iter().all(|j| j["phase"].as_str().is_some_and(jobs::is_final)),
+        Started::Plan(p) => st["plans"].as_array().unwrap().iter().any(|x| x["id"] == *p && x["phase"] != "running"),
+    };
+    (jobs, done)
+}
+
+/// Runs until the kill point, then kills the daemon. In close mode the writers are stopped
+/// (their handles closed) a little after a job starts waiting for the close, unless the
+/// kill is meant to land while it waits. Returns a description of where the kill landed.
+fn run_to_kill(
+    m: Mounted,
+    started: &Started,
+    close: bool,
+    kill: KillAt,
+    writers: &mut Option<Vec<Writers>>,
+    rng: &mut Rng,
+) -> String {
+    let t0 = Instant::now();
+    let linger = Duration::from_millis(rng.below(150));
+    let mut awaiting_since: Option<Instant> = None;
+    loop {
+        let st = status(&m.mnt);
+        let (jobs, done) = watched(&st, started);
+        if let Some(bad) = jobs.iter().find(|j| matches!(j["phase"].as_str(), Some("failed" | "cancelled" | "stopped")))
+        {
+            panic!("a job ended badly before the kill: {bad:#}\nstatus:\n{st:#}\nevents:\n{}", events(&m.mnt));
+        }
+        let furthest = jobs.iter().map(|j| j["phase"].as_str().unwrap_or("")).max_by_key(|p| rank(p)).unwrap_or("");
+        let describe = |why: &str| {
+            let phases: Vec<String> =
+                jobs.iter().map(|j| format!("{}:{}", j["id"], j["phase"].as_str().unwrap())).collect();
+            format!("{why} after {} ms, jobs [{}]", t0.elapsed().as_millis(), phases.join(" "))
+        };
+        let hit = match kill {
+            KillAt::Phase(p) => !jobs.is_empty() && rank(furthest) >= rank(p) && rank(furthest) < 99,
+            KillAt::Delay(d) => t0.elapsed() >= d,
+        };
+        if hit || done {
+            let what = describe(if hit { "kill point reached" } else { "everything ended before the kill point" });
+            m.kill9();
+            return what;
+        }
+        let wants_window = !matches!(kill, KillAt::Phase("awaiting-close"));
+        if close && wants_window && writers.is_some() && jobs.iter().any(|j| j["phase"] == "awaiting-close") {
+            let since = *awaiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= linger {
+                stop_writers(writers.take().unwrap());
+            }
+        }
+        assert!(
+            t0.elapsed() < JOB_LIMIT,
+            "the kill point {kill:?} was never reached:\n{st:#}\nevents:\n{}",
+            events(&m.mnt)
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until everything the new mount runs has ended; asserts it all switched, and the
+/// recorded plans ended done. Returns the final job reports.
+fn wait_all_switched(m: &Mounted, when: &str) -> Vec<Value> {
+    let t0 = Instant::now();
+    loop {
+        let st = status(&m.mnt);
+        let jobs = st["jobs"].as_array().unwrap().clone();
+        let plans = st["plans"].as_array().unwrap().clone();
+        let jobs_done = jobs.iter().all(|j| j["phase"].as_str().is_some_and(jobs::is_final));
+        let plans_done = plans.iter().all(|p| p["phase"] != "running");
+        if jobs_done && plans_done {
+            for j in &jobs {
+                assert_eq!(
+                    j["phase"],
+                    "switched",
+                    "{when}: a job did not switch: {j:#}\nevents:\n{}\nmount.log (end):\n{}",
+                    events(&m.mnt),
+                    log_tail(m.pool(), 60)
+                );
+            }
+            for p in &plans {
+                assert_eq!(
+                    p["phase"],
+                    "done",
+                    "{when}: a plan did not end done: {p:#}\nevents:\n{}\nmount.log (end):\n{}",
+                    events(&m.mnt),
+                    log_tail(m.pool(), 60)
+                );
+            }
+            return jobs;
+        }
+        assert!(t0.elapsed() < JOB_LIMIT, "{when}: jobs did not end:\n{st:#}\nevents:\n{}", events(&m.mnt));
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The crash semantics after the remount and once everything ended: where each data set
+/// is, and which jobs were started again.
+fn check_outcome(m: &Mounted, sc: &Scenario, started: &Started, after: &[Value], when: &str) {
+    let ev = events(&m.mnt);
+    let ctx = || format!("status:\n{:#}\nevents:\n{ev}\nmount.log (end):\n{}", status(&m.mnt), log_tail(m.pool(), 60));
+    match (sc, started) {
+        (Scenario::Migrate { paths, to, .. }, Started::Jobs(ids)) => {
+            for (path, old) in paths.iter().zip(ids) {
+                let again: Vec<&Value> = after.iter().filter(|j| j["path"] == path.as_str()).collect();
+                assert!(again.len() <= 1, "{when}: {path} was started again more than once\n{}", ctx());
+                if let Some(j) = again.first() {
+                    // Rolled back and started from the beginning as a new job.
+                    let new = j["id"].as_u64().unwrap();
+                    let line = format!("job {old} resumed as job {new} path={path}");
+                    assert!(ev.contains(&line), "{when}: no `{line}` event\n{}", ctx());
+                    assert!(j["plan"].is_null(), "{when}: the resumed job of {path} belongs to a plan: {j:#}");
+                }
+                // Either way the data set ends whole on the target.
+                let on = volumes_of(&m.mnt, path);
+                let want: BTreeSet<String> = to.iter().cloned().collect();
+                assert!(
+                    !on.is_empty() && on.is_subset(&want),
+                    "{when}: {path} is on {on:?}, expected only the target {want:?} (job {old} neither \
+                     resumed to completion nor switched before the kill)\n{}",
+                    ctx()
+                );
+            }
+        }
+        (Scenario::Plan { merge, source, into, .. }, Started::Plan(p)) => {
+            if !after.is_empty() || status(&m.mnt)["plans"].as_array().unwrap().iter().any(|x| x["id"] == *p) {
+                let line = format!("plan {p} resumed");
+                assert!(ev.contains(&line), "{when}: no `{line}` event\n{}", ctx());
+            }
+            // The plan ends with its source empty.
+            let used = used_tracks(&m.mnt);
+            assert_eq!(used[source], 0, "{when}: the plan's source {source} is not empty\n{}", ctx());
+            let ls = ls_json_at(&m.mnt, "/");
+            for d in ls["data_sets"].as_array().unwrap() {
+                let vols: BTreeSet<&str> =
+                    d["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                assert!(!vols.contains(source.as_str()), "{when}: {} is still on {source}\n{}", d["path"], ctx());
+                if *merge && d["path"].as_str().unwrap().starts_with("/d/") {
+                    // Everything was on the source (fresh pool): all of it is merged into one.
+                    let _ = into;
+                }
+            }
+            for j in after {
+                assert_eq!(j["plan"].as_u64(), Some(*p), "{when}: a job outside the plan ran: {j:#}\n{}", ctx());
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+/// Rounds of: fresh pool, writers, a migrate or a plan, SIGKILL at a random point, remount,
+/// and every check of the crash semantics.
+#[test]
+fn kill9_during_migrations_loses_nothing_and_resumes() {
+    let seed = seed_from_env();
+    let rounds = rounds_from_env();
+    let mut rng = Rng::new(seed);
+    for round in 0..rounds {
+        let mut rr = Rng::new(seed ^ (round as u64 + 1).wrapping_mul(0x51_7CC1_B727_220A));
+        // Every kind comes up in the first rounds, then at random.
+        let kind = if round < 4 { round as u64 } else { rng.below(4) };
+        let tp = TestPool::new(TRACK_SIZE, VOLUMES);
+        let m = tp.mount();
+        let files = create_files(&m, 16 * round as u32);
+        let sc = pick_scenario(&m, kind, &mut rr);
+        let kill = pick_kill(sc.close(), &mut rr);
+        let mut writers = Some(start_writers(&files, rr.next()));
+        // Let the writers get going, so the copy races them from the start.
+        thread::sleep(Duration::from_millis(rr.below(100)));
+        let started = start(&m, &sc);
+        let pool = m.pool().to_path_buf();
+        let landed = run_to_kill(m, &started, sc.close(), kill, &mut writers, &mut rr);
+        let writes = writers.take().map(stop_writers).unwrap_or(0);
+        eprintln!("round {round}: `{}` ({started:?}), kill at {kill:?}: {landed}; {writes} writes", sc.line());
+
+        let m = tp.mount();
+        fsck_clean(&pool);
+        let when = format!("round {round} (`{}`, kill at {kill:?}: {landed})", sc.line());
+        verify(&m, &files, true, &format!("{when}, after the remount"));
+        settle(&files);
+        // The applications go on writing while the rolled-back work starts again; in close
+        // mode they stop after a while, so that the cutover can happen.
+        let w = start_writers(&files, rr.next());
+        thread::sleep(Duration::from_millis(200 + rr.below(600)));
+        stop_writers(w);
+        let after = wait_all_switched(&m, &when);
+        check_outcome(&m, &sc, &started, &after, &when);
+        verify(&m, &files, false, &format!("{when}, once the jobs ended"));
+        assert_no_leak(&m.mnt, &pool, &format!("{when}, once the jobs ended"));
+        m.unmount();
+        fsck_clean(&pool);
+        assert_no_leak(&pool, &pool, &format!("{when}, after the unmount"));
+    }
+}
+
+/// Close mode: SIGKILL inside the downtime window (phase cutover, opens held). An opener
+/// thread tries to open the data set during the window; after the kill it must return (an
+/// error is fine), and the remount must find every acknowledged write, with the job started
+/// again (or switched) and nothing leaked.
+#[test]
+fn kill9_in_close_mode_downtime_window() {
+    let seed = seed_from_env();
+    let mut rng = Rng::new(seed ^ 0xC105_E000);
+    let tp = TestPool::new(TRACK_SIZE, VOLUMES);
+    let mut m = tp.mount();
+    let files = create_files(&m, 900);
+    let path = format!("/{}", FILES[0].0);
+    let mut caught = 0;
+    const ATTEMPTS: usize = 8;
+    for attempt in 0..ATTEMPTS {
+        let on = volumes_of(&m.mnt, &path);
+        let target = ["V1", "V2", "V3"].iter().find(|v| !on.contains(**v)).unwrap().to_string();
+        let writers = start_writers(&files[..1], rng.next());
+        let line = format!("migrate {path} to {target} cutover=close");
+        let ids = reply_jobs(&control(&m.mnt, &line).unwrap_or_else(|e| panic!("`{line}`: {e}")));
+        let id = ids[0];
+        jobs::wait_phase(&m.mnt, id, "awaiting-close");
+        // Writes go on a little longer, so that the window has a dirty set to copy.
+        thread::sleep(Duration::from_millis(20 + rng.below(80)));
+        // The opener starts blocked on the writers' handles being closed: it opens once the
+        // window may be open, and notes when its open returned.
+        let go = Arc::new(AtomicBool::new(false));
+        let opened: Arc<Mutex<Option<(Instant, bool)>>> = Arc::new(Mutex::new(None));
+        let opener = {
+            let (go, opened, p) = (go.clone(), opened.clone(), files[0].path.clone());
+            thread::spawn(move || {
+                while !go.load(Ordering::Acquire) {
+                    thread::sleep(Duration::from_micros(200));
+                }
+                loop {
+                    let r = OpenOptions::new().read(true).open(&p);
+                    let ok = r.is_ok();
+                    drop(r);
+                    *opened.lock().unwrap() = Some((Instant::now(), ok));
+                    if !ok {
+                        return;
+                    }
+                    thread::sleep(Duration::from_micros(300));
+                }
+            })
+        };
+        stop_writers(writers);
+        go.store(true, Ordering::Release);
+        // Poll as fast as status answers: the window lasts milliseconds.
+        let t0 = Instant::now();
+        let phase = loop {
+            let j = jobs::job(&m.mnt, id);
+            let phase = j["phase"].as_str().unwrap_or("").to_string();
+            if phase == "cutover" || jobs::is_final(&phase) {
+                break phase;
+            }
+            assert!(t0.elapsed() < JOB_LIMIT, "job {id} never reached its cutover: {j:#}");
+        };
+        if phase != "cutover" {
+            // Missed the window: the job switched (or worse). Next attempt goes back.
+            assert_eq!(phase, "switched", "job {id}: {:#}\nevents:\n{}", jobs::job(&m.mnt, id), events(&m.mnt));
+            let _ = opener.join();
+            eprintln!("attempt {attempt}: the window closed before it was seen; again");
+            continue;
+        }
+        let killed_at = Instant::now();
+        let pool = m.pool().to_path_buf();
+        m.kill9();
+        let joined = {
+            let t = Instant::now();
+            while !opener.is_finished() && t.elapsed() < Duration::from_secs(30) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            opener.is_finished()
+        };
+        assert!(joined, "an open held by the downtime window never returned after the kill");
+        let _ = opener.join();
+        let held_at_kill = opened.lock().unwrap().is_some_and(|(t, ok)| t > killed_at && !ok);
+        caught += 1;
+        eprintln!("attempt {attempt}: killed in phase cutover (an open was held by the window: {held_at_kill})");
+
+        m = tp.mount();
+        fsck_clean(&pool);
+        let when = format!("attempt {attempt}: kill in the close-mode downtime window of job {id}");
+        verify(&m, &files, true, &when);
+        settle(&files);
+        let after = wait_all_switched(&m, &when);
+        let sc = Scenario::Migrate { paths: vec![path.clone()], to: vec![target.clone()], close: true, rate: 0 };
+        check_outcome(&m, &sc, &Started::Jobs(ids.clone()), &after, &when);
+        verify(&m, &files, false, &format!("{when}, once the job ended"));
+        assert_no_leak(&m.mnt, &pool, &format!("{when}, once the job ended"));
+        if caught >= 2 {
+            break;
+        }
+    }
+    assert!(caught > 0, "in {ATTEMPTS} attempts the close-mode cutover phase was never seen in .ferry/status");
+    m.unmount();
+    fsck_clean(&tp.pool);
+    assert_no_leak(&tp.pool, &tp.pool, "after the unmount");
+}
+
+/// SIGKILL right after a switch: the remount starts nothing again, the data set is on the
+/// target, and its source tracks are free.
+#[test]
+fn kill9_right_after_switch_frees_the_source() {
+    let seed = seed_from_env();
+    let mut rng = Rng::new(seed ^ 0x5A17_C4ED);
+    let tp = TestPool::new(TRACK_SIZE, VOLUMES);
+    let mut m = tp.mount();
+    let files = create_files(&m, 700);
+    for round in 0..3 {
+        let f = &files[rng.below(files.len() as u64) as usize];
+        let path = format!("/{}", f.path.strip_prefix(&m.mnt).unwrap().display());
+        let on = volumes_of(&m.mnt, &path);
+        let target = ["V1", "V2", "V3"].iter().find(|v| !on.contains(**v)).unwrap().to_string();
+        let before = used_tracks(&m.mnt);
+        let tracks = tracks_of(&m.mnt, &path);
+        let writers = start_writers(&files, rng.next());
+        let line = format!("migrate {path} to {target} rate=2M");
+        let reply = control(&m.mnt, &line).unwrap_or_else(|e| panic!("`{line}`: {e}"));
+        let id = reply_jobs(&reply)[0];
+        let t0 = Instant::now();
+        loop {
+            let j = jobs::job(&m.mnt, id);
+            if j["phase"] == "switched" {
+                break;
+            }
+            assert!(
+                !j["phase"].as_str().is_some_and(jobs::is_final),
+                "job {id} ended without a switch: {j:#}\nevents:\n{}",
+                events(&m.mnt)
+            );
+            assert!(t0.elapsed() < JOB_LIMIT, "job {id} never switched: {j:#}");
+            thread::sleep(Duration::from_micros(500));
+        }
+        let pool = m.pool().to_path_buf();
+        m.kill9();
+        let writes = stop_writers(writers);
+        eprintln!("round {round}: killed right after job {id} ({path} {on:?} -> {target}) switched; {writes} writes");
+
+        m = tp.mount();
+        fsck_clean(&pool);
+        let when = format!("round {round}: kill right after the switch of job {id} ({path} -> {target})");
+        verify(&m, &files, true, &when);
+        settle(&files);
+        let st = status(&m.mnt);
+        assert!(
+            st["jobs"].as_array().unwrap().is_empty(),
+            "{when}: a switched job must not start again:\n{st:#}\nevents:\n{}",
+            events(&m.mnt)
+        );
+        assert_eq!(volumes_of(&m.mnt, &path), BTreeSet::from([target.clone()]), "{when}: {path} is not on the target");
+        // The source tracks are free: each source volume lost exactly what the data set
+        // held there, and nothing leaked anywhere.
+        let after = used_tracks(&m.mnt);
+        let src_before: u64 = on.iter().map(|v| before[v]).sum();
+        let src_after: u64 = on.iter().map(|v| after[v]).sum();
+        assert!(
+            src_after + tracks <= src_before,
+            "{when}: source volumes {on:?} used {src_before} tracks before, {src_after} after; the data set \
+             held {tracks}: the source was not freed\nmount.log (end):\n{}",
+            log_tail(&pool, 40)
+        );
+        assert_no_leak(&m.mnt, &pool, &when);
+    }
+    m.unmount();
+    fsck_clean(&tp.pool);
+    assert_no_leak(&tp.pool, &tp.pool, "after the unmount");
+}
