@@ -225,8 +225,8 @@ fn used_tracks(target: &Path) -> BTreeMap<String, u64> {
 enum Scenario {
     /// `migrate PATHS to TARGETS cutover=.. rate=..`
     Migrate { paths: Vec<String>, to: Vec<String>, close: bool, rate: u64 },
-    /// `merge SOURCE into INTO` or `drain SOURCE`
-    Plan { merge: bool, source: String, into: String, close: bool, rate: u64 },
+    /// `merge SOURCE into INTO` or `drain SOURCE`; `moved`: the data sets on SOURCE.
+    Plan { merge: bool, source: String, into: String, moved: Vec<String>, close: bool, rate: u64 },
 }
 
 impl Scenario {
@@ -242,7 +242,7 @@ impl Scenario {
             Scenario::Migrate { paths, to, close, rate } => {
                 format!("migrate {} to {} {}", paths.join(" "), to.join(","), opts(*close, *rate))
             }
-            Scenario::Plan { merge: true, source, into, close, rate } => {
+            Scenario::Plan { merge: true, source, into, close, rate, .. } => {
                 format!("merge {source} into {into} {}", opts(*close, *rate))
             }
             Scenario::Plan { merge: false, source, close, rate, .. } => {
@@ -311,33 +311,34 @@ fn pick_scenario(m: &Mounted, kind: u64, rng: &mut Rng) -> Scenario {
             let source = names.iter().max_by_key(|v| used[*v]).unwrap().clone();
             let merge = kind == 2;
             let ls = ls_json_at(&m.mnt, "/");
-            let need: u64 = ls["data_sets"]
+            let on_source: Vec<&Value> = ls["data_sets"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .filter(|d| d["volumes"].as_array().unwrap().iter().any(|v| *v == source.as_str()))
-                .map(|d| d["allocated_tracks"].as_u64().unwrap())
-                .sum();
+                .collect();
+            let need: u64 = on_source.iter().map(|d| d["allocated_tracks"].as_u64().unwrap()).sum();
+            let moved = on_source.iter().map(|d| d["path"].as_str().unwrap().to_string()).collect();
             let into = names
                 .iter()
                 .filter(|v| **v != source && free[*v] >= need)
                 .max_by_key(|v| free[*v])
                 .cloned()
                 .unwrap_or_else(|| panic!("no volume holds the {need} tracks on {source}: {free:?}"));
-            Scenario::Plan { merge, source, into, close, rate }
+            Scenario::Plan { merge, source, into, moved, close, rate }
         }
     }
 }
 
 fn pick_kill(close: bool, rng: &mut Rng) -> KillAt {
-    let mut phases = vec!["copying", "resyncing", "cutover", "switched"];
+    let mut phases: Vec<&'static str> = vec!["copying", "resyncing", "cutover", "switched"];
     if close {
         phases.push("awaiting-close");
     }
     if rng.below(3) == 0 {
         KillAt::Delay(Duration::from_millis(rng.below(2500)))
     } else {
-        KillAt::Phase(rng.pick(&phases))
+        KillAt::Phase(*rng.pick(&phases))
     }
 }
 
@@ -498,7 +499,7 @@ fn check_outcome(m: &Mounted, sc: &Scenario, started: &Started, after: &[Value],
                 );
             }
         }
-        (Scenario::Plan { merge, source, into, .. }, Started::Plan(p)) => {
+        (Scenario::Plan { merge, source, into, moved, .. }, Started::Plan(p)) => {
             if !after.is_empty() || status(&m.mnt)["plans"].as_array().unwrap().iter().any(|x| x["id"] == *p) {
                 let line = format!("plan {p} resumed");
                 assert!(ev.contains(&line), "{when}: no `{line}` event\n{}", ctx());
@@ -511,9 +512,17 @@ fn check_outcome(m: &Mounted, sc: &Scenario, started: &Started, after: &[Value],
                 let vols: BTreeSet<&str> =
                     d["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
                 assert!(!vols.contains(source.as_str()), "{when}: {} is still on {source}\n{}", d["path"], ctx());
-                if *merge && d["path"].as_str().unwrap().starts_with("/d/") {
-                    // Everything was on the source (fresh pool): all of it is merged into one.
-                    let _ = into;
+            }
+            if *merge {
+                // A merge moves each data set on its source whole into its target.
+                for path in moved {
+                    let on = volumes_of(&m.mnt, path);
+                    assert_eq!(
+                        on,
+                        BTreeSet::from([into.clone()]),
+                        "{when}: {path} was on {source} and should now be whole on {into}\n{}",
+                        ctx()
+                    );
                 }
             }
             for j in after {
@@ -596,21 +605,21 @@ fn kill9_in_close_mode_downtime_window() {
         jobs::wait_phase(&m.mnt, id, "awaiting-close");
         // Writes go on a little longer, so that the window has a dirty set to copy.
         thread::sleep(Duration::from_millis(20 + rng.below(80)));
-        // The opener starts blocked on the writers' handles being closed: it opens once the
-        // window may be open, and notes when its open returned.
-        let go = Arc::new(AtomicBool::new(false));
-        let opened: Arc<Mutex<Option<(Instant, bool)>>> = Arc::new(Mutex::new(None));
+        // Once the writers' handles are closed, an opener opens the data set again and
+        // again (each open waits while the window is open), noting when its last open
+        // started and returned, until told to stop or an open fails.
+        let go = Arc::new(AtomicBool::new(true));
+        let opened: Arc<Mutex<Option<(Instant, Instant, bool)>>> = Arc::new(Mutex::new(None));
+        stop_writers(writers);
         let opener = {
             let (go, opened, p) = (go.clone(), opened.clone(), files[0].path.clone());
             thread::spawn(move || {
-                while !go.load(Ordering::Acquire) {
-                    thread::sleep(Duration::from_micros(200));
-                }
-                loop {
+                while go.load(Ordering::Acquire) {
+                    let t = Instant::now();
                     let r = OpenOptions::new().read(true).open(&p);
                     let ok = r.is_ok();
                     drop(r);
-                    *opened.lock().unwrap() = Some((Instant::now(), ok));
+                    *opened.lock().unwrap() = Some((t, Instant::now(), ok));
                     if !ok {
                         return;
                     }
@@ -618,8 +627,6 @@ fn kill9_in_close_mode_downtime_window() {
                 }
             })
         };
-        stop_writers(writers);
-        go.store(true, Ordering::Release);
         // Poll as fast as status answers: the window lasts milliseconds.
         let t0 = Instant::now();
         let phase = loop {
@@ -633,7 +640,8 @@ fn kill9_in_close_mode_downtime_window() {
         if phase != "cutover" {
             // Missed the window: the job switched (or worse). Next attempt goes back.
             assert_eq!(phase, "switched", "job {id}: {:#}\nevents:\n{}", jobs::job(&m.mnt, id), events(&m.mnt));
-            let _ = opener.join();
+            go.store(false, Ordering::Release);
+            opener.join().expect("opener thread");
             eprintln!("attempt {attempt}: the window closed before it was seen; again");
             continue;
         }
@@ -649,7 +657,8 @@ fn kill9_in_close_mode_downtime_window() {
         };
         assert!(joined, "an open held by the downtime window never returned after the kill");
         let _ = opener.join();
-        let held_at_kill = opened.lock().unwrap().is_some_and(|(t, ok)| t > killed_at && !ok);
+        go.store(false, Ordering::Release);
+        let held_at_kill = opened.lock().unwrap().is_some_and(|(t, r, ok)| t < killed_at && r > killed_at && !ok);
         caught += 1;
         eprintln!("attempt {attempt}: killed in phase cutover (an open was held by the window: {held_at_kill})");
 
@@ -729,8 +738,9 @@ fn kill9_right_after_switch_frees_the_source() {
         let after = used_tracks(&m.mnt);
         let src_before: u64 = on.iter().map(|v| before[v]).sum();
         let src_after: u64 = on.iter().map(|v| after[v]).sum();
-        assert!(
-            src_after + tracks <= src_before,
+        assert_eq!(
+            src_after + tracks,
+            src_before,
             "{when}: source volumes {on:?} used {src_before} tracks before, {src_after} after; the data set \
              held {tracks}: the source was not freed\nmount.log (end):\n{}",
             log_tail(&pool, 40)
