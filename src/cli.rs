@@ -616,8 +616,12 @@ fn demo_block(file: u64, block: u64, counter: u64) -> Vec<u8> {
 /// needs), timing how long each open takes.
 struct DemoWriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(Vec<u64>, Vec<f64>), String>>,
+    thread: std::thread::JoinHandle<Result<WriterLog, String>>,
 }
+
+/// What a demo writer did: per block, the counter of its last acknowledged write (0: none);
+/// and how long each reopen waited, in milliseconds.
+type WriterLog = (Vec<u64>, Vec<f64>);
 
 impl DemoWriter {
     fn start(path: PathBuf, file: u64, len: usize, reopen: bool) -> DemoWriter {
@@ -656,7 +660,7 @@ impl DemoWriter {
         DemoWriter { stop, thread }
     }
 
-    fn stop(self) -> Result<(Vec<u64>, Vec<f64>), String> {
+    fn stop(self) -> Result<WriterLog, String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().map_err(|_| "a writer panicked".to_string())?
     }

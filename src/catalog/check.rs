@@ -69,7 +69,7 @@ pub fn check(c: &Catalog) -> CheckReport {
         }
         for (what, list) in [("reservation", &j.target), ("set-aside tracks", &j.release)] {
             for e in list {
-                if !c.volumes.get(&e.volume).is_some_and(|v| e.end().0 <= v.free.tracks_total()) {
+                if c.volumes.get(&e.volume).is_none_or(|v| e.end().0 > v.free.tracks_total()) {
                     r.problems.push(format!(
                         "job {}: {what} {}..{} lies outside volume #{}",
                         j.id,

@@ -155,8 +155,11 @@ mod tests {
         Meta { perm: 0o644, uid: 0, gid: 0, nlink: 1, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
     }
 
+    /// (volume, first track, tracks)
+    type Ext = (u32, u64, u64);
+
     /// Volumes 1..=3 of `sizes` tracks; data sets named by their extents.
-    fn catalog(sizes: [u64; 3], files: &[(&str, Vec<(u32, u64, u64)>)]) -> Catalog {
+    fn catalog(sizes: [u64; 3], files: &[(&str, Vec<Ext>)]) -> Catalog {
         let mut c = Catalog::new(Geometry::new(4096).unwrap(), meta());
         for (i, n) in sizes.into_iter().enumerate() {
             let id = i as u32 + 1;
