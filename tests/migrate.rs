@@ -1,0 +1,1072 @@
+//! Migration, end to end through a real mount: live and close cutovers under concurrent
+//! writers, growth and truncation during a job, cancel, merge, drain, refused commands, the
+//! control file's protocol and permissions, a database migrated while it takes inserts, and
+//! the CLI's `--wait`.
+//!
+//! A job that must last long enough for a test to act during it is slowed with `rate=`; no
+//! test asserts on time. Bytes are checked against what the writers were told was written
+//! (tests/common/jobs.rs), after dropping the kernel's cached pages or after a remount, so
+//! that they come from the volumes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::jobs::*;
+use common::*;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
+}
+
+/// Drop the kernel's cached pages of a file, so that the next read comes from the volumes.
+fn drop_cache(path: &Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise(DONTNEED) on {}", path.display());
+}
+
+/// A file's bytes, read from the volumes (not from cached pages).
+fn read_fresh(path: &Path) -> Vec<u8> {
+    drop_cache(path);
+    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Write a file with one allocation: its size first (one request for every track), then
+/// its bytes.
+fn write_whole(path: &Path, data: &[u8]) {
+    let f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(data.len() as u64).unwrap();
+    f.write_all_at(data, 0).unwrap();
+}
+
+/// The write log of `lf` holds for the file at `path` (read from the volumes).
+#[track_caller]
+fn verify_log(lf: &LoggedFile, path: &Path, what: &str) {
+    drop_cache(path);
+    let problems = lf.verify_at(path, false);
+    assert!(problems.is_empty(), "{what}: the write log does not verify:\n{}", problems.join("\n"));
+}
+
+/// Every write the writers started was acknowledged: a writer thread stops quietly at its
+/// first error, leaving that write in flight.
+#[track_caller]
+fn assert_all_acked(lf: &LoggedFile) {
+    let bl = lf.blocks.lock().unwrap();
+    let failed: Vec<usize> = bl.iter().enumerate().filter(|(_, b)| b.inflight.is_some()).map(|(i, _)| i).collect();
+    assert!(failed.is_empty(), "writes to blocks {failed:?} of {} failed", lf.path.display());
+}
+
+/// The counter of the latest acknowledged write of a logged file.
+fn max_acked(lf: &LoggedFile) -> u64 {
+    lf.blocks.lock().unwrap().iter().map(|b| b.acked).max().unwrap_or(0)
+}
+
+/// Wait (bounded) until `cond` holds.
+#[track_caller]
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < JOB_LIMIT, "gave up waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait until job `id` is past its start (copying or later) but has not ended.
+#[track_caller]
+fn wait_running(mnt: &Path, id: u64) -> Value {
+    let start = Instant::now();
+    loop {
+        let j = job(mnt, id);
+        let p = j["phase"].as_str().unwrap_or("").to_string();
+        if is_final(&p) {
+            panic!(
+                "test setup: job {id} ended before the test could act during it (a larger file or a lower \
+                 rate= would keep it running): {j:#}\nevents:\n{}",
+                events(mnt)
+            );
+        }
+        if !matches!(p.as_str(), "" | "queued" | "assessing" | "allocating") {
+            return j;
+        }
+        assert!(start.elapsed() < JOB_LIMIT, "job {id} never started copying: {j:#}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The writers of `lf` acknowledge more writes while job `id` runs: they overlap the job.
+#[track_caller]
+fn assert_writes_during(mnt: &Path, id: u64, lf: &LoggedFile) {
+    let c0 = max_acked(lf);
+    wait_for("more acknowledged writes", || max_acked(lf) >= c0 + 20);
+    let j = job(mnt, id);
+    assert!(
+        !is_final(j["phase"].as_str().unwrap_or("")),
+        "test setup: job {id} ended before the writers overlapped it: {j:#}"
+    );
+}
+
+/// The one job id of an "ok jobs N" reply.
+#[track_caller]
+fn one_job(reply: &str) -> u64 {
+    let ids = reply_jobs(reply);
+    assert_eq!(ids.len(), 1, "expected one job in the reply {reply:?}");
+    ids[0]
+}
+
+/// The index of the first events line containing `needle`.
+#[track_caller]
+fn event_at(ev: &str, needle: &str) -> usize {
+    ev.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no event {needle:?} in:\n{ev}"))
+}
+
+/// (tracks_used, data_sets) of a volume, from `ferryfs volume list --json`.
+fn usage(target: &Path, vol: &str) -> (u64, u64) {
+    let v = volume_json(target, vol);
+    (u(&v["tracks_used"]), u(&v["data_sets"]))
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Wait (bounded) for a child process; kills it and fails the test if it hangs.
+fn wait_child(child: &mut Child, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait for a child") {
+            return st;
+        }
+        if start.elapsed() > JOB_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A thread that sends every line of `r` to the returned channel.
+fn lines_of(r: impl Read + Send + 'static) -> (mpsc::Receiver<String>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, h)
+}
+
+/// Whether a program is on PATH.
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
+}
+
+/// Everything of `.ferry/status` that a refused command must leave as it was.
+fn state_of(mnt: &Path) -> Value {
+    let st = status(mnt);
+    serde_json::json!({
+        "volumes": st["volumes"],
+        "closed_volumes": st["closed_volumes"],
+        "jobs": st["jobs"],
+        "plans": st["plans"],
+        "max_jobs": st["max_jobs"],
+        "copy_rate_limit_bytes_per_s": st["copy_rate_limit_bytes_per_s"],
+        "ls": ls_json(mnt),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Live cutover
+
+#[test]
+fn live_migration_under_concurrent_random_writes() {
+    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    let m = tp.mount();
+    // 6 MiB in 16 KiB blocks, three writer threads
+    let lf = LoggedFile::create(&m.p("f"), 1, 16 << 10, 384);
+    assert_eq!(placement(&m.mnt, "/f").0, vec!["V1"], "test setup: the data set starts on V1");
+    let w = Writers::start(&lf, 3, 11);
+
+    let id = one_job(&control(&m.mnt, "migrate /f to V2 rate=3M").unwrap());
+    wait_running(&m.mnt, id);
+    assert_writes_during(&m.mnt, id, &lf);
+    let j = wait_switched(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["cutover"], "live", "{j:#}");
+    assert_eq!(strs(&j["targets"]), ["V2"], "{j:#}");
+    assert!(j["stall_us"].is_u64(), "a live switch reports how long writes were held: {j:#}");
+    assert!(j["window_us"].is_null(), "a live switch has no downtime window: {j:#}");
+    assert!(u(&j["bytes_copied"]) >= 6 << 20, "the whole data set was copied: {j:#}");
+    assert!(u(&j["bytes_resynced"]) > 0, "writes during the copy must have been re-synced: {j:#}");
+    let ev = events(&m.mnt);
+    assert!(event_at(&ev, &format!("job {id} job-start")) < event_at(&ev, &format!("job {id} switched")), "{ev}");
+
+    // Writes go on after the switch, to the target.
+    let c = max_acked(&lf);
+    wait_for("writes after the switch", || max_acked(&lf) >= c + 20);
+    let writes = w.stop();
+    assert!(writes > 0);
+    assert_all_acked(&lf);
+
+    assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1), "the data set is one extent on V2");
+    assert_eq!(usage(&m.mnt, "V1"), (0, 0), "the source tracks were freed");
+    verify_log(&lf, &m.p("f"), "after the switch");
+
+    m.unmount();
+    let m = tp.mount();
+    verify_log(&lf, &m.p("f"), "after a remount");
+    assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1), "after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 2, 3. Close cutover
+
+#[test]
+fn close_cutover_waits_for_the_writers_to_close() {
+    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let lf = LoggedFile::create(&m.p("f"), 2, 16 << 10, 256); // 4 MiB
+    let w = Writers::start(&lf, 2, 22);
+
+    let id = one_job(&control(&m.mnt, "migrate /f to V2 cutover=close rate=4M").unwrap());
+    wait_running(&m.mnt, id);
+    assert_writes_during(&m.mnt, id, &lf);
+    wait_phase(&m.mnt, id, "awaiting-close");
+    // The writers keep the data set open and keep writing: the job waits for them.
+    assert_writes_during(&m.mnt, id, &lf);
+    let j = job(&m.mnt, id);
+    assert_eq!(j["phase"], "awaiting-close", "the writers still hold the file open: {j:#}");
+    assert!(!events(&m.mnt).contains(&format!("job {id} downtime-start")), "no downtime while the file is open");
+
+    let writes = w.stop(); // each thread's handle closes as it ends
+    assert!(writes > 0);
+    assert_all_acked(&lf);
+    let j = wait_switched(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["cutover"], "close", "{j:#}");
+    assert!(j["window_us"].is_u64(), "a close switch reports its downtime window: {j:#}");
+
+    let ev = events(&m.mnt);
+    let requested = event_at(&ev, &format!("job {id} close-requested"));
+    let start = event_at(&ev, &format!("job {id} downtime-start"));
+    let end = event_at(&ev, &format!("job {id} downtime-end"));
+    let switched = event_at(&ev, &format!("job {id} switched"));
+    assert!(requested < start && start < end && end <= switched, "events out of order:\n{ev}");
+
+    assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1));
+    verify_log(&lf, &m.p("f"), "after the switch");
+    m.unmount();
+    let m = tp.mount();
+    verify_log(&lf, &m.p("f"), "after a remount");
+    m.unmount();
+}
+
+#[test]
+fn close_cutover_holds_new_opens_until_the_switch() {
+    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let path = m.p("h");
+    let mut model = pattern(3 << 20, 31);
+    write_whole(&path, &model);
+    let held = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+
+    let id = one_job(&control(&m.mnt, "migrate /h to V2 cutover=close").unwrap());
+    wait_phase(&m.mnt, id, "awaiting-close");
+    // A write through the held handle while the job waits.
+    let patch = pattern(100_000, 32);
+    held.write_all_at(&patch, 1_000_000).unwrap();
+    model[1_000_000..1_100_000].copy_from_slice(&patch);
+    for i in 0..10 {
+        let j = job(&m.mnt, id);
+        assert_eq!(j["phase"], "awaiting-close", "status read {i}: one handle is still open: {j:#}");
+        thread::sleep(Duration::from_millis(30));
+    }
+
+    // A reader that opens, reads and closes the file over and over, through the cutover.
+    let model = Arc::new(model);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (model, stop, reads, errors, path) =
+            (model.clone(), stop.clone(), reads.clone(), errors.clone(), path.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = File::open(&path).and_then(|mut f| {
+                    // from the volumes, not from cached pages
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                    let mut buf = Vec::new();
+                    f.read_to_end(&mut buf).map(|_| buf)
+                });
+                let n = reads.load(Ordering::Relaxed);
+                match r {
+                    Ok(buf) if buf == *model => {}
+                    Ok(buf) => {
+                        let at = buf.iter().zip(model.iter()).position(|(a, b)| a != b);
+                        errors.lock().unwrap().push(format!(
+                            "read {n}: {} bytes (expected {}), first difference at {at:?}",
+                            buf.len(),
+                            model.len()
+                        ));
+                    }
+                    Err(e) => errors.lock().unwrap().push(format!("read {n}: {e}")),
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+                // an application that opens the file now and then
+                thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    wait_for("the reader's first reads", || reads.load(Ordering::Relaxed) >= 3);
+    let j = job(&m.mnt, id);
+    assert_eq!(j["phase"], "awaiting-close", "the held handle still keeps the job waiting: {j:#}");
+    assert!(!events(&m.mnt).contains(&format!("job {id} downtime-start")), "no downtime while the file is held");
+
+    drop(held);
+    let j = wait_switched(&m.mnt, &[id]).remove(0);
+    let r0 = reads.load(Ordering::Relaxed);
+    wait_for("reads after the switch", || reads.load(Ordering::Relaxed) >= r0 + 5);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader thread");
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "the reader failed during the cutover:\n{}", errors.join("\n"));
+
+    assert!(j["window_us"].is_u64(), "{j:#}");
+    let ev = events(&m.mnt);
+    let requested = event_at(&ev, &format!("job {id} close-requested"));
+    let start = event_at(&ev, &format!("job {id} downtime-start"));
+    let end = event_at(&ev, &format!("job {id} downtime-end"));
+    assert!(requested < start && start < end, "events out of order:\n{ev}");
+    assert_eq!(placement(&m.mnt, "/h"), (vec!["V2".to_string()], 1));
+    assert_bytes_eq(&read_fresh(&path), &model, "after the switch");
+    m.unmount();
+    let m = tp.mount();
+    assert_bytes_eq(&fs::read(m.p("h")).unwrap(), &model, "after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Growth and truncation during a job
+
+#[test]
+fn growth_and_truncation_during_a_job() {
+    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let path = m.p("g");
+    let mut model = pattern(2 << 20, 41);
+    write_whole(&path, &model);
+    assert_eq!(placement(&m.mnt, "/g").0, vec!["V1"], "test setup");
+
+    let id = one_job(&control(&m.mnt, "migrate /g to V2 rate=1M").unwrap());
+    wait_running(&m.mnt, id);
+    let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let write_at = |model: &mut Vec<u8>, at: usize, data: &[u8]| {
+        f.write_all_at(data, at as u64).unwrap();
+        if model.len() < at + data.len() {
+            model.resize(at + data.len(), 0);
+        }
+        model[at..at + data.len()].copy_from_slice(data);
+    };
+    // grow: an append of 768 KiB
+    let at = model.len();
+    write_at(&mut model, at, &pattern(768 << 10, 42));
+    // cut in the middle
+    f.set_len(1_200_000).unwrap();
+    model.truncate(1_200_000);
+    // write past the cut, leaving a hole that must read as zeros
+    write_at(&mut model, 1_500_000, &pattern(300_000, 43));
+    // grow again
+    let at = model.len();
+    write_at(&mut model, at, &pattern(1 << 20, 44));
+    // cut again inside a track, then write a little at the new end
+    let cut = model.len() - 100_003;
+    f.set_len(cut as u64).unwrap();
+    model.truncate(cut);
+    write_at(&mut model, cut, &pattern(4096, 45));
+    // and overwrite something the copier may have copied already
+    write_at(&mut model, 4096, &pattern(70_000, 46));
+    drop(f);
+    let j = job(&m.mnt, id);
+    assert!(
+        !is_final(j["phase"].as_str().unwrap_or("")),
+        "test setup: the job ended before the growth and truncation: {j:#}"
+    );
+
+    wait_switched(&m.mnt, &[id]);
+    assert_bytes_eq(&read_fresh(&path), &model, "after the switch");
+    let d = data_set(&m.mnt, "/g");
+    assert_eq!(u(&d["size_bytes"]), model.len() as u64, "{d:#}");
+    assert_eq!(strs(&d["volumes"]), ["V2"], "every extent is on the target: {d:#}");
+    let ts = 64 << 10;
+    assert!(u(&d["allocated_tracks"]) * ts >= model.len() as u64, "the allocation covers the size: {d:#}");
+    assert_eq!(usage(&m.mnt, "V1"), (0, 0), "the source tracks were freed");
+
+    m.unmount();
+    let m = tp.mount();
+    assert_bytes_eq(&fs::read(m.p("g")).unwrap(), &model, "after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Cancel
+
+#[test]
+fn cancel_rolls_back_and_keeps_every_write() {
+    let tp = TestPool::new("64K", &[("V1", "32M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let a = LoggedFile::create(&m.p("a"), 5, 16 << 10, 256); // 4 MiB
+    let b = LoggedFile::create(&m.p("b"), 6, 16 << 10, 256);
+    let c_bytes = pattern(300_000, 51);
+    write_whole(&m.p("c"), &c_bytes);
+    for p in ["/a", "/b", "/c"] {
+        assert_eq!(placement(&m.mnt, p).0, vec!["V1"], "test setup: {p} starts on V1");
+    }
+    let v1_before = usage(&m.mnt, "V1");
+    let v2_before = usage(&m.mnt, "V2");
+    let wa = Writers::start(&a, 2, 51);
+    let wb = Writers::start(&b, 1, 52);
+
+    let ida = one_job(ferry_ok(&["migrate", &mnt, s(&m.p("a")), "--to", "V2", "--rate", "512K"]).trim());
+    let idb = one_job(&control(&m.mnt, "migrate /b to V2 rate=512K").unwrap());
+    wait_running(&m.mnt, ida);
+    wait_running(&m.mnt, idb);
+    assert_writes_during(&m.mnt, ida, &a);
+    assert_writes_during(&m.mnt, idb, &b);
+    assert!(usage(&m.mnt, "V2").0 > v2_before.0, "the running jobs hold target tracks");
+
+    let out = ferry_ok(&["cancel", &mnt, &ida.to_string()]);
+    assert_eq!(out.trim(), format!("ok cancelling job {ida}"));
+    assert_eq!(control(&m.mnt, &format!("cancel {idb}")).unwrap(), format!("ok cancelling job {idb}"));
+    let jobs = wait_jobs(&m.mnt, &[ida, idb]);
+    for j in &jobs {
+        assert_eq!(j["phase"], "cancelled", "{j:#}\nevents:\n{}", events(&m.mnt));
+        assert!(j["stall_us"].is_null() && j["window_us"].is_null(), "a cancelled job never switched: {j:#}");
+    }
+    let ev = events(&m.mnt);
+    event_at(&ev, &format!("job {ida} cancelled"));
+    event_at(&ev, &format!("job {idb} cancelled"));
+
+    // Writes go on after the cancel, on the source.
+    let (ca, cb) = (max_acked(&a), max_acked(&b));
+    wait_for("writes after the cancel", || max_acked(&a) >= ca + 20 && max_acked(&b) >= cb + 20);
+    assert!(wa.stop() > 0 && wb.stop() > 0);
+    assert_all_acked(&a);
+    assert_all_acked(&b);
+
+    assert_eq!(placement(&m.mnt, "/a").0, vec!["V1"], "a cancelled job leaves the data set on its source");
+    assert_eq!(placement(&m.mnt, "/b").0, vec!["V1"], "a cancelled job leaves the data set on its source");
+    assert_eq!(usage(&m.mnt, "V2"), v2_before, "the target's tracks were given back");
+    assert_eq!(usage(&m.mnt, "V1"), v1_before, "the source is untouched");
+    verify_log(&a, &m.p("a"), "a after the cancel");
+    verify_log(&b, &m.p("b"), "b after the cancel");
+
+    // Cancelling an ended job is refused.
+    let (code, err) = ferry_err(&["cancel", &mnt, &ida.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, &format!("job {ida} has already ended"));
+    assert!(err.contains("cancelled"), "{err}");
+    let e = control(&m.mnt, &format!("cancel {idb}")).unwrap_err();
+    assert!(e.contains(&format!("job {idb} has already ended")), "{e}");
+    let idc = one_job(&control(&m.mnt, "migrate /c to V2").unwrap());
+    wait_switched(&m.mnt, &[idc]);
+    let (code, err) = ferry_err(&["cancel", &mnt, &idc.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, &format!("job {idc} has already switched"));
+    let (code, err) = ferry_err(&["cancel", &mnt, "9999"]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "no job or plan 9999");
+    assert_eq!(placement(&m.mnt, "/c"), (vec!["V2".to_string()], 1));
+    assert_bytes_eq(&read_fresh(&m.p("c")), &c_bytes, "c");
+
+    m.unmount();
+    let m = tp.mount();
+    verify_log(&a, &m.p("a"), "a after a remount");
+    verify_log(&b, &m.p("b"), "b after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Merge
+
+#[test]
+fn merge_three_volumes_into_one_then_retire() {
+    let tp = TestPool::new("16K", &[("V1", "4M"), ("V2", "4M"), ("V3", "4M")]);
+    let ts: u64 = 16 << 10;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let m = tp.mount();
+    // written during the merge
+    let lf = LoggedFile::create(&m.p("w.bin"), 7, 16 << 10, 32);
+    for d in 0..4 {
+        fs::create_dir(m.p(&format!("d{d}"))).unwrap();
+    }
+    for i in 0..56usize {
+        let len = match i % 4 {
+            0 => 1 + (i * 97) % 4000,
+            1 => 5_000 + i * 300,
+            2 => 40_000 + i * 2_000,
+            _ if i < 12 => 1_100_000 + i * 1_000,
+            _ => 30_000 + i * 500,
+        };
+        let path = format!("/d{}/f{i:02}", i % 4);
+        let data = pattern(len, 600 + i as u64);
+        if i % 2 == 0 {
+            write_whole(&m.p(&path), &data);
+        } else {
+            fs::write(m.p(&path), &data).unwrap();
+        }
+        files.insert(path, data);
+    }
+    // Two data sets that no volume holds alone: each spills over two volumes.
+    for k in 0..2u64 {
+        let vl = volume_list_json(&m.mnt);
+        let mut free: Vec<u64> = vl["volumes"].as_array().unwrap().iter().map(|v| u(&v["tracks_free"])).collect();
+        free.sort_unstable_by(|a, b| b.cmp(a));
+        let tracks = free[0] + free[1] / 2;
+        let path = format!("/span{k}");
+        let data = pattern((tracks * ts - 1000) as usize, 700 + k);
+        write_whole(&m.p(&path), &data);
+        files.insert(path, data);
+    }
+    let ls = ls_json(&m.mnt);
+    let spanning = ls["data_sets"].as_array().unwrap().iter().filter(|d| d["volumes"].as_array().unwrap().len() > 1);
+    assert!(spanning.count() >= 2, "test setup: two data sets span volumes:\n{ls:#}");
+    assert!(ls["data_sets"].as_array().unwrap().len() >= 50, "test setup: at least 50 data sets");
+    m.unmount();
+
+    tp.add_volume("V4", "16M");
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let w = Writers::start(&lf, 1, 61);
+    let c0 = max_acked(&lf);
+    let out = ferry_ok(&["merge", &mnt, "V1", "V2", "V3", "--into", "V4"]);
+    let plan = reply_plan(out.trim()).unwrap_or_else(|| panic!("no plan in the reply {out:?}"));
+    assert!(reply_jobs(out.trim()).len() >= 50, "a job per data set: {out}");
+    let p = wait_plan(&m.mnt, plan);
+    assert_eq!(p["phase"], "done", "{p:#}\nevents:\n{}", events(&m.mnt));
+    assert_eq!(p["kind"], "merge", "{p:#}");
+    assert!(max_acked(&lf) > c0, "the writer wrote during the merge");
+    let ids: Vec<u64> = p["jobs"].as_array().unwrap().iter().map(u).collect();
+    wait_switched(&m.mnt, &ids);
+    assert!(w.stop() > 0);
+    assert_all_acked(&lf);
+    let ev = events(&m.mnt);
+    assert!(event_at(&ev, &format!("plan {plan} merge-start")) < event_at(&ev, &format!("plan {plan} merge-done")));
+
+    for v in ["V1", "V2", "V3"] {
+        assert_eq!(usage(&m.mnt, v), (0, 0), "{v} is empty after the merge");
+    }
+    let ls = ls_json(&m.mnt);
+    let sets = ls["data_sets"].as_array().unwrap();
+    assert_eq!(sets.len(), files.len() + 1, "{ls:#}");
+    for d in sets {
+        assert_eq!(strs(&d["volumes"]), ["V4"], "every data set is on the target: {d:#}");
+        assert_eq!(u(&d["extent_count"]), 1, "every data set is one extent: {d:#}");
+    }
+    for (path, data) in &files {
+        assert_bytes_eq(&read_fresh(&m.p(path)), data, path);
+    }
+    verify_log(&lf, &m.p("w.bin"), "w.bin after the merge");
+    let closed: BTreeSet<String> = strs(&status(&m.mnt)["closed_volumes"]).into_iter().collect();
+    assert_eq!(closed, ["V1", "V2", "V3"].iter().map(|s| s.to_string()).collect(), "the sources stay closed");
+
+    // An empty source retires; the target, which holds data, does not.
+    let image = PathBuf::from(volume_json(&m.mnt, "V1")["path"].as_str().unwrap());
+    ferry_ok(&["volume", "retire", &mnt, "V1"]);
+    let names: Vec<String> = volume_list_json(&m.mnt)["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(names, ["V2", "V3", "V4"], "V1 is gone from the volume list");
+    assert!(!image.exists(), "the retired image {} was removed", image.display());
+    let (code, err) = ferry_err(&["volume", "retire", &mnt, "V4"]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "V4");
+    assert!(err.contains("not empty"), "{err}");
+    assert!(volume_list_json(&m.mnt)["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "V4"));
+
+    m.unmount();
+    let m = tp.mount();
+    for (path, data) in &files {
+        assert_bytes_eq(&fs::read(m.p(path)).unwrap(), data, &format!("{path} after a remount"));
+    }
+    verify_log(&lf, &m.p("w.bin"), "w.bin after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Drain
+
+/// Where a drain puts each data set: the largest first, each to the target with the most
+/// free tracks left (the first listed on a tie).
+fn predict_drain(sets: &[(String, u64)], targets: &[(String, u64)]) -> BTreeMap<String, String> {
+    let mut left = targets.to_vec();
+    let mut order = sets.to_vec();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = BTreeMap::new();
+    for (path, tracks) in order {
+        let best = left
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, f))| *f >= tracks)
+            .max_by(|a, b| a.1 .1.cmp(&b.1 .1).then(b.0.cmp(&a.0)))
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("test setup: {path} ({tracks} tracks) fits no single target"));
+        left[best].1 -= tracks;
+        out.insert(path, left[best].0.clone());
+    }
+    out
+}
+
+#[test]
+fn drain_spreads_by_free_space_with_and_without_targets() {
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "3M"), ("V3", "4M"), ("V4", "6M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    fs::create_dir(m.p("dir")).unwrap();
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (i, len) in [2_000_000usize, 1_500_000, 1_000_000, 700_000, 300_000, 40_000].into_iter().enumerate() {
+        let path = if i % 2 == 0 { format!("/f{i}") } else { format!("/dir/f{i}") };
+        let data = pattern(len, 800 + i as u64);
+        write_whole(&m.p(&path), &data);
+        files.insert(path, data);
+    }
+    let ls = ls_json(&m.mnt);
+    let mut sets = Vec::new();
+    for d in ls["data_sets"].as_array().unwrap() {
+        assert_eq!(strs(&d["volumes"]), ["V1"], "test setup: every data set starts on V1: {d:#}");
+        sets.push((d["path"].as_str().unwrap().to_string(), u(&d["allocated_tracks"])));
+    }
+    let free: Vec<(String, u64)> =
+        ["V2", "V3", "V4"].iter().map(|v| (v.to_string(), u(&volume_json(&m.mnt, v)["tracks_free"]))).collect();
+    let want = predict_drain(&sets, &free);
+    let used: BTreeSet<&String> = want.values().collect();
+    assert!(used.len() >= 2, "test setup: the drain spreads over several volumes: {want:?}");
+
+    // Without --to: every other volume is a target.
+    let out = ferry_ok(&["drain", &mnt, "V1", "--wait"]);
+    assert!(out.lines().any(|l| l.contains("(drain): done")), "--wait reports the plan: {out}");
+    let st = status(&m.mnt);
+    let p = st["plans"].as_array().unwrap().last().cloned().unwrap();
+    assert_eq!((p["kind"].as_str(), p["phase"].as_str()), (Some("drain"), Some("done")), "{p:#}");
+    assert_eq!(strs(&p["sources"]), ["V1"]);
+    assert_eq!(strs(&p["targets"]), ["V2", "V3", "V4"], "{p:#}");
+    assert_eq!(usage(&m.mnt, "V1"), (0, 0), "V1 is empty after its drain");
+    for (path, vol) in &want {
+        let (vols, _) = placement(&m.mnt, path);
+        assert_eq!(&vols, &[vol.clone()], "{path}: drained to the volume with the most free space ({want:?})");
+    }
+    for (path, data) in &files {
+        assert_bytes_eq(&read_fresh(&m.p(path)), data, path);
+    }
+
+    // With --to: only the named volume takes the data sets.
+    let on_v2: Vec<String> = want.iter().filter(|(_, v)| *v == "V2").map(|(p, _)| p.clone()).collect();
+    assert!(!on_v2.is_empty(), "test setup: the first drain put something on V2");
+    let v3_before = usage(&m.mnt, "V3");
+    let out = ferry_ok(&["drain", &mnt, "V2", "--to", "V4", "--wait"]);
+    assert!(out.lines().any(|l| l.contains("(drain): done")), "{out}");
+    assert_eq!(usage(&m.mnt, "V2"), (0, 0), "V2 is empty after its drain");
+    assert_eq!(usage(&m.mnt, "V3"), v3_before, "V3 was not a target");
+    for path in &on_v2 {
+        assert_eq!(placement(&m.mnt, path).0, vec!["V4"], "{path} went to V4");
+    }
+    for (path, data) in &files {
+        assert_bytes_eq(&read_fresh(&m.p(path)), data, path);
+    }
+    let closed: BTreeSet<String> = strs(&status(&m.mnt)["closed_volumes"]).into_iter().collect();
+    assert_eq!(closed, ["V1", "V2"].iter().map(|s| s.to_string()).collect());
+
+    m.unmount();
+    let m = tp.mount();
+    for (path, data) in &files {
+        assert_bytes_eq(&fs::read(m.p(path)).unwrap(), data, &format!("{path} after a remount"));
+    }
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Refused commands
+
+#[test]
+fn refused_plans_and_migrations_change_nothing() {
+    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "1M"), ("V3", "1M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let big = pattern(3 << 20, 91);
+    let small = pattern(400_000, 92);
+    write_whole(&m.p("big"), &big);
+    write_whole(&m.p("small"), &small);
+    for p in ["/big", "/small"] {
+        assert_eq!(placement(&m.mnt, p).0, vec!["V1"], "test setup");
+    }
+    let need: u64 = ["/big", "/small"].iter().map(|p| u(&data_set(&m.mnt, p)["allocated_tracks"])).sum();
+    let free2 = u(&volume_json(&m.mnt, "V2")["tracks_free"]);
+    let free3 = u(&volume_json(&m.mnt, "V3")["tracks_free"]);
+    let big_tracks = u(&data_set(&m.mnt, "/big")["allocated_tracks"]);
+    let before = state_of(&m.mnt);
+    let big_path = s(&m.p("big")).to_string();
+    let nope_path = s(&m.p("nope")).to_string();
+
+    let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (
+            vec!["merge", &mnt, "V1", "--into", "V2"],
+            vec!["merge refused".into(), format!("{need} tracks"), format!("V2 has {free2} tracks")],
+        ),
+        (
+            vec!["drain", &mnt, "V1"],
+            vec!["drain refused".into(), format!("{need} tracks"), format!("have {} tracks", free2 + free3)],
+        ),
+        (vec!["drain", &mnt, "V1", "--to", "V3"], vec!["drain refused".into(), format!("{need} tracks")]),
+        (vec!["migrate", &mnt, &big_path, "--to", "V9"], vec!["no volume named \"V9\"".into()]),
+        (vec!["migrate", &mnt, &nope_path, "--to", "V2"], vec!["no such path: /nope".into()]),
+        (
+            vec!["migrate", &mnt, &big_path, "--to", "V2"],
+            vec!["target full".into(), format!("{big_tracks} tracks"), format!("V2 {free2} tracks")],
+        ),
+    ];
+    for (args, words) in &cases {
+        let (code, err) = ferry_err(args);
+        assert_eq!(code, 1, "`ferryfs {}`: {err}", args.join(" "));
+        assert_one_clear_line(&err, &words[0]);
+        for w in words {
+            assert!(err.contains(w.as_str()), "`ferryfs {}`: the error should say {w:?}: {err}", args.join(" "));
+        }
+        assert_eq!(state_of(&m.mnt), before, "`ferryfs {}` was refused but changed something", args.join(" "));
+        assert!(
+            events(&m.mnt).lines().last().is_some_and(|l| l.contains("refused command=")),
+            "a refusal is an event:\n{}",
+            events(&m.mnt)
+        );
+    }
+    let st = status(&m.mnt);
+    assert!(st["jobs"].as_array().unwrap().is_empty(), "{st:#}");
+    assert!(st["plans"].as_array().unwrap().is_empty(), "{st:#}");
+    assert!(st["closed_volumes"].as_array().unwrap().is_empty(), "{st:#}");
+    assert_bytes_eq(&read_fresh(&m.p("big")), &big, "big");
+    assert_bytes_eq(&read_fresh(&m.p("small")), &small, "small");
+    m.unmount();
+}
+
+#[test]
+fn drain_of_the_only_volume_is_refused() {
+    let tp = TestPool::new("64K", &[("V1", "4M")]);
+    let m = tp.mount();
+    let data = pattern(500_000, 95);
+    write_whole(&m.p("f"), &data);
+    let before = state_of(&m.mnt);
+    let (code, err) = ferry_err(&["drain", s(&m.mnt), "V1"]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "no volume is left");
+    assert_eq!(state_of(&m.mnt), before, "a refused drain changed something");
+    assert_eq!(placement(&m.mnt, "/f").0, vec!["V1"]);
+    assert_bytes_eq(&read_fresh(&m.p("f")), &data, "f");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. The control file
+
+#[test]
+fn malformed_control_lines_are_refused_and_change_nothing() {
+    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "8M")]);
+    // another user must be able to reach the mountpoint
+    fs::set_permissions(tp.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = tp.mount();
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    write_whole(&m.p("f"), &pattern(200_000, 97));
+    let control_path = m.p(".ferry/control");
+    let before = state_of(&m.mnt);
+
+    for (line, errno, word) in [
+        ("frobnicate", libc::EINVAL, "unknown verb"),
+        ("migrate /f", libc::EINVAL, "missing `to VOL`"),
+        ("migrate /f to V2 cutover=sometimes", libc::EINVAL, "cutover must be"),
+        ("migrate /f to V2 rate=fast", libc::EINVAL, "rate:"),
+        ("set max-jobs=0", libc::EINVAL, "max-jobs must be"),
+        ("migrate \"/f to V2", libc::EINVAL, "not closed"),
+        ("migrate /nope to V2", libc::ENOENT, "no such path"),
+        ("migrate /f to V9", libc::ENOENT, "no volume named"),
+    ] {
+        let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
+        assert_errno(f.write(format!("{line}\n").as_bytes()), errno, line);
+        let mut reply = String::new();
+        f.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("error: ") && reply.contains(word), "{line:?}: reply {reply:?}");
+        assert_eq!(reply.lines().count(), 1, "{line:?}: one reply line: {reply:?}");
+        assert_eq!(state_of(&m.mnt), before, "{line:?} was refused but changed something");
+        let ev = events(&m.mnt);
+        assert!(ev.contains(&format!("refused command={line:?}")), "{line:?}: the refusal is an event:\n{ev}");
+    }
+
+    // After a refusal the same handle takes the next line; the replies read back in order.
+    let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
+    assert_errno(f.write(b"frobnicate\n"), libc::EINVAL, "frobnicate");
+    f.write_all(b"set copy-rate=0\n").unwrap();
+    let mut reply = String::new();
+    f.read_to_string(&mut reply).unwrap();
+    let lines: Vec<&str> = reply.lines().collect();
+    assert_eq!(lines.len(), 2, "{reply:?}");
+    assert!(lines[0].starts_with("error: unknown verb"), "{reply:?}");
+    assert_eq!(lines[1], "ok copy-rate=0", "{reply:?}");
+    drop(f);
+    assert_eq!(state_of(&m.mnt), before);
+
+    // From a shell.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo frobnicate > '{}'", control_path.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "`echo frobnicate > .ferry/control` succeeded");
+    assert_eq!(state_of(&m.mnt), before);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo set max-jobs=3 > '{}'", control_path.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a good line from a shell: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&m.mnt)["max_jobs"], 3);
+
+    // Another user may read the status but not send commands.
+    if !have("runuser") {
+        eprintln!("NOTE: runuser is not installed; the other-user check is skipped");
+        m.unmount();
+        return;
+    }
+    let as_nobody = |script: String| {
+        Command::new("runuser").args(["-u", "nobody", "--", "sh", "-c", &script]).stdin(Stdio::null()).output().unwrap()
+    };
+    let out = as_nobody(format!("cat '{}' > /dev/null", m.p(".ferry/status").display()));
+    assert!(out.status.success(), "another user reads the status: {}", String::from_utf8_lossy(&out.stderr));
+    let out = as_nobody(format!("echo set max-jobs=7 > '{}'", control_path.display()));
+    assert!(!out.status.success(), "another user sent a command");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "expected a permission error: {err}");
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin())
+        .args(["cancel", s(&m.mnt), "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "another user sent a command with the CLI");
+    assert_one_clear_line(&String::from_utf8_lossy(&out.stderr), "only the mount's owner");
+    assert_eq!(status(&m.mnt)["max_jobs"], 3, "the other user's command changed nothing");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. A database migrated while it takes inserts
+
+fn sqlite3() -> Command {
+    let mut c = Command::new("sqlite3");
+    c.args(["-cmd", ".timeout 30000"]);
+    c
+}
+
+#[track_caller]
+fn sqlite_run(db: &Path, sql: &str) -> String {
+    let out = sqlite3().arg("-bail").arg(db).arg(sql).stdin(Stdio::null()).output().expect("run sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sqlite_database_migrated_while_inserting() {
+    if !have("sqlite3") {
+        eprintln!("SKIPPED: sqlite3 is not installed");
+        return;
+    }
+    const PRELOAD: u64 = 2000;
+    const FIRST_ID: u64 = 1_000_000;
+    let tp = TestPool::new("16K", &[("V1", "96M"), ("V2", "64M")]);
+    let m = tp.mount();
+    fs::create_dir(m.p("db")).unwrap();
+    let db = m.p("db/test.sqlite");
+    let out = sqlite_run(
+        &db,
+        &format!(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB NOT NULL); \
+             WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {PRELOAD}) \
+             INSERT INTO t SELECT i, randomblob(1500) FROM c;"
+        ),
+    );
+    assert_eq!(out.trim(), "wal");
+
+    // One connection inserting a row per transaction; a row counts once its SELECT answers.
+    // Small rows: the database grows while it is copied, and the target must hold that too.
+    let mut child = sqlite3()
+        .arg("-bail")
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sqlite3");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let inserter = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        thread::spawn(move || -> Result<(), String> {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = FIRST_ID + n + 1;
+                writeln!(stdin, "INSERT INTO t(id, v) VALUES({id}, randomblob(200)); SELECT 'ack', {id};")
+                    .and_then(|_| stdin.flush())
+                    .map_err(|e| format!("insert {id}: {e}"))?;
+                let mut line = String::new();
+                out.read_line(&mut line).map_err(|e| format!("insert {id}: {e}"))?;
+                if line.trim() != format!("ack|{id}") {
+                    return Err(format!("insert {id}: sqlite3 answered {line:?}"));
+                }
+                n += 1;
+                acked.store(n, Ordering::Relaxed);
+            }
+            Ok(()) // stdin closes here: sqlite3 ends
+        })
+    };
+    wait_for("the first inserts", || acked.load(Ordering::Relaxed) >= 20);
+    assert!(m.p("db/test.sqlite-wal").exists(), "test setup: the database is in WAL mode");
+
+    let reply = control(&m.mnt, "migrate /db to V2 rate=1M").unwrap();
+    let ids = reply_jobs(&reply);
+    assert!(ids.len() >= 2, "the database and its WAL: {reply}");
+    let main_job = status(&m.mnt)["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["path"] == "/db/test.sqlite")
+        .map(|j| u(&j["id"]))
+        .expect("a job for the database file");
+    wait_running(&m.mnt, main_job);
+    let a0 = acked.load(Ordering::Relaxed);
+    wait_for("inserts during the migration", || acked.load(Ordering::Relaxed) >= a0 + 20);
+    let j = job(&m.mnt, main_job);
+    assert!(!is_final(j["phase"].as_str().unwrap_or("")), "test setup: inserts overlapped the job: {j:#}");
+    wait_switched(&m.mnt, &ids);
+    let ls = ls_json_at(&m.mnt, "/db");
+    for d in ls["data_sets"].as_array().unwrap() {
+        assert_eq!(strs(&d["volumes"]), ["V2"], "{d:#}");
+    }
+    let a1 = acked.load(Ordering::Relaxed);
+    wait_for("inserts after the switch", || acked.load(Ordering::Relaxed) >= a1 + 20);
+    stop.store(true, Ordering::Relaxed);
+    let r = inserter.join().expect("inserter thread");
+    let st = wait_child(&mut child, "sqlite3");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(r.is_ok() && st.success(), "the inserting connection failed: {r:?} ({st}): {err}");
+    let n = acked.load(Ordering::Relaxed);
+
+    let check = format!(
+        "PRAGMA integrity_check; SELECT count(*) FROM t; \
+         SELECT count(*), coalesce(sum(id), 0) FROM t WHERE id > {FIRST_ID};"
+    );
+    let sum: u64 = (FIRST_ID + 1..=FIRST_ID + n).sum();
+    let want = format!("ok\n{}\n{n}|{sum}\n", PRELOAD + n);
+    drop_cache(&db);
+    assert_eq!(sqlite_run(&db, &check), want, "the database after the migration ({n} inserts acknowledged)");
+    assert_eq!(placement(&m.mnt, "/db/test.sqlite").0, vec!["V2"]);
+    m.unmount();
+    let m = tp.mount();
+    assert_eq!(sqlite_run(&m.p("db/test.sqlite"), &check), want, "the database after a remount");
+    m.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. `--wait`
+
+#[test]
+fn cli_wait_follows_the_job_and_fails_when_it_is_cancelled() {
+    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let f = pattern(3 << 20, 111);
+    let g = pattern(4 << 20, 112);
+    write_whole(&m.p("f"), &f);
+    write_whole(&m.p("g"), &g);
+
+    let out = ferry(["migrate", &mnt, s(&m.p("f")), "--to", "V2", "--rate", "2M", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "--wait failed ({}):\n{stdout}{stderr}", out.status);
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let id = one_job(lines.first().copied().unwrap_or(""));
+    let mine = format!("job {id} /f: ");
+    let progress = lines.iter().position(|l| l.starts_with(&mine) && l.contains(" MiB at "));
+    let done = lines.iter().position(|l| l.starts_with(&mine) && l.contains("switched to V2"));
+    assert!(progress.is_some(), "--wait prints progress lines:\n{stdout}");
+    assert!(done.is_some(), "--wait prints the switch:\n{stdout}");
+    assert!(progress < done, "progress before the switch:\n{stdout}");
+    assert_eq!(done, Some(lines.len() - 1), "the switch is the last line:\n{stdout}");
+    assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1));
+    assert_bytes_eq(&read_fresh(&m.p("f")), &f, "f");
+
+    // A job cancelled by another process while --wait follows it.
+    let mut child = Command::new(bin())
+        .args(["migrate", &mnt, s(&m.p("g")), "--to", "V2", "--rate", "256K", "--wait"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (rx, reader) = lines_of(child.stdout.take().unwrap());
+    let first = rx.recv_timeout(JOB_LIMIT).unwrap_or_else(|e| {
+        let _ = child.kill();
+        panic!("no reply from migrate --wait: {e}")
+    });
+    let id = one_job(&first);
+    wait_running(&m.mnt, id);
+    let out = ferry_ok(&["cancel", &mnt, &id.to_string()]);
+    assert_eq!(out.trim(), format!("ok cancelling job {id}"));
+    let st = wait_child(&mut child, "migrate --wait");
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!st.success(), "--wait exited 0 for a cancelled job:\n{}", rest.join("\n"));
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert_one_clear_line(&err, "did not switch");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(rest.iter().any(|l| *l == format!("job {id} /g: cancelled")), "stdout:\n{}", rest.join("\n"));
+    assert_eq!(job(&m.mnt, id)["phase"], "cancelled");
+    assert_eq!(placement(&m.mnt, "/g").0, vec!["V1"]);
+    assert_bytes_eq(&read_fresh(&m.p("g")), &g, "g");
+    m.unmount();
+}
