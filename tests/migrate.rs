@@ -238,6 +238,18 @@ fn live_migration_under_concurrent_random_writes() {
     let m = tp.mount();
     verify_log(&lf, &m.p("f"), "after a remount");
     assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1), "after a remount");
+    // And back, under writers again: job ids are never reused across mounts.
+    let w = Writers::start(&lf, 2, 12);
+    let back = one_job(&control(&m.mnt, "migrate /f to V1").unwrap());
+    assert!(back > id, "job {back} after a remount reuses an id (the first job was {id})");
+    wait_switched(&m.mnt, &[back]);
+    let c = max_acked(&lf);
+    wait_for("writes after the second switch", || max_acked(&lf) >= c + 20);
+    assert!(w.stop() > 0);
+    assert_all_acked(&lf);
+    assert_eq!(placement(&m.mnt, "/f"), (vec!["V1".to_string()], 1), "moved back to V1");
+    assert_eq!(usage(&m.mnt, "V2"), (0, 0));
+    verify_log(&lf, &m.p("f"), "after moving back");
     m.unmount();
 }
 
@@ -304,42 +316,44 @@ fn close_cutover_holds_new_opens_until_the_switch() {
         thread::sleep(Duration::from_millis(30));
     }
 
-    // A reader that opens, reads and closes the file over and over, through the cutover.
+    // Readers that open, read and close the file over and over, through the cutover.
     let model = Arc::new(model);
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let (model, stop, reads, errors, path) =
-            (model.clone(), stop.clone(), reads.clone(), errors.clone(), path.clone());
-        thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let r = File::open(&path).and_then(|mut f| {
-                    // from the volumes, not from cached pages
-                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-                    let mut buf = Vec::new();
-                    f.read_to_end(&mut buf).map(|_| buf)
-                });
-                let n = reads.load(Ordering::Relaxed);
-                match r {
-                    Ok(buf) if buf == *model => {}
-                    Ok(buf) => {
-                        let at = buf.iter().zip(model.iter()).position(|(a, b)| a != b);
-                        errors.lock().unwrap().push(format!(
-                            "read {n}: {} bytes (expected {}), first difference at {at:?}",
-                            buf.len(),
-                            model.len()
-                        ));
+    let readers: Vec<_> = (0..2u64)
+        .map(|k| {
+            let (model, stop, reads, errors, path) =
+                (model.clone(), stop.clone(), reads.clone(), errors.clone(), path.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = File::open(&path).and_then(|mut f| {
+                        // from the volumes, not from cached pages
+                        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                        let mut buf = Vec::new();
+                        f.read_to_end(&mut buf).map(|_| buf)
+                    });
+                    let n = reads.load(Ordering::Relaxed);
+                    match r {
+                        Ok(buf) if buf == *model => {}
+                        Ok(buf) => {
+                            let at = buf.iter().zip(model.iter()).position(|(a, b)| a != b);
+                            errors.lock().unwrap().push(format!(
+                                "read {n}: {} bytes (expected {}), first difference at {at:?}",
+                                buf.len(),
+                                model.len()
+                            ));
+                        }
+                        Err(e) => errors.lock().unwrap().push(format!("read {n}: {e}")),
                     }
-                    Err(e) => errors.lock().unwrap().push(format!("read {n}: {e}")),
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    // an application that opens the file now and then
+                    thread::sleep(Duration::from_millis(3 + 4 * k));
                 }
-                reads.fetch_add(1, Ordering::Relaxed);
-                // an application that opens the file now and then
-                thread::sleep(Duration::from_millis(5));
-            }
+            })
         })
-    };
-    wait_for("the reader's first reads", || reads.load(Ordering::Relaxed) >= 3);
+        .collect();
+    wait_for("the readers' first reads", || reads.load(Ordering::Relaxed) >= 6);
     let j = job(&m.mnt, id);
     assert_eq!(j["phase"], "awaiting-close", "the held handle still keeps the job waiting: {j:#}");
     assert!(!events(&m.mnt).contains(&format!("job {id} downtime-start")), "no downtime while the file is held");
@@ -349,9 +363,11 @@ fn close_cutover_holds_new_opens_until_the_switch() {
     let r0 = reads.load(Ordering::Relaxed);
     wait_for("reads after the switch", || reads.load(Ordering::Relaxed) >= r0 + 5);
     stop.store(true, Ordering::Relaxed);
-    reader.join().expect("reader thread");
+    for r in readers {
+        r.join().expect("reader thread");
+    }
     let errors = errors.lock().unwrap().clone();
-    assert!(errors.is_empty(), "the reader failed during the cutover:\n{}", errors.join("\n"));
+    assert!(errors.is_empty(), "a reader failed during the cutover:\n{}", errors.join("\n"));
 
     assert!(j["window_us"].is_u64(), "{j:#}");
     let ev = events(&m.mnt);
@@ -392,7 +408,12 @@ fn growth_and_truncation_during_a_job() {
     // grow: an append of 768 KiB
     let at = model.len();
     write_at(&mut model, at, &pattern(768 << 10, 42));
-    // cut in the middle
+    // cut in the middle, inside what the copier has copied already
+    wait_for("the copy to pass 1.6 MB", || {
+        let j = job(&m.mnt, id);
+        assert!(!is_final(j["phase"].as_str().unwrap_or("")), "test setup: the job ended too soon: {j:#}");
+        u(&j["bytes_copied"]) >= 1_600_000
+    });
     f.set_len(1_200_000).unwrap();
     model.truncate(1_200_000);
     // write past the cut, leaving a hole that must read as zeros
@@ -508,6 +529,56 @@ fn cancel_rolls_back_and_keeps_every_write() {
     m.unmount();
 }
 
+#[test]
+fn cancelling_a_plan_stops_its_jobs_and_reopens_its_sources() {
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "8M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for i in 0..4u64 {
+        let path = format!("/p{i}");
+        let data = pattern(1 << 20, 300 + i);
+        write_whole(&m.p(&path), &data);
+        assert_eq!(placement(&m.mnt, &path).0, vec!["V1"], "test setup");
+        files.insert(path, data);
+    }
+    let v1_before = usage(&m.mnt, "V1");
+
+    let out = ferry_ok(&["drain", &mnt, "V1", "--rate", "256K"]);
+    let plan = reply_plan(out.trim()).unwrap_or_else(|| panic!("no plan in the reply {out:?}"));
+    let ids = reply_jobs(out.trim());
+    assert_eq!(ids.len(), 4, "{out}");
+    wait_running(&m.mnt, ids[0]);
+    assert_eq!(strs(&status(&m.mnt)["closed_volumes"]), ["V1"], "a drained volume takes no new data");
+    // A new data set goes elsewhere while V1 is being drained, though V1 has the most room.
+    write_whole(&m.p("during"), &pattern(100_000, 310));
+    assert_eq!(placement(&m.mnt, "/during").0, vec!["V2"], "a new data set went to a closed volume");
+
+    let out = ferry_ok(&["cancel", &mnt, &plan.to_string()]);
+    assert_eq!(out.trim(), format!("ok cancelling plan {plan}"));
+    let p = wait_plan(&m.mnt, plan);
+    assert_eq!(p["phase"], "cancelled", "{p:#}");
+    for j in wait_jobs(&m.mnt, &ids) {
+        assert_eq!(j["phase"], "cancelled", "every job of the plan was cancelled: {j:#}");
+    }
+    let st = status(&m.mnt);
+    assert!(st["closed_volumes"].as_array().unwrap().is_empty(), "the source is open again: {st:#}");
+    for (path, data) in &files {
+        assert_eq!(placement(&m.mnt, path).0, vec!["V1"], "{path} stays on its source");
+        assert_bytes_eq(&read_fresh(&m.p(path)), data, path);
+    }
+    assert_eq!(usage(&m.mnt, "V1"), v1_before, "the source is untouched");
+    assert_eq!(usage(&m.mnt, "V2").1, 1, "only the new data set is on V2");
+    // V1 takes new data again.
+    write_whole(&m.p("after"), &pattern(100_000, 311));
+    assert_eq!(placement(&m.mnt, "/after").0, vec!["V1"], "a new data set goes to the reopened volume");
+
+    let (code, err) = ferry_err(&["cancel", &mnt, &plan.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, &format!("plan {plan} has already ended"));
+    m.unmount();
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Merge
 
@@ -561,15 +632,27 @@ fn merge_three_volumes_into_one_then_retire() {
     let mnt = s(&m.mnt).to_string();
     let w = Writers::start(&lf, 1, 61);
     let c0 = max_acked(&lf);
-    let out = ferry_ok(&["merge", &mnt, "V1", "V2", "V3", "--into", "V4"]);
+    // rate= makes the writer's job last long enough to overlap its writes
+    let out = ferry_ok(&["merge", &mnt, "V1", "V2", "V3", "--into", "V4", "--rate", "1M"]);
     let plan = reply_plan(out.trim()).unwrap_or_else(|| panic!("no plan in the reply {out:?}"));
     assert!(reply_jobs(out.trim()).len() >= 50, "a job per data set: {out}");
+    let w_job = status(&m.mnt)["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["path"] == "/w.bin")
+        .map(|j| u(&j["id"]))
+        .expect("a job for /w.bin");
+    wait_running(&m.mnt, w_job);
+    assert_writes_during(&m.mnt, w_job, &lf);
     let p = wait_plan(&m.mnt, plan);
     assert_eq!(p["phase"], "done", "{p:#}\nevents:\n{}", events(&m.mnt));
     assert_eq!(p["kind"], "merge", "{p:#}");
     assert!(max_acked(&lf) > c0, "the writer wrote during the merge");
     let ids: Vec<u64> = p["jobs"].as_array().unwrap().iter().map(u).collect();
     wait_switched(&m.mnt, &ids);
+    let wj = job(&m.mnt, w_job);
+    assert!(u(&wj["bytes_resynced"]) > 0, "the writes during the copy were re-synced: {wj:#}");
     assert!(w.stop() > 0);
     assert_all_acked(&lf);
     let ev = events(&m.mnt);
@@ -615,6 +698,8 @@ fn merge_three_volumes_into_one_then_retire() {
         assert_bytes_eq(&fs::read(m.p(path)).unwrap(), data, &format!("{path} after a remount"));
     }
     verify_log(&lf, &m.p("w.bin"), "w.bin after a remount");
+    let closed: BTreeSet<String> = strs(&status(&m.mnt)["closed_volumes"]).into_iter().collect();
+    assert_eq!(closed, ["V2", "V3"].iter().map(|s| s.to_string()).collect(), "the emptied sources stay closed");
     m.unmount();
 }
 
@@ -793,12 +878,14 @@ fn drain_of_the_only_volume_is_refused() {
 
 #[test]
 fn malformed_control_lines_are_refused_and_change_nothing() {
-    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "8M")]);
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "2M")]);
     // another user must be able to reach the mountpoint
     fs::set_permissions(tp.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let m = tp.mount();
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
-    write_whole(&m.p("f"), &pattern(200_000, 97));
+    let f_bytes = pattern(200_000, 97);
+    write_whole(&m.p("f"), &f_bytes);
+    write_whole(&m.p("big"), &pattern(3 << 20, 98));
     let control_path = m.p(".ferry/control");
     let before = state_of(&m.mnt);
 
@@ -811,6 +898,8 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
         ("migrate \"/f to V2", libc::EINVAL, "not closed"),
         ("migrate /nope to V2", libc::ENOENT, "no such path"),
         ("migrate /f to V9", libc::ENOENT, "no volume named"),
+        ("migrate /big to V2", libc::ENOSPC, "target full"),
+        ("merge V1 into V2", libc::ENOSPC, "merge refused"),
     ] {
         let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
         assert_errno(f.write(format!("{line}\n").as_bytes()), errno, line);
@@ -835,6 +924,21 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
     assert_eq!(lines[1], "ok copy-rate=0", "{reply:?}");
     drop(f);
     assert_eq!(state_of(&m.mnt), before);
+
+    // A data set that a job is moving is busy.
+    let id = one_job(&control(&m.mnt, "migrate /f to V2 rate=16K").unwrap());
+    let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
+    assert_errno(f.write(b"migrate /f to V2\n"), libc::EBUSY, "migrating /f twice");
+    let mut reply = String::new();
+    f.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("error: ") && reply.contains("already being migrated"), "{reply:?}");
+    drop(f);
+    assert_eq!(status(&m.mnt)["jobs"].as_array().unwrap().len(), 1, "the refused line queued no job");
+    control(&m.mnt, &format!("cancel {id}")).unwrap();
+    assert_eq!(wait_jobs(&m.mnt, &[id])[0]["phase"], "cancelled");
+    assert_eq!(placement(&m.mnt, "/f").0, vec!["V1"]);
+    assert_bytes_eq(&read_fresh(&m.p("f")), &f_bytes, "f");
+    let before = state_of(&m.mnt);
 
     // From a shell.
     let out = Command::new("sh")
