@@ -8,7 +8,7 @@
 //! Then it mounts again and checks the crash semantics:
 //!
 //! - every acknowledged write is there (a write in flight at the kill may show its new
-//!   bytes);
+//!   bytes, or some of them);
 //! - a migrate that had not switched was rolled back and started again as a new job (a
 //!   "resumed" event), which ends switched with the data set on the target; one that had
 //!   switched is not started again and its data set is on the target;
@@ -22,6 +22,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,15 +36,14 @@ use common::{fsck_clean, ls_json_at, volume_list_json, Mounted, TestPool};
 
 /// Small tracks: a data set spans many of them, so re-sync passes have work to do.
 const TRACK_SIZE: &str = "16K";
-const TRACK_SIZE_BYTES: u64 = 16 * 1024;
 /// Three volumes, each able to hold all the data, so every migrate, merge and drain fits.
 const VOLUMES: &[(&str, &str)] = &[("V1", "8M"), ("V2", "8M"), ("V3", "8M")];
 /// The data sets: name, block size, blocks, writer threads. The first is larger than the
 /// dirty set a job accepts for its cutover (1 MiB), so busy writers force re-sync passes;
 /// the second has blocks that straddle tracks; the third has whole-track blocks.
-const FILES: &[(&str, usize, u64, usize)] = &[("d/f0", 4096, 640, 2), ("d/f1", 5000, 200, 1), ("d/f2", 16384, 32, 1)];
+const FILES: &[(&str, usize, u64, usize)] = &[("d/f0", 4096, 320, 2), ("d/f1", 5000, 120, 1), ("d/f2", 16384, 24, 1)];
 /// Kill rounds of the main test, unless `FERRYFS_CRASH_ROUNDS` says otherwise.
-const DEFAULT_ROUNDS: usize = 10;
+const DEFAULT_ROUNDS: usize = 12;
 
 // ---------------------------------------------------------------------------------------
 // Set-up and checks
@@ -114,12 +114,60 @@ fn stop_writers(w: Vec<Writers>) -> u64 {
     w.into_iter().map(Writers::stop).sum()
 }
 
-/// Every block holds its last acknowledged write (or, with `allow_inflight`, one that was
-/// in flight); panics with the problems, the pool's events and its log.
+/// Checks one file: every block holds its last acknowledged write; with `allow_inflight`, a
+/// block whose write was in flight at the kill may hold that write, or a byte-wise mix of
+/// it and the acknowledged one (a write the kill cut short, as durability.rs allows too).
+fn verify_file(f: &LoggedFile, allow_inflight: bool) -> Vec<String> {
+    let blocks = f.blocks.lock().unwrap().clone();
+    let h = fs::File::open(&f.path).expect("open a data set to verify it");
+    let mut got = vec![0u8; f.block_bytes];
+    let mut problems = Vec::new();
+    for (b, st) in blocks.iter().enumerate() {
+        got.fill(0);
+        let n = h.read_at(&mut got, (b * f.block_bytes) as u64).unwrap_or(0);
+        let acked = jobs::block_bytes(f.tag, b as u64, st.acked, f.block_bytes);
+        if n == f.block_bytes && got == acked {
+            continue;
+        }
+        if let (true, Some(c)) = (allow_inflight, st.inflight) {
+            let new = jobs::block_bytes(f.tag, b as u64, c, f.block_bytes);
+            if n == f.block_bytes && got.iter().zip(acked.iter().zip(&new)).all(|(g, (o, w))| g == o || g == w) {
+                continue;
+            }
+        }
+        if problems.len() < 10 {
+            let first = got.iter().zip(&acked).position(|(g, w)| g != w).unwrap_or(0);
+            let head = &got[..20.min(n)];
+            problems.push(format!(
+                "{}: block {b} ({n} bytes read) differs from write #{}{} first at byte {first}; header {}",
+                f.path.display(),
+                st.acked,
+                st.inflight.map(|c| format!(" (and from #{c}, in flight)")).unwrap_or_default(),
+                describe(head)
+            ));
+        }
+    }
+    problems
+}
+
+/// A block's header, for messages.
+fn describe(head: &[u8]) -> String {
+    if head.len() >= 20 && &head[..4] == b"MIG!" {
+        let tag = u32::from_le_bytes(head[4..8].try_into().unwrap());
+        let block = u64::from_le_bytes(head[8..16].try_into().unwrap());
+        let c = u32::from_le_bytes(head[16..20].try_into().unwrap());
+        format!("of tag {tag} block {block} write #{c}")
+    } else {
+        format!("none ({head:02x?})")
+    }
+}
+
+/// Every block holds its last acknowledged write (or, with `allow_inflight`, all or part of
+/// one that was in flight); panics with the problems, the pool's events and its log.
 fn verify(m: &Mounted, files: &[Arc<LoggedFile>], allow_inflight: bool, when: &str) {
     let mut problems = Vec::new();
     for f in files {
-        problems.extend(f.verify_at(&f.path, allow_inflight));
+        problems.extend(verify_file(f, allow_inflight));
     }
     if !problems.is_empty() {
         panic!(
@@ -278,7 +326,7 @@ fn rank(phase: &str) -> u32 {
 /// Picks a migrate or a plan that fits the pool as it is.
 fn pick_scenario(m: &Mounted, kind: u64, rng: &mut Rng) -> Scenario {
     let close = rng.below(2) == 0;
-    let rate = *rng.pick(&[1u64 << 20, 2 << 20, 3 << 20]);
+    let rate = *rng.pick(&[2u64 << 20, 4 << 20, 8 << 20]);
     let names: Vec<String> = ["V1", "V2", "V3"].iter().map(|s| s.to_string()).collect();
     let free = free_tracks(&m.mnt);
     let used = used_tracks(&m.mnt);
@@ -308,7 +356,20 @@ fn pick_scenario(m: &Mounted, kind: u64, rng: &mut Rng) -> Scenario {
         }
         _ => {
             // Empty the fullest volume: into another one (merge) or onto the rest (drain).
+            // First the data sets that are elsewhere move onto it (at full speed, before the
+            // writers start), so the plan has several jobs and one of them waits its turn.
             let source = names.iter().max_by_key(|v| used[*v]).unwrap().clone();
+            let elsewhere: Vec<String> = FILES
+                .iter()
+                .map(|f| format!("/{}", f.0))
+                .filter(|p| !volumes_of(&m.mnt, p).contains(&source))
+                .collect();
+            if !elsewhere.is_empty() {
+                let line = format!("migrate {} to {source}", elsewhere.join(" "));
+                let reply = control(&m.mnt, &line).unwrap_or_else(|e| panic!("`{line}` refused: {e}"));
+                jobs::wait_switched(&m.mnt, &reply_jobs(&reply));
+            }
+            let free = free_tracks(&m.mnt);
             let merge = kind == 2;
             let ls = ls_json_at(&m.mnt, "/");
             let on_source: Vec<&Value> = ls["data_sets"]
@@ -336,7 +397,7 @@ fn pick_kill(close: bool, rng: &mut Rng) -> KillAt {
         phases.push("awaiting-close");
     }
     if rng.below(3) == 0 {
-        KillAt::Delay(Duration::from_millis(rng.below(2500)))
+        KillAt::Delay(Duration::from_millis(rng.below(1500)))
     } else {
         KillAt::Phase(*rng.pick(&phases))
     }
@@ -385,7 +446,8 @@ fn watched(st: &Value, started: &Started) -> (Vec<Value>, bool) {
 
 /// Runs until the kill point, then kills the daemon. In close mode the writers are stopped
 /// (their handles closed) a little after a job starts waiting for the close, unless the
-/// kill is meant to land while it waits. Returns a description of where the kill landed.
+/// kill is meant to land while it waits. Returns where the kill landed, the writes the
+/// writers stopped early acknowledged, and the data sets of the jobs seen switched.
 fn run_to_kill(
     m: Mounted,
     started: &Started,
@@ -393,13 +455,17 @@ fn run_to_kill(
     kill: KillAt,
     writers: &mut Option<Vec<Writers>>,
     rng: &mut Rng,
-) -> String {
+) -> (String, u64, BTreeSet<String>) {
     let t0 = Instant::now();
+    let mut switched = BTreeSet::new();
     let linger = Duration::from_millis(rng.below(150));
     let mut awaiting_since: Option<Instant> = None;
+    let mut early_writes = 0;
     loop {
         let st = status(&m.mnt);
         let (jobs, done) = watched(&st, started);
+        switched
+            .extend(jobs.iter().filter(|j| j["phase"] == "switched").map(|j| j["path"].as_str().unwrap().to_string()));
         if let Some(bad) = jobs.iter().find(|j| matches!(j["phase"].as_str(), Some("failed" | "cancelled" | "stopped")))
         {
             panic!("a job ended badly before the kill: {bad:#}\nstatus:\n{st:#}\nevents:\n{}", events(&m.mnt));
@@ -417,13 +483,13 @@ fn run_to_kill(
         if hit || done {
             let what = describe(if hit { "kill point reached" } else { "everything ended before the kill point" });
             m.kill9();
-            return what;
+            return (what, early_writes, switched);
         }
         let wants_window = !matches!(kill, KillAt::Phase("awaiting-close"));
         if close && wants_window && writers.is_some() && jobs.iter().any(|j| j["phase"] == "awaiting-close") {
             let since = *awaiting_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= linger {
-                stop_writers(writers.take().unwrap());
+                early_writes += stop_writers(writers.take().unwrap());
             }
         }
         assert!(
@@ -472,10 +538,26 @@ fn wait_all_switched(m: &Mounted, when: &str) -> Vec<Value> {
 }
 
 /// The crash semantics after the remount and once everything ended: where each data set
-/// is, and which jobs were started again.
-fn check_outcome(m: &Mounted, sc: &Scenario, started: &Started, after: &[Value], when: &str) {
+/// is, and which jobs were started again (none for the data sets in `switched`, whose jobs
+/// were seen switched before the kill).
+fn check_outcome(
+    m: &Mounted,
+    sc: &Scenario,
+    started: &Started,
+    switched: &BTreeSet<String>,
+    after: &[Value],
+    when: &str,
+) {
     let ev = events(&m.mnt);
     let ctx = || format!("status:\n{:#}\nevents:\n{ev}\nmount.log (end):\n{}", status(&m.mnt), log_tail(m.pool(), 60));
+    for j in after {
+        let path = j["path"].as_str().unwrap();
+        assert!(
+            !switched.contains(path),
+            "{when}: {path} switched before the kill, yet the remount copied it again: {j:#}\n{}",
+            ctx()
+        );
+    }
     match (sc, started) {
         (Scenario::Migrate { paths, to, .. }, Started::Jobs(ids)) => {
             for (path, old) in paths.iter().zip(ids) {
@@ -557,8 +639,8 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         thread::sleep(Duration::from_millis(rr.below(100)));
         let started = start(&m, &sc);
         let pool = m.pool().to_path_buf();
-        let landed = run_to_kill(m, &started, sc.close(), kill, &mut writers, &mut rr);
-        let writes = writers.take().map(stop_writers).unwrap_or(0);
+        let (landed, early, switched) = run_to_kill(m, &started, sc.close(), kill, &mut writers, &mut rr);
+        let writes = early + writers.take().map(stop_writers).unwrap_or(0);
         eprintln!("round {round}: `{}` ({started:?}), kill at {kill:?}: {landed}; {writes} writes", sc.line());
 
         let m = tp.mount();
@@ -572,7 +654,7 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         thread::sleep(Duration::from_millis(200 + rr.below(600)));
         stop_writers(w);
         let after = wait_all_switched(&m, &when);
-        check_outcome(&m, &sc, &started, &after, &when);
+        check_outcome(&m, &sc, &started, &switched, &after, &when);
         verify(&m, &files, false, &format!("{when}, once the jobs ended"));
         assert_no_leak(&m.mnt, &pool, &format!("{when}, once the jobs ended"));
         m.unmount();
@@ -594,7 +676,7 @@ fn kill9_in_close_mode_downtime_window() {
     let files = create_files(&m, 900);
     let path = format!("/{}", FILES[0].0);
     let mut caught = 0;
-    const ATTEMPTS: usize = 8;
+    const ATTEMPTS: usize = 12;
     for attempt in 0..ATTEMPTS {
         let on = volumes_of(&m.mnt, &path);
         let target = ["V1", "V2", "V3"].iter().find(|v| !on.contains(**v)).unwrap().to_string();
@@ -606,33 +688,44 @@ fn kill9_in_close_mode_downtime_window() {
         // Writes go on a little longer, so that the window has a dirty set to copy.
         thread::sleep(Duration::from_millis(20 + rng.below(80)));
         // Once the writers' handles are closed, an opener opens the data set again and
-        // again (each open waits while the window is open), noting when its last open
-        // started and returned, until told to stop or an open fails.
+        // again (an open waits while the window is open), noting when the open it is in
+        // started, and how its last one went, until told to stop or an open fails.
         let go = Arc::new(AtomicBool::new(true));
-        let opened: Arc<Mutex<Option<(Instant, Instant, bool)>>> = Arc::new(Mutex::new(None));
+        let opener_state = Arc::new(Mutex::new(Opener::default()));
         stop_writers(writers);
         let opener = {
-            let (go, opened, p) = (go.clone(), opened.clone(), files[0].path.clone());
+            let (go, st, p) = (go.clone(), opener_state.clone(), files[0].path.clone());
             thread::spawn(move || {
                 while go.load(Ordering::Acquire) {
                     let t = Instant::now();
+                    st.lock().unwrap().in_open_since = Some(t);
                     let r = OpenOptions::new().read(true).open(&p);
                     let ok = r.is_ok();
                     drop(r);
-                    *opened.lock().unwrap() = Some((t, Instant::now(), ok));
+                    let mut s = st.lock().unwrap();
+                    s.in_open_since = None;
+                    s.last = Some((t, Instant::now(), ok));
                     if !ok {
                         return;
                     }
+                    drop(s);
                     thread::sleep(Duration::from_micros(300));
                 }
             })
         };
-        // Poll as fast as status answers: the window lasts milliseconds.
+        // Poll as fast as status answers: the window lasts milliseconds. The kill goes in
+        // when the job is in its cutover and the opener's open is taking long (held by the
+        // window, it seems; after the kill that is checked).
         let t0 = Instant::now();
         let phase = loop {
             let j = jobs::job(&m.mnt, id);
             let phase = j["phase"].as_str().unwrap_or("").to_string();
-            if phase == "cutover" || jobs::is_final(&phase) {
+            let held =
+                opener_state.lock().unwrap().in_open_since.is_some_and(|t| t.elapsed() >= Duration::from_micros(200));
+            if phase == "cutover" && held {
+                break phase;
+            }
+            if jobs::is_final(&phase) {
                 break phase;
             }
             assert!(t0.elapsed() < JOB_LIMIT, "job {id} never reached its cutover: {j:#}");
@@ -642,25 +735,31 @@ fn kill9_in_close_mode_downtime_window() {
             assert_eq!(phase, "switched", "job {id}: {:#}\nevents:\n{}", jobs::job(&m.mnt, id), events(&m.mnt));
             go.store(false, Ordering::Release);
             opener.join().expect("opener thread");
-            eprintln!("attempt {attempt}: the window closed before it was seen; again");
+            eprintln!("attempt {attempt}: the window was not caught; again");
             continue;
         }
         let killed_at = Instant::now();
         let pool = m.pool().to_path_buf();
         m.kill9();
-        let joined = {
-            let t = Instant::now();
-            while !opener.is_finished() && t.elapsed() < Duration::from_secs(30) {
-                thread::sleep(Duration::from_millis(10));
-            }
-            opener.is_finished()
-        };
-        assert!(joined, "an open held by the downtime window never returned after the kill");
-        let _ = opener.join();
         go.store(false, Ordering::Release);
-        let held_at_kill = opened.lock().unwrap().is_some_and(|(t, r, ok)| t < killed_at && r > killed_at && !ok);
-        caught += 1;
-        eprintln!("attempt {attempt}: killed in phase cutover (an open was held by the window: {held_at_kill})");
+        let t = Instant::now();
+        while !opener.is_finished() && t.elapsed() < Duration::from_secs(30) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(opener.is_finished(), "an open held by the downtime window never returned after the kill");
+        opener.join().expect("opener thread");
+        let last = opener_state.lock().unwrap().last;
+        let (started, returned, ok) = last.expect("the opener opened");
+        // The kill landed in the window if the open it held was still waiting then.
+        if started < killed_at && returned > killed_at && !ok {
+            caught += 1;
+            eprintln!(
+                "attempt {attempt}: killed in the downtime window of job {id}, {} us into a held open",
+                (killed_at - started).as_micros()
+            );
+        } else {
+            eprintln!("attempt {attempt}: killed in the cutover of job {id}, but just after the window");
+        }
 
         m = tp.mount();
         fsck_clean(&pool);
@@ -669,17 +768,26 @@ fn kill9_in_close_mode_downtime_window() {
         settle(&files);
         let after = wait_all_switched(&m, &when);
         let sc = Scenario::Migrate { paths: vec![path.clone()], to: vec![target.clone()], close: true, rate: 0 };
-        check_outcome(&m, &sc, &Started::Jobs(ids.clone()), &after, &when);
+        check_outcome(&m, &sc, &Started::Jobs(ids.clone()), &BTreeSet::new(), &after, &when);
         verify(&m, &files, false, &format!("{when}, once the job ended"));
         assert_no_leak(&m.mnt, &pool, &format!("{when}, once the job ended"));
         if caught >= 2 {
             break;
         }
     }
-    assert!(caught > 0, "in {ATTEMPTS} attempts the close-mode cutover phase was never seen in .ferry/status");
+    assert!(caught > 0, "in {ATTEMPTS} attempts no kill landed in the close-mode downtime window");
     m.unmount();
     fsck_clean(&tp.pool);
     assert_no_leak(&tp.pool, &tp.pool, "after the unmount");
+}
+
+/// The opener thread of the downtime-window test.
+#[derive(Default)]
+struct Opener {
+    /// When the open it is in started.
+    in_open_since: Option<Instant>,
+    /// Its last open: started, returned, succeeded.
+    last: Option<(Instant, Instant, bool)>,
 }
 
 /// SIGKILL right after a switch: the remount starts nothing again, the data set is on the

@@ -7,6 +7,14 @@
 //!
 //! Small tracks (4 KiB or 16 KiB) and small first volumes make files span many extents
 //! and spill from one volume to the next.
+//!
+//! Migrations are steps of the script too: a data set moves to a volume through
+//! `.ferry/control`, and the script waits for it, lets it run while the next steps go on
+//! (remounts included: the next mount starts it again), or cancels it. Moving data never
+//! changes what the oracle says. At the end every job must have switched or been
+//! cancelled, or failed for a reason that is legitimate (the target filled up, the data set
+//! was removed); those and the refusals are printed. No volume may then hold a track that
+//! no data set holds.
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,7 +26,8 @@ use std::path::Path;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use common::{fsck_clean, ls_json, Mounted, TestPool};
+use common::jobs::{control, events, is_final, reply_jobs, status, JOB_LIMIT};
+use common::{fsck_clean, ls_json, ls_json_at, volume_list_json, Mounted, TestPool};
 
 /// The paths the script works on; `d` and `d/e` exist from the start.
 const NAMES: [&str; 6] = ["a", "b", "c", "d/x", "d/y", "d/e/z"];
@@ -97,6 +106,26 @@ enum Op {
     Release(usize),
     /// close every handle, clean unmount, mount again
     Remount,
+    /// `migrate /PATH to VOL cutover=.. rate=..` through `.ferry/control`, PATH an existing
+    /// data set picked by `name`; the data the oracle knows does not change
+    Migrate {
+        name: usize,
+        to: usize,
+        close: bool,
+        rate_kib: u64,
+        after: After,
+    },
+}
+
+/// What the script does with a migration it started.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    /// Wait for it to end (unless it waits in close mode for a handle the script holds).
+    Wait,
+    /// Let it run while the next steps go on.
+    Background,
+    /// Cancel it after a while, then wait for it to end.
+    Cancel { after_ms: u64 },
 }
 
 fn offset_strategy() -> impl Strategy<Value = u64> {
@@ -115,6 +144,31 @@ fn size_strategy() -> impl Strategy<Value = u64> {
     prop_oneof![0u64..5000, 0..=TRUNCATE_MAX_BYTES]
 }
 
+fn after_strategy() -> impl Strategy<Value = After> {
+    prop_oneof![Just(After::Wait), Just(After::Background), (0u64..40).prop_map(|after_ms| After::Cancel { after_ms }),]
+}
+
+fn migrate_strategy() -> impl Strategy<Value = Op> {
+    (0..NAMES.len(), 0..VOLUMES.len(), any::<bool>(), prop_oneof![Just(0u64), 128u64..1024], after_strategy())
+        .prop_map(|(name, to, close, rate_kib, after)| Op::Migrate { name, to, close, rate_kib, after })
+}
+
+/// Scripts that start with every file written, and move data sets more often.
+fn migrating_script_strategy() -> impl Strategy<Value = Vec<Op>> {
+    let setup = prop::collection::vec((len_strategy(), any::<u64>()), NAMES.len()).prop_map(|files| {
+        files
+            .into_iter()
+            .enumerate()
+            .flat_map(|(name, (len, seed))| [Op::Create(name), Op::Write { name, offset: 0, len, seed }])
+            .collect::<Vec<Op>>()
+    });
+    let ops = prop::collection::vec(prop_oneof![1 => migrate_strategy(), 3 => op_strategy()], 1..40);
+    (setup, ops).prop_map(|(mut setup, ops)| {
+        setup.extend(ops);
+        setup
+    })
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     let name = 0..NAMES.len();
     let slot = 0..HELD_SLOTS;
@@ -131,6 +185,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => name.clone().prop_map(Op::Unlink),
         1 => name.clone().prop_map(Op::Fsync),
+        3 => migrate_strategy(),
         2 => (slot.clone(), name).prop_map(|(slot, name)| Op::Hold { slot, name }),
         3 => (slot.clone(), offset_strategy(), len_strategy(), any::<u64>())
             .prop_map(|(slot, offset, len, seed)| Op::HeldWrite { slot, offset, len, seed }),
@@ -254,6 +309,8 @@ impl Oracle {
                 self.held = [None; HELD_SLOTS];
                 Ok(())
             }
+            // Moving a data set changes where its bytes are, not what they are.
+            Op::Migrate { .. } => Ok(()),
         };
         self.collect();
         r
@@ -311,7 +368,7 @@ fn apply_mount(m: &Mounted, held: &mut [Option<fs::File>; HELD_SLOTS], op: &Op) 
             held[*slot] = None;
             Ok(())
         }
-        Op::Remount => unreachable!("remount is handled by the runner"),
+        Op::Remount | Op::Migrate { .. } => unreachable!("remount and migrate are handled by the runner"),
     })
 }
 
@@ -466,6 +523,207 @@ fn compare_ls(m: &Mounted, o: &Oracle, trimmed: bool, when: &str) -> Result<(), 
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Migrations
+
+/// The migrations of one script: what happened to them, for the report at the end.
+#[derive(Default)]
+struct Migrations {
+    /// Mounts so far (job ids start again at each mount's own counter, so a job is named by
+    /// mount and id).
+    mount_no: u32,
+    /// Jobs already judged, as (mount, id).
+    judged: BTreeSet<(u32, u64)>,
+    /// Refusals, cancels and legitimate failures, one line each.
+    notes: Vec<String>,
+    accepted: usize,
+    switched: usize,
+}
+
+/// Job failures that are not bugs: the target (or the pool) filled up, or the data set was
+/// removed before the job could start.
+fn legitimate_failure(why: &str) -> bool {
+    why.contains("target full") || why.contains("no longer exists") || why.contains("grew past the pool")
+}
+
+/// Judges a job that has ended: switched and cancelled are fine, a failure must be
+/// legitimate, and nothing else may be final while the mount runs.
+fn judge(mig: &mut Migrations, j: &serde_json::Value, when: &str) -> Result<(), TestCaseError> {
+    let id = j["id"].as_u64().unwrap_or(0);
+    if !mig.judged.insert((mig.mount_no, id)) {
+        return Ok(());
+    }
+    let phase = j["phase"].as_str().unwrap_or("");
+    let what = format!("mount {} job {id} ({} to {})", mig.mount_no, j["path"], j["targets"]);
+    match phase {
+        "switched" => mig.switched += 1,
+        "cancelled" => mig.notes.push(format!("{when}: {what} cancelled")),
+        "failed" => {
+            let why = j["error"].as_str().unwrap_or("");
+            prop_assert!(legitimate_failure(why), "{}: {} failed for no good reason: {}", when, what, j);
+            mig.notes.push(format!("{when}: {what} failed: {why}"));
+        }
+        _ => return Err(TestCaseError::fail(format!("{when}: {what} ended {phase}: {j}"))),
+    }
+    Ok(())
+}
+
+/// Polls a job until it ends; with `may_stall`, also returns when it waits in close mode
+/// (a handle the script holds may be what it waits for).
+fn wait_job(m: &Mounted, id: u64, may_stall: bool, when: &str) -> Result<serde_json::Value, TestCaseError> {
+    let start = std::time::Instant::now();
+    loop {
+        let st = status(&m.mnt);
+        let j = st["jobs"].as_array().unwrap().iter().find(|j| j["id"] == id).cloned().unwrap_or_default();
+        let phase = j["phase"].as_str().unwrap_or("");
+        if is_final(phase) || (may_stall && phase == "awaiting-close") {
+            return Ok(j);
+        }
+        if start.elapsed() > JOB_LIMIT {
+            return Err(TestCaseError::fail(format!(
+                "{when}: job {id} did not end:\n{st:#}\nevents:\n{}",
+                events(&m.mnt)
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Waits for every job of the mount to end and judges them, and the jobs the mount could
+/// not start again.
+fn settle_jobs(m: &Mounted, mig: &mut Migrations, when: &str) -> Result<(), TestCaseError> {
+    let ids: Vec<u64> = status(&m.mnt)["jobs"].as_array().unwrap().iter().filter_map(|j| j["id"].as_u64()).collect();
+    for id in ids {
+        let j = wait_job(m, id, false, when)?;
+        judge(mig, &j, when)?;
+    }
+    check_not_resumed(m, mig, when)
+}
+
+/// The jobs this mount did not start again (from the previous mount) must be those whose
+/// data set is gone.
+fn check_not_resumed(m: &Mounted, mig: &mut Migrations, when: &str) -> Result<(), TestCaseError> {
+    for line in events(&m.mnt).lines().filter(|l| l.contains("not resumed")) {
+        prop_assert!(line.contains("the data set is gone"), "{}: a job was not started again: {}", when, line);
+        mig.notes.push(format!("{when}: {line}"));
+    }
+    Ok(())
+}
+
+/// One migrate step: the request, then waiting, cancelling or nothing, as the step says.
+fn migrate_step(
+    m: &Mounted,
+    o: &Oracle,
+    holding: bool,
+    op: &Op,
+    mig: &mut Migrations,
+    when: &str,
+) -> Result<(), TestCaseError> {
+    let Op::Migrate { name, to, close, rate_kib, after } = op else { unreachable!() };
+    // An existing data set (NAME picks among them), or, when there is none, NAME itself.
+    let existing: Vec<&String> = o.names.keys().collect();
+    let rel = if existing.is_empty() { NAMES[*name] } else { existing[*name % existing.len()].as_str() };
+    let path = format!("/{rel}");
+    let vol = VOLUMES[*to].0;
+    // Waited-for jobs copy at full speed; the others are slowed so that they span steps.
+    let rate = match after {
+        After::Wait => 0,
+        _ => rate_kib * 1024,
+    };
+    let line = format!("migrate {path} to {vol} cutover={} rate={rate}", if *close { "close" } else { "live" });
+    let exists = o.names.contains_key(rel);
+    let id = match control(&m.mnt, &line) {
+        Err(why) => {
+            let fine = if exists {
+                why.contains("already being migrated") || why.contains("target full")
+            } else {
+                why.contains("no such path")
+            };
+            prop_assert!(fine, "{}: `{}` refused: {}", when, line, why);
+            mig.notes.push(format!("{when}: refused: {why}"));
+            return Ok(());
+        }
+        Ok(reply) => {
+            prop_assert!(exists, "{}: `{}` accepted for a path that does not exist: {}", when, line, reply);
+            let ids = reply_jobs(&reply);
+            prop_assert_eq!(ids.len(), 1, "{}: `{}`: {}", when, line, reply);
+            ids[0]
+        }
+    };
+    mig.accepted += 1;
+    match after {
+        After::Background => return Ok(()),
+        After::Wait => {}
+        After::Cancel { after_ms } => {
+            std::thread::sleep(std::time::Duration::from_millis(*after_ms));
+            if let Err(why) = control(&m.mnt, &format!("cancel {id}")) {
+                prop_assert!(
+                    why.contains("already switched") || why.contains("already ended") || why.contains("too late"),
+                    "{}: cancel {} refused: {}",
+                    when,
+                    id,
+                    why
+                );
+            }
+        }
+    }
+    let j = wait_job(m, id, holding, when)?;
+    if j["phase"] == "awaiting-close" {
+        return Ok(());
+    }
+    judge(mig, &j, when)?;
+    if j["phase"] == "switched" {
+        // Nothing else ran meanwhile: the data set is whole on the target.
+        let d = ls_json_at(&m.mnt, &path);
+        let d = &d["data_sets"][0];
+        let vols: Vec<&str> = d["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        prop_assert!(
+            vols.iter().all(|v| *v == vol),
+            "{}: job {} switched but {} is on {:?}: {}",
+            when,
+            id,
+            path,
+            vols,
+            d
+        );
+    }
+    Ok(())
+}
+
+/// No reservation leaks (with no job running): each volume's used tracks are the tracks of
+/// the data sets' extents on it, each data set counted once.
+fn check_no_leak(target: &Path, when: &str) -> Result<(), TestCaseError> {
+    let ls = ls_json_at(target, "/");
+    let mut held: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for d in ls["data_sets"].as_array().expect("data_sets") {
+        if !seen.insert(d["ino"].as_u64().unwrap()) {
+            continue;
+        }
+        for e in d["extents"].as_array().expect("extents") {
+            *held.entry(e["volume"].as_str().unwrap().to_string()).or_default() += e["track_count"].as_u64().unwrap();
+        }
+    }
+    let vols = volume_list_json(target);
+    for v in vols["volumes"].as_array().expect("volumes") {
+        let name = v["name"].as_str().unwrap();
+        let used = v["tracks_used"].as_u64().unwrap();
+        let h = held.get(name).copied().unwrap_or(0);
+        prop_assert_eq!(
+            used,
+            h,
+            "{}: volume {} uses {} tracks, its data sets hold {}: {}\n{}",
+            when,
+            name,
+            used,
+            h,
+            vols,
+            ls
+        );
+    }
+    Ok(())
+}
+
 fn run_script(track_size: &str, ops: &[Op]) -> Result<(), TestCaseError> {
     let tp = TestPool::new(track_size, VOLUMES);
     let mut m = Some(tp.mount());
@@ -473,35 +731,72 @@ fn run_script(track_size: &str, ops: &[Op]) -> Result<(), TestCaseError> {
         fs::create_dir(m.as_ref().unwrap().p(d)).expect("mkdir");
     }
     let mut oracle = Oracle::default();
+    let mut mig = Migrations::default();
     // Declared after the mount, so the handles are closed before the mount is dropped.
     let mut held: [Option<fs::File>; HELD_SLOTS] = Default::default();
     for (step, op) in ops.iter().enumerate() {
         let when = format!("step {step} ({op:?})");
         let want = oracle.apply(op);
-        if let Op::Remount = op {
-            held = Default::default();
-            m.take().unwrap().unmount();
-            fsck_clean(&tp.pool);
-            m = Some(tp.mount());
-            compare_ls(m.as_ref().unwrap(), &oracle, true, &when)?;
-        } else {
-            let got = apply_mount(m.as_ref().unwrap(), &mut held, op);
-            prop_assert_eq!(got, want, "{}: result (Err = errno) differs from the oracle", when);
+        match op {
+            Op::Remount => {
+                held = Default::default();
+                // Jobs that ended on this mount are judged now; the others stop at the
+                // unmount, and the next mount starts them again.
+                let mnt = m.take().unwrap();
+                for j in status(&mnt.mnt)["jobs"].as_array().unwrap() {
+                    if j["phase"].as_str().is_some_and(is_final) {
+                        judge(&mut mig, j, &when)?;
+                    }
+                }
+                check_not_resumed(&mnt, &mut mig, &when)?;
+                mnt.unmount();
+                fsck_clean(&tp.pool);
+                m = Some(tp.mount());
+                mig.mount_no += 1;
+                compare_ls(m.as_ref().unwrap(), &oracle, true, &when)?;
+            }
+            Op::Migrate { .. } => {
+                let holding = held.iter().any(Option::is_some);
+                migrate_step(m.as_ref().unwrap(), &oracle, holding, op, &mut mig, &when)?;
+            }
+            _ => {
+                let got = apply_mount(m.as_ref().unwrap(), &mut held, op);
+                prop_assert_eq!(got, want, "{}: result (Err = errno) differs from the oracle", when);
+            }
         }
         compare(m.as_ref().unwrap(), &oracle, &when)?;
         compare_held(&held, &oracle, &when)?;
     }
     drop(held);
     let mnt = m.take().unwrap();
+    // Every job ends, and well; then no volume holds a track no data set holds.
+    settle_jobs(&mnt, &mut mig, "end of script")?;
+    compare(&mnt, &oracle, "end of script, once the jobs ended")?;
+    check_no_leak(&mnt.mnt, "end of script, once the jobs ended")?;
     compare_ls(&mnt, &oracle, false, "end of script")?;
     mnt.unmount();
     fsck_clean(&tp.pool);
     oracle.apply(&Op::Remount).unwrap();
     let mnt = tp.mount();
+    let st = status(&mnt.mnt);
+    prop_assert!(
+        st["jobs"].as_array().unwrap().is_empty(),
+        "after the final remount: no job may be left to start again: {:#}",
+        st
+    );
     compare(&mnt, &oracle, "after the final remount")?;
     compare_ls(&mnt, &oracle, true, "after the final remount")?;
+    check_no_leak(&mnt.mnt, "after the final remount")?;
     mnt.unmount();
     fsck_clean(&tp.pool);
+    if mig.accepted > 0 || !mig.notes.is_empty() {
+        eprintln!(
+            "migrations: {} accepted, {} switched; refusals, cancels and legitimate failures:\n  {}",
+            mig.accepted,
+            mig.switched,
+            if mig.notes.is_empty() { "(none)".to_string() } else { mig.notes.join("\n  ") }
+        );
+    }
     Ok(())
 }
 
@@ -517,6 +812,15 @@ proptest! {
     fn mount_matches_in_memory_oracle(
         track_size in prop_oneof![Just("4K"), Just("16K")],
         ops in prop::collection::vec(op_strategy(), 1..40),
+    ) {
+        run_script(track_size, &ops)?;
+    }
+
+    /// The same, from a pool where every file exists, with data sets moving more often.
+    #[test]
+    fn mount_matches_oracle_while_data_sets_move(
+        track_size in prop_oneof![Just("4K"), Just("16K")],
+        ops in migrating_script_strategy(),
     ) {
         run_script(track_size, &ops)?;
     }
