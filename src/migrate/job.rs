@@ -147,7 +147,10 @@ impl Runner<'_> {
             if !matches!(i.body, Body::File { .. }) || i.meta.nlink == 0 {
                 return Err(End::Failed("the data set no longer exists".into()));
             }
-            (i.allocated_tracks(), c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>())
+            // The bytes end at the size: the over-provisioned tail past it is not moved (the
+            // cutover trims it from the source).
+            let tracks = i.allocated_tracks().min(self.g.tracks_for(i.size_bytes()));
+            (tracks, c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>())
         };
         job.bytes_total.store(self.g.bytes_of(tracks), Ordering::Relaxed);
 
@@ -216,8 +219,11 @@ impl Runner<'_> {
         names(&cat.catalog, &self.job.targets)
     }
 
+    /// The tracks that hold the data set's bytes: up to its size (dense: inside the
+    /// allocation), not the over-provisioned tail.
     fn source_tracks(&self) -> u64 {
-        self.node().map.load().allocated_tracks()
+        let node = self.node();
+        node.map.load().allocated_tracks().min(self.g.tracks_for(node.size_bytes.load(Ordering::Acquire)))
     }
 
     /// Step k: the target holds at least `tracks` tracks (the data set grew).
@@ -460,6 +466,13 @@ impl Runner<'_> {
         }
         let node = self.node().clone();
         let mut cat = self.shared.catalog.lock();
+        // The source's over-provisioned tail goes first (writes and truncates are held, and
+        // no read goes past the size), so the switch needs no target for it.
+        let keep_tracks = self.source_tracks();
+        if node.map.load().allocated_tracks() > keep_tracks {
+            self.shared.commit(&mut cat, Op::Trim { ino: self.job.ino, keep_tracks })?;
+            self.shared.refresh_map(&cat, &node);
+        }
         self.shared.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
         self.shared.refresh_map(&cat, &node);
         Ok(())

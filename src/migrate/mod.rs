@@ -543,7 +543,12 @@ fn data_sets_at(c: &Catalog, path: &str) -> Result<Vec<PlannedJob>, Refusal> {
     let list = report::list(c, path).map(|l| l.data_sets).unwrap_or_default();
     Ok(list
         .into_iter()
-        .map(|d| PlannedJob { ino: d.ino, path: d.path, tracks: d.allocated_tracks, targets: Vec::new() })
+        .map(|d| PlannedJob {
+            ino: d.ino,
+            path: d.path,
+            tracks: d.allocated_tracks.min(c.geometry.tracks_for(d.size_bytes)),
+            targets: Vec::new(),
+        })
         .collect())
 }
 

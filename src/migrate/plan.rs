@@ -68,7 +68,8 @@ pub fn on_volumes(c: &Catalog, sources: &[VolumeId], busy: &HashSet<Ino>) -> Vec
             continue;
         }
         if extents.iter().any(|e| sources.contains(&e.volume)) {
-            out.push(PlannedJob { ino: d.ino, path: d.path, tracks: i.allocated_tracks(), targets: Vec::new() });
+            let tracks = i.allocated_tracks().min(c.geometry.tracks_for(i.size_bytes()));
+            out.push(PlannedJob { ino: d.ino, path: d.path, tracks, targets: Vec::new() });
         }
     }
     out
@@ -182,6 +183,8 @@ mod tests {
                 .map(|&(v, first, n)| Extent { volume: VolumeId(v), first: TrackNo(first), count_tracks: n })
                 .collect();
             c.apply(&Op::Grow { ino, extents }).unwrap();
+            let size_bytes = c.get(ino).unwrap().allocated_tracks() * 4096;
+            c.apply(&Op::SetSize { ino, size_bytes, mtime_ns: 0 }).unwrap();
         }
         c
     }
