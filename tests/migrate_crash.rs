@@ -101,13 +101,41 @@ fn create_files(m: &Mounted, tag_base: u32) -> Vec<Arc<LoggedFile>> {
         .collect()
 }
 
+/// Starts the writers of each data set, and returns once every writer thread has had a
+/// write acknowledged (so each holds its handle before anything else happens).
 fn start_writers(files: &[Arc<LoggedFile>], seed: u64) -> Vec<Writers> {
-    files
+    // Per data set and writer thread (thread k owns the blocks b with b % threads == k):
+    // the sum of the blocks' acknowledged write numbers, which each write raises.
+    let progress = |f: &LoggedFile, threads: u64, k: u64| -> u64 {
+        f.blocks
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(b, _)| *b as u64 % threads == k)
+            .map(|(_, s)| s.acked)
+            .sum()
+    };
+    let before: Vec<Vec<u64>> = files
+        .iter()
+        .zip(FILES)
+        .map(|(f, spec)| (0..spec.3 as u64).map(|k| progress(f, spec.3 as u64, k)).collect())
+        .collect();
+    let writers: Vec<Writers> = files
         .iter()
         .zip(FILES)
         .enumerate()
         .map(|(i, (f, spec))| Writers::start(f, spec.3, seed ^ (i as u64) << 40))
-        .collect()
+        .collect();
+    let t0 = Instant::now();
+    for ((f, spec), before) in files.iter().zip(FILES).zip(&before) {
+        let threads = spec.3 as u64;
+        while (0..threads).any(|k| progress(f, threads, k) == before[k as usize]) {
+            assert!(t0.elapsed() < JOB_LIMIT, "the writers of {} never got going", f.path.display());
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    writers
 }
 
 fn stop_writers(w: Vec<Writers>) -> u64 {
@@ -399,7 +427,7 @@ fn pick_kill(close: bool, rng: &mut Rng) -> KillAt {
     if rng.below(3) == 0 {
         KillAt::Delay(Duration::from_millis(rng.below(1500)))
     } else {
-        KillAt::Phase(*rng.pick(&phases))
+        KillAt::Phase(phases[rng.below(phases.len() as u64) as usize])
     }
 }
 
@@ -539,12 +567,14 @@ fn wait_all_switched(m: &Mounted, when: &str) -> Vec<Value> {
 
 /// The crash semantics after the remount and once everything ended: where each data set
 /// is, and which jobs were started again (none for the data sets in `switched`, whose jobs
-/// were seen switched before the kill).
+/// were seen switched before the kill). `recrashed`: the daemon was killed a second time,
+/// while the first recovery's jobs ran.
 fn check_outcome(
     m: &Mounted,
     sc: &Scenario,
     started: &Started,
     switched: &BTreeSet<String>,
+    recrashed: bool,
     after: &[Value],
     when: &str,
 ) {
@@ -566,8 +596,11 @@ fn check_outcome(
                 if let Some(j) = again.first() {
                     // Rolled back and started from the beginning as a new job.
                     let new = j["id"].as_u64().unwrap();
-                    let line = format!("job {old} resumed as job {new} path={path}");
-                    assert!(ev.contains(&line), "{when}: no `{line}` event\n{}", ctx());
+                    // After a second crash it is the job of the mount between that resumed.
+                    let line = format!("resumed as job {new} path={path}");
+                    let first = format!("job {old} {line}");
+                    let found = if recrashed { ev.contains(&line) } else { ev.contains(&first) };
+                    assert!(found, "{when}: no `{}` event\n{}", if recrashed { &line } else { &first }, ctx());
                     assert!(j["plan"].is_null(), "{when}: the resumed job of {path} belongs to a plan: {j:#}");
                 }
                 // Either way the data set ends whole on the target.
@@ -643,18 +676,40 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         let writes = early + writers.take().map(stop_writers).unwrap_or(0);
         eprintln!("round {round}: `{}` ({started:?}), kill at {kill:?}: {landed}; {writes} writes", sc.line());
 
-        let m = tp.mount();
+        let mut m = tp.mount();
         fsck_clean(&pool);
-        let when = format!("round {round} (`{}`, kill at {kill:?}: {landed})", sc.line());
+        let mut when = format!("round {round} (`{}`, kill at {kill:?}: {landed})", sc.line());
         verify(&m, &files, true, &format!("{when}, after the remount"));
         settle(&files);
+        // Sometimes the daemon dies again while the rolled-back work starts over.
+        let recrashed = rr.below(3) == 0;
+        if recrashed {
+            let w = start_writers(&files, rr.next());
+            let delay = Duration::from_millis(rr.below(600));
+            thread::sleep(delay);
+            let st = status(&m.mnt);
+            m.kill9();
+            stop_writers(w);
+            let phases: Vec<String> = st["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| format!("{}:{}", j["id"], j["phase"].as_str().unwrap()))
+                .collect();
+            eprintln!("round {round}: killed again {delay:?} into the recovery, jobs [{}]", phases.join(" "));
+            when = format!("{when}, killed again {delay:?} into the recovery (jobs [{}])", phases.join(" "));
+            m = tp.mount();
+            fsck_clean(&pool);
+            verify(&m, &files, true, &format!("{when}, after the second remount"));
+            settle(&files);
+        }
         // The applications go on writing while the rolled-back work starts again; in close
         // mode they stop after a while, so that the cutover can happen.
         let w = start_writers(&files, rr.next());
         thread::sleep(Duration::from_millis(200 + rr.below(600)));
         stop_writers(w);
         let after = wait_all_switched(&m, &when);
-        check_outcome(&m, &sc, &started, &switched, &after, &when);
+        check_outcome(&m, &sc, &started, &switched, recrashed, &after, &when);
         verify(&m, &files, false, &format!("{when}, once the jobs ended"));
         assert_no_leak(&m.mnt, &pool, &format!("{when}, once the jobs ended"));
         m.unmount();
@@ -768,7 +823,7 @@ fn kill9_in_close_mode_downtime_window() {
         settle(&files);
         let after = wait_all_switched(&m, &when);
         let sc = Scenario::Migrate { paths: vec![path.clone()], to: vec![target.clone()], close: true, rate: 0 };
-        check_outcome(&m, &sc, &Started::Jobs(ids.clone()), &BTreeSet::new(), &after, &when);
+        check_outcome(&m, &sc, &Started::Jobs(ids.clone()), &BTreeSet::new(), false, &after, &when);
         verify(&m, &files, false, &format!("{when}, once the job ended"));
         assert_no_leak(&m.mnt, &pool, &format!("{when}, once the job ended"));
         if caught >= 2 {
@@ -807,7 +862,7 @@ fn kill9_right_after_switch_frees_the_source() {
         let before = used_tracks(&m.mnt);
         let tracks = tracks_of(&m.mnt, &path);
         let writers = start_writers(&files, rng.next());
-        let line = format!("migrate {path} to {target} rate=2M");
+        let line = format!("migrate {path} to {target} rate=4M");
         let reply = control(&m.mnt, &line).unwrap_or_else(|e| panic!("`{line}`: {e}"));
         let id = reply_jobs(&reply)[0];
         let t0 = Instant::now();

@@ -529,8 +529,8 @@ fn compare_ls(m: &Mounted, o: &Oracle, trimmed: bool, when: &str) -> Result<(), 
 /// The migrations of one script: what happened to them, for the report at the end.
 #[derive(Default)]
 struct Migrations {
-    /// Mounts so far (job ids start again at each mount's own counter, so a job is named by
-    /// mount and id).
+    /// Mounts so far; a job is named by mount and id (one stopped by an unmount comes back
+    /// on the next mount as a new job).
     mount_no: u32,
     /// Jobs already judged, as (mount, id).
     judged: BTreeSet<(u32, u64)>,
