@@ -22,7 +22,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,60 +141,12 @@ fn stop_writers(w: Vec<Writers>) -> u64 {
     w.into_iter().map(Writers::stop).sum()
 }
 
-/// Checks one file: every block holds its last acknowledged write; with `allow_inflight`, a
-/// block whose write was in flight at the kill may hold that write, or a byte-wise mix of
-/// it and the acknowledged one (a write the kill cut short, as durability.rs allows too).
-fn verify_file(f: &LoggedFile, allow_inflight: bool) -> Vec<String> {
-    let blocks = f.blocks.lock().unwrap().clone();
-    let h = fs::File::open(&f.path).expect("open a data set to verify it");
-    let mut got = vec![0u8; f.block_bytes];
-    let mut problems = Vec::new();
-    for (b, st) in blocks.iter().enumerate() {
-        got.fill(0);
-        let n = h.read_at(&mut got, (b * f.block_bytes) as u64).unwrap_or(0);
-        let acked = jobs::block_bytes(f.tag, b as u64, st.acked, f.block_bytes);
-        if n == f.block_bytes && got == acked {
-            continue;
-        }
-        if let (true, Some(c)) = (allow_inflight, st.inflight) {
-            let new = jobs::block_bytes(f.tag, b as u64, c, f.block_bytes);
-            if n == f.block_bytes && got.iter().zip(acked.iter().zip(&new)).all(|(g, (o, w))| g == o || g == w) {
-                continue;
-            }
-        }
-        if problems.len() < 10 {
-            let first = got.iter().zip(&acked).position(|(g, w)| g != w).unwrap_or(0);
-            let head = &got[..20.min(n)];
-            problems.push(format!(
-                "{}: block {b} ({n} bytes read) differs from write #{}{} first at byte {first}; header {}",
-                f.path.display(),
-                st.acked,
-                st.inflight.map(|c| format!(" (and from #{c}, in flight)")).unwrap_or_default(),
-                describe(head)
-            ));
-        }
-    }
-    problems
-}
-
-/// A block's header, for messages.
-fn describe(head: &[u8]) -> String {
-    if head.len() >= 20 && &head[..4] == b"MIG!" {
-        let tag = u32::from_le_bytes(head[4..8].try_into().unwrap());
-        let block = u64::from_le_bytes(head[8..16].try_into().unwrap());
-        let c = u32::from_le_bytes(head[16..20].try_into().unwrap());
-        format!("of tag {tag} block {block} write #{c}")
-    } else {
-        format!("none ({head:02x?})")
-    }
-}
-
 /// Every block holds its last acknowledged write (or, with `allow_inflight`, all or part of
 /// one that was in flight); panics with the problems, the pool's events and its log.
 fn verify(m: &Mounted, files: &[Arc<LoggedFile>], allow_inflight: bool, when: &str) {
     let mut problems = Vec::new();
     for f in files {
-        problems.extend(verify_file(f, allow_inflight));
+        problems.extend(f.verify_at(&f.path, allow_inflight));
     }
     if !problems.is_empty() {
         panic!(

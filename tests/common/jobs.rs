@@ -222,8 +222,9 @@ impl LoggedFile {
     }
 
     /// Check every block (through `path`, which may be a new mount's): it holds its last
-    /// acknowledged write, or, with `allow_inflight`, a write that was in flight. Returns
-    /// the problems, at most 10.
+    /// acknowledged write, or, with `allow_inflight`, a write that was in flight at a crash —
+    /// whole, or a byte-wise mix of it and the acknowledged one (a write the kill cut short).
+    /// Returns the problems, at most 10.
     pub fn verify_at(&self, path: &Path, allow_inflight: bool) -> Vec<String> {
         let bl = self.blocks.lock().unwrap().clone();
         let mut got = vec![0u8; self.block_bytes];
@@ -232,15 +233,24 @@ impl LoggedFile {
         for (b, s) in bl.iter().enumerate() {
             got.fill(0);
             let n = f.read_at(&mut got, (b * self.block_bytes) as u64).unwrap_or(0);
-            let ok = |c: u64| n == self.block_bytes && got == block_bytes_of(self, b as u64, c);
-            let fine = ok(s.acked) || (allow_inflight && s.inflight.is_some_and(ok));
-            if !fine && problems.len() < 10 {
+            let acked = block_bytes_of(self, b as u64, s.acked);
+            if n == self.block_bytes && got == acked {
+                continue;
+            }
+            if let (true, Some(c)) = (allow_inflight, s.inflight) {
+                let new = block_bytes_of(self, b as u64, c);
+                if n == self.block_bytes && got.iter().zip(acked.iter().zip(&new)).all(|(g, (o, w))| g == o || g == w) {
+                    continue;
+                }
+            }
+            if problems.len() < 10 {
+                let first = got.iter().zip(&acked).position(|(g, w)| g != w).unwrap_or(0);
                 problems.push(format!(
-                    "{}: block {b} holds {} ({n} bytes read), expected write #{}{}",
+                    "{}: block {b} ({n} bytes read) holds {}, expected write #{}{}; first difference at byte {first}",
                     path.display(),
                     describe(&got[..n.min(got.len())]),
                     s.acked,
-                    s.inflight.map(|c| format!(" or #{c}")).unwrap_or_default()
+                    s.inflight.map(|c| format!(" or #{c} (in flight)")).unwrap_or_default()
                 ));
             }
         }
