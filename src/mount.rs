@@ -205,6 +205,31 @@ fn raise_readahead(mnt: &Path, pool_dir: &Path) {
     }
 }
 
+/// How long a mount waits for the pool lock of a daemon that is dying (killed, its main
+/// thread already a zombie, another thread still finishing an fsync).
+const DYING_HOLDER_WAIT: Duration = Duration::from_secs(20);
+
+/// Open the pool for writing. A lock held by a process that is gone or dying is waited for:
+/// right after a kill -9, the kernel may still be tearing the old daemon down.
+fn open_pool_after_crash(pool: &Path) -> Result<Pool, String> {
+    let start = std::time::Instant::now();
+    loop {
+        match Pool::open(pool) {
+            Err(crate::pool::PoolError::Locked { holder, by, .. })
+                if start.elapsed() < DYING_HOLDER_WAIT
+                    && holder
+                        .as_ref()
+                        .map(|h| h.0)
+                        .or(by.as_ref().map(|b| b.pid))
+                        .is_some_and(|pid| !pid_alive(pid)) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r.map_err(|e| e.to_string()),
+        }
+    }
+}
+
 fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, String> {
     let threads = opts.threads;
     if !(1..=THREADS_MAX).contains(&threads) {
@@ -221,7 +246,7 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     if status_of_mount(&mnt).is_some() {
         return Err(format!("{} is already a ferryfs mount", mnt.display()));
     }
-    let p = Pool::open(pool).map_err(|e| e.to_string())?;
+    let p = open_pool_after_crash(pool)?;
     // The marker outlives a mount that did not stop cleanly.
     let unclean = p.dir.join(MOUNTED_FILE).exists();
     let volumes = p.open_volumes().map_err(|e| e.to_string())?;
