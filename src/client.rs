@@ -144,11 +144,14 @@ pub fn wait(mnt: &Path, what: &Started) -> Result<(), String> {
                     b.set_prefix(format!("job {}", j.id));
                     b
                 });
-                bar.set_length(j.bytes_total.max(1));
-                bar.set_position(j.bytes_copied.min(j.bytes_total));
-                bar.set_message(format!("{} {}", j.phase, j.path));
-                if changed && is_final(&j.phase) {
-                    bar.finish_with_message(summary(j));
+                if !bar.is_finished() {
+                    bar.set_length(j.bytes_total.max(1));
+                    bar.set_position(j.bytes_copied.min(j.bytes_total));
+                    if is_final(&j.phase) {
+                        bar.finish_with_message(summary(j));
+                    } else {
+                        bar.set_message(format!("{} {}", j.phase, j.path));
+                    }
                 }
             } else if changed {
                 println!("{}", if is_final(&j.phase) { summary(j) } else { line_of(j) });
