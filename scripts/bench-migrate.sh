@@ -38,6 +38,7 @@
 #   BENCH_DIR=DIR          where to build the temporary directories (default: under /var/tmp);
 #                          this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
+#   BENCH_LINES="1 2 3 4 5 6"  run only these lines (line 6 runs with 1 and 2)
 #
 # Needs root (drop_caches, FUSE mounts).
 set -euo pipefail
@@ -128,6 +129,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+LINES=" ${BENCH_LINES:-1 2 3 4 5 6} "
+want() { # LINE... -> whether any of them is to run
+    local l
+    for l in "$@"; do [[ "$LINES" == *" $l "* ]] && return 0; done
+    return 1
+}
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
 now_ms() { local t=$EPOCHREALTIME; echo "${t%.*}${t#*.}" | cut -c1-13; }
 drop_caches() {
@@ -675,6 +682,7 @@ HAVE_QEMU=0
 command -v qemu-storage-daemon >/dev/null && HAVE_QEMU=1
 
 # ---------------------------------------------------------------------------------------
+if want 1 6; then
 # Lines 1 and 6 (no load): cp + sync, ferryfs migrate --wait, qemu mirror; interleaved, each
 # from a cold page cache.
 for ((rep = 1; rep <= REPEAT; rep++)); do
@@ -718,7 +726,9 @@ rm -f "$B/plain/cp-dst.dat" "$B/qemu/dst.raw"
 cmp "$SRC" "$MNT/nl" || { echo "bench-migrate: /nl differs from its source after the migrations" >&2; exit 1; }
 log "1. /nl verified after $REPEAT migrations"
 
+fi
 # ---------------------------------------------------------------------------------------
+if want 5; then
 # Line 5: write throughput with a job tracking the data set, against none. The job's rate
 # (64 KiB/s) keeps it in its copy phase with the monitor on, copying next to nothing.
 trk_fio() { # pattern -> value
@@ -761,7 +771,9 @@ for ((rep = 1; rep <= TRK_REPEAT; rep++)); do
     done
 done
 
+fi
 # ---------------------------------------------------------------------------------------
+if want 3; then
 # Line 3: O_SYNC 4 KiB writes at a low rate on lat-V1 and lat-V2, with no job and during the
 # bulk copy of /nl (which lives on one of the two volumes and moves to the other).
 # fio needs a second or so to start its writers: each run gives them LAT_LEAD seconds before
@@ -806,7 +818,9 @@ for l in sys.stdin:
     print(r['phase'], ' '.join(f'{k} p99 {v[\"p99_us\"]} us max {v[\"max_us\"]} us n {v[\"n\"]}' for k, v in r['writers'].items()), end='; ')")"
 done
 
+fi
 # ---------------------------------------------------------------------------------------
+if want 4; then
 # Line 4: cutovers under a steady writer (4 KiB random writes at CUT_IOPS per second).
 for ((run = 1; run <= CUT_RUNS; run++)); do
     # Live: fio writes through the whole job; its per-write latency log shows the stall.
@@ -850,7 +864,9 @@ for ((run = 1; run <= CUT_RUNS; run++)); do
     log "4. close #$run: $r"
 done
 
+fi
 # ---------------------------------------------------------------------------------------
+if want 2 6; then
 # Line 2 (and 6 under load): fio random 4 KiB writes, iodepth 16, on the data set being moved.
 load_fio() { # OUTPUT-PREFIX TARGET-ARGS... -> the fio command in LOAD_CMD
     local out=$1
@@ -904,6 +920,7 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
     fi
 done
 
+fi
 # ---------------------------------------------------------------------------------------
 "$FERRY" umount "$MNT" >/dev/null
 fsck=$("$FERRY" fsck "$POOL" 2>&1 | tail -1)

@@ -295,8 +295,16 @@ impl Shared {
     /// until then no allocation can hand them out, so a punch can never land on a new
     /// owner's bytes, and no new owner can read the old ones.
     pub fn commit(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
-        let freed = cat.commit(op)?;
+        let freed = self.commit_prezeroed(cat, op)?;
         self.punch_freed(&freed);
+        Ok(freed)
+    }
+
+    /// Commit an op whose freed tracks the caller zeroed already, while nothing could
+    /// allocate them (a migration punches the tracks it set aside before it releases them,
+    /// without holding the catalog lock for a punch of the whole data set).
+    pub fn commit_prezeroed(&self, cat: &mut Store, op: Op) -> FsResult<Vec<Extent>> {
+        let freed = cat.commit(op)?;
         if cat.needs_compaction() {
             match cat.compact() {
                 Ok(()) => self.log_synced_bytes.store(cat.log_len_bytes(), Ordering::Release),

@@ -19,8 +19,10 @@ use crate::volume::VolumeIo;
 
 /// Re-sync passes before the job turns on mirrored writes (step g, bounded).
 pub const MAX_PASSES: u32 = 8;
-/// Passes in a row whose dirty set did not shrink before mirrored writes go on.
-pub const STUCK_PASSES: u32 = 2;
+/// A pass that leaves more than half of the dirty set it started from has not converged:
+/// the writers dirty tracks about as fast as the copier cleans them. After this many such
+/// passes in a row mirrored writes go on.
+pub const STUCK_PASSES: u32 = 1;
 /// The dirty set is small enough for the cutover when it holds at most this many bytes:
 /// copying it with writes held takes well under a millisecond from the page cache.
 pub const CONVERGED_BYTES: u64 = 1 << 20;
@@ -64,6 +66,9 @@ struct Runner<'a> {
     link: Option<Arc<JobLink>>,
     buf: Vec<u8>,
     in_flight: Vec<InFlight>,
+    /// Push each chunk to the disk without waiting for the one before (the cutover's final
+    /// copies: one wait for all of them at the end, not one per track).
+    batch_writeback: bool,
     copy_started: Option<Instant>,
 }
 
@@ -77,6 +82,7 @@ pub fn run(shared: &Arc<Shared>, job: &JobState) {
         link: None,
         buf: Vec::new(),
         in_flight: Vec::new(),
+        batch_writeback: false,
         copy_started: None,
     };
     let m = &shared.migrations;
@@ -342,8 +348,8 @@ impl Runner<'_> {
         off: u64,
         len: u64,
     ) -> JobResult<()> {
-        for f in self.in_flight.drain(..) {
-            f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
+        if !self.batch_writeback {
+            self.wait_writeback()?;
         }
         for p in dst.pieces(off, len as usize) {
             if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
@@ -353,6 +359,28 @@ impl Runner<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Wait until every chunk pushed to the disk is there.
+    fn wait_writeback(&mut self) -> JobResult<()> {
+        for f in self.in_flight.drain(..) {
+            f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
+        }
+        Ok(())
+    }
+
+    fn mirror_on(&self, dirty: u64) {
+        let link = self.link();
+        if !link.mirroring() {
+            link.start_mirroring();
+            self.job.mirrored.store(true, Ordering::Relaxed);
+            self.shared.migrations.event(format!(
+                "job {} mirror-on path={} dirty_tracks={dirty} passes={}",
+                self.job.id,
+                self.job.path,
+                self.job.passes.load(Ordering::Relaxed)
+            ));
+        }
     }
 
     fn note_rate(&self) {
@@ -418,23 +446,17 @@ impl Runner<'_> {
                 return Ok(());
             }
             let passes = self.job.passes.load(Ordering::Relaxed);
-            let link = self.link().clone();
-            if !link.mirroring() && (passes >= MAX_PASSES || stuck >= STUCK_PASSES) {
-                link.start_mirroring();
-                self.job.mirrored.store(true, Ordering::Relaxed);
-                self.shared.migrations.event(format!(
-                    "job {} mirror-on path={} dirty_tracks={dirty} passes={passes}",
-                    self.job.id, self.job.path
-                ));
+            if passes >= MAX_PASSES || stuck >= STUCK_PASSES {
+                self.mirror_on(dirty);
             }
-            if link.mirroring() && passes >= 4 * MAX_PASSES {
+            if self.link().mirroring() && passes >= 4 * MAX_PASSES {
                 // Only growth faster than the copier can keep the set from shrinking now;
                 // the cutover copies the rest with writes held.
                 return Ok(());
             }
             self.resync_pass(true)?;
             self.job.passes.fetch_add(1, Ordering::Relaxed);
-            stuck = if dirty >= prev { stuck + 1 } else { 0 };
+            stuck = if dirty.saturating_mul(2) > prev { stuck + 1 } else { 0 };
             prev = dirty;
         }
     }
@@ -456,11 +478,11 @@ impl Runner<'_> {
     /// ([`Runner::release_source`]) — not here, where a flush of the whole image would also
     /// wait for other jobs' pages.
     fn final_sync_and_switch(&mut self) -> JobResult<()> {
-        self.copy_growth(false)?;
-        self.resync_pass(false)?;
-        for f in self.in_flight.drain(..) {
-            f.volume.writeback(f.offset, f.len, true).map_err(FsError::from)?;
-        }
+        self.batch_writeback = true;
+        let copied = self.copy_growth(false).and_then(|()| self.resync_pass(false));
+        self.batch_writeback = false;
+        copied?;
+        self.wait_writeback()?;
         if let Some(why) = self.link().target_error() {
             return Err(End::Failed(why));
         }
@@ -478,14 +500,40 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// After the switch: wait for reads still on the old map, flush the target, make the
-    /// switch durable, then free (and punch) the source tracks.
-    fn release_source(&mut self) -> JobResult<()> {
+    /// After the switch: wait for reads still on the old map, flush the target, and make the
+    /// switch durable.
+    fn make_durable(&mut self) -> JobResult<()> {
         drop(self.node().gate.write());
         self.flush_target()?;
         self.shared.sync_log()?;
+        Ok(())
+    }
+
+    /// Once the switch is durable: zero the tracks the switch set aside (the source, the
+    /// target's unneeded tail), then free them. They belong to the job's record until the
+    /// release, so no allocation can take them while they are punched, and the catalog lock
+    /// is not held across the punch of a whole data set.
+    fn release_source(&mut self) -> JobResult<()> {
+        let set_aside = {
+            let cat = self.shared.catalog.lock();
+            cat.catalog.jobs.get(&self.job.id).map(|j| j.release.clone()).unwrap_or_default()
+        };
+        let g = self.g;
+        let mut zeroed = true;
+        for e in &set_aside {
+            let r = self
+                .shared
+                .volume(e.volume)
+                .and_then(|v| Ok(v.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?));
+            zeroed &= r.is_ok();
+        }
         let mut cat = self.shared.catalog.lock();
-        self.shared.commit(&mut cat, Op::JobRelease { job: self.job.id })?;
+        if zeroed {
+            self.shared.commit_prezeroed(&mut cat, Op::JobRelease { job: self.job.id })?;
+        } else {
+            // Punch again under the lock, and remember what still fails (fs::Shared::commit).
+            self.shared.commit(&mut cat, Op::JobRelease { job: self.job.id })?;
+        }
         Ok(())
     }
 
@@ -509,7 +557,8 @@ impl Runner<'_> {
                 format!("window_us={us}")
             }
         };
-        let released = self.release_source();
+        // Switched once durable; the source is punched and freed after that is reported.
+        let released = self.make_durable();
         self.job.set_phase(Phase::Switched);
         self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
         let extents = {
@@ -527,6 +576,7 @@ impl Runner<'_> {
             self.job.mirrored.load(Ordering::Relaxed),
             self.job.copy_rate.load(Ordering::Relaxed)
         ));
+        let released = released.and_then(|()| self.release_source());
         if let Err(End::Failed(e)) = released {
             // The switch is in the catalog; the next mount frees the source.
             log::warn!("job {}: freeing the source after the switch: {e}", self.job.id);
@@ -539,6 +589,24 @@ impl Runner<'_> {
     fn cutover_live(&mut self) -> JobResult<()> {
         self.job.set_phase(Phase::Cutover);
         self.flush_target()?;
+        // Writes during that flush dirtied tracks again: catch up outside the hold, with
+        // mirrored writes if they keep pace, so the hold copies next to nothing.
+        let small = (CONVERGED_BYTES / self.g.track_size_bytes()).max(1);
+        for round in 0..4 {
+            self.copy_growth(false)?;
+            let dirty = self.link().dirty.count_dirty();
+            if dirty == 0 || (round > 0 && dirty <= small / 4) {
+                break;
+            }
+            if round > 0 {
+                self.mirror_on(dirty);
+            }
+            self.batch_writeback = true;
+            let r = self.resync_pass(false);
+            self.batch_writeback = false;
+            r?;
+            self.wait_writeback()?;
+        }
         let node = self.node().clone();
         let t0 = Instant::now();
         let hold = node.write_hold.write();
