@@ -636,6 +636,7 @@ impl Shared {
     }
 
     fn fsync_node(&self, node: &FileNode, datasync: bool) -> FsResult<()> {
+        let t0 = std::time::Instant::now();
         let volumes: BTreeSet<VolumeId> = node.map.load().extents().iter().map(|e| e.volume).collect();
         for v in volumes {
             self.volume(v)?.flush()?;
@@ -643,7 +644,10 @@ impl Shared {
         if !datasync {
             self.persist_mtime(node)?;
         }
-        self.sync_log()
+        self.sync_log()?;
+        // The copier's pacing feeds on how long applications wait for their fsyncs.
+        self.migrations.sync_latency.record(t0.elapsed().as_nanos() as u64, now_ns());
+        Ok(())
     }
 
     /// Drop a link; destroy the inode if nothing holds it any more. Caller holds `nodes`.
@@ -1393,7 +1397,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -1405,7 +1409,15 @@ impl Filesystem for FerryFs {
                 };
             }
         }
-        let res = self.shared.file_handle(fh).and_then(|node| self.shared.write(&node, offset, data));
+        let res = self.shared.file_handle(fh).and_then(|node| {
+            self.shared.write(&node, offset, data)?;
+            // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
+            // the flush to the file system (O_SYNC includes the O_DSYNC bit).
+            if flags.0 & libc::O_DSYNC != 0 {
+                self.shared.fsync_node(&node, flags.0 & libc::O_SYNC != libc::O_SYNC)?;
+            }
+            Ok(())
+        });
         reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
     }
 

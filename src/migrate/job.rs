@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pace::{rest_after, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
+use super::pace::{rest_after, Governor, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
 use super::plan::{grow_target, names, place_target, tracks_text};
 use super::{JobState, Phase};
 use crate::catalog::model::{Body, Cutover, Op};
@@ -70,6 +70,18 @@ struct Runner<'a> {
     /// copies: one wait for all of them at the end, not one per track).
     batch_writeback: bool,
     copy_started: Option<Instant>,
+    /// The copy rate while applications sync (pace.rs).
+    governor: Governor,
+    /// Counted among the running copiers (the fsync baseline excludes their effect).
+    copying: bool,
+}
+
+impl Drop for Runner<'_> {
+    fn drop(&mut self) {
+        if self.copying {
+            self.shared.migrations.sync_latency.copier_ended();
+        }
+    }
 }
 
 /// Run the job to its end; the phase and the events say how it ended.
@@ -84,6 +96,8 @@ pub fn run(shared: &Arc<Shared>, job: &JobState) {
         in_flight: Vec::new(),
         batch_writeback: false,
         copy_started: None,
+        governor: Governor::default(),
+        copying: false,
     };
     let m = &shared.migrations;
     match r.run() {
@@ -201,6 +215,8 @@ impl Runner<'_> {
         // f. Copy, following growth.
         job.set_phase(Phase::Copying);
         self.copy_started = Some(Instant::now());
+        m.sync_latency.copier_started();
+        self.copying = true;
         self.copy_growth(true)?;
         m.event(format!(
             "job {} copy-done path={} bytes={}",
@@ -286,6 +302,9 @@ impl Runner<'_> {
             let n = self.chunk_tracks(active).min(a - c);
             let t0 = Instant::now();
             self.copy(c, n)?;
+            if active {
+                self.wait_writeback()?;
+            }
             self.link().set_copied(c + n);
             self.job.bytes_copied.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
             self.note_rate();
@@ -395,9 +414,15 @@ impl Runner<'_> {
     }
 
     /// Rest after a chunk: priority to the applications, then the job's and the pool's caps.
-    fn pace(&self, bytes: u64, elapsed: Duration, apps_active: bool) {
+    fn pace(&mut self, bytes: u64, elapsed: Duration, apps_active: bool) {
         let m = &self.shared.migrations;
-        let wait = rest_after(elapsed, apps_active).max(self.job.rate.take(bytes)).max(m.copy_rate.take(bytes));
+        let mut wait = rest_after(elapsed, apps_active).max(self.job.rate.take(bytes)).max(m.copy_rate.take(bytes));
+        if apps_active {
+            if let Some((base, now, samples)) = m.sync_latency.feedback(now_ns()) {
+                self.governor.steer(base, now, samples);
+                wait = wait.max(self.governor.bucket.take(bytes));
+            }
+        }
         let until = Instant::now() + wait;
         // Sleep in slices, so that a cancel or an unmount is seen promptly.
         while Instant::now() < until && !m.stopping() && !self.job.cancel_requested() {
@@ -423,6 +448,9 @@ impl Runner<'_> {
                 self.job.bytes_resynced.fetch_add(self.g.bytes_of(run), Ordering::Relaxed);
                 if paced {
                     let active = self.apps_active();
+                    if active {
+                        self.wait_writeback()?;
+                    }
                     self.pace(self.g.bytes_of(run), t0.elapsed(), active);
                     self.check()?;
                 }

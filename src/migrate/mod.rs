@@ -230,6 +230,8 @@ pub struct Migrations {
     events: Mutex<VecDeque<String>>,
     /// The pool-wide copy rate cap (0: none).
     pub copy_rate: TokenBucket,
+    /// Applications' fsync latency: the copiers' feedback (pace.rs).
+    pub sync_latency: pace::SyncLatency,
     max_jobs: AtomicUsize,
     stopping: AtomicBool,
 }

@@ -3,14 +3,23 @@
 //!
 //! - Explicit caps: a job's `rate=` and the pool-wide `copy-rate`, each a token bucket.
 //! - Priority for application I/O: while the applications have done I/O in the last
-//!   [`APP_ACTIVE_WINDOW`], the copier moves small chunks and rests between them, so that it
-//!   holds the disk at most [`BUSY_DUTY`] of the time; when they are idle it copies at full
-//!   speed in large chunks.
+//!   [`APP_ACTIVE_WINDOW`], the copier moves small chunks, waits for each to reach the disk
+//!   (so its time counts the disk's work, not just the copy into the page cache), and rests
+//!   between them, so that it holds the disk at most [`BUSY_DUTY`] of the time; an
+//!   application's fsync then finds at most one small chunk ahead of it. When they are idle
+//!   it copies at full speed in large chunks.
+//! - Feedback: the mount times every application fsync ([`SyncLatency`]). Its average with
+//!   no copier running is the baseline; while a copier runs and applications sync, the
+//!   copier's rate ([`Governor`]) drops by a third whenever the applications' fsyncs take
+//!   more than [`LATENCY_HEADROOM`] times the baseline, and grows by a tenth when they don't
+//!   (additive-increase would be too slow to find the disk's speed again, multiplicative
+//!   decrease alone too jumpy). A flush pays for everything in the disk's cache, so this is
+//!   what keeps the applications' tail latency near where it was.
 //! - Bounded write-back: every chunk written to the target is pushed to the disk right away
 //!   and waited for one chunk later (`sync_file_range`), so the copier never builds a large
 //!   dirty backlog that an application's fsync would then wait behind.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -21,7 +30,95 @@ pub const APP_ACTIVE_WINDOW: Duration = Duration::from_millis(50);
 pub const BUSY_DUTY: f64 = 0.25;
 /// Chunk sizes: idle copies and busy copies.
 pub const IDLE_CHUNK_BYTES: u64 = 4 << 20;
-pub const BUSY_CHUNK_BYTES: u64 = 256 << 10;
+pub const BUSY_CHUNK_BYTES: u64 = 128 << 10;
+
+/// Applications' fsyncs may take this many times their baseline before the copier slows.
+pub const LATENCY_HEADROOM: f64 = 1.5;
+/// The governor's range while applications sync, bytes per second.
+pub const GOVERNED_MIN: f64 = (1 << 20) as f64;
+pub const GOVERNED_START: f64 = (32 << 20) as f64;
+pub const GOVERNED_MAX: f64 = (1u64 << 30) as f64;
+/// An fsync older than this says nothing about now.
+const SYNC_RECENT_NS: i64 = 1_000_000_000;
+
+/// Application fsync latency, as two moving averages: all of them, and those seen while no
+/// copier was running (the baseline).
+#[derive(Debug, Default)]
+pub struct SyncLatency {
+    ewma_ns: AtomicU64,
+    quiet_ewma_ns: AtomicU64,
+    samples: AtomicU64,
+    last_ns: AtomicI64,
+    /// Jobs copying now (their copy, re-sync or wait for a close).
+    copiers: AtomicUsize,
+}
+
+fn ewma(cell: &AtomicU64, sample: u64) {
+    let old = cell.load(Ordering::Relaxed);
+    let new = if old == 0 { sample } else { (old * 3 + sample) / 4 };
+    cell.store(new, Ordering::Relaxed);
+}
+
+impl SyncLatency {
+    /// An application fsync took `took_ns`, ending at `now_ns`.
+    pub fn record(&self, took_ns: u64, now_ns: i64) {
+        ewma(&self.ewma_ns, took_ns);
+        if self.copiers.load(Ordering::Relaxed) == 0 {
+            ewma(&self.quiet_ewma_ns, took_ns);
+        }
+        self.last_ns.store(now_ns, Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (baseline, current, sample count) if applications synced recently and a baseline
+    /// exists.
+    pub fn feedback(&self, now_ns: i64) -> Option<(u64, u64, u64)> {
+        let base = self.quiet_ewma_ns.load(Ordering::Relaxed);
+        if base == 0 || now_ns - self.last_ns.load(Ordering::Relaxed) > SYNC_RECENT_NS {
+            return None;
+        }
+        Some((base, self.ewma_ns.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
+    }
+
+    pub fn copier_started(&self) {
+        self.copiers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn copier_ended(&self) {
+        self.copiers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A job's copy rate while applications sync: multiplicative decrease when their fsyncs slow
+/// down past the headroom, multiplicative increase when they don't; one step per new fsync.
+#[derive(Debug)]
+pub struct Governor {
+    rate: f64,
+    seen: u64,
+    pub bucket: TokenBucket,
+}
+
+impl Default for Governor {
+    fn default() -> Governor {
+        Governor { rate: GOVERNED_START, seen: 0, bucket: TokenBucket::new(GOVERNED_START as u64) }
+    }
+}
+
+impl Governor {
+    /// Steer by the latest feedback; returns the rate now.
+    pub fn steer(&mut self, base_ns: u64, current_ns: u64, samples: u64) -> f64 {
+        if samples != self.seen {
+            self.seen = samples;
+            self.rate = if current_ns as f64 > base_ns as f64 * LATENCY_HEADROOM {
+                (self.rate * 0.67).max(GOVERNED_MIN)
+            } else {
+                (self.rate * 1.1).min(GOVERNED_MAX)
+            };
+            self.bucket.retune(self.rate as u64);
+        }
+        self.rate
+    }
+}
 
 /// A token bucket: `take(n)` says how long to wait so that the long-run rate stays at most
 /// `rate` bytes per second (a burst of up to a quarter second's worth passes at once).
@@ -43,6 +140,11 @@ impl TokenBucket {
     pub fn set_rate(&self, rate: u64) {
         self.rate.store(rate, Ordering::Relaxed);
         *self.state.lock() = None;
+    }
+
+    /// Change the rate, keeping the tokens (a controller's small steps).
+    pub fn retune(&self, rate: u64) {
+        self.rate.store(rate, Ordering::Relaxed);
     }
 
     /// Account for `bytes` and return how long to wait before going on.
@@ -89,6 +191,21 @@ mod tests {
         assert!(w > Duration::from_millis(900) && w <= Duration::from_millis(1001), "{w:?}");
         let none = TokenBucket::new(0);
         assert_eq!(none.take(u64::MAX / 2), Duration::ZERO);
+    }
+
+    #[test]
+    fn governor_backs_off_when_fsyncs_slow_and_recovers() {
+        let mut g = Governor::default();
+        let start = g.steer(1000, 1000, 1);
+        assert!(start > GOVERNED_START, "fsyncs at their baseline: faster");
+        assert_eq!(g.steer(1000, 5000, 1), start, "no new fsync, no step");
+        let mut r = start;
+        for n in 2..40 {
+            r = g.steer(1000, 5000, n);
+        }
+        assert_eq!(r, GOVERNED_MIN, "slow fsyncs push it to the floor");
+        let up = g.steer(1000, 1400, 40);
+        assert!(up > GOVERNED_MIN, "within the headroom it grows again");
     }
 
     #[test]
