@@ -916,7 +916,9 @@ fn refused_plans_and_migrations_change_nothing() {
             vec!["migrate", &mnt, &big_path, "--to", "V2"],
             vec!["target full".into(), format!("{big_tracks} tracks"), format!("V2 {free2} tracks")],
         ),
+        (vec!["migrate", &mnt, &big_path, "--to", "V1"], vec!["nothing to move".into(), "one extent on V1".into()]),
     ];
+    assert_eq!(placement(&m.mnt, "/big").1, 1, "test setup: /big is in one extent");
     for (args, words) in &cases {
         let (code, err) = ferry_err(args);
         assert_eq!(code, 1, "`ferryfs {}`: {err}", args.join(" "));

@@ -635,7 +635,7 @@ fn migrate_step(
     let id = match control(&m.mnt, &line) {
         Err(why) => {
             let fine = if exists {
-                why.contains("already being migrated") || why.contains("target full")
+                why.contains("already being migrated") || why.contains("target full") || why.contains("nothing to move")
             } else {
                 why.contains("no such path")
             };

@@ -597,10 +597,19 @@ fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOpti
     let targets = to.iter().map(|n| open_target(c, n)).collect::<Result<Vec<_>, _>>()?;
     let mut planned: Vec<PlannedJob> = Vec::new();
     let mut seen = HashSet::new();
+    let mut in_place = 0;
     for p in paths {
         for mut d in data_sets_at(c, p)? {
             if !seen.insert(d.ino) {
                 continue;
+            }
+            // Already where it is asked to go, in one extent: nothing to move. (One in
+            // several extents on its own volume is combined: that is a move too.)
+            if let Some(Body::File { extents, .. }) = c.get(d.ino).map(|i| &i.body) {
+                if extents.len() <= 1 && extents.iter().all(|e| targets.contains(&e.volume)) {
+                    in_place += 1;
+                    continue;
+                }
             }
             if busy.contains(&d.ino) || c.job_of(d.ino).is_some() {
                 return refuse(libc::EBUSY, format!("{} is already being migrated", d.path));
@@ -608,6 +617,12 @@ fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOpti
             d.targets = targets.clone();
             planned.push(d);
         }
+    }
+    if planned.is_empty() && in_place > 0 {
+        return refuse(
+            libc::EINVAL,
+            format!("nothing to move: {} already in one extent on {}", paths.join(" "), names(c, &targets)),
+        );
     }
     if planned.is_empty() {
         return refuse(libc::ENOENT, format!("no data set under {}", paths.join(" ")));
@@ -631,7 +646,8 @@ fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOpti
     }
     drop(cat);
     drop(inner);
-    Ok(format!("ok jobs {}", job_list(&jobs)))
+    let skipped = if in_place > 0 { format!(" (skipped {in_place} already in place)") } else { String::new() };
+    Ok(format!("ok jobs {}{skipped}", job_list(&jobs)))
 }
 
 fn start_plan(

@@ -37,7 +37,7 @@ pub fn control(mnt: &Path, line: &str) -> Result<String, String> {
 pub fn reply_jobs(reply: &str) -> Vec<u64> {
     let words: Vec<&str> = reply.split_whitespace().collect();
     match words.iter().position(|w| *w == "jobs") {
-        Some(i) => words[i + 1..].iter().filter_map(|w| w.parse().ok()).collect(),
+        Some(i) => words[i + 1..].iter().map_while(|w| w.parse().ok()).collect(),
         None => Vec::new(),
     }
 }
