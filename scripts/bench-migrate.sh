@@ -100,6 +100,9 @@ PY=$B/bench.py
 mkdir -p "$MNT" "$B/plain" "$B/qemu"
 BG_PIDS=()
 
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
+
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -118,17 +121,11 @@ cleanup() {
     if mountpoint -q "$MNT" 2>/dev/null; then
         "$FERRY" umount "$MNT" 2>/dev/null || fusermount3 -u "$MNT" 2>/dev/null || fusermount3 -uz "$MNT" 2>/dev/null || true
     fi
-    if [[ -n "${BENCH_KEEP_RESULTS:-}" && -f "$RESULTS" ]]; then
-        cp "$RESULTS" "$BENCH_KEEP_RESULTS" || true
-    fi
-    # --one-file-system: never descend into a mount that refused to go away.
-    rm -rf --one-file-system "$B" 2>/dev/null || true
-    exit "$rc"
+    bench_finish "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 LINES=" ${BENCH_LINES:-1 2 3 4 5 6} "
 want() { # LINE... -> whether any of them is to run
     local l

@@ -75,21 +75,18 @@ unmount_all() {
         fusermount3 -u "$BMNT" 2>/dev/null || fusermount3 -uz "$BMNT" 2>/dev/null || true
     fi
 }
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
+
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     unmount_all
-    if [[ -n "${BENCH_KEEP_RESULTS:-}" && -f "$RESULTS" ]]; then
-        cp "$RESULTS" "$BENCH_KEEP_RESULTS" || true
-    fi
-    # --one-file-system: never descend into a mount that refused to go away.
-    rm -rf --one-file-system "$B" 2>/dev/null || true
-    exit "$rc"
+    bench_finish "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
 # ---------------------------------------------------------------------------------------
 # Helpers in python3: fio JSON parsing, the metadata test, the data set creation, and the
