@@ -1609,19 +1609,18 @@ mod tests {
         for (writers, cutover) in [(1, "live"), (3, "live"), (2, "close")] {
             let dir = tempfile::tempdir().unwrap();
             let (sh, _) = shared_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
-            sh.volumes.write().insert(VolumeId(2), Arc::new(MemVolume::new(1024 * 4096)));
-            {
+            for (id, name) in [(2, "V2"), (3, "V3")] {
+                sh.volumes.write().insert(VolumeId(id), Arc::new(MemVolume::new(1024 * 4096)));
                 let mut cat = sh.catalog.lock();
                 cat.commit(Op::AddVolume {
-                    id: VolumeId(2),
-                    name: "V2".into(),
-                    path: "/mem2".into(),
+                    id: VolumeId(id),
+                    name: name.into(),
+                    path: format!("/mem{id}"),
                     size_bytes: 1024 * 4096,
                     tracks_total: 1024,
                 })
                 .unwrap();
             }
-            // The data set outgrows V1 (64 tracks) and spans both volumes before the job.
             let sh = Arc::new(sh);
             let fs = FerryFs::new(sh.clone());
             let fh = fs.open_file(2).unwrap();
@@ -1651,8 +1650,12 @@ mod tests {
                     })
                 })
                 .collect();
-            // Capped, so that passes take long enough for the writers to outrun them.
-            let reply = crate::migrate::execute(&sh, &format!("migrate /f to V2 cutover={cutover} rate=8M")).unwrap();
+            // To the big volume it is not on. Capped, so that passes take long enough for the
+            // writers to outrun them.
+            let on_v2 = matches!(sh.catalog.lock().catalog.get(2).map(|i| &i.body),
+                Some(Body::File { extents, .. }) if extents.iter().any(|e| e.volume == VolumeId(2)));
+            let (to, to_id) = if on_v2 { ("V3", VolumeId(3)) } else { ("V2", VolumeId(2)) };
+            let reply = crate::migrate::execute(&sh, &format!("migrate /f to {to} cutover={cutover} rate=8M")).unwrap();
             assert_eq!(reply, "ok jobs 1");
             let phase = |sh: &Arc<Shared>| sh.migrations.reports(sh).0[0].phase.clone();
             let t0 = std::time::Instant::now();
@@ -1680,7 +1683,7 @@ mod tests {
             }
             let cat = sh.catalog.lock();
             let Some(Body::File { extents, .. }) = cat.catalog.get(2).map(|i| &i.body) else { panic!() };
-            assert!(extents.iter().all(|e| e.volume == VolumeId(2)), "all on the target: {extents:?}");
+            assert!(extents.iter().all(|e| e.volume == to_id), "all on the target: {extents:?}");
             let map = ExtentMap::new(sh.geometry, extents);
             drop(cat);
             let mut got = vec![0u8; (BLOCKS * 1024) as usize];
