@@ -23,7 +23,7 @@
 //! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
 //! before.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -98,10 +98,9 @@ pub struct JobLink {
     /// Close mode: true from the start of the downtime window to its end; opens wait.
     window: Mutex<bool>,
     window_cv: Condvar,
-    /// Close mode: set by the last release of a handle, with its time.
-    closed: Mutex<Option<i64>>,
+    /// Close mode: set by the last release of a handle (it wakes the job).
+    closed: Mutex<bool>,
     closed_cv: Condvar,
-    pub last_close_ns: AtomicI64,
     /// A mirrored write could not reach the target: the job fails (the application's write,
     /// which reached the source, does not).
     target_error: Mutex<Option<String>>,
@@ -124,9 +123,8 @@ impl JobLink {
             mirrored_writes: AtomicU64::new(0),
             window: Mutex::new(false),
             window_cv: Condvar::new(),
-            closed: Mutex::new(None),
+            closed: Mutex::new(false),
             closed_cv: Condvar::new(),
-            last_close_ns: AtomicI64::new(0),
             target_error: Mutex::new(None),
         }
     }
@@ -196,20 +194,19 @@ impl JobLink {
         }
     }
 
-    /// The last open handle of the data set was released at `now_ns`.
-    pub fn notify_closed(&self, now_ns: i64) {
-        self.last_close_ns.store(now_ns, Ordering::Release);
-        *self.closed.lock() = Some(now_ns);
+    /// The last open handle of the data set was released.
+    pub fn notify_closed(&self) {
+        *self.closed.lock() = true;
         self.closed_cv.notify_all();
     }
 
-    /// Wait up to `timeout` for a last close; returns its time and clears it.
-    pub fn wait_closed(&self, timeout: Duration) -> Option<i64> {
+    /// Wait up to `timeout` for a last release; whether one came (and clear it).
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
         let mut c = self.closed.lock();
-        if c.is_none() {
+        if !*c {
             self.closed_cv.wait_for(&mut c, timeout);
         }
-        c.take()
+        std::mem::take(&mut *c)
     }
 }
 

@@ -177,13 +177,8 @@ impl Pool {
         let c = &self.store.catalog;
         let v = c.volume_by_name(name).ok_or_else(|| PoolError::NoVolume { name: name.to_string() })?;
         let id = v.id;
-        let not = |why: String| PoolError::NotRetirable { name: name.to_string(), why };
-        if v.free.free_tracks() != v.free.tracks_total() {
-            let used = v.free.tracks_total() - v.free.free_tracks();
-            return Err(not(format!("it is not empty ({used} tracks in use); drain it first")));
-        }
-        if let Some(p) = c.plans.values().find(|p| p.sources.contains(&id) || p.targets.contains(&id)) {
-            return Err(not(format!("plan {} is running on it", p.id)));
+        if let Some((_, why)) = retire_refusal(c, id) {
+            return Err(PoolError::NotRetirable { name: name.to_string(), why });
         }
         let path = v.path.clone();
         self.store.commit(Op::RemoveVolume { id }).and_then(|_| self.store.sync())?;
@@ -250,6 +245,19 @@ fn lock_holder(lock: &File) -> Option<(u32, String)> {
         }
     }
     None
+}
+
+/// Why volume `id` can't leave the pool now, if it can't: it holds tracks (a data set's or a
+/// job's), or a plan runs on it; with the errno that says which (ENOTEMPTY, EBUSY). Offline
+/// and online retire both ask this.
+pub fn retire_refusal(c: &Catalog, id: crate::space::VolumeId) -> Option<(i32, String)> {
+    let v = c.volumes.get(&id)?;
+    if v.free.free_tracks() != v.free.tracks_total() {
+        let used = v.free.tracks_total() - v.free.free_tracks();
+        return Some((libc::ENOTEMPTY, format!("it is not empty ({used} tracks in use); drain it first")));
+    }
+    let p = c.plans.values().find(|p| p.sources.contains(&id) || p.targets.contains(&id))?;
+    Some((libc::EBUSY, format!("plan {} is running on it", p.id)))
 }
 
 /// Delete a retired volume's image if it lives in the pool's own volumes directory (one

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{fsck_clean, ls_json, Mounted, TestPool};
+use common::{fsck_clean, ls_json, Mounted, Rng, TestPool};
 
 /// Track size of the test pools: small, so a file spans many tracks and extents.
 const TRACK_SIZE: &str = "16K";
@@ -62,26 +62,6 @@ const WRITER_EXIT_LIMIT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------
 // Block contents
-
-/// A small deterministic generator (xorshift64*), seeded per thread and per round.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// The bytes of block `block` of file `file` as written by its write number `counter`.
 /// Counter 0 means "never written": zeros. Every other counter starts with a header

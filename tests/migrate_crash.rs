@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use common::jobs::{self, control, events, reply_jobs, reply_plan, status, LoggedFile, Writers, JOB_LIMIT};
-use common::{fsck_clean, ls_json_at, volume_list_json, Mounted, TestPool};
+use common::{fsck_clean, ls_json_at, volume_list_json, Mounted, Rng, TestPool};
 
 /// Small tracks: a data set spans many of them, so re-sync passes have work to do.
 const TRACK_SIZE: &str = "16K";
@@ -46,29 +46,6 @@ const DEFAULT_ROUNDS: usize = 12;
 
 // ---------------------------------------------------------------------------------------
 // Set-up and checks
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len() as u64) as usize]
-    }
-}
 
 fn seed_from_env() -> u64 {
     let seed = std::env::var("FERRYFS_TEST_SEED")
@@ -185,17 +162,7 @@ fn settle(files: &[Arc<LoggedFile>]) {
 /// Per volume: tracks used, and tracks held by the data sets' extents (each inode once).
 fn usage(target: &Path) -> (BTreeMap<String, u64>, BTreeMap<String, u64>, Value) {
     let vols = volume_list_json(target);
-    let ls = ls_json_at(target, "/");
-    let mut held: BTreeMap<String, u64> = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for d in ls["data_sets"].as_array().expect("data_sets") {
-        if !seen.insert(d["ino"].as_u64().unwrap()) {
-            continue;
-        }
-        for e in d["extents"].as_array().expect("extents") {
-            *held.entry(e["volume"].as_str().unwrap().to_string()).or_default() += e["track_count"].as_u64().unwrap();
-        }
-    }
+    let (held, ls) = jobs::held_tracks(target);
     let used = vols["volumes"]
         .as_array()
         .expect("volumes")

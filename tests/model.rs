@@ -26,7 +26,7 @@ use std::path::Path;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-use common::jobs::{control, events, is_final, reply_jobs, status, JOB_LIMIT};
+use common::jobs::{self, control, events, is_final, reply_jobs, status, JOB_LIMIT};
 use common::{fsck_clean, ls_json, ls_json_at, volume_list_json, Mounted, TestPool};
 
 /// The paths the script works on; `d` and `d/e` exist from the start.
@@ -693,17 +693,7 @@ fn migrate_step(
 /// No reservation leaks (with no job running): each volume's used tracks are the tracks of
 /// the data sets' extents on it, each data set counted once.
 fn check_no_leak(target: &Path, when: &str) -> Result<(), TestCaseError> {
-    let ls = ls_json_at(target, "/");
-    let mut held: BTreeMap<String, u64> = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for d in ls["data_sets"].as_array().expect("data_sets") {
-        if !seen.insert(d["ino"].as_u64().unwrap()) {
-            continue;
-        }
-        for e in d["extents"].as_array().expect("extents") {
-            *held.entry(e["volume"].as_str().unwrap().to_string()).or_default() += e["track_count"].as_u64().unwrap();
-        }
-    }
+    let (held, ls) = jobs::held_tracks(target);
     let vols = volume_list_json(target);
     for v in vols["volumes"].as_array().expect("volumes") {
         let name = v["name"].as_str().unwrap();

@@ -395,19 +395,24 @@ impl Shared {
 
     /// Keep a data set's node in the table while a migration works on it (so the job's link
     /// reaches every open and every write), and out of surplus reclaim.
+    /// The data set's node in the table, built from the catalog (and entered) if it is not
+    /// there. The caller holds `nodes`.
+    fn node_in_table(&self, nodes: &mut HashMap<Ino, Arc<FileNode>>, ino: Ino) -> FsResult<Arc<FileNode>> {
+        if let Some(n) = nodes.get(&ino) {
+            return Ok(n.clone());
+        }
+        let cat = self.catalog.lock();
+        let n = self.make_node(&cat, ino)?;
+        // Under the catalog lock: reclaim_surplus must not trim what this map holds.
+        self.open_inodes.lock().insert(ino);
+        drop(cat);
+        nodes.insert(ino, n.clone());
+        Ok(n)
+    }
+
     pub fn pin_node(&self, ino: Ino, link: Arc<JobLink>) -> FsResult<Arc<FileNode>> {
         let mut nodes = self.nodes.lock();
-        let node = match nodes.get(&ino) {
-            Some(n) => n.clone(),
-            None => {
-                let cat = self.catalog.lock();
-                let n = self.make_node(&cat, ino)?;
-                self.open_inodes.lock().insert(ino);
-                drop(cat);
-                nodes.insert(ino, n.clone());
-                n
-            }
-        };
+        let node = self.node_in_table(&mut nodes, ino)?;
         // With writes held: a write in flight now finished before the monitor starts, and
         // every later one sees it (so the copy that follows misses nothing).
         {
@@ -522,7 +527,11 @@ impl Shared {
                     node.mark_changed(g, offset, end);
                 }
             },
-            None => node.mark_changed(g, offset, end),
+            None => {
+                if let (Some(l), false) = (link.as_ref(), data.is_empty()) {
+                    l.dirty.mark(g.track_of(offset), g.track_of(end - 1));
+                }
+            }
         }
         drop(mirror);
         let now = now_ns();
@@ -888,18 +897,7 @@ impl FerryFs {
             link.wait_window();
             nodes = self.shared.nodes.lock();
         }
-        let node = match nodes.get(&ino) {
-            Some(n) => n.clone(),
-            None => {
-                let cat = self.shared.catalog.lock();
-                let n = self.shared.make_node(&cat, ino)?;
-                // Under the catalog lock: reclaim_surplus must not trim what this map holds.
-                self.shared.open_inodes.lock().insert(ino);
-                drop(cat);
-                nodes.insert(ino, n.clone());
-                n
-            }
-        };
+        let node = self.shared.node_in_table(&mut nodes, ino)?;
         node.open_handles.fetch_add(1, Ordering::AcqRel);
         Ok(self.shared.add_handle(Handle::File { node }))
     }
@@ -913,7 +911,7 @@ impl FerryFs {
                 // Pinned by a migration: it stays; a close-mode job learns the data set closed.
                 drop(nodes);
                 self.shared.persist_mtime(node)?;
-                link.notify_closed(now_ns());
+                link.notify_closed();
                 return Ok(());
             }
             nodes.remove(&node.ino);

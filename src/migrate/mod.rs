@@ -213,6 +213,19 @@ pub struct PlanState {
     cancel: AtomicBool,
 }
 
+impl PlanState {
+    fn new(rec: PlanRec) -> PlanState {
+        PlanState {
+            rec,
+            jobs: Mutex::new(Vec::new()),
+            phase: Mutex::new(PlanPhase::Running),
+            error: Mutex::new(None),
+            rounds: AtomicU32::new(0),
+            cancel: AtomicBool::new(false),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     jobs: BTreeMap<u64, Arc<JobState>>,
@@ -695,14 +708,7 @@ fn start_plan(
     };
     let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
     shared.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
-    let state = Arc::new(PlanState {
-        rec,
-        jobs: Mutex::new(Vec::new()),
-        phase: Mutex::new(PlanPhase::Running),
-        error: Mutex::new(None),
-        rounds: AtomicU32::new(0),
-        cancel: AtomicBool::new(false),
-    });
+    let state = Arc::new(PlanState::new(rec));
     inner.plans.insert(id, state.clone());
     let mut jobs = Vec::new();
     for p in &planned {
@@ -786,15 +792,10 @@ fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
     if let Some(j) = inner.jobs.values().find(|j| !j.phase().is_final() && j.targets.contains(&id)) {
         return refuse(libc::EBUSY, format!("volume {name} is a target of job {}", j.id));
     }
-    let v = &c.volumes[&id];
-    if v.free.free_tracks() != v.free.tracks_total() {
-        let used = v.free.tracks_total() - v.free.free_tracks();
-        return refuse(libc::ENOTEMPTY, format!("volume {name} is not empty ({used} tracks in use); drain it first"));
+    if let Some((errno, why)) = crate::pool::retire_refusal(c, id) {
+        return refuse(errno, format!("volume {name} can't be retired: {why}"));
     }
-    if c.plans.values().any(|p| p.targets.contains(&id) || p.sources.contains(&id)) {
-        return refuse(libc::EBUSY, format!("volume {name} is part of a running plan"));
-    }
-    let path = v.path.clone();
+    let path = c.volumes[&id].path.clone();
     shared.commit(&mut cat, Op::RemoveVolume { id })?;
     drop(cat);
     drop(inner);
@@ -849,14 +850,7 @@ pub fn resume(shared: &Arc<Shared>, again: Vec<JobRec>) {
         let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
         for rec in plans {
             let id = rec.id;
-            let state = Arc::new(PlanState {
-                rec,
-                jobs: Mutex::new(Vec::new()),
-                phase: Mutex::new(PlanPhase::Running),
-                error: Mutex::new(None),
-                rounds: AtomicU32::new(0),
-                cancel: AtomicBool::new(false),
-            });
+            let state = Arc::new(PlanState::new(rec));
             inner.plans.insert(id, state);
             m.event(format!("plan {id} resumed"));
         }

@@ -2,6 +2,7 @@
 //! every acknowledged write is logged so that the bytes can be checked afterwards.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -315,4 +316,21 @@ pub fn placement(target: &Path, path: &str) -> (Vec<String>, usize) {
     let d = super::data_set(target, path);
     let vols = d["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     (vols, d["extent_count"].as_u64().unwrap() as usize)
+}
+
+/// Per volume, the tracks the data sets' extents hold (each data set once, whatever its
+/// links), from `ferryfs ls --json` of `target` (a pool or a mountpoint); and that listing.
+pub fn held_tracks(target: &Path) -> (BTreeMap<String, u64>, Value) {
+    let ls = super::ls_json_at(target, "/");
+    let mut held: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for d in ls["data_sets"].as_array().expect("data_sets") {
+        if !seen.insert(d["ino"].as_u64().unwrap()) {
+            continue;
+        }
+        for e in d["extents"].as_array().expect("extents") {
+            *held.entry(e["volume"].as_str().unwrap().to_string()).or_default() += e["track_count"].as_u64().unwrap();
+        }
+    }
+    (held, ls)
 }
