@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod extent_map;
+pub mod failpoint;
 pub mod fs;
 pub mod geometry;
 pub mod migrate;

@@ -101,7 +101,7 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32,
 /// daemon child.
 pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<(), String> {
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    match prepare(pool, mnt, opts) {
+    match crate::failpoint::init_from_env().and_then(|()| prepare(pool, mnt, opts)) {
         Ok((session, shared, mnt, again)) => {
             // Jobs start once the mount serves (they don't need it, but the admin does).
             crate::migrate::resume(&shared, again);

@@ -638,6 +638,7 @@ impl Runner<'_> {
         let node = self.node().clone();
         let t0 = Instant::now();
         let hold = node.write_hold.write();
+        self.pause("live-hold");
         self.final_sync_and_switch()?;
         node.job.store(None);
         drop(hold);
@@ -669,6 +670,7 @@ impl Runner<'_> {
         m.event(format!("job {} downtime-start path={}", self.job.id, self.job.path));
         self.job.set_phase(Phase::Cutover);
         let hold = node.write_hold.write();
+        self.pause("close-window");
         if let Err(e) = self.final_sync_and_switch() {
             drop(hold);
             return Err(e);
@@ -676,6 +678,14 @@ impl Runner<'_> {
         node.job.store(None);
         drop(hold);
         self.switched(t0.elapsed())
+    }
+
+    /// Sleep at a pause point, if the mount was started with one (`failpoint`).
+    fn pause(&self, point: &str) {
+        if let Some(d) = crate::failpoint::pause_at(point) {
+            self.shared.migrations.event(format!("job {} pause point={point} us={}", self.job.id, d.as_micros()));
+            std::thread::sleep(d);
+        }
     }
 
     /// Take the job's hooks out of the data set (no mirrored write is in flight after it),

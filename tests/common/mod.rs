@@ -289,7 +289,12 @@ impl TestPool {
     /// Drop the returned guard (or call `unmount`) before the pool; the pool's own drop
     /// also cleans up a mount that is still there.
     pub fn mount(&self) -> Mounted {
-        mount_at(&self.pool, &self.mnt, &self.dir.path().join("mount-cmd.out"))
+        self.mount_env(&[])
+    }
+
+    /// `mount`, with these variables in the daemon's environment (e.g. `FERRYFS_PAUSE`).
+    pub fn mount_env(&self, env: &[(&str, &str)]) -> Mounted {
+        mount_at_env(&self.pool, &self.mnt, &self.dir.path().join("mount-cmd.out"), env)
     }
 }
 
@@ -410,10 +415,20 @@ impl Drop for TestPool {
 /// Mounts POOL on MNT in daemon mode; stdout and stderr of the CLI go to a file so a
 /// daemon that keeps them open cannot hang the test.
 pub fn mount_at(pool: &Path, mnt: &Path, out_file: &Path) -> Mounted {
+    mount_at_env(pool, mnt, out_file, &[])
+}
+
+/// `mount_at` with variables set in the daemon's environment.
+pub fn mount_at_env(pool: &Path, mnt: &Path, out_file: &Path, env: &[(&str, &str)]) -> Mounted {
     let out = fs::File::create(out_file).expect("create mount output file");
     let err = out.try_clone().unwrap();
     let status = spawn_mount(
-        Command::new(bin()).args(["mount", s(pool), s(mnt)]).stdin(Stdio::null()).stdout(out).stderr(err),
+        Command::new(bin())
+            .args(["mount", s(pool), s(mnt)])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err),
         pool,
         mnt,
     );
