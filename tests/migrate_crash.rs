@@ -775,20 +775,21 @@ fn kill9_while_a_live_cutover_holds_the_writes() {
         assert!(t0.elapsed() < JOB_LIMIT, "job {id} never reached its hold: {j:#}");
         thread::sleep(Duration::from_millis(1));
     }
-    // Each count is taken once another data set's writers have had writes acknowledged,
-    // so a writer of the held data set whose last write returned just before the hold has
-    // long since logged it.
-    let others_go_on = |from: u64| {
-        let t = Instant::now();
-        while acked_writes(&files[1]) < from + 20 {
+    // Each count is taken once another data set's writers have had writes acknowledged and
+    // a while has passed: a writer of the held data set whose last write returned just
+    // before the hold, and which was then preempted before it logged the write, has long
+    // since logged it. (The while is a settling time, not a measurement: a writer would
+    // have to stay runnable and unscheduled through all of it for the check to misfire.)
+    let others_go_on = || {
+        let (t, from) = (Instant::now(), acked_writes(&files[1]));
+        while acked_writes(&files[1]) < from + 20 || t.elapsed() < Duration::from_millis(300) {
             assert!(t.elapsed() < JOB_LIMIT, "the writers of another data set stalled during the hold");
             thread::sleep(Duration::from_millis(1));
         }
-        acked_writes(&files[1])
     };
-    let others = others_go_on(acked_writes(&files[1]));
+    others_go_on();
     let held_before = acked_writes(&files[0]);
-    others_go_on(others);
+    others_go_on();
     let held_after = acked_writes(&files[0]);
     let pool = m.pool().to_path_buf();
     m.kill9();
