@@ -122,9 +122,11 @@ pub enum Cmd {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    /// Add a sparse volume image to an unmounted pool.
+    /// Add a sparse volume image to a pool (unmounted) or a mount. It takes allocations and
+    /// can be a migration target at once.
     Add {
-        pool: PathBuf,
+        /// A pool directory or a mountpoint.
+        target: PathBuf,
         name: String,
         #[arg(long)]
         size: String,
@@ -236,9 +238,20 @@ pub fn run(cli: Cli) -> CliResult {
             println!("initialized pool {} (track size {} bytes)", pool.display(), g.track_size_bytes());
             Ok(())
         }
-        Cmd::Volume { cmd: VolumeCmd::Add { pool, name, size, path } } => {
+        Cmd::Volume { cmd: VolumeCmd::Add { target, name, size, path } } => {
             pool::validate_volume_name(&name).map_err(|e| e.to_string())?;
             let size_bytes = parse_size(&size).map_err(|e| format!("bad --size: {e}"))?;
+            let pool = match resolve_target(&target)? {
+                Target::Pool(pool) => pool,
+                Target::Mount { .. } => {
+                    let mut line = format!("add {} size={size_bytes}", quote(&name));
+                    if let Some(p) = path {
+                        let p = std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                        line.push_str(&format!(" path={}", quote(&p.to_string_lossy())));
+                    }
+                    return command(&target, &line, false);
+                }
+            };
             let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
             let v = p.add_volume(&name, size_bytes, path.as_deref()).map_err(|e| e.to_string())?;
             println!(
@@ -492,18 +505,16 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
     }
     verify(mnt, &files)?;
 
-    step("unmount, add a bigger volume, mount again");
-    mount::umount(mnt)?;
-    add_demo_volumes(pool, &[("VOL003", 48)])?;
-    let pid = mount::mount_daemon(pool, mnt, &demo_mount_options())?;
-    println!("mounted again (daemon pid {pid})");
-    println!("\n$ ferryfs ls {} --extents   (before)", mnt.display());
-    print_listing(&report::list(&target_catalog(mnt)?, "/").expect("root exists"), true);
-
     step("applications keep writing: /db/base.dat (held open) and /db/journal (reopened often)");
     let base = DemoWriter::start(mnt.join("db/base.dat"), 1, 6 << 20, false);
     let journal = DemoWriter::start(mnt.join("db/journal"), 3, 2 << 20, true);
     std::thread::sleep(std::time::Duration::from_millis(300));
+
+    step("add a bigger volume to the running mount, while they write");
+    println!("$ ferryfs volume add {} VOL003 --size 48M", mnt.display());
+    println!("{}", client::send(mnt, &format!("add VOL003 size={}", 48u64 << 20))?);
+    println!("\n$ ferryfs ls {} --extents   (before)", mnt.display());
+    print_listing(&report::list(&target_catalog(mnt)?, "/").expect("root exists"), true);
 
     step("merge VOL001 and VOL002 into VOL003: /db/journal with a close cutover, the rest live");
     let line = "migrate /db/journal to VOL003 cutover=close";

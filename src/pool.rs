@@ -134,41 +134,13 @@ impl Pool {
 
     /// Add a volume image: a new sparse file, then the catalog record.
     pub fn add_volume(&mut self, name: &str, size_bytes: u64, path: Option<&Path>) -> Result<VolumeRec, PoolError> {
-        validate_volume_name(name)?;
-        let cat = &self.store.catalog;
-        if cat.volume_by_name(name).is_some() {
-            return Err(PoolError::VolumeExists { name: name.to_string() });
-        }
-        let g = cat.geometry;
-        let tracks_total = g.whole_tracks_in(size_bytes);
-        if tracks_total == 0 {
-            return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
-        }
-        let path = match path {
-            Some(p) => absolute(p)?,
-            None => self.dir.join(VOLUMES_DIR).join(format!("{name}.img")),
-        };
-        if path.exists() {
-            return Err(PoolError::ImageExists { path });
-        }
-        let size_bytes = g.bytes_of(tracks_total);
-        FileVolume::create(&path, size_bytes).map_err(io_err(&path))?;
-        if let Some(parent) = path.parent() {
-            File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent))?;
-        }
-        let id = VolumeId(cat.next_volume);
-        let op = Op::AddVolume {
-            id,
-            name: name.to_string(),
-            path: path.to_string_lossy().into_owned(),
-            size_bytes,
-            tracks_total,
-        };
+        let v = check_new_volume(&self.store.catalog, &self.dir, name, size_bytes, path)?;
+        let (op, _image) = v.create_image()?;
         if let Err(e) = self.store.commit(op).and_then(|_| self.store.sync()) {
-            let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(&v.path);
             return Err(e.into());
         }
-        Ok(self.store.catalog.volumes[&id].clone())
+        Ok(self.store.catalog.volumes[&v.id].clone())
     }
 
     /// Remove an empty volume from the pool (offline). Returns the image path and whether
@@ -203,6 +175,93 @@ impl Pool {
             out.push((v.id, Arc::new(io) as Arc<dyn VolumeIo>));
         }
         Ok(out)
+    }
+}
+
+/// A new volume, checked against a catalog: its id, name, image path and size.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub id: VolumeId,
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub tracks_total: u64,
+}
+
+/// Checks a new volume against the catalog `cat` of the pool in `dir`: a valid name not in
+/// use, at least one track, an image path where no file is. Nothing is written.
+pub fn check_new_volume(
+    cat: &Catalog,
+    dir: &Path,
+    name: &str,
+    size_bytes: u64,
+    path: Option<&Path>,
+) -> Result<NewVolume, PoolError> {
+    validate_volume_name(name)?;
+    if cat.volume_by_name(name).is_some() {
+        return Err(PoolError::VolumeExists { name: name.to_string() });
+    }
+    let g = cat.geometry;
+    let tracks_total = g.whole_tracks_in(size_bytes);
+    if tracks_total == 0 {
+        return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
+    }
+    let path = match path {
+        Some(p) => absolute(p)?,
+        None => dir.join(VOLUMES_DIR).join(format!("{name}.img")),
+    };
+    if path.exists() {
+        return Err(PoolError::ImageExists { path });
+    }
+    Ok(NewVolume {
+        id: VolumeId(cat.next_volume),
+        name: name.to_string(),
+        path,
+        size_bytes: g.bytes_of(tracks_total),
+        tracks_total,
+    })
+}
+
+impl NewVolume {
+    /// Creates the sparse image (synced, and its directory too) and returns it open, with
+    /// the op that records the volume. The caller commits the op, or removes the image if
+    /// it can't. Used offline (`Pool::add_volume`) and by a mount (the `add` control verb).
+    pub fn create_image(&self) -> Result<(Op, FileVolume), PoolError> {
+        let path = &self.path;
+        let io = FileVolume::create(path, self.size_bytes).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => PoolError::ImageExists { path: path.clone() },
+            _ => PoolError::Io { path: path.clone(), source: e },
+        })?;
+        if let Some(parent) = path.parent() {
+            if let Err(e) = File::open(parent).and_then(|d| d.sync_all()) {
+                let _ = fs::remove_file(path);
+                return Err(PoolError::Io { path: parent.to_path_buf(), source: e });
+            }
+        }
+        let op = Op::AddVolume {
+            id: self.id,
+            name: self.name.clone(),
+            path: path.to_string_lossy().into_owned(),
+            size_bytes: self.size_bytes,
+            tracks_total: self.tracks_total,
+        };
+        Ok((op, io))
+    }
+}
+
+impl PoolError {
+    /// The errno a mount answers a refused control command with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            PoolError::BadVolumeName { .. } | PoolError::VolumeTooSmall { .. } => libc::EINVAL,
+            PoolError::VolumeExists { .. } | PoolError::ImageExists { .. } => libc::EEXIST,
+            PoolError::NoVolume { .. } => libc::ENOENT,
+            PoolError::NotRetirable { .. } => libc::EBUSY,
+            PoolError::Io { source, .. } | PoolError::Image { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            _ => libc::EIO,
+        }
     }
 }
 

@@ -704,12 +704,11 @@ fn merge_three_volumes_into_one_then_retire() {
     let spanning = ls["data_sets"].as_array().unwrap().iter().filter(|d| d["volumes"].as_array().unwrap().len() > 1);
     assert!(spanning.count() >= 2, "test setup: two data sets span volumes:\n{ls:#}");
     assert!(ls["data_sets"].as_array().unwrap().len() >= 50, "test setup: at least 50 data sets");
-    m.unmount();
-
-    tp.add_volume("V4", "16M");
-    let m = tp.mount();
+    // The target joins the pool while it is mounted and a writer writes.
     let mnt = s(&m.mnt).to_string();
     let w = Writers::start(&lf, 1, 61);
+    let out = ferry_ok(&["volume", "add", &mnt, "V4", "--size", "16M"]);
+    assert!(out.starts_with("ok added V4 tracks=1024"), "{out}");
     let c0 = max_acked(&lf);
     // rate= makes the writer's job last long enough to overlap its writes
     let out = ferry_ok(&["merge", &mnt, "V1", "V2", "V3", "--into", "V4", "--rate", "1M"]);
@@ -779,6 +778,67 @@ fn merge_three_volumes_into_one_then_retire() {
     verify_log(&lf, &m.p("w.bin"), "w.bin after a remount");
     let closed: BTreeSet<String> = strs(&status(&m.mnt)["closed_volumes"]).into_iter().collect();
     assert_eq!(closed, ["V2", "V3"].iter().map(|s| s.to_string()).collect(), "the emptied sources stay closed");
+    m.unmount();
+}
+
+/// The size `df` shows for a mount, in bytes (`stat -f`).
+fn df_bytes(mnt: &Path) -> u64 {
+    let out = Command::new("stat").args(["-f", "-c", "%b %S"]).arg(mnt).output().expect("stat -f");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text.split_whitespace().map(|w| w.parse().expect("a number from stat -f")).collect();
+    v[0] * v[1]
+}
+
+/// `ferryfs volume add MOUNTPOINT`: a full pool takes the write it refused as soon as a
+/// volume joins, `df` and the volume list show the new size at once, a volume whose image
+/// lives outside the pool is a migration target at once, and both survive a remount.
+#[test]
+fn volume_added_to_a_mount_takes_data_at_once() {
+    let tp = TestPool::new("64K", &[("V1", "1M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let a = pattern(900_000, 11);
+    write_whole(&m.p("a"), &a);
+    let b = pattern(2 << 20, 12);
+    let mut f = File::create(m.p("b")).unwrap();
+    let e = f.write_all(&b).and_then(|_| f.sync_all()).expect_err("2 MiB more on a 1 MiB pool");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    drop(f);
+    let df0 = df_bytes(&m.mnt);
+
+    let out = ferry_ok(&["volume", "add", &mnt, "V2", "--size", "8M"]);
+    assert_eq!(out.trim(), format!("ok added V2 tracks=128 image={}", tp.pool.join("volumes/V2.img").display()));
+    assert_eq!(df_bytes(&m.mnt), df0 + (8 << 20), "df shows the new volume");
+    assert!(events(&m.mnt).contains("volume V2 added size=8388608 tracks=128"), "{}", events(&m.mnt));
+    write_whole(&m.p("b"), &b);
+    assert_eq!(placement(&m.mnt, "/b").0, vec!["V2"], "the refused data set now fits on the new volume");
+
+    // An image outside the pool, named relative to the CLI's directory.
+    let outside = tp.dir().join("elsewhere");
+    fs::create_dir(&outside).unwrap();
+    let out = Command::new(bin())
+        .args(["volume", "add", &mnt, "V3", "--size", "2M", "--path", "V3.img"])
+        .current_dir(&outside)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(outside.join("V3.img").is_file(), "the image is where --path said, relative to the CLI");
+    ferry_ok(&["migrate", &mnt, "/a", "--to", "V3", "--wait"]);
+    assert_eq!(placement(&m.mnt, "/a"), (vec!["V3".to_string()], 1));
+    let (code, err) = ferry_err(&["volume", "add", &mnt, "V3", "--size", "2M"]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "already exists");
+
+    m.unmount();
+    fsck_clean(&tp.pool);
+    let m = tp.mount();
+    let vl = volume_list_json(&m.mnt);
+    let names: Vec<&str> = vl["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["V1", "V2", "V3"], "{vl:#}");
+    assert_eq!(volume_json(&m.mnt, "V3")["path"].as_str().unwrap(), s(&outside.join("V3.img")));
+    assert_bytes_eq(&fs::read(m.p("a")).unwrap(), &a, "a after a remount");
+    assert_bytes_eq(&fs::read(m.p("b")).unwrap(), &b, "b after a remount");
     m.unmount();
 }
 
@@ -974,7 +1034,15 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
     let control_path = m.p(".ferry/control");
     let before = state_of(&m.mnt);
 
+    let taken = tp.pool.join("catalog.snap");
+    let add_at_taken = format!("add V9 size=1M path={}", taken.display());
     for (line, errno, word) in [
+        ("add V1 size=8M", libc::EEXIST, "already exists"),
+        ("add V9 size=1K", libc::EINVAL, "at least one track"),
+        ("add V9", libc::EINVAL, "missing size"),
+        ("add V9 size=1M path=rel.img", libc::EINVAL, "not an absolute path"),
+        ("add \"V 9\" size=1M", libc::EINVAL, "bad volume name"),
+        (add_at_taken.as_str(), libc::EEXIST, "already exists"),
         ("frobnicate", libc::EINVAL, "unknown verb"),
         ("migrate /f", libc::EINVAL, "missing `to VOL`"),
         ("migrate /f to V2 cutover=sometimes", libc::EINVAL, "cutover must be"),
@@ -993,6 +1061,7 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
         assert!(reply.starts_with("error: ") && reply.contains(word), "{line:?}: reply {reply:?}");
         assert_eq!(reply.lines().count(), 1, "{line:?}: one reply line: {reply:?}");
         assert_eq!(state_of(&m.mnt), before, "{line:?} was refused but changed something");
+        assert!(!tp.pool.join("volumes/V9.img").exists(), "{line:?} was refused but left an image");
         let ev = events(&m.mnt);
         assert!(ev.contains(&format!("refused command={line:?}")), "{line:?}: the refusal is an event:\n{ev}");
     }

@@ -265,6 +265,12 @@ impl Shared {
     }
 
     /// A retired volume leaves the table (nothing maps to it any more).
+    /// Put a new volume's image in the table (before the catalog records the volume, so
+    /// nothing can be placed on it before its image is here).
+    pub fn adopt_volume(&self, id: VolumeId, io: Arc<dyn VolumeIo>) {
+        self.volumes.write().insert(id, io);
+    }
+
     pub fn forget_volume(&self, id: VolumeId) {
         self.volumes.write().remove(&id);
     }

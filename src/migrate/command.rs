@@ -6,6 +6,7 @@
 //! merge VOL[,VOL]... into VOL [cutover=live|close] [rate=BYTES_PER_S]
 //! drain VOL [to VOL[,VOL]] [cutover=live|close] [rate=BYTES_PER_S]
 //! cancel ID
+//! add VOL size=BYTES [path=IMAGE]
 //! retire VOL
 //! set copy-rate=BYTES_PER_S | max-jobs=N
 //! ```
@@ -25,13 +26,39 @@ pub struct JobOptions {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Migrate { paths: Vec<String>, to: Vec<String>, opts: JobOptions },
-    Merge { sources: Vec<String>, into: String, opts: JobOptions },
-    Drain { source: String, to: Vec<String>, opts: JobOptions },
-    Cancel { id: u64 },
-    Retire { volume: String },
-    SetCopyRate { bytes_per_s: u64 },
-    SetMaxJobs { jobs: usize },
+    Migrate {
+        paths: Vec<String>,
+        to: Vec<String>,
+        opts: JobOptions,
+    },
+    Merge {
+        sources: Vec<String>,
+        into: String,
+        opts: JobOptions,
+    },
+    Drain {
+        source: String,
+        to: Vec<String>,
+        opts: JobOptions,
+    },
+    Cancel {
+        id: u64,
+    },
+    /// A new volume; its image at `path` (absolute), or in the pool's volumes directory.
+    Add {
+        volume: String,
+        size_bytes: u64,
+        path: Option<String>,
+    },
+    Retire {
+        volume: String,
+    },
+    SetCopyRate {
+        bytes_per_s: u64,
+    },
+    SetMaxJobs {
+        jobs: usize,
+    },
 }
 
 pub const MAX_JOBS_LIMIT: usize = 64;
@@ -120,7 +147,7 @@ fn options(words: &[String]) -> Result<JobOptions, String> {
 }
 
 const USAGE: &str = "verbs: migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=N] | merge VOL... into VOL [..] | \
-                     drain VOL [to VOL,...] [..] | cancel ID | retire VOL | set copy-rate=N | set max-jobs=N";
+                     drain VOL [to VOL,...] [..] | cancel ID | add VOL size=N [path=IMAGE] | retire VOL | set copy-rate=N | set max-jobs=N";
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let words = split_words(line)?;
@@ -164,6 +191,20 @@ pub fn parse(line: &str) -> Result<Command, String> {
             let id =
                 id.trim_start_matches(['j', 'p']).parse().map_err(|_| format!("cancel: {id:?} is not a job id"))?;
             Ok(Command::Cancel { id })
+        }
+        "add" => {
+            let [v] = pos else { return Err("add: expected `add VOL size=N [path=IMAGE]`".into()) };
+            let (mut size_bytes, mut path) = (None, None);
+            for w in opt_words {
+                match w.split_once('=') {
+                    Some(("size", n)) => size_bytes = Some(parse_size(n).map_err(|e| format!("size: {e}"))?),
+                    Some(("path", p)) if p.starts_with('/') => path = Some(p.to_string()),
+                    Some(("path", p)) => return Err(format!("path: {p:?} is not an absolute path")),
+                    _ => return Err(format!("add: unknown option {w:?} (size=N, path=IMAGE)")),
+                }
+            }
+            let size_bytes = size_bytes.ok_or("add: missing size=N")?;
+            Ok(Command::Add { volume: v.clone(), size_bytes, path })
         }
         "retire" => {
             let [v] = rest else { return Err("retire: expected one volume".into()) };
@@ -211,6 +252,14 @@ mod tests {
         assert!(matches!(parse("drain V1").unwrap(), Command::Drain { to, .. } if to.is_empty()));
         assert_eq!(parse("cancel 12").unwrap(), Command::Cancel { id: 12 });
         assert_eq!(parse("set max-jobs=3").unwrap(), Command::SetMaxJobs { jobs: 3 });
+        assert_eq!(
+            parse("add V9 size=64M path=\"/img dir/V9.img\"").unwrap(),
+            Command::Add { volume: "V9".into(), size_bytes: 64 << 20, path: Some("/img dir/V9.img".into()) }
+        );
+        assert_eq!(
+            parse("add V9 size=1G").unwrap(),
+            Command::Add { volume: "V9".into(), size_bytes: 1 << 30, path: None }
+        );
     }
 
     #[test]
@@ -228,6 +277,11 @@ mod tests {
             ("cancel x", "not a job id"),
             ("migrate \"/a to V1", "not closed"),
             ("set max-jobs=0", "max-jobs must be"),
+            ("add V9", "missing size"),
+            ("add size=1M", "expected `add VOL"),
+            ("add V9 size=big", "size:"),
+            ("add V9 size=1M path=rel.img", "not an absolute path"),
+            ("add V9 size=1M colour=red", "unknown option"),
         ] {
             let e = parse(line).unwrap_err();
             assert!(e.contains(want), "{line:?}: {e}");

@@ -582,6 +582,7 @@ pub fn execute(shared: &Arc<Shared>, line: &str) -> Result<String, Refusal> {
         Command::Merge { sources, into, opts } => start_plan(shared, PlanKind::Merge, &sources, &[into], &opts)?,
         Command::Drain { source, to, opts } => start_plan(shared, PlanKind::Drain, &[source], &to, &opts)?,
         Command::Cancel { id } => cancel(shared, id)?,
+        Command::Add { volume, size_bytes, path } => add_volume(shared, &volume, size_bytes, path.as_deref())?,
         Command::Retire { volume } => retire(shared, &volume)?,
         Command::SetCopyRate { bytes_per_s } => {
             m.copy_rate.set_rate(bytes_per_s);
@@ -782,6 +783,46 @@ fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
         _ => job.cancel.store(true, Ordering::Release),
     }
     Ok(format!("ok cancelling job {id}"))
+}
+
+/// `add VOL size=N [path=IMAGE]`: a new volume while the pool is mounted, open for
+/// allocations and as a target at once. The image is made and put in the volume table
+/// first; the catalog records it last (`Op::AddVolume`, synced), so a crash in between
+/// leaves at most an image file that no catalog names (a later add at that path is refused
+/// until the file is removed, as offline).
+fn add_volume(shared: &Arc<Shared>, name: &str, size_bytes: u64, path: Option<&str>) -> Result<String, Refusal> {
+    let refusal = |e: crate::pool::PoolError| Refusal { errno: e.errno(), message: e.to_string() };
+    // Adds and retires are serialised by the jobs lock; the catalog is only held to check
+    // the name and to commit, not while the image is made.
+    let _inner = shared.migrations.inner.lock();
+    let v = {
+        let cat = shared.catalog.lock();
+        crate::pool::check_new_volume(&cat.catalog, &shared.pool_dir, name, size_bytes, path.map(std::path::Path::new))
+            .map_err(refusal)?
+    };
+    let (op, io) = v.create_image().map_err(refusal)?;
+    let (id, img_path) = (v.id, &v.path);
+    shared.adopt_volume(id, Arc::new(io));
+    let committed = {
+        let mut cat = shared.catalog.lock();
+        shared.commit(&mut cat, op)
+    };
+    if let Err(e) = committed.and_then(|_| shared.sync_log()) {
+        // Not recorded: no trace of it. Recorded but not synced: the volume stays (the
+        // log's error is latched; the admin hears of it here).
+        if !shared.catalog.lock().catalog.volumes.contains_key(&id) {
+            shared.forget_volume(id);
+            let _ = std::fs::remove_file(img_path);
+        }
+        return Err(e.into());
+    }
+    let tracks = shared.catalog.lock().catalog.volumes[&id].free.tracks_total();
+    shared.migrations.event(format!(
+        "volume {name} added size={} tracks={tracks} image={}",
+        v.size_bytes,
+        img_path.display()
+    ));
+    Ok(format!("ok added {name} tracks={tracks} image={}", img_path.display()))
 }
 
 fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
