@@ -43,6 +43,12 @@ pub enum PoolError {
     VolumeExists { name: String },
     #[error("{} already exists; a volume image must be a new file", path.display())]
     ImageExists { path: PathBuf },
+    #[error(
+        "{} already exists but no volume of this pool uses it (left by an add that did not finish?); \
+         remove it, or give another --path",
+        path.display()
+    )]
+    StrayImage { path: PathBuf },
     #[error("bad volume size {size_bytes} bytes: a volume holds at least one track of {track_bytes} bytes")]
     VolumeTooSmall { size_bytes: u64, track_bytes: u64 },
     #[error("volume {name}: image {path} can't be opened: {source}")]
@@ -211,6 +217,10 @@ pub fn check_new_volume(
         None => dir.join(VOLUMES_DIR).join(format!("{name}.img")),
     };
     if path.exists() {
+        let unused = cat.volumes.values().all(|v| Path::new(&v.path) != path);
+        if unused && path.starts_with(dir.join(VOLUMES_DIR)) {
+            return Err(PoolError::StrayImage { path });
+        }
         return Err(PoolError::ImageExists { path });
     }
     Ok(NewVolume {
@@ -254,7 +264,9 @@ impl PoolError {
     pub fn errno(&self) -> i32 {
         match self {
             PoolError::BadVolumeName { .. } | PoolError::VolumeTooSmall { .. } => libc::EINVAL,
-            PoolError::VolumeExists { .. } | PoolError::ImageExists { .. } => libc::EEXIST,
+            PoolError::VolumeExists { .. } | PoolError::ImageExists { .. } | PoolError::StrayImage { .. } => {
+                libc::EEXIST
+            }
             PoolError::NoVolume { .. } => libc::ENOENT,
             PoolError::NotRetirable { .. } => libc::EBUSY,
             PoolError::Io { source, .. } | PoolError::Image { source, .. } => {

@@ -829,6 +829,12 @@ fn volume_added_to_a_mount_takes_data_at_once() {
     let (code, err) = ferry_err(&["volume", "add", &mnt, "V3", "--size", "2M"]);
     assert_eq!(code, 1, "{err}");
     assert_one_clear_line(&err, "already exists");
+    // An image file in the pool that no volume uses (an add cut short by a crash) is named.
+    fs::write(tp.pool.join("volumes/V4.img"), b"").unwrap();
+    let (code, err) = ferry_err(&["volume", "add", &mnt, "V4", "--size", "2M"]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "no volume of this pool uses it");
+    fs::remove_file(tp.pool.join("volumes/V4.img")).unwrap();
 
     m.unmount();
     fsck_clean(&tp.pool);
