@@ -518,6 +518,40 @@ fn growth_and_truncation_during_a_job() {
     m.unmount();
 }
 
+/// A data set removed while its job runs, and one removed while its job is queued: at the
+/// unmount neither record outlives its data set (fsck is clean, nothing is left to start
+/// again, no reservation leaks), and the other data sets are intact.
+#[test]
+fn data_sets_removed_during_their_jobs_leave_no_record() {
+    let tp = TestPool::new("16K", &[("V1", "8M"), ("V2", "8M")]);
+    let m = tp.mount();
+    let keep = pattern(300_000, 5);
+    write_whole(&m.p("keep"), &keep);
+    write_whole(&m.p("running"), &pattern(2 << 20, 6));
+    write_whole(&m.p("queued"), &pattern(500_000, 7));
+    control(&m.mnt, "set max-jobs=1").unwrap();
+    let other = |path: &str| if placement(&m.mnt, path).0.contains(&"V1".to_string()) { "V2" } else { "V1" };
+    let line = format!("migrate /running to {} rate=64K", other("/running"));
+    let running = one_job(&control(&m.mnt, &line).unwrap());
+    let queued = one_job(&control(&m.mnt, &format!("migrate /queued to {}", other("/queued"))).unwrap());
+    wait_running(&m.mnt, running);
+    assert_eq!(job(&m.mnt, queued)["phase"], "queued", "test setup: max-jobs=1 keeps the second job queued");
+    fs::remove_file(m.p("running")).unwrap();
+    fs::remove_file(m.p("queued")).unwrap();
+    m.unmount();
+    fsck_clean(&tp.pool);
+    let m = tp.mount();
+    let st = status(&m.mnt);
+    assert!(st["jobs"].as_array().unwrap().is_empty(), "no job is left to start again: {st:#}");
+    let (held, ls) = held_tracks(&m.mnt);
+    for v in ["V1", "V2"] {
+        let used = usage(&m.mnt, v).0;
+        assert_eq!(used, held.get(v).copied().unwrap_or(0), "{v}: a reservation leaked\n{ls:#}");
+    }
+    assert_bytes_eq(&fs::read(m.p("keep")).unwrap(), &keep, "keep");
+    m.unmount();
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Cancel
 

@@ -748,7 +748,7 @@ impl Shared {
 
     /// Clean shutdown: fold the log into a snapshot.
     pub fn shutdown(&self) {
-        self.migrations.stop();
+        self.migrations.stop(self);
         let nodes: Vec<Arc<FileNode>> = self.nodes.lock().values().cloned().collect();
         for n in nodes {
             if let Err(e) = self.persist_mtime(&n) {

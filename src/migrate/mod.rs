@@ -363,12 +363,32 @@ impl Migrations {
     }
 
     /// Stop every job (at unmount): each detaches from its data set and leaves its record,
-    /// which the next mount rolls back and starts again.
-    pub fn stop(&self) {
+    /// which the next mount rolls back and starts again; unless its data set is gone
+    /// (removed while the job was queued or ran, and destroyed when the job let go of it,
+    /// or unlinked and reachable by no name): nothing could start that job again, so its
+    /// record is settled now, and no record outlives its data set.
+    pub fn stop(&self, shared: &Shared) {
         self.stopping.store(true, Ordering::Release);
         let threads = std::mem::take(&mut self.inner.lock().threads);
         for t in threads {
             let _ = t.join();
+        }
+        let mut cat = shared.catalog.lock();
+        let gone: Vec<(u64, bool, String)> = cat
+            .catalog
+            .jobs
+            .values()
+            .filter(|j| {
+                !cat.catalog.get(j.ino).is_some_and(|i| i.meta.nlink > 0 && matches!(i.body, Body::File { .. }))
+            })
+            .map(|j| (j.id, j.switched, j.path.clone()))
+            .collect();
+        for (id, switched, path) in gone {
+            let op = if switched { Op::JobRelease { job: id } } else { Op::JobCancel { job: id } };
+            match shared.commit(&mut cat, op) {
+                Ok(_) => info!("job {id} ({path}): the data set is gone; its record is settled at unmount"),
+                Err(e) => warn!("job {id} ({path}): settling the record of a data set that is gone: {e}"),
+            }
         }
     }
 }
