@@ -60,8 +60,24 @@ pub struct Status {
     pub closed_volumes: Vec<String>,
     pub max_jobs: usize,
     pub copy_rate_limit_bytes_per_s: u64,
+    /// The applications' fsyncs (and O_SYNC/O_DSYNC writes) on this mount, which pace the
+    /// copiers.
+    #[serde(default)]
+    pub app_syncs: AppSyncReport,
     pub jobs: Vec<JobReport>,
     pub plans: Vec<PlanReport>,
+}
+
+/// How long the applications' syncs take: what the copiers' pacing steers by.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppSyncReport {
+    /// Syncs since the mount: fsync, fdatasync, and writes through O_SYNC/O_DSYNC handles.
+    pub count: u64,
+    /// The latest one, microseconds.
+    pub latest_us: u64,
+    /// Moving average while no job copies (the pacing's baseline), microseconds; 0 before
+    /// the first.
+    pub quiet_avg_us: u64,
 }
 
 /// One migration job, as `.ferry/status` shows it (docs/cli.md).

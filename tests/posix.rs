@@ -230,6 +230,41 @@ fn fsync_fdatasync_and_fsyncdir() {
     assert_bytes_eq(&read_all(&m.p("d/f")), &want, "after fsync");
 }
 
+/// The syncs the mount has counted (`app_syncs.count` in `.ferry/status`).
+fn syncs(m: &Mounted) -> u64 {
+    common::jobs::status(&m.mnt)["app_syncs"]["count"].as_u64().expect("app_syncs.count in the status")
+}
+
+/// A write through an O_SYNC or O_DSYNC handle is durable when it returns: the kernel leaves
+/// that to the file system, so the mount must flush it before it answers. Each such write
+/// is one sync of the mount; a plain write is none.
+#[test]
+fn o_sync_and_o_dsync_writes_are_flushed_before_they_return() {
+    let (_tp, m) = setup();
+    let mut plain = File::create(m.p("f")).unwrap();
+    let c0 = syncs(&m);
+    for i in 0..10u64 {
+        plain.write_all_at(&pattern(4096, i), i * 4096).unwrap();
+    }
+    drop(plain);
+    assert_eq!(syncs(&m), c0, "plain writes and a close are not syncs");
+    for (flag, name) in [(libc::O_SYNC, "O_SYNC"), (libc::O_DSYNC, "O_DSYNC")] {
+        let f = OpenOptions::new().write(true).custom_flags(flag).open(m.p("f")).unwrap();
+        let before = syncs(&m);
+        for i in 0..10u64 {
+            f.write_all_at(&pattern(4096, 100 + i), i * 4096).unwrap();
+        }
+        assert_eq!(syncs(&m), before + 10, "each {name} write is flushed before it returns");
+        drop(f);
+    }
+    let f = OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    let before = syncs(&m);
+    f.sync_data().unwrap();
+    assert_eq!(syncs(&m), before + 1, "an fdatasync is one sync");
+    let want: Vec<u8> = (0..10u64).flat_map(|i| pattern(4096, 100 + i)).collect();
+    assert_bytes_eq(&read_all(&m.p("f")), &want, "after the O_DSYNC writes");
+}
+
 #[test]
 fn seek_data_on_written_file() {
     let (_tp, m) = setup();

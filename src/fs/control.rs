@@ -104,6 +104,7 @@ pub fn open(shared: &Shared, ino: Ino) -> Option<FsResult<Vec<u8>>> {
                 closed_volumes: c.closed_volumes.iter().map(|&v| crate::migrate::plan::volume_name(c, v)).collect(),
                 max_jobs: m.max_jobs(),
                 copy_rate_limit_bytes_per_s: m.copy_rate.rate(),
+                app_syncs: m.sync_latency.report(),
                 jobs,
                 plans,
             };

@@ -85,6 +85,15 @@ impl SyncLatency {
         Some((base, self.latest_ns.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
     }
 
+    /// What `.ferry/status` shows of it.
+    pub fn report(&self) -> crate::report::AppSyncReport {
+        crate::report::AppSyncReport {
+            count: self.samples.load(Ordering::Relaxed),
+            latest_us: self.latest_ns.load(Ordering::Relaxed) / 1000,
+            quiet_avg_us: self.quiet_ewma_ns.load(Ordering::Relaxed) / 1000,
+        }
+    }
+
     pub fn copier_started(&self) {
         self.copiers.fetch_add(1, Ordering::Relaxed);
     }
