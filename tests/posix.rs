@@ -241,7 +241,7 @@ fn syncs(m: &Mounted) -> u64 {
 #[test]
 fn o_sync_and_o_dsync_writes_are_flushed_before_they_return() {
     let (_tp, m) = setup();
-    let mut plain = File::create(m.p("f")).unwrap();
+    let plain = File::create(m.p("f")).unwrap();
     let c0 = syncs(&m);
     for i in 0..10u64 {
         plain.write_all_at(&pattern(4096, i), i * 4096).unwrap();
