@@ -140,6 +140,13 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Give a closed volume (the source of a finished merge or drain) back to allocation, in
+    /// a pool (unmounted) or a mount.
+    Reopen {
+        /// A pool directory or a mountpoint.
+        target: PathBuf,
+        name: String,
+    },
     /// Remove an empty volume from a pool (unmounted) or a mount. Its image is deleted if it
     /// lives in the pool directory.
     Retire {
@@ -263,6 +270,15 @@ pub fn run(cli: Cli) -> CliResult {
             );
             Ok(())
         }
+        Cmd::Volume { cmd: VolumeCmd::Reopen { target, name } } => match resolve_target(&target)? {
+            Target::Mount { .. } => command(&target, &format!("reopen {}", quote(&name)), false),
+            Target::Pool(pool) => {
+                let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
+                p.reopen_volume(&name).map_err(|e| e.to_string())?;
+                println!("reopened volume {name}");
+                Ok(())
+            }
+        },
         Cmd::Volume { cmd: VolumeCmd::Retire { target, name } } => match resolve_target(&target)? {
             Target::Mount { .. } => command(&target, &format!("retire {}", quote(&name)), false),
             Target::Pool(pool) => {

@@ -57,6 +57,8 @@ pub enum PoolError {
     NoVolume { name: String },
     #[error("volume {name} can't be retired: {why}")]
     NotRetirable { name: String, why: String },
+    #[error("volume {name} can't be reopened: {why}")]
+    NotReopenable { name: String, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PoolError + '_ {
@@ -164,6 +166,17 @@ impl Pool {
         Ok((path, removed))
     }
 
+    /// Give a closed volume (a finished plan's source) back to allocation (offline).
+    pub fn reopen_volume(&mut self, name: &str) -> Result<(), PoolError> {
+        let c = &self.store.catalog;
+        let id = c.volume_by_name(name).ok_or_else(|| PoolError::NoVolume { name: name.to_string() })?.id;
+        if let Some((_, why)) = reopen_refusal(c, id) {
+            return Err(PoolError::NotReopenable { name: name.to_string(), why });
+        }
+        self.store.commit(Op::ReopenVolume { id }).and_then(|_| self.store.sync())?;
+        Ok(())
+    }
+
     /// Split into the store and the lock file; the lock holds while the file stays open.
     pub fn into_parts(self) -> (Store, File) {
         (self.store, self._lock)
@@ -268,7 +281,7 @@ impl PoolError {
                 libc::EEXIST
             }
             PoolError::NoVolume { .. } => libc::ENOENT,
-            PoolError::NotRetirable { .. } => libc::EBUSY,
+            PoolError::NotRetirable { .. } | PoolError::NotReopenable { .. } => libc::EBUSY,
             PoolError::Io { source, .. } | PoolError::Image { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -329,6 +342,18 @@ pub fn retire_refusal(c: &Catalog, id: crate::space::VolumeId) -> Option<(i32, S
     }
     let p = c.plans.values().find(|p| p.sources.contains(&id) || p.targets.contains(&id))?;
     Some((libc::EBUSY, format!("plan {} is running on it", p.id)))
+}
+
+/// Why a volume can't be reopened (with the errno a mount answers), or `None` if it can.
+/// The caller has checked that the volume exists.
+pub fn reopen_refusal(c: &Catalog, id: crate::space::VolumeId) -> Option<(i32, String)> {
+    if let Some(p) = c.plans.values().find(|p| p.sources.contains(&id)) {
+        return Some((libc::EBUSY, format!("plan {} is emptying it", p.id)));
+    }
+    if !c.closed_volumes.contains(&id) {
+        return Some((libc::EINVAL, "it is not closed (it takes allocations)".into()));
+    }
+    None
 }
 
 /// Delete a retired volume's image if it lives in the pool's own volumes directory (one

@@ -815,6 +815,78 @@ fn merge_three_volumes_into_one_then_retire() {
     m.unmount();
 }
 
+/// The refusal (errno, reply) of a control line.
+#[track_caller]
+fn refused(mnt: &Path, line: &str) -> (i32, String) {
+    let mut f = OpenOptions::new().read(true).write(true).open(mnt.join(".ferry/control")).unwrap();
+    let errno = match f.write(format!("{line}\n").as_bytes()) {
+        Ok(_) => panic!("`{line}` was accepted"),
+        Err(e) => e.raw_os_error().unwrap(),
+    };
+    let mut reply = String::new();
+    f.read_to_string(&mut reply).unwrap();
+    (errno, reply)
+}
+
+fn closed_volumes(mnt: &Path) -> Vec<String> {
+    strs(&status(mnt)["closed_volumes"])
+}
+
+/// A drained volume stays closed to allocation until `volume reopen` gives it back, on a
+/// mount or offline; a volume that is not closed, or that a running plan is emptying, is
+/// refused, and a cancelled plan reopens its source by itself.
+#[test]
+fn a_drained_volume_takes_data_again_once_reopened() {
+    let tp = TestPool::new("16K", &[("V1", "4M"), ("V3", "4M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let a = pattern(1 << 20, 21);
+    write_whole(&m.p("a"), &a);
+    write_whole(&m.p("b"), &pattern(1 << 20, 22));
+    ferry_ok(&["volume", "add", &mnt, "V2", "--size", "8M"]);
+    let src = placement(&m.mnt, "/a").0[0].clone();
+    let other = if src == "V1" { "V3" } else { "V1" }.to_string();
+    ferry_ok(&["drain", &mnt, &src, "--wait"]);
+    assert_eq!(closed_volumes(&m.mnt), [src.clone()]);
+    assert_eq!(placement(&m.mnt, "/a").0, ["V2"], "the drain moved /a to the volume with the most room");
+
+    let (errno, reply) = refused(&m.mnt, "reopen V2");
+    assert_eq!((errno, reply.contains("not closed")), (libc::EINVAL, true), "{reply}");
+    let (errno, reply) = refused(&m.mnt, "reopen V9");
+    assert_eq!((errno, reply.contains("no volume named")), (libc::ENOENT, true), "{reply}");
+    let (errno, reply) = refused(&m.mnt, &format!("migrate /a to {src}"));
+    assert_eq!((errno, reply.contains("being emptied")), (libc::EINVAL, true), "{reply}");
+    // A volume a running plan empties can't be reopened; cancelling the plan reopens it.
+    let plan = reply_plan(&control(&m.mnt, &format!("drain V2 to {other} rate=16K")).unwrap()).unwrap();
+    let (errno, reply) = refused(&m.mnt, "reopen V2");
+    assert_eq!((errno, reply.contains(&format!("plan {plan} is emptying it"))), (libc::EBUSY, true), "{reply}");
+    control(&m.mnt, &format!("cancel {plan}")).unwrap();
+    assert_eq!(wait_plan(&m.mnt, plan)["phase"], "cancelled");
+    assert_eq!(closed_volumes(&m.mnt), [src.clone()], "the cancelled plan reopened V2, not the drained one");
+
+    let out = ferry_ok(&["volume", "reopen", &mnt, &src]);
+    assert_eq!(out.trim(), format!("ok reopened {src}"));
+    assert!(closed_volumes(&m.mnt).is_empty());
+    assert!(events(&m.mnt).contains(&format!("volume {src} reopened")));
+    ferry_ok(&["migrate", &mnt, "/a", "--to", &src, "--wait"]);
+    assert_eq!(placement(&m.mnt, "/a"), (vec![src.clone()], 1));
+
+    // Offline too, and it lasts.
+    ferry_ok(&["drain", &mnt, &src, "--wait"]);
+    assert_eq!(closed_volumes(&m.mnt), [src.clone()]);
+    m.unmount();
+    let out = ferry_ok(&["volume", "reopen", s(&tp.pool), &src]);
+    assert_eq!(out.trim(), format!("reopened volume {src}"));
+    let (code, err) = ferry_err(&["volume", "reopen", s(&tp.pool), &src]);
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(&err, "not closed");
+    fsck_clean(&tp.pool);
+    let m = tp.mount();
+    assert!(closed_volumes(&m.mnt).is_empty(), "the reopen lasts across a remount");
+    assert_bytes_eq(&fs::read(m.p("a")).unwrap(), &a, "a");
+    m.unmount();
+}
+
 /// The size `df` shows for a mount, in bytes (`stat -f`).
 fn df_bytes(mnt: &Path) -> u64 {
     let out = Command::new("stat").args(["-f", "-c", "%b %S"]).arg(mnt).output().expect("stat -f");

@@ -268,6 +268,10 @@ pub enum Op {
     RemoveVolume {
         id: VolumeId,
     },
+    /// A closed volume (a finished plan's source) takes allocations again.
+    ReopenVolume {
+        id: VolumeId,
+    },
 }
 
 impl Op {
@@ -321,6 +325,8 @@ pub enum ApplyError {
     PlanExists(u64),
     #[error("volume {0} is not empty")]
     VolumeInUse(String),
+    #[error("volume {0} can't be reopened: it is not closed, or a plan is emptying it")]
+    NotReopenable(String),
     #[error(transparent)]
     Space(#[from] SpaceError),
 }
@@ -555,6 +561,12 @@ impl Catalog {
                     return Err(ApplyError::VolumeInUse(v.name.clone()));
                 }
             }
+            Op::ReopenVolume { id } => {
+                let v = self.volumes.get(id).ok_or(ApplyError::NoVolume(id.0))?;
+                if !self.closed_volumes.contains(id) || self.plans.values().any(|p| p.sources.contains(id)) {
+                    return Err(ApplyError::NotReopenable(v.name.clone()));
+                }
+            }
         }
         Ok(())
     }
@@ -754,6 +766,9 @@ impl Catalog {
             }
             Op::RemoveVolume { id } => {
                 self.volumes.remove(&id);
+                self.closed_volumes.remove(&id);
+            }
+            Op::ReopenVolume { id } => {
                 self.closed_volumes.remove(&id);
             }
         }

@@ -8,6 +8,7 @@
 //! cancel ID
 //! add VOL size=BYTES [path=IMAGE]
 //! retire VOL
+//! reopen VOL
 //! set copy-rate=BYTES_PER_S | max-jobs=N
 //! ```
 //!
@@ -51,6 +52,10 @@ pub enum Command {
         path: Option<String>,
     },
     Retire {
+        volume: String,
+    },
+    /// A closed volume takes allocations again.
+    Reopen {
         volume: String,
     },
     SetCopyRate {
@@ -147,7 +152,7 @@ fn options(words: &[String]) -> Result<JobOptions, String> {
 }
 
 const USAGE: &str = "verbs: migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=N] | merge VOL... into VOL [..] | \
-                     drain VOL [to VOL,...] [..] | cancel ID | add VOL size=N [path=IMAGE] | retire VOL | set copy-rate=N | set max-jobs=N";
+                     drain VOL [to VOL,...] [..] | cancel ID | add VOL size=N [path=IMAGE] | retire VOL | reopen VOL | set copy-rate=N | set max-jobs=N";
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let words = split_words(line)?;
@@ -209,6 +214,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "retire" => {
             let [v] = rest else { return Err("retire: expected one volume".into()) };
             Ok(Command::Retire { volume: v.clone() })
+        }
+        "reopen" => {
+            let [v] = rest else { return Err("reopen: expected one volume".into()) };
+            Ok(Command::Reopen { volume: v.clone() })
         }
         "set" => {
             let [kv] = rest else { return Err("set: expected copy-rate=N or max-jobs=N".into()) };
@@ -278,6 +287,7 @@ mod tests {
             ("migrate \"/a to V1", "not closed"),
             ("set max-jobs=0", "max-jobs must be"),
             ("add V9", "missing size"),
+            ("reopen", "expected one volume"),
             ("add size=1M", "expected `add VOL"),
             ("add V9 size=big", "size:"),
             ("add V9 size=1M path=rel.img", "not an absolute path"),

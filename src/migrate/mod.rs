@@ -604,6 +604,7 @@ pub fn execute(shared: &Arc<Shared>, line: &str) -> Result<String, Refusal> {
         Command::Cancel { id } => cancel(shared, id)?,
         Command::Add { volume, size_bytes, path } => add_volume(shared, &volume, size_bytes, path.as_deref())?,
         Command::Retire { volume } => retire(shared, &volume)?,
+        Command::Reopen { volume } => reopen(shared, &volume)?,
         Command::SetCopyRate { bytes_per_s } => {
             m.copy_rate.set_rate(bytes_per_s);
             format!("ok copy-rate={bytes_per_s}")
@@ -865,6 +866,22 @@ fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
     let removed = crate::pool::remove_retired_image(&shared.pool_dir, std::path::Path::new(&path));
     shared.migrations.event(format!("volume {name} retired image={path} removed={removed}"));
     Ok(format!("ok retired {name}{}", if removed { "" } else { " (its image is outside the pool and was kept)" }))
+}
+
+/// `reopen VOL`: a closed volume (a finished plan's source) takes allocations again, and
+/// can be a target.
+fn reopen(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
+    let _inner = shared.migrations.inner.lock();
+    let mut cat = shared.catalog.lock();
+    let id = volume_id(&cat.catalog, name)?;
+    if let Some((errno, why)) = crate::pool::reopen_refusal(&cat.catalog, id) {
+        return refuse(errno, format!("volume {name} can't be reopened: {why}"));
+    }
+    shared.commit(&mut cat, Op::ReopenVolume { id })?;
+    drop(cat);
+    shared.sync_log()?;
+    shared.migrations.event(format!("volume {name} reopened"));
+    Ok(format!("ok reopened {name}"))
 }
 
 /// At mount, before serving: settle every job the catalog holds. A switched job frees its
