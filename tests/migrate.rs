@@ -847,7 +847,7 @@ fn a_drained_volume_takes_data_again_once_reopened() {
     let src = placement(&m.mnt, "/a").0[0].clone();
     let other = if src == "V1" { "V3" } else { "V1" }.to_string();
     ferry_ok(&["drain", &mnt, &src, "--wait"]);
-    assert_eq!(closed_volumes(&m.mnt), [src.clone()]);
+    assert_eq!(closed_volumes(&m.mnt), [src.as_str()]);
     assert_eq!(placement(&m.mnt, "/a").0, ["V2"], "the drain moved /a to the volume with the most room");
 
     let (errno, reply) = refused(&m.mnt, "reopen V2");
@@ -862,7 +862,7 @@ fn a_drained_volume_takes_data_again_once_reopened() {
     assert_eq!((errno, reply.contains(&format!("plan {plan} is emptying it"))), (libc::EBUSY, true), "{reply}");
     control(&m.mnt, &format!("cancel {plan}")).unwrap();
     assert_eq!(wait_plan(&m.mnt, plan)["phase"], "cancelled");
-    assert_eq!(closed_volumes(&m.mnt), [src.clone()], "the cancelled plan reopened V2, not the drained one");
+    assert_eq!(closed_volumes(&m.mnt), [src.as_str()], "the cancelled plan reopened V2, not the drained one");
 
     let out = ferry_ok(&["volume", "reopen", &mnt, &src]);
     assert_eq!(out.trim(), format!("ok reopened {src}"));
@@ -873,7 +873,7 @@ fn a_drained_volume_takes_data_again_once_reopened() {
 
     // Offline too, and it lasts.
     ferry_ok(&["drain", &mnt, &src, "--wait"]);
-    assert_eq!(closed_volumes(&m.mnt), [src.clone()]);
+    assert_eq!(closed_volumes(&m.mnt), [src.as_str()]);
     m.unmount();
     let out = ferry_ok(&["volume", "reopen", s(&tp.pool), &src]);
     assert_eq!(out.trim(), format!("reopened volume {src}"));
