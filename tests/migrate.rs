@@ -21,7 +21,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -128,6 +128,16 @@ fn one_job(reply: &str) -> u64 {
     let ids = reply_jobs(reply);
     assert_eq!(ids.len(), 1, "expected one job in the reply {reply:?}");
     ids[0]
+}
+
+/// The timestamp of the first events line containing `needle` (`date` parses it).
+#[track_caller]
+fn event_time(ev: &str, needle: &str) -> SystemTime {
+    let line = ev.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no event {needle:?}:\n{ev}"));
+    let stamp = line.split_whitespace().next().unwrap();
+    let out = Command::new("date").args(["-u", "-d", stamp, "+%s%N"]).output().expect("date");
+    let ns: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("date -d {stamp}"));
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 /// The index of the first events line containing `needle`.
@@ -366,7 +376,10 @@ fn close_cutover_waits_for_the_writers_to_close() {
 #[test]
 fn close_cutover_holds_new_opens_until_the_switch() {
     let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
-    let m = tp.mount();
+    // The window lasts a tenth of a millisecond; a pause in it (src/failpoint.rs) gives an
+    // open the time to be seen waiting.
+    const PAUSE_MS: u64 = 300;
+    let m = tp.mount_env(&[(ferryfs::failpoint::ENV, &format!("close-window={PAUSE_MS}ms"))]);
     let path = m.p("h");
     let mut model = pattern(3 << 20, 31);
     write_whole(&path, &model);
@@ -427,6 +440,21 @@ fn close_cutover_holds_new_opens_until_the_switch() {
     assert!(!events(&m.mnt).contains(&format!("job {id} downtime-start")), "no downtime while the file is held");
 
     drop(held);
+    // The window opens, and the job pauses in it: an open now waits until it ends.
+    let paused = format!("job {id} pause point=close-window");
+    wait_for("the downtime window", || events(&m.mnt).contains(&paused));
+    let pause_began = event_time(&events(&m.mnt), &paused);
+    let mut f = File::open(&path).expect("an open during the window waits, then succeeds");
+    let returned = SystemTime::now();
+    assert!(
+        returned >= pause_began + Duration::from_millis(PAUSE_MS),
+        "an open during the downtime window returned {:?} into a {PAUSE_MS} ms window: it did not wait",
+        returned.duration_since(pause_began).unwrap_or_default()
+    );
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_bytes_eq(&got, &model, "read through the open the window held");
+    drop(f);
     let j = wait_switched(&m.mnt, &[id]).remove(0);
     let r0 = reads.load(Ordering::Relaxed);
     wait_for("reads after the switch", || reads.load(Ordering::Relaxed) >= r0 + 5);
