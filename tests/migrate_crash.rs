@@ -791,6 +791,16 @@ fn kill9_while_a_live_cutover_holds_the_writes() {
     let held_before = acked_writes(&files[0]);
     others_go_on();
     let held_after = acked_writes(&files[0]);
+    // Reads are not held: the data set reads back from the mount (not from cached pages)
+    // while its writes are, and the job is still in its hold afterwards.
+    let f = fs::File::open(&files[0].path).unwrap();
+    // SAFETY: a valid descriptor; advice only.
+    unsafe { libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    drop(f);
+    let problems = files[0].verify_at(&files[0].path, true);
+    assert!(problems.is_empty(), "read during the live hold:\n{}", problems.join("\n"));
+    let j = jobs::job(&m.mnt, id);
+    assert_eq!(j["phase"], "cutover", "a read waited for the hold to end: {j:#}");
     let pool = m.pool().to_path_buf();
     m.kill9();
     let writes = stop_writers(writers);
