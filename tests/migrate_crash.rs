@@ -678,14 +678,17 @@ fn kill9_in_close_mode_downtime_window() {
                     st.lock().unwrap().in_open_since = Some(t);
                     let r = OpenOptions::new().read(true).open(&p);
                     let ok = r.is_ok();
-                    drop(r);
+                    // Noted before the handle is closed: the window can only open once it
+                    // is, so an open noted as in progress when the window is seen open is
+                    // one the window holds.
                     let mut s = st.lock().unwrap();
                     s.in_open_since = None;
                     s.last = Some((t, Instant::now(), ok));
+                    drop(s);
+                    drop(r);
                     if !ok {
                         return;
                     }
-                    drop(s);
                     thread::sleep(Duration::from_micros(300));
                 }
             })
