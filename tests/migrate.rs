@@ -843,17 +843,15 @@ fn merge_three_volumes_into_one_then_retire() {
     m.unmount();
 }
 
-/// The refusal (errno, reply) of a control line.
+/// Writes a control line that must be refused with `errno`; returns the reply read back
+/// from the same handle.
 #[track_caller]
-fn refused(mnt: &Path, line: &str) -> (i32, String) {
+fn refused(mnt: &Path, line: &str, errno: i32) -> String {
     let mut f = OpenOptions::new().read(true).write(true).open(mnt.join(".ferry/control")).unwrap();
-    let errno = match f.write(format!("{line}\n").as_bytes()) {
-        Ok(_) => panic!("`{line}` was accepted"),
-        Err(e) => e.raw_os_error().unwrap(),
-    };
+    assert_errno(f.write(format!("{line}\n").as_bytes()), errno, line);
     let mut reply = String::new();
     f.read_to_string(&mut reply).unwrap();
-    (errno, reply)
+    reply
 }
 
 fn closed_volumes(mnt: &Path) -> Vec<String> {
@@ -878,16 +876,16 @@ fn a_drained_volume_takes_data_again_once_reopened() {
     assert_eq!(closed_volumes(&m.mnt), [src.as_str()]);
     assert_eq!(placement(&m.mnt, "/a").0, ["V2"], "the drain moved /a to the volume with the most room");
 
-    let (errno, reply) = refused(&m.mnt, "reopen V2");
-    assert_eq!((errno, reply.contains("not closed")), (libc::EINVAL, true), "{reply}");
-    let (errno, reply) = refused(&m.mnt, "reopen V9");
-    assert_eq!((errno, reply.contains("no volume named")), (libc::ENOENT, true), "{reply}");
-    let (errno, reply) = refused(&m.mnt, &format!("migrate /a to {src}"));
-    assert_eq!((errno, reply.contains("being emptied")), (libc::EINVAL, true), "{reply}");
+    let reply = refused(&m.mnt, "reopen V2", libc::EINVAL);
+    assert!(reply.contains("not closed"), "{reply}");
+    let reply = refused(&m.mnt, "reopen V9", libc::ENOENT);
+    assert!(reply.contains("no volume named"), "{reply}");
+    let reply = refused(&m.mnt, &format!("migrate /a to {src}"), libc::EINVAL);
+    assert!(reply.contains("being emptied"), "{reply}");
     // A volume a running plan empties can't be reopened; cancelling the plan reopens it.
     let plan = reply_plan(&control(&m.mnt, &format!("drain V2 to {other} rate=16K")).unwrap()).unwrap();
-    let (errno, reply) = refused(&m.mnt, "reopen V2");
-    assert_eq!((errno, reply.contains(&format!("plan {plan} is emptying it"))), (libc::EBUSY, true), "{reply}");
+    let reply = refused(&m.mnt, "reopen V2", libc::EBUSY);
+    assert!(reply.contains(&format!("plan {plan} is emptying it")), "{reply}");
     control(&m.mnt, &format!("cancel {plan}")).unwrap();
     assert_eq!(wait_plan(&m.mnt, plan)["phase"], "cancelled");
     assert_eq!(closed_volumes(&m.mnt), [src.as_str()], "the cancelled plan reopened V2, not the drained one");
@@ -1194,10 +1192,7 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
         ("migrate /big to V2", libc::ENOSPC, "target full"),
         ("merge V1 into V2", libc::ENOSPC, "merge refused"),
     ] {
-        let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
-        assert_errno(f.write(format!("{line}\n").as_bytes()), errno, line);
-        let mut reply = String::new();
-        f.read_to_string(&mut reply).unwrap();
+        let reply = refused(&m.mnt, line, errno);
         assert!(reply.starts_with("error: ") && reply.contains(word), "{line:?}: reply {reply:?}");
         assert_eq!(reply.lines().count(), 1, "{line:?}: one reply line: {reply:?}");
         assert_eq!(state_of(&m.mnt), before, "{line:?} was refused but changed something");
@@ -1221,12 +1216,8 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
 
     // A data set that a job is moving is busy.
     let id = one_job(&control(&m.mnt, "migrate /f to V2 rate=16K").unwrap());
-    let mut f = OpenOptions::new().read(true).write(true).open(&control_path).unwrap();
-    assert_errno(f.write(b"migrate /f to V2\n"), libc::EBUSY, "migrating /f twice");
-    let mut reply = String::new();
-    f.read_to_string(&mut reply).unwrap();
+    let reply = refused(&m.mnt, "migrate /f to V2", libc::EBUSY);
     assert!(reply.starts_with("error: ") && reply.contains("already being migrated"), "{reply:?}");
-    drop(f);
     assert_eq!(status(&m.mnt)["jobs"].as_array().unwrap().len(), 1, "the refused line queued no job");
     control(&m.mnt, &format!("cancel {id}")).unwrap();
     assert_eq!(wait_jobs(&m.mnt, &[id])[0]["phase"], "cancelled");

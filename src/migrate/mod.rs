@@ -837,7 +837,7 @@ fn add_volume(shared: &Arc<Shared>, name: &str, size_bytes: u64, path: Option<&s
         }
         return Err(e.into());
     }
-    let tracks = shared.catalog.lock().catalog.volumes[&id].free.tracks_total();
+    let tracks = v.tracks_total;
     shared.migrations.event(format!(
         "volume {name} added size={} tracks={tracks} image={}",
         v.size_bytes,
