@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{fsck_clean, ls_json, Mounted, Rng, TestPool};
 
@@ -679,15 +679,6 @@ fn prepare(m: &Mounted, log: &Log) {
     }
 }
 
-fn seed_from_env() -> u64 {
-    let seed = std::env::var("FERRYFS_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    eprintln!("durability seed: {seed} (set FERRYFS_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 /// Sanity check of the log: after a remount, `ls --json` reports the sizes read through
 /// the mount.
 fn check_ls_sizes(m: &Mounted) {
@@ -711,7 +702,7 @@ fn check_ls_sizes(m: &Mounted) {
 /// unmount and one more remount of the same data.
 #[test]
 fn kill9_while_writing_keeps_every_acknowledged_write() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("durability");
     let mut rng = Rng::new(seed);
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let log = Arc::new(Log::new());
@@ -764,7 +755,7 @@ fn kill9_while_writing_keeps_every_acknowledged_write() {
 /// write is exactly there (nothing was in flight).
 #[test]
 fn clean_unmount_remount_keeps_every_write() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("durability");
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let log = Arc::new(Log::new());
     let m = tp.mount();
@@ -797,7 +788,7 @@ fn clean_unmount_remount_keeps_every_write() {
 /// of which were acknowledged before the unmount began.
 #[test]
 fn kill9_during_unmount_keeps_every_write() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("durability");
     let mut rng = Rng::new(seed ^ 0x0D15_EA5E);
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let log = Arc::new(Log::new());

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -47,15 +47,6 @@ const DEFAULT_ROUNDS: usize = 12;
 
 // ---------------------------------------------------------------------------------------
 // Set-up and checks
-
-fn seed_from_env() -> u64 {
-    let seed = std::env::var("FERRYFS_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    eprintln!("migrate_crash seed: {seed} (set FERRYFS_TEST_SEED={seed} to repeat)");
-    seed
-}
 
 fn rounds_from_env() -> usize {
     std::env::var("FERRYFS_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_ROUNDS)
@@ -574,7 +565,7 @@ fn check_outcome(
 /// and every check of the crash semantics.
 #[test]
 fn kill9_during_migrations_loses_nothing_and_resumes() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("migrate_crash");
     let rounds = rounds_from_env();
     let mut rng = Rng::new(seed);
     for round in 0..rounds {
@@ -647,7 +638,7 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
 #[test]
 fn kill9_in_close_mode_downtime_window() {
     const KILLS: usize = 3;
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("migrate_crash");
     let mut rng = Rng::new(seed ^ 0xC105_E000);
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let pause = [(failpoint::ENV, "close-window=500ms")];
@@ -758,7 +749,7 @@ fn kill9_in_close_mode_downtime_window() {
 /// remount every acknowledged write is there, and the job was rolled back and started again.
 #[test]
 fn kill9_while_a_live_cutover_holds_the_writes() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("migrate_crash");
     let mut rng = Rng::new(seed ^ 0x11FE_4010);
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let m = tp.mount_env(&[(failpoint::ENV, "live-hold=20s")]);
@@ -845,7 +836,7 @@ struct Opener {
 /// target, and its source tracks are free.
 #[test]
 fn kill9_right_after_switch_frees_the_source() {
-    let seed = seed_from_env();
+    let seed = common::seed_from_env("migrate_crash");
     let mut rng = Rng::new(seed ^ 0x5A17_C4ED);
     let tp = TestPool::new(TRACK_SIZE, VOLUMES);
     let mut m = tp.mount();

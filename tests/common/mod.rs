@@ -624,6 +624,16 @@ pub fn assert_errno<T: std::fmt::Debug>(r: std::io::Result<T>, want: i32, what: 
     }
 }
 
+/// The seed of a randomized test: `FERRYFS_TEST_SEED`, or the clock; printed so that a
+/// failing run can be repeated.
+pub fn seed_from_env(test: &str) -> u64 {
+    let seed = std::env::var("FERRYFS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("{test} seed: {seed} (set FERRYFS_TEST_SEED={seed} to repeat)");
+    seed
+}
+
 /// A small deterministic generator (xorshift64*) for randomized tests, seeded by the test.
 pub struct Rng(u64);
 
