@@ -16,4 +16,5 @@ pub mod mount;
 pub mod pool;
 pub mod report;
 pub mod space;
-pub mod volume;
+pub mod storage;
+

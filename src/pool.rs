@@ -15,10 +15,10 @@ use crate::catalog::model::{Catalog, Meta, Op, VolumeRec};
 use crate::catalog::store::{OpenReport, Store, StoreError};
 use crate::geometry::Geometry;
 use crate::space::VolumeId;
-use crate::volume::{FileVolume, VolumeIo};
+use crate::storage::{FileStorage, StorageFile};
 
 /// Every volume image of a pool, open, by id.
-pub type OpenVolumes = Vec<(VolumeId, Arc<dyn VolumeIo>)>;
+pub type OpenVolumes = Vec<(VolumeId, Arc<dyn StorageFile>)>;
 
 pub const LOCK_FILE: &str = "pool.lock";
 pub const MOUNTED_FILE: &str = "mounted";
@@ -186,12 +186,12 @@ impl Pool {
     pub fn open_volumes(&self) -> Result<OpenVolumes, PoolError> {
         let mut out = Vec::new();
         for v in self.store.catalog.volumes.values() {
-            let io = FileVolume::open(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
+            let io = FileStorage::open_image(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
                 name: v.name.clone(),
                 path: v.path.clone(),
                 source,
             })?;
-            out.push((v.id, Arc::new(io) as Arc<dyn VolumeIo>));
+            out.push((v.id, Arc::new(io) as Arc<dyn StorageFile>));
         }
         Ok(out)
     }
@@ -249,12 +249,16 @@ impl NewVolume {
     /// Creates the sparse image (synced, and its directory too) and returns it open, with
     /// the op that records the volume. The caller commits the op, or removes the image if
     /// it can't. Used offline (`Pool::add_volume`) and by a mount (the `add` control verb).
-    pub fn create_image(&self) -> Result<(Op, FileVolume), PoolError> {
+    pub fn create_image(&self) -> Result<(Op, FileStorage), PoolError> {
         let path = &self.path;
-        let io = FileVolume::create(path, self.size_bytes).map_err(|e| match e.kind() {
+        let io = FileStorage::create(path, self.size_bytes).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => PoolError::ImageExists { path: path.clone() },
             _ => PoolError::Io { path: path.clone(), source: e },
         })?;
+        if let Err(e) = io.flush() {
+            let _ = fs::remove_file(path);
+            return Err(PoolError::Io { path: path.clone(), source: e });
+        }
         if let Some(parent) = path.parent() {
             if let Err(e) = File::open(parent).and_then(|d| d.sync_all()) {
                 let _ = fs::remove_file(path);

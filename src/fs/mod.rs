@@ -52,7 +52,7 @@ use crate::geometry::{Geometry, TrackNo};
 use crate::monitor::JobLink;
 use crate::pool::now_ns;
 use crate::space::{plan_growth, Extent, VolumeId};
-use crate::volume::VolumeIo;
+use crate::storage::StorageFile;
 
 pub use control::CONTROL_DIR_NAME;
 
@@ -174,7 +174,7 @@ pub struct Shared {
     pub pool_dir: PathBuf,
     pub mountpoint: PathBuf,
     pub catalog: Mutex<Store>,
-    pub(crate) volumes: RwLock<HashMap<VolumeId, Arc<dyn VolumeIo>>>,
+    pub(crate) volumes: RwLock<HashMap<VolumeId, Arc<dyn StorageFile>>>,
     nodes: Mutex<HashMap<Ino, Arc<FileNode>>>,
     /// The inodes in `nodes`, as a leaf lock that the catalog's holder may take.
     open_inodes: Mutex<HashSet<Ino>>,
@@ -232,7 +232,7 @@ fn check_name(name: &OsStr) -> FsResult<&[u8]> {
 /// A volume of the table, borrowed: the I/O path looks volumes up without touching their
 /// reference counts. A missing one (the catalog names a volume this mount has not opened)
 /// is an I/O error.
-pub fn volume_of(volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>, id: VolumeId) -> FsResult<&Arc<dyn VolumeIo>> {
+pub fn volume_of(volumes: &HashMap<VolumeId, Arc<dyn StorageFile>>, id: VolumeId) -> FsResult<&Arc<dyn StorageFile>> {
     volumes.get(&id).ok_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
 }
 
@@ -241,7 +241,7 @@ impl Shared {
         store: Store,
         pool_dir: PathBuf,
         mountpoint: PathBuf,
-        volumes: Vec<(VolumeId, Arc<dyn VolumeIo>)>,
+        volumes: Vec<(VolumeId, Arc<dyn StorageFile>)>,
     ) -> Shared {
         let geometry = store.catalog.geometry;
         let synced = store.log_len_bytes();
@@ -266,7 +266,7 @@ impl Shared {
 
     /// Put a new volume's image in the table (before the catalog records the volume, so
     /// nothing can be placed on it before its image is here).
-    pub fn adopt_volume(&self, id: VolumeId, io: Arc<dyn VolumeIo>) {
+    pub fn adopt_volume(&self, id: VolumeId, io: Arc<dyn StorageFile>) {
         self.volumes.write().insert(id, io);
     }
 
@@ -275,7 +275,7 @@ impl Shared {
         self.volumes.write().remove(&id);
     }
 
-    pub fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn VolumeIo>> {
+    pub fn volume(&self, id: VolumeId) -> FsResult<Arc<dyn StorageFile>> {
         volume_of(&self.volumes.read(), id).cloned()
     }
 
@@ -773,7 +773,7 @@ impl Shared {
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.
 pub fn write_pieces(
-    volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>,
+    volumes: &HashMap<VolumeId, Arc<dyn StorageFile>>,
     map: &ExtentMap,
     offset: u64,
     data: &[u8],
@@ -791,7 +791,7 @@ pub fn write_pieces(
 
 /// Read `buf.len()` bytes at logical `offset` of a data set mapped by `map` (zeros past it).
 pub fn read_pieces(
-    volumes: &HashMap<VolumeId, Arc<dyn VolumeIo>>,
+    volumes: &HashMap<VolumeId, Arc<dyn StorageFile>>,
     map: &ExtentMap,
     offset: u64,
     buf: &mut [u8],
@@ -1575,14 +1575,14 @@ impl Filesystem for FerryFs {
 mod tests {
     use super::*;
     use crate::catalog::model::Catalog;
-    use crate::volume::{FaultyVolume, MemVolume};
+    use crate::storage::mem::{FaultyVolume, MemVolume};
 
     fn meta() -> Meta {
         Meta { perm: 0o644, uid: 0, gid: 0, nlink: 1, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
     }
 
     /// A Shared over one volume of 64 tracks of 4 KiB, with a data set at inode 2.
-    fn shared_with(vol: Arc<dyn VolumeIo>, dir: &Path) -> (Shared, Arc<FileNode>) {
+    fn shared_with(vol: Arc<dyn StorageFile>, dir: &Path) -> (Shared, Arc<FileNode>) {
         let g = Geometry::new(4096).unwrap();
         let mut store = Store::create(dir, Catalog::new(g, meta())).unwrap();
         store

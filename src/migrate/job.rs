@@ -15,7 +15,7 @@ use crate::geometry::Geometry;
 use crate::monitor::{JobLink, WORD_BITS};
 use crate::pool::now_ns;
 use crate::space::VolumeId;
-use crate::volume::VolumeIo;
+use crate::storage::StorageFile;
 
 /// Re-sync passes before the job turns on mirrored writes (step g, bounded).
 pub const MAX_PASSES: u32 = 8;
@@ -53,7 +53,7 @@ type JobResult<T> = Result<T, End>;
 
 /// A chunk of the target pushed to the disk, to be waited for one chunk later.
 struct InFlight {
-    volume: Arc<dyn VolumeIo>,
+    volume: Arc<dyn StorageFile>,
     offset: u64,
     len: u64,
 }
@@ -362,7 +362,7 @@ impl Runner<'_> {
     /// keeps at most two chunks of dirty pages (pace.rs).
     fn writeback(
         &mut self,
-        volumes: &std::collections::HashMap<VolumeId, Arc<dyn VolumeIo>>,
+        volumes: &std::collections::HashMap<VolumeId, Arc<dyn StorageFile>>,
         dst: &ExtentMap,
         off: u64,
         len: u64,

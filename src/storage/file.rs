@@ -1,0 +1,190 @@
+//! The production side of the storage seam: files (and block devices) of the host.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{write_zeros, Disk, Latch, StorageFile};
+
+/// A file of the host: a sparse volume image, the catalog's log, a snapshot.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    size_bytes: AtomicU64,
+    latch: Latch,
+}
+
+impl FileStorage {
+    /// Create a new sparse file of `size_bytes`; refuses an existing one. Created 0600:
+    /// what ferryfs writes is its owner's alone.
+    pub fn create(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
+        file.set_len(size_bytes)?;
+        Ok(FileStorage { file, size_bytes: AtomicU64::new(size_bytes), latch: Latch::default() })
+    }
+
+    /// Open an existing file for reading and writing.
+    pub fn open(path: &Path) -> io::Result<FileStorage> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(FileStorage { file, size_bytes: AtomicU64::new(len), latch: Latch::default() })
+    }
+
+    /// Open a volume image; its length must be at least `size_bytes` (the catalog's size).
+    pub fn open_image(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
+        let f = FileStorage::open(path)?;
+        let actual = f.size_bytes();
+        if actual < size_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("image is {actual} bytes, the catalog expects {size_bytes}"),
+            ));
+        }
+        f.size_bytes.store(size_bytes, Ordering::Release);
+        Ok(f)
+    }
+}
+
+impl StorageFile for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset_bytes + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
+        self.latch.guard(|| self.file.write_all_at(buf, offset_bytes))?;
+        self.size_bytes.fetch_max(offset_bytes + buf.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.latch.guard(|| self.file.sync_data())
+    }
+
+    fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        self.latch.check()?;
+        // SAFETY: fallocate on an fd we own, with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset_bytes as libc::off_t,
+                len_bytes as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // The backing file system cannot punch: write zeros instead.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset_bytes, len_bytes),
+            _ => self.latch.record(Err(err)),
+        }
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        self.latch.guard(|| self.file.set_len(len_bytes))?;
+        self.size_bytes.store(len_bytes, Ordering::Release);
+        Ok(())
+    }
+
+    fn writeback(&self, offset_bytes: u64, len_bytes: u64, wait: bool) -> io::Result<()> {
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        // SAFETY: sync_file_range on an fd we own, with plain integer arguments. Not every
+        // file system has it, and this is pacing, not durability: its result is ignored.
+        let _ = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset_bytes as libc::off64_t,
+                len_bytes as libc::off64_t,
+                flags,
+            )
+        };
+        Ok(())
+    }
+}
+
+/// The host's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealDisk;
+
+impl Disk for RealDisk {
+    fn create_new(&self, path: &Path, size_bytes: u64) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(FileStorage::create(path, size_bytes)?))
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(FileStorage::open(path)?))
+    }
+
+    fn read_all(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_roundtrip_punch_and_latch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        let v = FileStorage::create(&path, 1 << 20).unwrap();
+        v.write_at(&[7u8; 8192], 4096).unwrap();
+        let mut buf = vec![0u8; 8192];
+        v.read_at(&mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        v.punch(4096, 4096).unwrap();
+        v.read_at(&mut buf, 4096).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..].iter().all(|&b| b == 7));
+        v.flush().unwrap();
+        assert!(FileStorage::create(&path, 1 << 20).is_err(), "create refuses an existing file");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

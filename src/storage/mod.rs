@@ -1,0 +1,134 @@
+//! The storage seam: everything ferryfs persists (volume images, the catalog's log and
+//! snapshot) goes through [`StorageFile`] and [`Disk`].
+//!
+//! - Production: [`file::FileStorage`] (a file or block device opened by path) and
+//!   [`file::RealDisk`] (the host's file system).
+//! - Tests: [`sim::SimDisk`], a simulated disk that keeps the writes made since the last
+//!   sync apart from the synced ones, and whose power cut drops, keeps or tears them (a seed
+//!   chooses); [`mem::MemVolume`] and [`mem::FaultyVolume`] for unit tests of the I/O path.
+//!
+//! Failure policy, the same for every implementation: the first failed write, punch or
+//! flush of a file is latched. After it every later write and flush of that open file
+//! reports the latched error, because a failed fsync may have dropped dirty pages and a later
+//! fsync that "succeeds" would lie about them. Only a new open of the file (a remount, or a
+//! catalog compaction that writes a new file) starts afresh. Reads keep working.
+
+pub mod file;
+pub mod mem;
+pub mod sim;
+
+use std::fmt::Debug;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+pub use file::{FileStorage, RealDisk};
+
+/// One persistent file: positional reads and writes, flush, hole punching.
+pub trait StorageFile: Send + Sync + Debug {
+    /// Fill `buf` from `offset_bytes`. Bytes past the file's end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()>;
+    /// Make every completed write durable, and the file's length (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+    /// Make the range read as zeros, releasing its space where the medium can.
+    fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()>;
+    /// The file's length now. A volume image's length is its size, fixed at creation.
+    fn size_bytes(&self) -> u64;
+    /// Cut or extend the file to `len_bytes` (extended bytes read as zeros).
+    fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    /// Push a written range to the disk (`wait`: and wait until it is there). A pacing aid
+    /// for bulk writers, not a durability point: `flush` is.
+    fn writeback(&self, _offset_bytes: u64, _len_bytes: u64, _wait: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where files live: opening and creating them, and the namespace operations a crash-safe
+/// replace needs (rename, directory sync).
+pub trait Disk: Send + Sync + Debug {
+    /// A new file of `size_bytes` (sparse, reads as zeros). Refuses an existing path
+    /// (`AlreadyExists`). Neither the file nor its name is durable before a flush and a
+    /// [`Disk::sync_dir`] of its directory.
+    fn create_new(&self, path: &Path, size_bytes: u64) -> io::Result<Arc<dyn StorageFile>>;
+    /// An existing file, for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// The whole file (`NotFound` if there is none).
+    fn read_all(&self, path: &Path) -> io::Result<Vec<u8>>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Atomically replace `to` with `from` (durable after a sync of the directory).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Make the directory's entries durable (creates, renames, removes in it).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The production disk.
+pub fn real() -> Arc<dyn Disk> {
+    Arc::new(RealDisk)
+}
+
+/// Write `bytes` to `dir/name` atomically: temp file, flush, rename, sync of the directory.
+/// After a power cut `dir/name` holds either its old contents or `bytes`, whole.
+pub fn replace_file(disk: &dyn Disk, dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    if disk.exists(&tmp) {
+        disk.remove(&tmp)?;
+    }
+    {
+        let f = disk.create_new(&tmp, 0)?;
+        f.write_at(bytes, 0)?;
+        f.flush()?;
+    }
+    disk.rename(&tmp, &dst)?;
+    disk.sync_dir(dir)
+}
+
+/// Remembers the first write/flush failure of an open file (an errno), so that no later
+/// flush reports success over lost data.
+#[derive(Debug, Default)]
+pub struct Latch {
+    errno: AtomicI32,
+}
+
+impl Latch {
+    /// The latched error, if any.
+    pub fn check(&self) -> io::Result<()> {
+        match self.errno.load(Ordering::Acquire) {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Pass `r` through, latching its error (the first one wins).
+    pub fn record<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let _ = self.errno.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+        }
+        r
+    }
+
+    /// Run `op` unless an error is latched; latch its error.
+    pub fn guard<T>(&self, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        self.check()?;
+        self.record(op())
+    }
+}
+
+/// Largest zero buffer written at once when a punch falls back to writing zeros.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Write zeros over a range (for media that cannot punch holes).
+pub fn write_zeros(v: &dyn StorageFile, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES.min(len_bytes as usize)];
+    let mut done = 0u64;
+    while done < len_bytes {
+        let n = (len_bytes - done).min(zeros.len() as u64) as usize;
+        v.write_at(&zeros[..n], offset_bytes + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The simulated disk (see the module essay of `storage`).
