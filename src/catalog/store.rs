@@ -194,9 +194,20 @@ impl Store {
         Ok(freed)
     }
 
+    /// What a sync must make durable now, taken under the catalog lock; its
+    /// [`SyncPoint::sync`] runs outside it. (Placeholder: to be replaced by monotonic marks.)
+    pub fn sync_point(&self) -> SyncPoint {
+        SyncPoint { log: self.log.clone(), path: self.dir.join(LOG_FILE) }
+    }
+
     /// The log file, to `fdatasync` without holding the catalog lock.
     pub fn log_handle(&self) -> Option<Arc<File>> {
         self.log.clone()
+    }
+
+    /// Whether the log failed a write or a sync: the next commit compacts first.
+    pub fn log_failed(&self) -> bool {
+        false
     }
 
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -243,6 +254,21 @@ impl Store {
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
         self.log = Some(Arc::new(f));
         self.log_len_bytes = LOG_HEADER_BYTES as u64;
+        Ok(())
+    }
+}
+
+/// A sync of the log up to a point, done outside the catalog lock.
+pub struct SyncPoint {
+    log: Option<Arc<File>>,
+    path: PathBuf,
+}
+
+impl SyncPoint {
+    pub fn sync(&self) -> Result<(), StoreError> {
+        if let Some(log) = &self.log {
+            log.sync_data().map_err(io_err(&self.path))?;
+        }
         Ok(())
     }
 }
