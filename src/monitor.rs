@@ -23,7 +23,7 @@
 //! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
 //! before.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -207,6 +207,70 @@ impl JobLink {
             self.closed_cv.wait_for(&mut c, timeout);
         }
         std::mem::take(&mut *c)
+    }
+}
+
+/// An fsync older than this says nothing about now.
+const SYNC_RECENT_NS: i64 = 1_000_000_000;
+
+/// Application fsync latency, as two moving averages: all of them, and those seen while no
+/// copier was running (the baseline). The engine's fsync path feeds it; the copier's pacing
+/// reads it (migrate/pace.rs).
+#[derive(Debug, Default)]
+pub struct SyncLatency {
+    /// The latest fsync's duration.
+    latest_ns: AtomicU64,
+    ewma_ns: AtomicU64,
+    quiet_ewma_ns: AtomicU64,
+    samples: AtomicU64,
+    last_ns: AtomicI64,
+    /// Jobs copying now (their copy, re-sync or wait for a close).
+    copiers: AtomicUsize,
+}
+
+fn ewma(cell: &AtomicU64, sample: u64) {
+    let old = cell.load(Ordering::Relaxed);
+    let new = if old == 0 { sample } else { (old * 3 + sample) / 4 };
+    cell.store(new, Ordering::Relaxed);
+}
+
+impl SyncLatency {
+    /// An application fsync took `took_ns`, ending at `now_ns`.
+    pub fn record(&self, took_ns: u64, now_ns: i64) {
+        self.latest_ns.store(took_ns, Ordering::Relaxed);
+        ewma(&self.ewma_ns, took_ns);
+        if self.copiers.load(Ordering::Relaxed) == 0 {
+            ewma(&self.quiet_ewma_ns, took_ns);
+        }
+        self.last_ns.store(now_ns, Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (baseline, the latest fsync, sample count) if applications synced recently and a
+    /// baseline exists.
+    pub fn feedback(&self, now_ns: i64) -> Option<(u64, u64, u64)> {
+        let base = self.quiet_ewma_ns.load(Ordering::Relaxed);
+        if base == 0 || now_ns - self.last_ns.load(Ordering::Relaxed) > SYNC_RECENT_NS {
+            return None;
+        }
+        Some((base, self.latest_ns.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
+    }
+
+    /// What `.ferry/status` shows of it.
+    pub fn report(&self) -> crate::report::AppSyncReport {
+        crate::report::AppSyncReport {
+            count: self.samples.load(Ordering::Relaxed),
+            latest_us: self.latest_ns.load(Ordering::Relaxed) / 1000,
+            quiet_avg_us: self.quiet_ewma_ns.load(Ordering::Relaxed) / 1000,
+        }
+    }
+
+    pub fn copier_started(&self) {
+        self.copiers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn copier_ended(&self) {
+        self.copiers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -13,7 +13,9 @@ use fuser::{Config, MountOption, SessionACL};
 use log::{info, warn};
 
 use crate::catalog::store::replace_file;
-use crate::fs::{FerryFs, Shared, CONTROL_DIR_NAME, READAHEAD_BYTES};
+use crate::engine::Engine;
+use crate::fs::{FerryFs, CONTROL_DIR_NAME, READAHEAD_BYTES};
+use crate::migrate::Migrations;
 use crate::pool::{MountedInfo, Pool, MOUNTED_FILE, MOUNT_LOG_FILE};
 use crate::report::Status;
 
@@ -102,9 +104,10 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32,
 pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<(), String> {
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     match crate::failpoint::init_from_env().and_then(|()| prepare(pool, mnt, opts)) {
-        Ok((session, shared, mnt, again)) => {
+        Ok((session, migrations, mnt, recovered)) => {
             // Jobs start once the mount serves (they don't need it, but the admin does).
-            crate::migrate::resume(&shared, again);
+            crate::migrate::resume(&migrations, &recovered);
+            let pool_dir = migrations.engine.pool_dir.clone();
             if notify {
                 println!("{READY_LINE}");
                 let _ = std::io::stdout().flush();
@@ -114,12 +117,12 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
                     unsafe { libc::dup2(null.as_raw_fd(), 1) };
                 }
             } else {
-                println!("mounted {} at {} (pid {})", shared.pool_dir.display(), mnt.display(), std::process::id());
+                println!("mounted {} at {} (pid {})", pool_dir.display(), mnt.display(), std::process::id());
             }
-            info!("serving {} at {}", shared.pool_dir.display(), mnt.display());
+            info!("serving {} at {}", pool_dir.display(), mnt.display());
             let res = session.run();
             // destroy() folded the log into a snapshot; the pool is clean now.
-            let _ = std::fs::remove_file(shared.pool_dir.join(MOUNTED_FILE));
+            let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
             info!("unmounted {}", mnt.display());
             res.map_err(|e| format!("FUSE session ended with an error: {e}"))
         }
@@ -132,7 +135,7 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
     }
 }
 
-type Prepared = (fuser::Session<FerryFs>, Arc<Shared>, PathBuf, Vec<crate::catalog::model::JobRec>);
+type Prepared = (fuser::Session<FerryFs>, Arc<Migrations>, PathBuf, crate::engine::RecoveryReport);
 
 /// A ferryfs mount whose daemon died (kill -9, OOM) leaves the kernel mount behind, and
 /// every access to it fails with ENOTCONN. Detach it, so that the pool can be mounted again.
@@ -255,28 +258,21 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     let (store, lock) = p.into_parts();
     // The pool lock holds for as long as this process lives: no second writer, ever.
     std::mem::forget(lock);
-    let shared = Arc::new(Shared::new(store, pool_dir.clone(), mnt.clone(), volumes));
+    let engine = Arc::new(Engine::new(store, pool_dir.clone(), crate::storage::real(), volumes));
     if report.torn_tail_bytes > 0 {
         warn!("catalog log: cut a torn append of {} bytes", report.torn_tail_bytes);
     }
-    shared.migrations.set_max_jobs(opts.max_jobs);
-    shared.migrations.copy_rate.set_rate(opts.copy_rate);
-    // Jobs first: a job's data set may be an orphan, and its target must be freed before.
-    let again = crate::migrate::recover(&shared).map_err(|e| format!("recovering migrations: {e}"))?;
-    let orphans = shared.destroy_orphans().map_err(|e| format!("freeing orphans: {e}"))?;
+    let recovered = engine.recover(unclean).map_err(|e| format!("recovery: {e}"))?;
     if unclean {
-        let n = shared.zero_tails().map_err(|e| format!("recovery: {e}"))?;
-        let runs = shared.zero_free_space().map_err(|e| format!("recovery: {e}"))?;
         warn!(
-            "the previous mount stopped without unmounting: replayed {} ops, freed {orphans} orphans, \
-             zeroed {n} tails and {runs} free runs",
-            report.ops_replayed
+            "the previous mount stopped without unmounting: replayed {} ops, freed {} orphans, \
+             zeroed {} tails and {} free runs",
+            report.ops_replayed, recovered.orphans_freed, recovered.tails_zeroed, recovered.free_runs_zeroed
         );
     }
-    {
-        let mut cat = shared.catalog.lock();
-        cat.compact().map_err(|e| e.to_string())?;
-    }
+    let migrations = Migrations::new(engine);
+    migrations.set_max_jobs(opts.max_jobs);
+    migrations.copy_rate.set_rate(opts.copy_rate);
     let info = MountedInfo { pid: std::process::id(), mountpoint: mnt.to_string_lossy().into_owned() };
     replace_file(&pool_dir, MOUNTED_FILE, &serde_json::to_vec(&info).expect("serializes"))
         .map_err(|e| e.to_string())?;
@@ -294,12 +290,14 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     config.n_threads = Some(threads);
     config.clone_fd = true;
     block_signals_and_unmount_on_them(mnt.clone());
-    let session = fuser::Session::new(FerryFs::new(shared.clone()), &mnt, &config).map_err(|e| {
-        let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
-        format!("mount {}: {e}", mnt.display())
-    })?;
+    let session =
+        fuser::Session::new(FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone()), &mnt, &config)
+            .map_err(|e| {
+                let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
+                format!("mount {}: {e}", mnt.display())
+            })?;
     raise_readahead(&mnt, &pool_dir);
-    Ok((session, shared, mnt, again))
+    Ok((session, migrations, mnt, recovered))
 }
 
 /// SIGTERM, SIGINT and SIGHUP unmount (lazily), which ends the session cleanly.

@@ -15,7 +15,7 @@ use crate::catalog::model::{Catalog, Meta, Op, VolumeRec};
 use crate::catalog::store::{OpenReport, Store, StoreError};
 use crate::geometry::Geometry;
 use crate::space::VolumeId;
-use crate::storage::{FileStorage, StorageFile};
+use crate::storage::{Disk, FileStorage, RealDisk, StorageFile};
 
 /// Every volume image of a pool, open, by id.
 pub type OpenVolumes = Vec<(VolumeId, Arc<dyn StorageFile>)>;
@@ -143,7 +143,7 @@ impl Pool {
     /// Add a volume image: a new sparse file, then the catalog record.
     pub fn add_volume(&mut self, name: &str, size_bytes: u64, path: Option<&Path>) -> Result<VolumeRec, PoolError> {
         let v = check_new_volume(&self.store.catalog, &self.dir, name, size_bytes, path)?;
-        let (op, _image) = v.create_image()?;
+        let (op, _image) = v.create_image(&RealDisk)?;
         if let Err(e) = self.store.commit(op).and_then(|_| self.store.sync()) {
             let _ = fs::remove_file(&v.path);
             return Err(e.into());
@@ -162,7 +162,7 @@ impl Pool {
         }
         let path = v.path.clone();
         self.store.commit(Op::RemoveVolume { id }).and_then(|_| self.store.sync())?;
-        let removed = remove_retired_image(&self.dir, Path::new(&path));
+        let removed = remove_retired_image(&RealDisk, &self.dir, Path::new(&path));
         Ok((path, removed))
     }
 
@@ -249,21 +249,20 @@ impl NewVolume {
     /// Creates the sparse image (synced, and its directory too) and returns it open, with
     /// the op that records the volume. The caller commits the op, or removes the image if
     /// it can't. Used offline (`Pool::add_volume`) and by a mount (the `add` control verb).
-    pub fn create_image(&self) -> Result<(Op, FileStorage), PoolError> {
+    pub fn create_image(&self, disk: &dyn Disk) -> Result<(Op, Arc<dyn StorageFile>), PoolError> {
         let path = &self.path;
-        let io = FileStorage::create(path, self.size_bytes).map_err(|e| match e.kind() {
+        let io = disk.create_new(path, self.size_bytes).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => PoolError::ImageExists { path: path.clone() },
             _ => PoolError::Io { path: path.clone(), source: e },
         })?;
-        if let Err(e) = io.flush() {
-            let _ = fs::remove_file(path);
-            return Err(PoolError::Io { path: path.clone(), source: e });
-        }
-        if let Some(parent) = path.parent() {
-            if let Err(e) = File::open(parent).and_then(|d| d.sync_all()) {
-                let _ = fs::remove_file(path);
-                return Err(PoolError::Io { path: parent.to_path_buf(), source: e });
-            }
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        if let Err((at, e)) = io
+            .flush()
+            .map_err(|e| (path.clone(), e))
+            .and_then(|()| disk.sync_dir(parent).map_err(|e| (parent.to_path_buf(), e)))
+        {
+            let _ = disk.remove(path);
+            return Err(PoolError::Io { path: at, source: e });
         }
         let op = Op::AddVolume {
             id: self.id,
@@ -362,9 +361,10 @@ pub fn reopen_refusal(c: &Catalog, id: crate::space::VolumeId) -> Option<(i32, S
 
 /// Delete a retired volume's image if it lives in the pool's own volumes directory (one
 /// given with `--path` elsewhere is the admin's to remove). Returns whether it was deleted.
-pub fn remove_retired_image(pool_dir: &Path, image: &Path) -> bool {
+/// The caller has made the catalog's removal of the volume durable first.
+pub fn remove_retired_image(disk: &dyn Disk, pool_dir: &Path, image: &Path) -> bool {
     let inside = image.parent().is_some_and(|p| p == pool_dir.join(VOLUMES_DIR));
-    inside && fs::remove_file(image).is_ok()
+    inside && disk.remove(image).is_ok() && disk.sync_dir(&pool_dir.join(VOLUMES_DIR)).is_ok()
 }
 
 pub fn read_mounted(dir: &Path) -> Option<MountedInfo> {

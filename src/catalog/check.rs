@@ -8,8 +8,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::model::CONTROL_DIR_NAME;
 use super::model::{Body, Catalog, Ino, ROOT_INO};
-use crate::fs::CONTROL_DIR_NAME;
 use crate::space::VolumeId;
 
 #[derive(Debug, Default)]

@@ -16,6 +16,9 @@ use crate::space::{Extent, FreeMap, SpaceError, VolumeId};
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
+/// The control directory at the root of every mount (fs/control.rs): no data set takes
+/// this name there.
+pub const CONTROL_DIR_NAME: &str = ".ferry";
 /// Longest file name, as in every Linux file system.
 pub const NAME_MAX_BYTES: usize = 255;
 /// Longest symlink target (PATH_MAX - 1).

@@ -1,37 +1,37 @@
-//! Catalog inodes as FUSE attributes.
+//! Engine attributes as FUSE attributes.
 
 use fuser::{FileAttr, FileType, INodeNo};
 
 use super::ts;
-use crate::catalog::model::{Body, Inode};
+use crate::engine::{Attr, Kind};
 use crate::geometry::Geometry;
 
 /// st_blksize: the preferred I/O size. A track, capped at the largest write.
 const PREFERRED_IO_MAX_BYTES: u64 = 1 << 20;
 
-pub fn kind_of(i: &Inode) -> FileType {
-    match i.body {
-        Body::Dir { .. } => FileType::Directory,
-        Body::File { .. } => FileType::RegularFile,
-        Body::Symlink { .. } => FileType::Symlink,
+pub fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
-pub fn attr(g: Geometry, i: &Inode) -> FileAttr {
-    let blocks = g.bytes_of(i.allocated_tracks()) / 512;
+pub fn attr(g: Geometry, a: &Attr) -> FileAttr {
+    let blocks = g.bytes_of(a.allocated_tracks) / 512;
     FileAttr {
-        ino: INodeNo(i.ino),
-        size: i.size_bytes(),
+        ino: INodeNo(a.ino),
+        size: a.size_bytes,
         blocks,
-        atime: ts(i.meta.atime_ns),
-        mtime: ts(i.meta.mtime_ns),
-        ctime: ts(i.meta.ctime_ns),
-        crtime: ts(i.meta.ctime_ns),
-        kind: kind_of(i),
-        perm: (i.meta.perm & 0o7777) as u16,
-        nlink: i.meta.nlink,
-        uid: i.meta.uid,
-        gid: i.meta.gid,
+        atime: ts(a.meta.atime_ns),
+        mtime: ts(a.meta.mtime_ns),
+        ctime: ts(a.meta.ctime_ns),
+        crtime: ts(a.meta.ctime_ns),
+        kind: file_type(a.kind),
+        perm: (a.meta.perm & 0o7777) as u16,
+        nlink: a.meta.nlink,
+        uid: a.meta.uid,
+        gid: a.meta.gid,
         rdev: 0,
         blksize: g.track_size_bytes().min(PREFERRED_IO_MAX_BYTES) as u32,
         flags: 0,

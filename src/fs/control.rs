@@ -16,11 +16,11 @@ use std::time::UNIX_EPOCH;
 
 use fuser::{FileAttr, FileType, INodeNo};
 
-use super::{FsError, FsResult, Shared};
+use super::{FerryFs, FsError, FsResult};
 use crate::catalog::model::{Ino, ROOT_INO};
 use crate::report;
 
-pub const CONTROL_DIR_NAME: &str = ".ferry";
+pub use crate::catalog::model::CONTROL_DIR_NAME;
 /// Catalog inode numbers count up from 1 and never reach this.
 pub const CONTROL_DIR_INO: Ino = 1 << 62;
 pub const STATUS_INO: Ino = CONTROL_DIR_INO + 1;
@@ -50,8 +50,8 @@ fn fixed_attr(ino: Ino, kind: FileType, perm: u16, uid: u32) -> FileAttr {
     }
 }
 
-pub fn attr(shared: &Shared, ino: Ino) -> Option<FileAttr> {
-    let owner = shared.owner_uid;
+pub fn attr(fs: &FerryFs, ino: Ino) -> Option<FileAttr> {
+    let owner = fs.owner_uid;
     match ino {
         CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o555, owner)),
         STATUS_INO | EVENTS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o444, owner)),
@@ -60,12 +60,12 @@ pub fn attr(shared: &Shared, ino: Ino) -> Option<FileAttr> {
     }
 }
 
-pub fn lookup(shared: &Shared, parent: Ino, name: &OsStr) -> Option<FileAttr> {
+pub fn lookup(fs: &FerryFs, parent: Ino, name: &OsStr) -> Option<FileAttr> {
     match (parent, name.as_bytes()) {
-        (ROOT_INO, n) if n == CONTROL_DIR_NAME.as_bytes() => attr(shared, CONTROL_DIR_INO),
-        (CONTROL_DIR_INO, n) if n == STATUS_NAME.as_bytes() => attr(shared, STATUS_INO),
-        (CONTROL_DIR_INO, n) if n == CONTROL_NAME.as_bytes() => attr(shared, CONTROL_INO),
-        (CONTROL_DIR_INO, n) if n == EVENTS_NAME.as_bytes() => attr(shared, EVENTS_INO),
+        (ROOT_INO, n) if n == CONTROL_DIR_NAME.as_bytes() => attr(fs, CONTROL_DIR_INO),
+        (CONTROL_DIR_INO, n) if n == STATUS_NAME.as_bytes() => attr(fs, STATUS_INO),
+        (CONTROL_DIR_INO, n) if n == CONTROL_NAME.as_bytes() => attr(fs, CONTROL_INO),
+        (CONTROL_DIR_INO, n) if n == EVENTS_NAME.as_bytes() => attr(fs, EVENTS_INO),
         _ => None,
     }
 }
@@ -88,23 +88,23 @@ pub fn dir_entries(ino: Ino) -> Option<Vec<(Vec<u8>, Ino, FileType)>> {
 }
 
 /// Open a control file: its contents, generated now.
-pub fn open(shared: &Shared, ino: Ino) -> Option<FsResult<Vec<u8>>> {
+pub fn open(fs: &FerryFs, ino: Ino) -> Option<FsResult<Vec<u8>>> {
     match ino {
         STATUS_INO => {
-            let m = &shared.migrations;
-            let (jobs, plans) = m.reports(shared);
-            let cat = shared.catalog.lock();
+            let m = &fs.migrations;
+            let (jobs, plans) = m.reports();
+            let cat = fs.engine.catalog.lock();
             let c = &cat.catalog;
             let status = report::Status {
-                pool: shared.pool_dir.to_string_lossy().into_owned(),
-                mountpoint: shared.mountpoint.to_string_lossy().into_owned(),
+                pool: fs.engine.pool_dir.to_string_lossy().into_owned(),
+                mountpoint: fs.mountpoint.to_string_lossy().into_owned(),
                 pid: std::process::id(),
                 track_size_bytes: c.geometry.track_size_bytes(),
                 volumes: report::volumes(c),
                 closed_volumes: c.closed_volumes.iter().map(|&v| crate::migrate::plan::volume_name(c, v)).collect(),
                 max_jobs: m.max_jobs(),
                 copy_rate_limit_bytes_per_s: m.copy_rate.rate(),
-                app_syncs: m.sync_latency.report(),
+                app_syncs: fs.engine.app_syncs.report(),
                 jobs,
                 plans,
             };
@@ -112,7 +112,7 @@ pub fn open(shared: &Shared, ino: Ino) -> Option<FsResult<Vec<u8>>> {
             bytes.push(b'\n');
             Some(Ok(bytes))
         }
-        EVENTS_INO => Some(Ok(shared.migrations.events_text())),
+        EVENTS_INO => Some(Ok(fs.migrations.events_text())),
         CONTROL_DIR_INO => Some(Err(FsError::IsDir)),
         _ => None,
     }

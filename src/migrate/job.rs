@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::pace::{rest_after, Governor, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
 use super::plan::{grow_target, names, place_target, tracks_text};
-use super::{JobState, Phase};
+use super::{JobState, Migrations, Phase};
 use crate::catalog::model::{Body, Cutover, Op};
+use crate::engine::{read_pieces, volume_of, write_pieces, Engine, Error as FsError, FileNode, Volumes};
 use crate::extent_map::{ExtentMap, Piece};
-use crate::fs::{read_pieces, write_pieces, FileNode, FsError, Shared};
 use crate::geometry::Geometry;
 use crate::monitor::{JobLink, WORD_BITS};
 use crate::pool::now_ns;
@@ -26,6 +26,9 @@ pub const STUCK_PASSES: u32 = 1;
 /// The dirty set is small enough for the cutover when it holds at most this many bytes:
 /// copying it with writes held takes well under a millisecond from the page cache.
 pub const CONVERGED_BYTES: u64 = 1 << 20;
+/// A simulated job copies this many tracks between yield points, so that application
+/// operations interleave with every part of the copy.
+const SIMULATED_CHUNK_TRACKS: u64 = 2;
 
 /// Why a job stopped before its switch.
 #[derive(Debug)]
@@ -59,7 +62,8 @@ struct InFlight {
 }
 
 struct Runner<'a> {
-    shared: &'a Arc<Shared>,
+    m: &'a Arc<Migrations>,
+    engine: &'a Engine,
     job: &'a JobState,
     g: Geometry,
     node: Option<Arc<FileNode>>,
@@ -79,17 +83,18 @@ struct Runner<'a> {
 impl Drop for Runner<'_> {
     fn drop(&mut self) {
         if self.copying {
-            self.shared.migrations.sync_latency.copier_ended();
+            self.engine.app_syncs.copier_ended();
         }
     }
 }
 
 /// Run the job to its end; the phase and the events say how it ended.
-pub fn run(shared: &Arc<Shared>, job: &JobState) {
+pub fn run(m: &Arc<Migrations>, job: &JobState) {
     let mut r = Runner {
-        shared,
+        m,
+        engine: &m.engine,
         job,
-        g: shared.geometry,
+        g: m.engine.geometry,
         node: None,
         link: None,
         buf: Vec::new(),
@@ -99,7 +104,6 @@ pub fn run(shared: &Arc<Shared>, job: &JobState) {
         governor: Governor::default(),
         copying: false,
     };
-    let m = &shared.migrations;
     match r.run() {
         Ok(()) => {}
         Err(End::Stopped) => {
@@ -132,8 +136,12 @@ pub fn run(shared: &Arc<Shared>, job: &JobState) {
 }
 
 impl Runner<'_> {
+    /// A point where the job may stop, be cancelled, or (simulated) give the turn back.
     fn check(&self) -> JobResult<()> {
-        if self.shared.migrations.stopping() {
+        if let Some(t) = &self.m.turns {
+            t.park(self.job.id);
+        }
+        if self.m.stopping() {
             return Err(End::Stopped);
         }
         if self.job.cancel_requested() {
@@ -154,14 +162,14 @@ impl Runner<'_> {
     }
 
     fn run(&mut self) -> JobResult<()> {
-        let m = &self.shared.migrations;
+        let m = self.m;
         let job = self.job;
         self.check()?;
 
         // a. Assess: the source extents and the total space.
         job.set_phase(Phase::Assessing);
         let (tracks, pool_tracks) = {
-            let cat = self.shared.catalog.lock();
+            let cat = self.engine.catalog.lock();
             let c = &cat.catalog;
             let i = c.get(job.ino).ok_or_else(|| End::Failed("the data set no longer exists".into()))?;
             if !matches!(i.body, Body::File { .. }) || i.meta.nlink == 0 {
@@ -178,7 +186,7 @@ impl Runner<'_> {
         // order: logical track t of the data set goes to track t of the target map.
         job.set_phase(Phase::Allocating);
         let target = {
-            let mut cat = self.shared.catalog.lock();
+            let mut cat = self.engine.catalog.lock();
             let c = &cat.catalog;
             let plan = place_target(c, &job.targets, tracks).ok_or_else(|| {
                 End::Failed(format!(
@@ -191,7 +199,8 @@ impl Runner<'_> {
                 ))
             })?;
             if !plan.is_empty() {
-                self.shared.commit(&mut cat, Op::JobGrow { job: job.id, extents: plan })?;
+                self.engine.settle_quarantine(&mut cat, &plan)?;
+                self.engine.commit(&mut cat, Op::JobGrow { job: job.id, extents: plan })?;
             }
             cat.catalog.jobs.get(&job.id).map(|j| j.target.clone()).unwrap_or_default()
         };
@@ -199,7 +208,7 @@ impl Runner<'_> {
         // d. Start the monitor: from here every write of the data set marks its tracks. The
         // bitmap covers the whole pool, so no growth can outrun it.
         let link = Arc::new(JobLink::new(job.id, pool_tracks, ExtentMap::new(self.g, &target)));
-        let node = self.shared.pin_node(job.ino, link.clone())?;
+        let node = self.engine.pin_node(job.ino, link.clone())?;
         job.link.store(Some(link.clone()));
         self.node = Some(node);
         self.link = Some(link);
@@ -215,7 +224,7 @@ impl Runner<'_> {
         // f. Copy, following growth.
         job.set_phase(Phase::Copying);
         self.copy_started = Some(Instant::now());
-        m.sync_latency.copier_started();
+        self.engine.app_syncs.copier_started();
         self.copying = true;
         self.copy_growth(true)?;
         m.event(format!(
@@ -237,7 +246,7 @@ impl Runner<'_> {
     }
 
     fn target_names(&self) -> String {
-        let cat = self.shared.catalog.lock();
+        let cat = self.engine.catalog.lock();
         names(&cat.catalog, &self.job.targets)
     }
 
@@ -258,7 +267,7 @@ impl Runner<'_> {
         if tracks > link.dirty.tracks() {
             return Err(End::Failed("the data set grew past the pool's size at the start of the job".into()));
         }
-        let mut cat = self.shared.catalog.lock();
+        let mut cat = self.engine.catalog.lock();
         let c = &cat.catalog;
         let current = c.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
         let more = grow_target(c, &self.job.targets, &current, tracks - have).ok_or_else(|| {
@@ -269,19 +278,24 @@ impl Runner<'_> {
                 names(c, &self.job.targets)
             ))
         })?;
-        self.shared.commit(&mut cat, Op::JobGrow { job: self.job.id, extents: more })?;
+        self.engine.settle_quarantine(&mut cat, &more)?;
+        self.engine.commit(&mut cat, Op::JobGrow { job: self.job.id, extents: more })?;
         let extents = cat.catalog.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
         link.target.store(Arc::new(ExtentMap::new(self.g, &extents)));
         Ok(())
     }
 
     fn chunk_tracks(&self, apps_active: bool) -> u64 {
+        if self.m.turns.is_some() {
+            return SIMULATED_CHUNK_TRACKS;
+        }
         let bytes = if apps_active { BUSY_CHUNK_BYTES } else { IDLE_CHUNK_BYTES };
         (bytes / self.g.track_size_bytes()).max(1)
     }
 
     fn apps_active(&self) -> bool {
-        now_ns() - self.shared.last_app_io_ns.load(Ordering::Relaxed) < APP_ACTIVE_WINDOW.as_nanos() as i64
+        self.m.turns.is_none()
+            && now_ns() - self.engine.last_app_io_ns.load(Ordering::Relaxed) < APP_ACTIVE_WINDOW.as_nanos() as i64
     }
 
     /// Steps f and k: copy the tracks past the copied mark, up to the data set's allocation,
@@ -336,7 +350,7 @@ impl Runner<'_> {
             return Ok(());
         }
         let copy_end = end.min(src.allocated_tracks()).max(first);
-        let volumes = self.shared.volumes.read();
+        let volumes = self.engine.volumes();
         if copy_end > first {
             let len = g.bytes_of(copy_end - first) as usize;
             if self.buf.len() < len {
@@ -351,7 +365,7 @@ impl Runner<'_> {
             let off = g.bytes_of(copy_end);
             for p in dst.pieces(off, g.bytes_of(end - copy_end) as usize) {
                 if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
-                    crate::fs::volume_of(&volumes, volume)?.punch(offset_bytes, len as u64)?;
+                    volume_of(&volumes, volume)?.punch(offset_bytes, len as u64)?;
                 }
             }
         }
@@ -360,19 +374,13 @@ impl Runner<'_> {
 
     /// Push what was just written to the disk, and wait for the chunk before it: the copier
     /// keeps at most two chunks of dirty pages (pace.rs).
-    fn writeback(
-        &mut self,
-        volumes: &std::collections::HashMap<VolumeId, Arc<dyn StorageFile>>,
-        dst: &ExtentMap,
-        off: u64,
-        len: u64,
-    ) -> JobResult<()> {
+    fn writeback(&mut self, volumes: &Volumes, dst: &ExtentMap, off: u64, len: u64) -> JobResult<()> {
         if !self.batch_writeback {
             self.wait_writeback()?;
         }
         for p in dst.pieces(off, len as usize) {
             if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
-                let v = crate::fs::volume_of(volumes, volume)?.clone();
+                let v = volume_of(volumes, volume)?.clone();
                 v.writeback(offset_bytes, len as u64, false).map_err(FsError::from)?;
                 self.in_flight.push(InFlight { volume: v, offset: offset_bytes, len: len as u64 });
             }
@@ -393,7 +401,7 @@ impl Runner<'_> {
         if !link.mirroring() {
             link.start_mirroring();
             self.job.mirrored.store(true, Ordering::Relaxed);
-            self.shared.migrations.event(format!(
+            self.m.event(format!(
                 "job {} mirror-on path={} dirty_tracks={dirty} passes={}",
                 self.job.id,
                 self.job.path,
@@ -415,10 +423,13 @@ impl Runner<'_> {
 
     /// Rest after a chunk: priority to the applications, then the job's and the pool's caps.
     fn pace(&mut self, bytes: u64, elapsed: Duration, apps_active: bool) {
-        let m = &self.shared.migrations;
+        let m = self.m;
+        if m.turns.is_some() {
+            return; // simulated: time plays no part
+        }
         let mut wait = rest_after(elapsed, apps_active).max(self.job.rate.take(bytes)).max(m.copy_rate.take(bytes));
         if apps_active {
-            if let Some((base, now, samples)) = m.sync_latency.feedback(now_ns()) {
+            if let Some((base, now, samples)) = self.engine.app_syncs.feedback(now_ns()) {
                 self.governor.steer(base, now, samples);
                 wait = wait.max(self.governor.bucket.take(bytes));
             }
@@ -493,18 +504,21 @@ impl Runner<'_> {
         let vols: std::collections::BTreeSet<VolumeId> =
             self.link().target.load().extents().iter().map(|e| e.volume).collect();
         for v in vols {
-            self.shared.volume(v)?.flush().map_err(FsError::from)?;
+            self.engine.volume(v)?.flush().map_err(FsError::from)?;
         }
         Ok(())
     }
 
     /// Steps j, k and l, with writes held (and, in close mode, opens): copy what is still
-    /// dirty and any growth, write it out, and switch the catalog in one op. The data set's
-    /// extent map is swapped under the catalog lock, so every I/O after it goes to the
-    /// target. The target was flushed before the hold; what this adds is written out and
-    /// waited for here, and flushed (fdatasync) before the switch is made durable
-    /// ([`Runner::release_source`]) — not here, where a flush of the whole image would also
-    /// wait for other jobs' pages.
+    /// dirty and any growth, flush the target, and switch the catalog in one op. The data
+    /// set's extent map is swapped under the catalog lock, so every I/O after it goes to the
+    /// target.
+    ///
+    /// The flush comes before the switch is even in the log: from the moment it is, any
+    /// application's fsync (of any data set) may make it durable, and a durable switch must
+    /// never point at tracks the copy had not made durable (a power cut would leave the data
+    /// set reading holes, or another data set's old bytes). The target was flushed before
+    /// the hold too, so this flush carries only what the catch-up and the hold copied.
     fn final_sync_and_switch(&mut self) -> JobResult<()> {
         self.batch_writeback = true;
         let copied = self.copy_growth(false).and_then(|()| self.resync_pass(false));
@@ -514,26 +528,26 @@ impl Runner<'_> {
         if let Some(why) = self.link().target_error() {
             return Err(End::Failed(why));
         }
+        self.flush_target()?;
         let node = self.node().clone();
-        let mut cat = self.shared.catalog.lock();
+        let mut cat = self.engine.catalog.lock();
         // The source's over-provisioned tail goes first (writes and truncates are held, and
         // no read goes past the size), so the switch needs no target for it.
         let keep_tracks = self.source_tracks();
         if node.map.load().allocated_tracks() > keep_tracks {
-            self.shared.commit(&mut cat, Op::Trim { ino: self.job.ino, keep_tracks })?;
-            self.shared.refresh_map(&cat, &node);
+            self.engine.commit(&mut cat, Op::Trim { ino: self.job.ino, keep_tracks })?;
+            self.engine.refresh_map(&cat, &node);
         }
-        self.shared.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
-        self.shared.refresh_map(&cat, &node);
+        self.engine.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
+        self.engine.refresh_map(&cat, &node);
         Ok(())
     }
 
-    /// After the switch: wait for reads still on the old map, flush the target, and make the
-    /// switch durable.
+    /// After the switch: wait for reads still on the old map, and make the switch durable
+    /// (the target was flushed before it).
     fn make_durable(&mut self) -> JobResult<()> {
         drop(self.node().gate.write());
-        self.flush_target()?;
-        self.shared.sync_log()?;
+        self.engine.sync_log()?;
         Ok(())
     }
 
@@ -543,31 +557,33 @@ impl Runner<'_> {
     /// is not held across the punch of a whole data set.
     fn release_source(&mut self) -> JobResult<()> {
         let set_aside = {
-            let cat = self.shared.catalog.lock();
+            let cat = self.engine.catalog.lock();
             cat.catalog.jobs.get(&self.job.id).map(|j| j.release.clone()).unwrap_or_default()
         };
         let g = self.g;
         let mut zeroed = true;
         for e in &set_aside {
             let r = self
-                .shared
+                .engine
                 .volume(e.volume)
                 .and_then(|v| Ok(v.punch(g.track_offset(e.first), g.bytes_of(e.count_tracks))?));
             zeroed &= r.is_ok();
         }
-        let mut cat = self.shared.catalog.lock();
+        // The zeros must be on the disk before the tracks can be handed out again.
+        zeroed &= self.engine.flush_extents_volumes(&set_aside).is_ok();
+        let mut cat = self.engine.catalog.lock();
         if zeroed {
-            self.shared.commit_prezeroed(&mut cat, Op::JobRelease { job: self.job.id })?;
+            self.engine.commit_prezeroed(&mut cat, Op::JobRelease { job: self.job.id })?;
         } else {
-            // Punch again under the lock, and remember what still fails (fs::Shared::commit).
-            self.shared.commit(&mut cat, Op::JobRelease { job: self.job.id })?;
+            // Quarantined like any free: zeroed (and flushed) before it is handed out again.
+            self.engine.commit(&mut cat, Op::JobRelease { job: self.job.id })?;
         }
         Ok(())
     }
 
     fn switched(&mut self, stall: Duration) -> JobResult<()> {
         let node = self.node().clone();
-        self.shared.unpin_node(&node)?;
+        self.engine.unpin_node(&node)?;
         let link = self.link().clone();
         link.set_window(false);
         self.job.unlink();
@@ -579,9 +595,7 @@ impl Runner<'_> {
             }
             Cutover::Close => {
                 self.job.window_us.store(us, Ordering::Relaxed);
-                self.shared
-                    .migrations
-                    .event(format!("job {} downtime-end path={} window_us={us}", self.job.id, self.job.path));
+                self.m.event(format!("job {} downtime-end path={} window_us={us}", self.job.id, self.job.path));
                 format!("window_us={us}")
             }
         };
@@ -590,13 +604,13 @@ impl Runner<'_> {
         self.job.set_phase(Phase::Switched);
         self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
         let extents = {
-            let cat = self.shared.catalog.lock();
+            let cat = self.engine.catalog.lock();
             match cat.catalog.get(self.job.ino).map(|i| &i.body) {
                 Some(Body::File { extents, .. }) => extents.len(),
                 _ => 0,
             }
         };
-        self.shared.migrations.event(format!(
+        self.m.event(format!(
             "job {} switched path={} {what} extents={extents} passes={} mirrored={} copy_rate={}",
             self.job.id,
             self.job.path,
@@ -649,17 +663,21 @@ impl Runner<'_> {
     /// released open the downtime window (i): new opens wait. Final re-sync (j, k), switch
     /// (l), and let the opens through (m).
     fn cutover_close(&mut self) -> JobResult<()> {
-        let m = &self.shared.migrations;
+        let m = self.m;
         self.job.set_phase(Phase::AwaitingClose);
         m.event(format!("job {} close-requested path={}", self.job.id, self.job.path));
         let node = self.node().clone();
         let link = self.link().clone();
+        // Most of the copy reaches the disk now, so the flush in the window is short.
+        self.flush_target()?;
         loop {
             self.check()?;
-            if self.shared.open_window_if_closed(&node, &link) {
+            if self.engine.open_window_if_closed(&node, &link) {
                 break;
             }
-            link.wait_closed(Duration::from_millis(100));
+            if self.m.turns.is_none() {
+                link.wait_closed(Duration::from_millis(100));
+            }
             // Keep the dirty set small while the applications finish.
             self.copy_growth(true)?;
             if link.dirty.count_dirty() > 0 {
@@ -683,7 +701,7 @@ impl Runner<'_> {
     /// Sleep at a pause point, if the mount was started with one (`failpoint`).
     fn pause(&self, point: &str) {
         if let Some(d) = crate::failpoint::pause_at(point) {
-            self.shared.migrations.event(format!("job {} pause point={point} us={}", self.job.id, d.as_micros()));
+            self.m.event(format!("job {} pause point={point} us={}", self.job.id, d.as_micros()));
             std::thread::sleep(d);
         }
     }
@@ -696,7 +714,7 @@ impl Runner<'_> {
                 let _hold = node.write_hold.write();
                 node.job.store(None);
             }
-            if let Err(e) = self.shared.unpin_node(&node) {
+            if let Err(e) = self.engine.unpin_node(&node) {
                 log::warn!("job {}: releasing the data set: {e}", self.job.id);
             }
             link.set_window(false);
@@ -707,6 +725,6 @@ impl Runner<'_> {
 
     /// Roll back: free the target; the source was never changed.
     fn drop_record(&self) -> Result<(), FsError> {
-        self.shared.migrations.drop_record(self.shared, self.job.id)
+        self.m.drop_record(self.job.id)
     }
 }

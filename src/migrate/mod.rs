@@ -15,6 +15,7 @@ pub mod command;
 mod job;
 pub mod pace;
 pub mod plan;
+pub mod turns;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +28,7 @@ use log::{info, warn};
 use parking_lot::Mutex;
 
 use crate::catalog::model::{Body, Catalog, Cutover, Ino, JobRec, Op, PlanKind, PlanRec};
-use crate::fs::{FsError, Shared};
+use crate::engine::{Engine, Error as FsError};
 use crate::monitor::JobLink;
 use crate::pool::now_ns;
 use crate::report::{self, JobReport, PlanReport};
@@ -236,17 +237,17 @@ struct Inner {
     next_id: u64,
 }
 
-/// The migrations of one mount.
-#[derive(Default)]
+/// The migrations of one mount, over its engine.
 pub struct Migrations {
+    pub engine: Arc<Engine>,
     inner: Mutex<Inner>,
     events: Mutex<VecDeque<String>>,
     /// The pool-wide copy rate cap (0: none).
     pub copy_rate: TokenBucket,
-    /// Applications' fsync latency: the copiers' feedback (pace.rs).
-    pub sync_latency: pace::SyncLatency,
     max_jobs: AtomicUsize,
     stopping: AtomicBool,
+    /// Set by simulation tests: job threads run one at a time, when given the turn.
+    pub turns: Option<Arc<turns::Turns>>,
 }
 
 /// A refused control line: what to say, and the errno for the write that carried it.
@@ -262,7 +263,7 @@ fn refuse<T>(errno: i32, message: impl Into<String>) -> Result<T, Refusal> {
 
 impl From<FsError> for Refusal {
     fn from(e: FsError) -> Refusal {
-        Refusal { errno: e.errno().code(), message: e.to_string() }
+        Refusal { errno: e.errno(), message: e.to_string() }
     }
 }
 
@@ -272,6 +273,28 @@ pub fn rfc3339(ns: i64) -> String {
 }
 
 impl Migrations {
+    pub fn new(engine: Arc<Engine>) -> Arc<Migrations> {
+        Self::build(engine, None)
+    }
+
+    /// For simulation tests: jobs take turns with the test's driver ([`turns::Turns`]), copy
+    /// in small chunks and never pace by the clock, so that a seed replays exactly.
+    pub fn simulated(engine: Arc<Engine>, turns: Arc<turns::Turns>) -> Arc<Migrations> {
+        Self::build(engine, Some(turns))
+    }
+
+    fn build(engine: Arc<Engine>, turns: Option<Arc<turns::Turns>>) -> Arc<Migrations> {
+        Arc::new(Migrations {
+            engine,
+            inner: Mutex::default(),
+            events: Mutex::default(),
+            copy_rate: TokenBucket::default(),
+            max_jobs: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            turns,
+        })
+    }
+
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -310,12 +333,12 @@ impl Migrations {
 
     /// Every job and plan of this mount. Lock order: `inner` before the catalog, so the
     /// caller must not hold the catalog.
-    pub fn reports(&self, shared: &Shared) -> (Vec<JobReport>, Vec<PlanReport>) {
+    pub fn reports(&self) -> (Vec<JobReport>, Vec<PlanReport>) {
         let (jobs, plans): (Vec<Arc<JobState>>, Vec<Arc<PlanState>>) = {
             let inner = self.inner.lock();
             (inner.jobs.values().cloned().collect(), inner.plans.values().cloned().collect())
         };
-        let cat = shared.catalog.lock();
+        let cat = self.engine.catalog.lock();
         let c = &cat.catalog;
         let tb = c.geometry.track_size_bytes();
         let jobs = jobs.iter().map(|j| j.report(c, tb)).collect();
@@ -354,10 +377,10 @@ impl Migrations {
     }
 
     /// Roll a job back in the catalog: its target (if any) is freed and punched.
-    fn drop_record(&self, shared: &Shared, id: u64) -> Result<(), FsError> {
-        let mut cat = shared.catalog.lock();
+    fn drop_record(&self, id: u64) -> Result<(), FsError> {
+        let mut cat = self.engine.catalog.lock();
         if cat.catalog.jobs.get(&id).is_some_and(|j| !j.switched) {
-            shared.commit(&mut cat, Op::JobCancel { job: id })?;
+            self.engine.commit(&mut cat, Op::JobCancel { job: id })?;
         }
         Ok(())
     }
@@ -367,13 +390,16 @@ impl Migrations {
     /// (removed while the job was queued or ran, and destroyed when the job let go of it,
     /// or unlinked and reachable by no name): nothing could start that job again, so its
     /// record is settled now, and no record outlives its data set.
-    pub fn stop(&self, shared: &Shared) {
+    pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Some(t) = &self.turns {
+            t.release_all();
+        }
         let threads = std::mem::take(&mut self.inner.lock().threads);
         for t in threads {
             let _ = t.join();
         }
-        let mut cat = shared.catalog.lock();
+        let mut cat = self.engine.catalog.lock();
         let gone: Vec<(u64, bool, String)> = cat
             .catalog
             .jobs
@@ -385,7 +411,7 @@ impl Migrations {
             .collect();
         for (id, switched, path) in gone {
             let op = if switched { Op::JobRelease { job: id } } else { Op::JobCancel { job: id } };
-            match shared.commit(&mut cat, op) {
+            match self.engine.commit(&mut cat, op) {
                 Ok(_) => info!("job {id} ({path}): the data set is gone; its record is settled at unmount"),
                 Err(e) => warn!("job {id} ({path}): settling the record of a data set that is gone: {e}"),
             }
@@ -395,7 +421,7 @@ impl Migrations {
 
 /// Queue a job (recorded in the catalog, no target yet).
 fn enqueue(
-    shared: &Arc<Shared>,
+    m: &Arc<Migrations>,
     inner: &mut Inner,
     cat: &mut crate::catalog::store::Store,
     p: &PlannedJob,
@@ -416,7 +442,7 @@ fn enqueue(
         plan,
         started_ns: now_ns(),
     };
-    shared.commit(cat, Op::JobStart { job: rec.clone() })?;
+    m.engine.commit(cat, Op::JobStart { job: rec.clone() })?;
     let job = Arc::new(JobState::new(&rec));
     inner.jobs.insert(id, job.clone());
     inner.queue.push_back(job.clone());
@@ -424,8 +450,7 @@ fn enqueue(
 }
 
 /// Start queued jobs while there are free slots.
-fn pump(shared: &Arc<Shared>) {
-    let m = &shared.migrations;
+fn pump(m: &Arc<Migrations>) {
     let mut inner = m.inner.lock();
     inner.threads.retain(|t| !t.is_finished());
     while inner.running < m.max_jobs() && !m.stopping() {
@@ -434,10 +459,19 @@ fn pump(shared: &Arc<Shared>) {
             continue;
         }
         inner.running += 1;
-        let sh = shared.clone();
+        let sh = m.clone();
+        if let Some(t) = &m.turns {
+            t.enlist(job.id);
+        }
         let spawned = std::thread::Builder::new().name(format!("ferry-job-{}", job.id)).spawn(move || {
+            if let Some(t) = &sh.turns {
+                t.park(job.id);
+            }
             job::run(&sh, &job);
             finished(&sh, &job);
+            if let Some(t) = &sh.turns {
+                t.done(job.id);
+            }
         });
         match spawned {
             Ok(t) => inner.threads.push(t),
@@ -450,8 +484,7 @@ fn pump(shared: &Arc<Shared>) {
     }
 }
 
-fn finished(shared: &Arc<Shared>, job: &Arc<JobState>) {
-    let m = &shared.migrations;
+fn finished(m: &Arc<Migrations>, job: &Arc<JobState>) {
     m.inner.lock().running -= 1;
     if m.stopping() {
         return;
@@ -461,15 +494,14 @@ fn finished(shared: &Arc<Shared>, job: &Arc<JobState>) {
     let _ = job;
     let plans: Vec<Arc<PlanState>> = m.inner.lock().plans.values().cloned().collect();
     for plan in plans {
-        plan_progress(shared, &plan);
+        plan_progress(m, &plan);
     }
-    pump(shared);
+    pump(m);
 }
 
 /// A plan's jobs have all ended, or one did: finish the plan when its sources are empty,
 /// re-plan what is still on them, or give up.
-fn plan_progress(shared: &Arc<Shared>, plan: &Arc<PlanState>) {
-    let m = &shared.migrations;
+fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
     let mut inner = m.inner.lock();
     if *plan.phase.lock() != PlanPhase::Running {
         return;
@@ -480,11 +512,11 @@ fn plan_progress(shared: &Arc<Shared>, plan: &Arc<PlanState>) {
         return;
     }
     let busy: HashSet<Ino> = inner.jobs.values().filter(|j| !j.phase().is_final()).map(|j| j.ino).collect();
-    let mut cat = shared.catalog.lock();
+    let mut cat = m.engine.catalog.lock();
     let failed = states.iter().find(|j| j.phase() == Phase::Failed);
     let end = |cat: &mut crate::catalog::store::Store, phase: PlanPhase, why: Option<String>| {
         let reopen = phase != PlanPhase::Done;
-        if let Err(e) = shared.commit(cat, Op::PlanEnd { plan: plan.rec.id, reopen }) {
+        if let Err(e) = m.engine.commit(cat, Op::PlanEnd { plan: plan.rec.id, reopen }) {
             warn!("ending plan {}: {e}", plan.rec.id);
         }
         *plan.phase.lock() = phase;
@@ -533,7 +565,7 @@ fn plan_progress(shared: &Arc<Shared>, plan: &Arc<PlanState>) {
     }
     let opts = JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s };
     for p in &left {
-        match enqueue(shared, &mut inner, &mut cat, p, &opts, Some(plan.rec.id)) {
+        match enqueue(m, &mut inner, &mut cat, p, &opts, Some(plan.rec.id)) {
             Ok(j) => plan.jobs.lock().push(j.id),
             Err(e) => warn!("plan {}: queueing {}: {e}", plan.rec.id, p.path),
         }
@@ -588,34 +620,33 @@ fn data_sets_at(c: &Catalog, path: &str) -> Result<Vec<PlannedJob>, Refusal> {
 }
 
 /// Run one control line. `Ok` is the reply line (without its newline).
-pub fn execute(shared: &Arc<Shared>, line: &str) -> Result<String, Refusal> {
+pub fn execute(m: &Arc<Migrations>, line: &str) -> Result<String, Refusal> {
     let cmd = match command::parse(line.trim()) {
         Ok(c) => c,
         Err(e) => return refuse(libc::EINVAL, e),
     };
-    let m = &shared.migrations;
     if m.stopping() {
         return refuse(libc::ESHUTDOWN, "the mount is stopping");
     }
     let reply = match cmd {
-        Command::Migrate { paths, to, opts } => migrate(shared, &paths, &to, &opts)?,
-        Command::Merge { sources, into, opts } => start_plan(shared, PlanKind::Merge, &sources, &[into], &opts)?,
-        Command::Drain { source, to, opts } => start_plan(shared, PlanKind::Drain, &[source], &to, &opts)?,
-        Command::Cancel { id } => cancel(shared, id)?,
-        Command::Add { volume, size_bytes, path } => add_volume(shared, &volume, size_bytes, path.as_deref())?,
-        Command::Retire { volume } => retire(shared, &volume)?,
-        Command::Reopen { volume } => reopen(shared, &volume)?,
+        Command::Migrate { paths, to, opts } => migrate(m, &paths, &to, &opts)?,
+        Command::Merge { sources, into, opts } => start_plan(m, PlanKind::Merge, &sources, &[into], &opts)?,
+        Command::Drain { source, to, opts } => start_plan(m, PlanKind::Drain, &[source], &to, &opts)?,
+        Command::Cancel { id } => cancel(m, id)?,
+        Command::Add { volume, size_bytes, path } => add_volume(m, &volume, size_bytes, path.as_deref())?,
+        Command::Retire { volume } => retire(m, &volume)?,
+        Command::Reopen { volume } => reopen(m, &volume)?,
         Command::SetCopyRate { bytes_per_s } => {
             m.copy_rate.set_rate(bytes_per_s);
             format!("ok copy-rate={bytes_per_s}")
         }
         Command::SetMaxJobs { jobs } => {
             m.set_max_jobs(jobs);
-            pump(shared);
+            pump(m);
             format!("ok max-jobs={jobs}")
         }
     };
-    pump(shared);
+    pump(m);
     Ok(reply)
 }
 
@@ -623,11 +654,10 @@ fn job_list(jobs: &[Arc<JobState>]) -> String {
     jobs.iter().map(|j| j.id.to_string()).collect::<Vec<_>>().join(" ")
 }
 
-fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOptions) -> Result<String, Refusal> {
-    let m = &shared.migrations;
+fn migrate(m: &Arc<Migrations>, paths: &[String], to: &[String], opts: &JobOptions) -> Result<String, Refusal> {
     let busy = m.busy();
     let mut inner = m.inner.lock();
-    let mut cat = shared.catalog.lock();
+    let mut cat = m.engine.catalog.lock();
     let c = &cat.catalog;
     let targets = to.iter().map(|n| open_target(c, n)).collect::<Result<Vec<_>, _>>()?;
     let mut planned: Vec<PlannedJob> = Vec::new();
@@ -677,7 +707,7 @@ fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOpti
     }
     let mut jobs = Vec::new();
     for p in &planned {
-        jobs.push(enqueue(shared, &mut inner, &mut cat, p, opts, None)?);
+        jobs.push(enqueue(m, &mut inner, &mut cat, p, opts, None)?);
     }
     drop(cat);
     drop(inner);
@@ -686,16 +716,15 @@ fn migrate(shared: &Arc<Shared>, paths: &[String], to: &[String], opts: &JobOpti
 }
 
 fn start_plan(
-    shared: &Arc<Shared>,
+    m: &Arc<Migrations>,
     kind: PlanKind,
     sources: &[String],
     targets: &[String],
     opts: &JobOptions,
 ) -> Result<String, Refusal> {
-    let m = &shared.migrations;
     let busy = m.busy();
     let mut inner = m.inner.lock();
-    let mut cat = shared.catalog.lock();
+    let mut cat = m.engine.catalog.lock();
     let c = &cat.catalog;
     let sources = sources.iter().map(|n| volume_id(c, n)).collect::<Result<Vec<_>, _>>()?;
     let mut uniq = sources.clone();
@@ -729,12 +758,12 @@ fn start_plan(
         started_ns: now_ns(),
     };
     let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
-    shared.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
+    m.engine.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
     let state = Arc::new(PlanState::new(rec));
     inner.plans.insert(id, state.clone());
     let mut jobs = Vec::new();
     for p in &planned {
-        jobs.push(enqueue(shared, &mut inner, &mut cat, p, opts, Some(id))?);
+        jobs.push(enqueue(m, &mut inner, &mut cat, p, opts, Some(id))?);
     }
     *state.jobs.lock() = jobs.iter().map(|j| j.id).collect();
     let c = &cat.catalog;
@@ -748,7 +777,7 @@ fn start_plan(
     drop(cat);
     drop(inner);
     if jobs.is_empty() {
-        plan_progress(shared, &state);
+        plan_progress(m, &state);
     }
     Ok(format!("ok plan {id} jobs {}", job_list(&jobs)).trim_end().to_string())
 }
@@ -757,8 +786,7 @@ fn on_any(c: &Catalog, ino: Ino, vols: &[VolumeId]) -> bool {
     matches!(c.get(ino).map(|i| &i.body), Some(Body::File { extents, .. }) if extents.iter().any(|e| vols.contains(&e.volume)))
 }
 
-fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
-    let m = &shared.migrations;
+fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
     let (job, plan) = {
         let inner = m.inner.lock();
         (inner.jobs.get(&id).cloned(), inner.plans.get(&id).cloned())
@@ -770,9 +798,9 @@ fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
         plan.cancel.store(true, Ordering::Release);
         let ids = plan.jobs.lock().clone();
         for j in ids {
-            let _ = cancel(shared, j);
+            let _ = cancel(m, j);
         }
-        plan_progress(shared, &plan);
+        plan_progress(m, &plan);
         return Ok(format!("ok cancelling plan {id}"));
     }
     let Some(job) = job else { return refuse(libc::ENOENT, format!("no job or plan {id}")) };
@@ -789,14 +817,14 @@ fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
                 before != inner.queue.len()
             };
             if removed {
-                m.drop_record(shared, id)?;
+                m.drop_record(id)?;
                 job.set_phase(Phase::Cancelled);
                 job.ended_ns.store(now_ns(), Ordering::Relaxed);
                 m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
                 if let Some(p) = job.plan {
                     let plan = m.inner.lock().plans.get(&p).cloned();
                     if let Some(plan) = plan {
-                        plan_progress(shared, &plan);
+                        plan_progress(m, &plan);
                     }
                 }
             }
@@ -811,44 +839,46 @@ fn cancel(shared: &Arc<Shared>, id: u64) -> Result<String, Refusal> {
 /// first; the catalog records it last (`Op::AddVolume`, synced), so a crash in between
 /// leaves at most an image file that no catalog names (a later add at that path is refused
 /// until the file is removed, as offline).
-fn add_volume(shared: &Arc<Shared>, name: &str, size_bytes: u64, path: Option<&str>) -> Result<String, Refusal> {
+fn add_volume(m: &Arc<Migrations>, name: &str, size_bytes: u64, path: Option<&str>) -> Result<String, Refusal> {
     let refusal = |e: crate::pool::PoolError| Refusal { errno: e.errno(), message: e.to_string() };
     // Adds and retires are serialised by the jobs lock; the catalog is only held to check
     // the name and to commit, not while the image is made.
-    let _inner = shared.migrations.inner.lock();
+    let _inner = m.inner.lock();
     let v = {
-        let cat = shared.catalog.lock();
-        crate::pool::check_new_volume(&cat.catalog, &shared.pool_dir, name, size_bytes, path.map(std::path::Path::new))
-            .map_err(refusal)?
+        let cat = m.engine.catalog.lock();
+        crate::pool::check_new_volume(
+            &cat.catalog,
+            &m.engine.pool_dir,
+            name,
+            size_bytes,
+            path.map(std::path::Path::new),
+        )
+        .map_err(refusal)?
     };
-    let (op, io) = v.create_image().map_err(refusal)?;
+    let (op, io) = v.create_image(&*m.engine.disk).map_err(refusal)?;
     let (id, img_path) = (v.id, &v.path);
-    shared.adopt_volume(id, Arc::new(io));
+    m.engine.adopt_volume(id, io);
     let committed = {
-        let mut cat = shared.catalog.lock();
-        shared.commit(&mut cat, op)
+        let mut cat = m.engine.catalog.lock();
+        m.engine.commit(&mut cat, op)
     };
-    if let Err(e) = committed.and_then(|_| shared.sync_log()) {
+    if let Err(e) = committed.and_then(|_| m.engine.sync_log()) {
         // Not recorded: no trace of it. Recorded but not synced: the volume stays (the
         // log's error is latched; the admin hears of it here).
-        if !shared.catalog.lock().catalog.volumes.contains_key(&id) {
-            shared.forget_volume(id);
-            let _ = std::fs::remove_file(img_path);
+        if !m.engine.catalog.lock().catalog.volumes.contains_key(&id) {
+            m.engine.forget_volume(id);
+            let _ = m.engine.disk.remove(img_path);
         }
         return Err(e.into());
     }
     let tracks = v.tracks_total;
-    shared.migrations.event(format!(
-        "volume {name} added size={} tracks={tracks} image={}",
-        v.size_bytes,
-        img_path.display()
-    ));
+    m.event(format!("volume {name} added size={} tracks={tracks} image={}", v.size_bytes, img_path.display()));
     Ok(format!("ok added {name} tracks={tracks} image={}", img_path.display()))
 }
 
-fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
-    let inner = shared.migrations.inner.lock();
-    let mut cat = shared.catalog.lock();
+fn retire(m: &Arc<Migrations>, name: &str) -> Result<String, Refusal> {
+    let inner = m.inner.lock();
+    let mut cat = m.engine.catalog.lock();
     let c = &cat.catalog;
     let id = volume_id(c, name)?;
     if let Some(j) = inner.jobs.values().find(|j| !j.phase().is_final() && j.targets.contains(&id)) {
@@ -858,72 +888,49 @@ fn retire(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
         return refuse(errno, format!("volume {name} can't be retired: {why}"));
     }
     let path = c.volumes[&id].path.clone();
-    shared.commit(&mut cat, Op::RemoveVolume { id })?;
+    m.engine.commit(&mut cat, Op::RemoveVolume { id })?;
     drop(cat);
     drop(inner);
-    shared.sync_log()?;
-    shared.forget_volume(id);
-    let removed = crate::pool::remove_retired_image(&shared.pool_dir, std::path::Path::new(&path));
-    shared.migrations.event(format!("volume {name} retired image={path} removed={removed}"));
+    m.engine.sync_log()?;
+    m.engine.forget_volume(id);
+    let removed = crate::pool::remove_retired_image(&*m.engine.disk, &m.engine.pool_dir, std::path::Path::new(&path));
+    m.event(format!("volume {name} retired image={path} removed={removed}"));
     Ok(format!("ok retired {name}{}", if removed { "" } else { " (its image is outside the pool and was kept)" }))
 }
 
 /// `reopen VOL`: a closed volume (a finished plan's source) takes allocations again, and
 /// can be a target.
-fn reopen(shared: &Arc<Shared>, name: &str) -> Result<String, Refusal> {
-    let _inner = shared.migrations.inner.lock();
-    let mut cat = shared.catalog.lock();
+fn reopen(m: &Arc<Migrations>, name: &str) -> Result<String, Refusal> {
+    let _inner = m.inner.lock();
+    let mut cat = m.engine.catalog.lock();
     let id = volume_id(&cat.catalog, name)?;
     if let Some((errno, why)) = crate::pool::reopen_refusal(&cat.catalog, id) {
         return refuse(errno, format!("volume {name} can't be reopened: {why}"));
     }
-    shared.commit(&mut cat, Op::ReopenVolume { id })?;
+    m.engine.commit(&mut cat, Op::ReopenVolume { id })?;
     drop(cat);
-    shared.sync_log()?;
-    shared.migrations.event(format!("volume {name} reopened"));
+    m.engine.sync_log()?;
+    m.event(format!("volume {name} reopened"));
     Ok(format!("ok reopened {name}"))
 }
 
-/// At mount, before serving: settle every job the catalog holds. A switched job frees its
-/// source; any other is rolled back (target freed, source untouched, it held every
-/// acknowledged write). Returns the jobs to start again.
-pub fn recover(shared: &Shared) -> Result<Vec<JobRec>, FsError> {
-    let mut cat = shared.catalog.lock();
-    let jobs: Vec<JobRec> = cat.catalog.jobs.values().cloned().collect();
-    let mut again = Vec::new();
-    for j in jobs {
-        if j.switched {
-            shared.commit(&mut cat, Op::JobRelease { job: j.id })?;
-            warn!("job {} ({}) had switched; freed its source", j.id, j.path);
-        } else {
-            shared.commit(&mut cat, Op::JobCancel { job: j.id })?;
-            warn!("job {} ({}) had not switched; rolled back (target freed)", j.id, j.path);
-            if j.plan.is_none() {
-                again.push(j);
-            }
-        }
+/// After the engine's recovery (engine/recovery.rs): start the jobs it queued again (every
+/// job record left in the catalog is one), and carry on with the recorded plans.
+pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
+    for (old, new, path) in &recovered.jobs_requeued {
+        m.event(format!("job {old} resumed as job {new} path={path} (from the start)"));
     }
-    Ok(again)
-}
-
-/// After recovery: start the rolled-back jobs again, and carry on with the recorded plans.
-pub fn resume(shared: &Arc<Shared>, again: Vec<JobRec>) {
-    let m = &shared.migrations;
+    for (old, path) in &recovered.jobs_dropped {
+        m.event(format!("job {old} not resumed path={path} (the data set is gone)"));
+    }
     {
         let mut inner = m.inner.lock();
-        let mut cat = shared.catalog.lock();
-        for j in again {
-            let alive = cat.catalog.get(j.ino).is_some_and(|i| i.meta.nlink > 0 && !i.is_dir());
-            if !alive {
-                m.event(format!("job {} not resumed path={} (the data set is gone)", j.id, j.path));
-                continue;
-            }
-            let p = PlannedJob { ino: j.ino, path: j.path.clone(), tracks: 0, targets: j.targets.clone() };
-            let opts = JobOptions { cutover: j.cutover, rate_bytes_per_s: j.rate_bytes_per_s };
-            match enqueue(shared, &mut inner, &mut cat, &p, &opts, None) {
-                Ok(n) => m.event(format!("job {} resumed as job {} path={} (from the start)", j.id, n.id, j.path)),
-                Err(e) => m.event(format!("job {} not resumed path={} reason={:?}", j.id, j.path, e.to_string())),
-            }
+        let cat = m.engine.catalog.lock();
+        for rec in cat.catalog.jobs.values() {
+            let job = Arc::new(JobState::new(rec));
+            inner.next_id = inner.next_id.max(rec.id + 1);
+            inner.jobs.insert(rec.id, job.clone());
+            inner.queue.push_back(job);
         }
         let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
         for rec in plans {
@@ -935,7 +942,10 @@ pub fn resume(shared: &Arc<Shared>, again: Vec<JobRec>) {
     }
     let plans: Vec<Arc<PlanState>> = m.inner.lock().plans.values().cloned().collect();
     for p in plans {
-        plan_progress(shared, &p);
+        plan_progress(m, &p);
     }
-    pump(shared);
+    pump(m);
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,7 @@
 //!   between them, so that it holds the disk at most [`BUSY_DUTY`] of the time; an
 //!   application's fsync then finds at most one small chunk ahead of it. When they are idle
 //!   it copies at full speed in large chunks.
-//! - Feedback: the mount times every application fsync ([`SyncLatency`]). Their average with
+//! - Feedback: the mount times every application fsync ([`crate::monitor::SyncLatency`]). Their average with
 //!   no copier running is the baseline; while a copier runs and applications sync, the
 //!   copier's rate ([`Governor`]) drops to a quarter at every fsync that takes more than
 //!   [`LATENCY_HEADROOM`] times the baseline, and grows by 0.5 % at every one that doesn't. At
@@ -21,7 +21,7 @@
 //!   and waited for one chunk later (`sync_file_range`), so the copier never builds a large
 //!   dirty backlog that an application's fsync would then wait behind.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -40,69 +40,6 @@ pub const LATENCY_HEADROOM: f64 = 1.5;
 pub const GOVERNED_MIN: f64 = (1 << 20) as f64;
 pub const GOVERNED_START: f64 = (32 << 20) as f64;
 pub const GOVERNED_MAX: f64 = (1u64 << 30) as f64;
-/// An fsync older than this says nothing about now.
-const SYNC_RECENT_NS: i64 = 1_000_000_000;
-
-/// Application fsync latency, as two moving averages: all of them, and those seen while no
-/// copier was running (the baseline).
-#[derive(Debug, Default)]
-pub struct SyncLatency {
-    /// The latest fsync's duration.
-    latest_ns: AtomicU64,
-    ewma_ns: AtomicU64,
-    quiet_ewma_ns: AtomicU64,
-    samples: AtomicU64,
-    last_ns: AtomicI64,
-    /// Jobs copying now (their copy, re-sync or wait for a close).
-    copiers: AtomicUsize,
-}
-
-fn ewma(cell: &AtomicU64, sample: u64) {
-    let old = cell.load(Ordering::Relaxed);
-    let new = if old == 0 { sample } else { (old * 3 + sample) / 4 };
-    cell.store(new, Ordering::Relaxed);
-}
-
-impl SyncLatency {
-    /// An application fsync took `took_ns`, ending at `now_ns`.
-    pub fn record(&self, took_ns: u64, now_ns: i64) {
-        self.latest_ns.store(took_ns, Ordering::Relaxed);
-        ewma(&self.ewma_ns, took_ns);
-        if self.copiers.load(Ordering::Relaxed) == 0 {
-            ewma(&self.quiet_ewma_ns, took_ns);
-        }
-        self.last_ns.store(now_ns, Ordering::Relaxed);
-        self.samples.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// (baseline, the latest fsync, sample count) if applications synced recently and a
-    /// baseline exists.
-    pub fn feedback(&self, now_ns: i64) -> Option<(u64, u64, u64)> {
-        let base = self.quiet_ewma_ns.load(Ordering::Relaxed);
-        if base == 0 || now_ns - self.last_ns.load(Ordering::Relaxed) > SYNC_RECENT_NS {
-            return None;
-        }
-        Some((base, self.latest_ns.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
-    }
-
-    /// What `.ferry/status` shows of it.
-    pub fn report(&self) -> crate::report::AppSyncReport {
-        crate::report::AppSyncReport {
-            count: self.samples.load(Ordering::Relaxed),
-            latest_us: self.latest_ns.load(Ordering::Relaxed) / 1000,
-            quiet_avg_us: self.quiet_ewma_ns.load(Ordering::Relaxed) / 1000,
-        }
-    }
-
-    pub fn copier_started(&self) {
-        self.copiers.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn copier_ended(&self) {
-        self.copiers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A job's copy rate while applications sync: a quarter of it when an fsync is slower than
 /// the headroom allows, 0.5 % up when it isn't; one step per new fsync.
 #[derive(Debug)]

@@ -1,0 +1,291 @@
+//! Extent I/O of data sets: read, write, truncate, fallocate and fsync, with the monitor's
+//! hooks (marks and mirrored writes) in one place.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{volume_of, Engine, Error, FileNode, Result, Volumes};
+use crate::catalog::model::{Body, Ino, Op};
+use crate::extent_map::{ExtentMap, Piece};
+use crate::geometry::Geometry;
+use crate::pool::now_ns;
+use crate::space::{plan_growth, VolumeId};
+
+/// Write `data` at logical `offset` of a data set mapped by `map`.
+pub fn write_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, data: &[u8]) -> Result<()> {
+    for p in map.pieces(offset, data.len()) {
+        match p {
+            Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                volume_of(volumes, volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
+            }
+            Piece::Unallocated { .. } => return Err(Error::os(libc::EIO)),
+        }
+    }
+    Ok(())
+}
+
+/// Read `buf.len()` bytes at logical `offset` of a data set mapped by `map` (zeros past it).
+pub fn read_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, buf: &mut [u8]) -> Result<()> {
+    for p in map.pieces(offset, buf.len()) {
+        match p {
+            Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                volume_of(volumes, volume)?.read_at(&mut buf[buf_start..buf_start + len], offset_bytes)?
+            }
+            Piece::Unallocated { buf_start, len } => buf[buf_start..buf_start + len].fill(0),
+        }
+    }
+    Ok(())
+}
+
+impl FileNode {
+    /// The monitor (steps d and e): record that bytes `offset..end` of the source changed
+    /// other than through [`FileNode::write_monitored`] (zeroing, truncation). Called after
+    /// the change reached the source.
+    fn mark_changed(&self, g: Geometry, offset: u64, end: u64) {
+        if end > offset {
+            if let Some(link) = self.job.load().as_ref() {
+                link.dirty.mark(g.track_of(offset), g.track_of(end - 1));
+            }
+        }
+    }
+
+    /// Write `data` at `offset` of the source, under the monitor: if a job mirrors the
+    /// tracks, to the source and the target under their stripe locks, with no mark;
+    /// otherwise to the source, then the mark (after the bytes landed: see monitor.rs).
+    fn write_monitored(&self, g: Geometry, volumes: &Volumes, offset: u64, data: &[u8]) -> Result<()> {
+        let map = self.map.load();
+        let link = self.job.load();
+        let Some(l) = link.as_ref().filter(|_| !data.is_empty()) else {
+            return write_pieces(volumes, &map, offset, data);
+        };
+        let (first, last) = (g.track_of(offset), g.track_of(offset + data.len() as u64 - 1));
+        match l.mirror_guard(first.0, last.0) {
+            Some(_guard) => {
+                write_pieces(volumes, &map, offset, data)?;
+                match write_pieces(volumes, &l.target.load(), offset, data) {
+                    Ok(()) => {
+                        l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The source has the bytes; the job fails, not the application's write.
+                    Err(e) => {
+                        l.fail_target(format!("mirrored write to the target: {e}"));
+                        l.dirty.mark(first, last);
+                    }
+                }
+            }
+            None => {
+                write_pieces(volumes, &map, offset, data)?;
+                l.dirty.mark(first, last);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Allocate tracks so that the data set holds at least `end_bytes`. Called with the gate
+    /// held shared (allocation only adds tracks).
+    fn grow(&self, node: &FileNode, end_bytes: u64) -> Result<()> {
+        let g = self.geometry;
+        let mut cat = self.catalog.lock();
+        let (last, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { extents, .. }) => (extents.last().copied(), extents.iter().map(|e| e.count_tracks).sum()),
+            _ => return Err(Error::NotFound),
+        };
+        let needed = g.tracks_for(end_bytes).saturating_sub(allocated);
+        if needed == 0 {
+            self.refresh_map(&cat, node);
+            return Ok(());
+        }
+        // Volumes that a merge or drain is emptying take nothing new.
+        let mut plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
+        if plan.is_none() && self.reclaim_surplus(&mut cat)? > 0 {
+            plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
+        }
+        let plan = plan.ok_or(Error::NoSpace)?;
+        self.settle_quarantine(&mut cat, &plan)?;
+        self.commit(&mut cat, Op::Grow { ino: node.ino, extents: plan })?;
+        self.refresh_map(&cat, node);
+        Ok(())
+    }
+
+    /// Raise the recorded size to `end_bytes` if it is below. Logged before the write that
+    /// needed it is acknowledged.
+    fn raise_size(&self, node: &FileNode, end_bytes: u64, now: i64) -> Result<()> {
+        let mut cat = self.catalog.lock();
+        let size = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { size_bytes, .. }) => *size_bytes,
+            _ => return Err(Error::NotFound),
+        };
+        if end_bytes > size {
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: end_bytes, mtime_ns: now })?;
+            node.size_bytes.store(end_bytes, Ordering::Release);
+            node.mtime_dirty.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset` of an open data set. Returns once the bytes are on the
+    /// volumes and any size change is in the log.
+    pub fn write(&self, node: &FileNode, offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset.checked_add(data.len() as u64).ok_or(Error::Invalid)?;
+        let _hold = node.write_hold.read();
+        let _io = node.gate.read();
+        if end > node.map.load().allocated_bytes() {
+            self.grow(node, end)?;
+        }
+        node.write_monitored(self.geometry, &self.volumes.read(), offset, data)?;
+        let now = now_ns();
+        self.last_app_io_ns.store(now, Ordering::Relaxed);
+        if end > node.size_bytes.load(Ordering::Acquire) {
+            self.raise_size(node, end, now)?;
+        } else {
+            node.mtime_ns.store(now, Ordering::Release);
+            node.mtime_dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, node: &FileNode, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.last_app_io_ns.store(now_ns(), Ordering::Relaxed);
+        let _io = node.gate.read();
+        let file_size = node.size_bytes.load(Ordering::Acquire);
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let len = (size as u64).min(file_size - offset) as usize;
+        let mut buf = vec![0u8; len];
+        read_pieces(&self.volumes.read(), &node.map.load(), offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Zero `offset..offset+len` of a data set, inside its allocation.
+    pub(super) fn zero_range(&self, map: &ExtentMap, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for p in map.pieces(offset, len as usize) {
+            if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
+                self.volume(volume)?.punch(offset_bytes, len as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Set a data set's size (open or not).
+    pub fn truncate(&self, ino: Ino, new_size: u64, now: i64) -> Result<()> {
+        let nodes = self.nodes.lock();
+        let node = self.node_for(&nodes, ino)?;
+        self.truncate_locked(&node, new_size, now)
+    }
+
+    /// Set a data set's size. Shrinking zeroes the cut part of the last kept track and frees
+    /// the tracks past it. The caller holds the `nodes` lock.
+    pub(super) fn truncate_locked(&self, node: &FileNode, new_size: u64, now: i64) -> Result<()> {
+        let g = self.geometry;
+        let _hold = node.write_hold.read();
+        let _excl = node.gate.write();
+        let mut cat = self.catalog.lock();
+        // A node built for this truncate alone may predate a reclaim of its surplus.
+        self.refresh_map(&cat, node);
+        let (old_size, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { size_bytes, extents }) => {
+                (*size_bytes, extents.iter().map(|e| e.count_tracks).sum::<u64>())
+            }
+            _ => return Err(Error::NotFound),
+        };
+        if new_size < old_size {
+            let keep_tracks = g.tracks_for(new_size);
+            let map = node.map.load();
+            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(map.allocated_bytes());
+            if zero_end > new_size {
+                self.zero_range(&map, new_size, zero_end - new_size)?;
+            }
+            // A migration re-copies the cut track, and drops (or re-copies, if the data set
+            // grows back) every track past it.
+            node.mark_changed(g, new_size, map.allocated_bytes().max(new_size + 1));
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
+            if allocated > keep_tracks {
+                self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
+            }
+            self.refresh_map(&cat, node);
+        } else if new_size > old_size {
+            // A data set is dense: its size lies inside its allocation. The new tracks are
+            // punched, so they cost no disk on the sparse image and read as zeros.
+            if g.tracks_for(new_size) > allocated {
+                drop(cat);
+                self.grow(node, new_size)?;
+                cat = self.catalog.lock();
+            }
+            self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
+            self.refresh_map(&cat, node);
+        } else {
+            self.commit(&mut cat, Op::set_mtime(node.ino, now))?;
+        }
+        node.mtime_dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// fallocate(2) on an open data set: allocate (mode 0, KEEP_SIZE), punch a hole
+    /// (PUNCH_HOLE|KEEP_SIZE: the range reads as zeros) or zero a range (ZERO_RANGE).
+    pub fn fallocate(&self, node: &FileNode, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let end = offset.checked_add(length).ok_or(Error::Invalid)?;
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            return Err(Error::NotSupported);
+        }
+        if punch && !keep_size {
+            return Err(Error::Invalid);
+        }
+        let g = self.geometry;
+        let _hold = node.write_hold.read();
+        let _io = node.gate.read();
+        if punch {
+            // Only inside the size: past it the bytes are zero already.
+            let size = node.size_bytes.load(Ordering::Acquire);
+            let map = node.map.load();
+            let stop = end.min(size).min(map.allocated_bytes());
+            if stop > offset {
+                self.zero_range(&map, offset, stop - offset)?;
+                node.mark_changed(g, offset, stop);
+            }
+            return Ok(());
+        }
+        if end > node.map.load().allocated_bytes() {
+            self.grow(node, end)?;
+        }
+        if zero {
+            let map = node.map.load();
+            self.zero_range(&map, offset, length)?;
+            node.mark_changed(g, offset, end);
+        }
+        if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
+            self.raise_size(node, end, now_ns())?;
+        }
+        Ok(())
+    }
+
+    /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, then the log.
+    pub fn fsync(&self, node: &FileNode, datasync: bool) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let volumes: BTreeSet<VolumeId> = node.map.load().extents().iter().map(|e| e.volume).collect();
+        for v in volumes {
+            self.volume(v)?.flush()?;
+        }
+        if !datasync {
+            self.persist_mtime(node)?;
+        }
+        self.sync_log()?;
+        // The copier's pacing feeds on how long applications wait for their fsyncs.
+        self.app_syncs.record(t0.elapsed().as_nanos() as u64, now_ns());
+        Ok(())
+    }
+
+    /// The nodes open now (for the migration engine's and shutdown's sweeps).
+    pub(super) fn nodes_snapshot(&self) -> Vec<Arc<FileNode>> {
+        self.nodes.lock().values().cloned().collect()
+    }
+}

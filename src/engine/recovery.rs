@@ -1,0 +1,179 @@
+//! Recovery at mount (after a clean unmount, a kill -9 or a power cut) and the clean
+//! shutdown. docs/design.md, "Crash safety" and "Power-loss safety", tells the story.
+
+use log::{error, warn};
+
+use super::{Engine, Result};
+use crate::catalog::model::{Body, JobRec, Op};
+use crate::extent_map::ExtentMap;
+use crate::geometry::TrackNo;
+use crate::pool::now_ns;
+
+/// What recovery did.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    /// Switched jobs whose source was freed.
+    pub jobs_released: Vec<u64>,
+    /// Jobs that had not switched, rolled back (target freed, source untouched).
+    pub jobs_rolled_back: Vec<u64>,
+    /// Rolled-back jobs queued again from the start: (old id, new id, path).
+    pub jobs_requeued: Vec<(u64, u64, String)>,
+    /// Rolled-back jobs whose data set is gone (nothing to start again).
+    pub jobs_dropped: Vec<(u64, String)>,
+    pub orphans_freed: usize,
+    /// After an unclean stop: data sets whose bytes past their size were zeroed, and free
+    /// runs zeroed.
+    pub tails_zeroed: u64,
+    pub free_runs_zeroed: u64,
+}
+
+impl Engine {
+    /// Bring the catalog and the volumes to a consistent state before anything is served:
+    /// settle every job record, free orphans, make all that durable (a compaction), and,
+    /// after an unclean stop (`unclean`), zero what a crash may have left behind: bytes past
+    /// each data set's size and every free track.
+    pub fn recover(&self, unclean: bool) -> Result<RecoveryReport> {
+        let mut r = RecoveryReport::default();
+        self.settle_jobs(&mut r)?;
+        r.orphans_freed = self.destroy_orphans()?;
+        {
+            let mut cat = self.catalog.lock();
+            cat.compact()?;
+        }
+        // Everything freed so far is durably free now.
+        self.quarantine.lock().clear();
+        if unclean {
+            r.tails_zeroed = self.zero_tails()?;
+            r.free_runs_zeroed = self.zero_free_space()?;
+            // Free tracks read as zeros *durably* from here on: a track handed out later may
+            // be named by a durable Grow before its new owner's bytes reach the disk.
+            self.flush_volumes()?;
+        }
+        Ok(r)
+    }
+
+    /// Every job the catalog holds: a switched job frees its source; any other is rolled
+    /// back (target freed, source untouched: it held every acknowledged write). A rolled-back
+    /// job of its own (not a plan's: a plan re-plans) is queued again in the same breath, as
+    /// a new record, so that a mount that fails after recovery loses no job: the next one
+    /// finds the queued record and starts it.
+    fn settle_jobs(&self, r: &mut RecoveryReport) -> Result<()> {
+        let mut cat = self.catalog.lock();
+        let jobs: Vec<JobRec> = cat.catalog.jobs.values().cloned().collect();
+        for j in jobs {
+            if j.switched {
+                self.commit(&mut cat, Op::JobRelease { job: j.id })?;
+                warn!("job {} ({}) had switched; freed its source", j.id, j.path);
+                r.jobs_released.push(j.id);
+                continue;
+            }
+            self.commit(&mut cat, Op::JobCancel { job: j.id })?;
+            warn!("job {} ({}) had not switched; rolled back (target freed)", j.id, j.path);
+            r.jobs_rolled_back.push(j.id);
+            if j.plan.is_some() {
+                continue;
+            }
+            let alive = cat.catalog.get(j.ino).is_some_and(|i| i.meta.nlink > 0 && matches!(i.body, Body::File { .. }));
+            if !alive {
+                r.jobs_dropped.push((j.id, j.path.clone()));
+                continue;
+            }
+            let id = cat.catalog.next_job;
+            let again = JobRec {
+                id,
+                target: Vec::new(),
+                release: Vec::new(),
+                switched: false,
+                started_ns: now_ns(),
+                ..j.clone()
+            };
+            self.commit(&mut cat, Op::JobStart { job: again })?;
+            r.jobs_requeued.push((j.id, id, j.path.clone()));
+        }
+        Ok(())
+    }
+
+    /// Free inodes left without links by a mount that stopped while they were open.
+    fn destroy_orphans(&self) -> Result<usize> {
+        let mut cat = self.catalog.lock();
+        let orphans = cat.catalog.orphans();
+        for ino in &orphans {
+            self.commit(&mut cat, Op::Destroy { ino: *ino })?;
+        }
+        Ok(orphans.len())
+    }
+
+    /// Zero every byte past each data set's size inside its allocation: after a crash, a write
+    /// that landed on the volume but whose size change never reached the log left bytes there.
+    fn zero_tails(&self) -> Result<u64> {
+        let g = self.geometry;
+        let cat = self.catalog.lock();
+        let mut n = 0;
+        for i in cat.catalog.inodes.values() {
+            if let Body::File { size_bytes, extents } = &i.body {
+                let map = ExtentMap::new(g, extents);
+                let end = map.allocated_bytes();
+                if end > *size_bytes {
+                    self.zero_range(&map, *size_bytes, end - size_bytes)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Zero every free run, since a crash can land between a free's log frame and its punch,
+    /// and a power cut can drop a punch.
+    fn zero_free_space(&self) -> Result<u64> {
+        let g = self.geometry;
+        let cat = self.catalog.lock();
+        let mut runs = 0;
+        for v in cat.catalog.volumes.values() {
+            let io = self.volume(v.id)?;
+            for (first, count) in v.free.runs() {
+                io.punch(g.track_offset(TrackNo(first)), g.bytes_of(count))?;
+                runs += 1;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Flush every volume.
+    pub fn flush_volumes(&self) -> Result<()> {
+        for v in self.volumes().values() {
+            v.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown (the migrations have stopped): persist mtimes, flush the volumes, trim
+    /// over-provisioned tails, fold the log into a snapshot, and zero what is durably free.
+    pub fn shutdown(&self) {
+        for n in self.nodes_snapshot() {
+            if let Err(e) = self.persist_mtime(&n) {
+                warn!("persisting mtime of {}: {e}", n.ino);
+            }
+        }
+        for v in self.volumes().values() {
+            if let Err(e) = v.flush() {
+                error!("flushing a volume at unmount: {e}");
+            }
+        }
+        let mut cat = self.catalog.lock();
+        self.open_inodes.lock().clear();
+        if let Err(e) = self.reclaim_surplus(&mut cat) {
+            error!("trimming over-provisioned tails at unmount: {e}");
+        }
+        if let Err(e) = cat.compact() {
+            error!("compacting the catalog at unmount: {e}");
+            return;
+        }
+        let freed = std::mem::take(&mut *self.quarantine.lock());
+        self.punch_freed(&freed);
+        for v in self.volumes().values() {
+            if let Err(e) = v.flush() {
+                error!("flushing a volume at unmount: {e}");
+            }
+        }
+    }
+}
