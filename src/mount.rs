@@ -141,7 +141,7 @@ type Prepared = (fuser::Session<FerryFs>, Arc<Migrations>, PathBuf, crate::engin
 /// every access to it fails with ENOTCONN. Detach it, so that the pool can be mounted again.
 /// Returns whether there was one.
 pub fn detach_dead_mount(mnt: &Path) -> bool {
-    let dead = matches!(std::fs::metadata(mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let dead = connection_is_dead(mnt);
     if !dead || !is_ferryfs_mountpoint(mnt) {
         return false;
     }
@@ -153,6 +153,19 @@ pub fn detach_dead_mount(mnt: &Path) -> bool {
         warn!("detached the dead ferryfs mount at {}", mnt.display());
     }
     ok
+}
+
+/// Whether the FUSE mount at `mnt` has lost its daemon. Asked with statfs(2), which the
+/// kernel always sends to the daemon: a stat would be answered from the attribute cache for
+/// up to ten seconds after the daemon died, and miss it.
+fn connection_is_dead(mnt: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs with a valid C string and a zeroed out-parameter of the right type.
+    let rc = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st)
+    };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// The newest mount at `mnt` (absolute) in /proc/self/mountinfo: (major:minor, source).

@@ -901,3 +901,44 @@ fn kill9_right_after_switch_frees_the_source() {
     fsck_clean(&tp.pool);
     assert_no_leak(&tp.pool, &tp.pool, "after the unmount");
 }
+
+/// The story: a remount right after a kill -9 failed with "Transport endpoint is not
+/// connected": the dead mount's attributes were still in the kernel's cache (ten seconds),
+/// so the stat that looked for a dead mount found a live one; and by then recovery had
+/// rolled the running job back, and nothing started it again. Now the dead mount is found by
+/// a request the kernel can't answer from its cache (statfs), and recovery queues the job
+/// again in the catalog before anything else can fail.
+#[test]
+fn remount_right_after_kill9_finishes_the_running_job() {
+    let tp = TestPool::new(TRACK_SIZE, &[("V1", "64M"), ("V2", "64M")]);
+    let m = tp.mount();
+    let data = common::pattern(8 << 20, 41);
+    fs::write(m.p("big"), &data).unwrap();
+    // The cached attributes are what hid the dead mount: make sure the root's are cached.
+    let _ = fs::metadata(&m.mnt).unwrap();
+    let reply = control(&m.mnt, "migrate /big to V2 rate=2M").unwrap();
+    let id = reply_jobs(&reply)[0];
+    let t0 = Instant::now();
+    while jobs::job(&m.mnt, id)["phase"] != "copying" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "job {id} never started copying");
+        thread::sleep(Duration::from_millis(5));
+    }
+    m.kill9_leave_mount();
+    thread::sleep(Duration::from_millis(100));
+    let m = tp.mount();
+    let st = status(&m.mnt);
+    let jobs: Vec<u64> = st["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_u64().unwrap()).collect();
+    assert_eq!(jobs.len(), 1, "the rolled-back job is queued again: {st}");
+    let done = jobs::wait_switched(&m.mnt, &jobs);
+    assert_eq!(done[0]["phase"], "switched");
+    common::assert_bytes_eq(&fs::read(m.p("big")).unwrap(), &data, "after the remount and the job");
+    let vols: BTreeSet<String> = common::data_set(&m.mnt, "/big")["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["volume"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(vols, BTreeSet::from(["V2".to_string()]), "the data set moved");
+    m.unmount();
+    fsck_clean(tp.pool.as_path());
+}

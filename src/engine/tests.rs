@@ -86,3 +86,43 @@ fn volume_io_error_reaches_the_caller_and_fsync_stays_failed() {
     assert_eq!(e.errno(), libc::EIO);
     assert_eq!(sh.fsync(&node, false).unwrap_err().errno(), libc::EIO, "fsync reports the latched error");
 }
+
+/// The story: recovery rolled a running job back and left starting it again to the mount's
+/// last step; a mount that failed after recovery (a dead mount in the way) lost the job for
+/// good. Recovery now queues it again in the catalog, so a recovery whose mount never
+/// serves still leaves the job for the next one.
+#[test]
+fn a_job_rolled_back_by_recovery_survives_a_mount_that_never_serves() {
+    use crate::catalog::model::{Cutover, JobRec};
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
+    sh.write(&node, 0, &[5u8; 10_000]).unwrap();
+    let job = JobRec {
+        id: 7,
+        ino: 2,
+        path: "/f".into(),
+        targets: vec![VolumeId(1)],
+        target: Vec::new(),
+        release: Vec::new(),
+        switched: false,
+        cutover: Cutover::Live,
+        rate_bytes_per_s: 0,
+        plan: None,
+        started_ns: 0,
+    };
+    sh.commit(&mut sh.catalog.lock(), Op::JobStart { job }).unwrap();
+    sh.sync_log().unwrap();
+    drop((sh, node));
+    for round in 0..2 {
+        // A mount: recovery, then (say) the FUSE mount fails and the process exits.
+        let (store, _) = Store::open(dir.path(), true).unwrap();
+        let vol: Arc<dyn StorageFile> = Arc::new(MemVolume::new(64 * 4096));
+        let e = Engine::new(store, dir.path().into(), crate::storage::real(), vec![(VolumeId(1), vol)]);
+        let r = e.recover(true).unwrap();
+        assert_eq!(r.jobs_requeued.len(), 1, "round {round}: {r:?}");
+        let cat = e.catalog.lock();
+        let jobs: Vec<&JobRec> = cat.catalog.jobs.values().collect();
+        assert_eq!(jobs.len(), 1, "round {round}: the job is queued again in the catalog");
+        assert!(jobs[0].target.is_empty() && !jobs[0].switched && jobs[0].ino == 2);
+    }
+}

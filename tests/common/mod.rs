@@ -543,6 +543,18 @@ impl Mounted {
         }
     }
 
+    /// SIGKILL the daemon and wait for the pid to be gone, leaving the dead mount in place
+    /// (as a crash leaves it: the next mount must cope with it).
+    pub fn kill9_leave_mount(mut self) {
+        self.done = true;
+        if let Some(pid) = self.pid {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            assert!(wait_pid_gone(pid, Duration::from_secs(30)), "daemon {pid} survived SIGKILL");
+        }
+    }
+
     fn force_cleanup(&mut self) {
         if is_mounted(&self.mnt) {
             let _ = run_bounded(Command::new(bin()).arg("umount").arg(&self.mnt), Duration::from_secs(30));
