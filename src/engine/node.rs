@@ -218,6 +218,9 @@ impl Engine {
                 _ => None,
             })
             .collect();
+        let mut victims = victims;
+        // In inode order: the log (and a simulation's replay of it) is the same every run.
+        victims.sort_unstable();
         let mut freed_tracks = 0;
         for (ino, keep_tracks) in victims {
             let freed = self.commit(cat, Op::Trim { ino, keep_tracks })?;

@@ -109,7 +109,10 @@ impl Engine {
         let g = self.geometry;
         let cat = self.catalog.lock();
         let mut n = 0;
-        for i in cat.catalog.inodes.values() {
+        // In inode order, so that the I/O is the same every run (simulation seeds replay).
+        let mut inodes: Vec<_> = cat.catalog.inodes.values().collect();
+        inodes.sort_unstable_by_key(|i| i.ino);
+        for i in inodes {
             if let Body::File { size_bytes, extents } = &i.body {
                 let map = ExtentMap::new(g, extents);
                 let end = map.allocated_bytes();

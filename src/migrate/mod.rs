@@ -464,14 +464,10 @@ fn pump(m: &Arc<Migrations>) {
             t.enlist(job.id);
         }
         let spawned = std::thread::Builder::new().name(format!("ferry-job-{}", job.id)).spawn(move || {
-            if let Some(t) = &sh.turns {
-                t.park(job.id);
-            }
+            // However the thread ends (a panic included), the turn goes back.
+            let _turn = sh.turns.clone().map(|t| turns::Held::take(t, job.id));
             job::run(&sh, &job);
             finished(&sh, &job);
-            if let Some(t) = &sh.turns {
-                t.done(job.id);
-            }
         });
         match spawned {
             Ok(t) => inner.threads.push(t),

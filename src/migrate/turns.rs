@@ -87,3 +87,23 @@ impl Turns {
         self.cv.notify_all();
     }
 }
+
+/// A job thread's place in the turns: taken (waiting for the first turn) at the thread's
+/// start, given back when the thread ends, however it ends.
+pub(super) struct Held {
+    turns: std::sync::Arc<Turns>,
+    job: u64,
+}
+
+impl Held {
+    pub(super) fn take(turns: std::sync::Arc<Turns>, job: u64) -> Held {
+        turns.park(job);
+        Held { turns, job }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.turns.done(self.job);
+    }
+}
