@@ -776,7 +776,7 @@ mod tests {
     #[test]
     fn unflushed_writes_survive_for_some_seeds_only_and_never_invent_bytes() {
         let old = vec![0xAAu8; 3 * 4096];
-        let (mut kept, mut lost) = (false, false);
+        let (mut kept, mut lost, mut mixed) = (false, false, false);
         for seed in 0..SEEDS {
             let d = disk_with("d/a", &old);
             let f = d.open(&p("d/a")).unwrap();
@@ -801,8 +801,10 @@ mod tests {
             }
             kept |= a[1000..4000].iter().all(|&b| b == 0xBB);
             lost |= a[1000..4000].iter().all(|&b| b == 0xAA);
+            // Sectors are chosen one by one: the write's first sector kept, its second not.
+            mixed |= a[1000..4000].iter().all(|&b| b == 0xBB) && a[4096..6000].iter().all(|&b| b == 0xAA);
         }
-        assert!(kept && lost, "kept {kept} lost {lost}");
+        assert!(kept && lost && mixed, "kept {kept} lost {lost} mixed {mixed}");
     }
 
     #[test]
@@ -884,6 +886,36 @@ mod tests {
         }
         assert!(torn > 0);
         assert!(torn < 200, "tearing is rare: {torn}");
+    }
+
+    #[test]
+    fn a_sector_holds_one_version_so_a_cut_does_not_come_back_under_a_later_write() {
+        let a = [0xAAu8; 4096];
+        let mut b_then_zeros = [0u8; 4096];
+        b_then_zeros[..100].fill(0xBB);
+        let mut seen = BTreeSet::new();
+        for seed in 0..SEEDS {
+            let d = disk_with("d/a", &a);
+            let f = d.open(&p("d/a")).unwrap();
+            f.set_len(0).unwrap();
+            f.set_len(4096).unwrap();
+            f.write_at(&[0xBB; 100], 0).unwrap();
+            let got = d.restart(seed).read_all(&p("d/a")).unwrap();
+            // The versions: the synced As, zeros (the cut), the Bs over zeros. A sector holds
+            // one of them, or is torn: version i, then version i+1 from a 512-byte boundary.
+            let versions = [a, [0; 4096], b_then_zeros];
+            let whole = got.is_empty() || versions.iter().any(|v| got == v);
+            let torn = got.len() == 4096
+                && (0..2).any(|i| {
+                    (512..4096)
+                        .step_by(512)
+                        .any(|at| got[..at] == versions[i][..at] && got[at..] == versions[i + 1][at..])
+                });
+            assert!(whole || torn, "seed {seed}: {:x?}..", &got[..got.len().min(120)]);
+            seen.insert(got);
+        }
+        assert!(seen.len() >= 4, "{} outcomes", seen.len());
+        assert!(seen.contains(&vec![]), "the length may be any of its history, 0 too");
     }
 
     #[test]
