@@ -118,8 +118,8 @@ pub struct Store {
     log: Option<Arc<dyn StorageFile>>,
     /// The failures of this log file (a new log file starts with a new latch).
     log_latch: Arc<Latch>,
-    /// Where the next frame goes in the log file.
-    log_len_bytes: u64,
+    /// Where the next frame goes in the log file (the end of its last frame).
+    log_end_bytes: u64,
     /// Bytes appended since the store opened: never goes down.
     appended_mark: u64,
     /// The appended mark and the file length when the current log file started; the file's
@@ -151,7 +151,7 @@ impl Store {
             generation,
             log: None,
             log_latch: Arc::new(Latch::default()),
-            log_len_bytes: 0,
+            log_end_bytes: 0,
             appended_mark: 0,
             log_base_mark: 0,
             log_base_len: 0,
@@ -219,21 +219,21 @@ impl Store {
                 report.torn_tail_bytes = bytes.len() as u64 - frames.valid_len;
                 report.frames_dropped = frames.frames_dropped;
                 report.log_bytes = frames.valid_len;
-                s.log_len_bytes = frames.valid_len;
+                s.log_end_bytes = frames.valid_len;
             }
         }
         if writable {
             if replay_log {
                 let f = disk.open(&log_path).map_err(io_err(&log_path))?;
                 if report.torn_tail_bytes > 0 {
-                    f.set_len(s.log_len_bytes).map_err(io_err(&log_path))?;
+                    f.set_len(s.log_end_bytes).map_err(io_err(&log_path))?;
                 }
                 // What replayed came from the file, maybe from the page cache of a process
                 // that died: make it durable, so that the frames appended from here on can
                 // say which sectors are.
                 f.flush().map_err(io_err(&log_path))?;
                 s.log = Some(f);
-                s.log_base_len = s.log_len_bytes;
+                s.log_base_len = s.log_end_bytes;
             } else {
                 // Missing or stale log: start the snapshot's generation afresh.
                 s.start_log()?;
@@ -273,14 +273,14 @@ impl Store {
         }
         let log = self.log.clone().ok_or(StoreError::ReadOnly)?;
         let frame = encode_frame(&op, self.durable_sectors());
-        let at = self.log_len_bytes;
+        let at = self.log_end_bytes;
         if let Err(e) = self.log_latch.record(log.write_at(&frame, at)) {
             // Best effort: cut off whatever part of the frame landed. The next commit
             // compacts anyway.
             let _ = log.set_len(at);
             return Err(io_err(&self.dir.join(LOG_FILE))(e));
         }
-        self.log_len_bytes += frame.len() as u64;
+        self.log_end_bytes += frame.len() as u64;
         self.appended_mark += frame.len() as u64;
         let freed = self.catalog.apply(&op).expect("op was checked against this state");
         Ok(freed)
@@ -289,7 +289,7 @@ impl Store {
     /// Whole sectors of the current log file known durable now.
     fn durable_sectors(&self) -> u16 {
         let durable = self.durable_mark.load(Ordering::Acquire).saturating_sub(self.log_base_mark);
-        let bytes = (self.log_base_len + durable).min(self.log_len_bytes);
+        let bytes = (self.log_base_len + durable).min(self.log_end_bytes);
         (bytes / SECTOR_BYTES).min(u16::MAX as u64) as u16
     }
 
@@ -333,7 +333,7 @@ impl Store {
     }
 
     pub fn needs_compaction(&self) -> bool {
-        self.log_len_bytes > LOG_COMPACT_BYTES
+        self.log_end_bytes > LOG_COMPACT_BYTES
     }
 
     /// Fold the log into a new snapshot: write the snapshot to a temp file, fsync, rename,
@@ -383,7 +383,7 @@ impl Store {
         let f = self.disk.open(&path).map_err(io_err(&path))?;
         self.log = Some(f);
         self.log_latch = Arc::new(Latch::default());
-        self.log_len_bytes = LOG_HEADER_BYTES as u64;
+        self.log_end_bytes = LOG_HEADER_BYTES as u64;
         self.log_base_len = LOG_HEADER_BYTES as u64;
         self.log_base_mark = self.appended_mark;
         Ok(())
@@ -676,12 +676,18 @@ fn scan_tail(b: &[u8], from: usize) -> TailScan {
     scan
 }
 
-/// Walk the frames after the log header up to the first that fails. Returns the end of the
-/// last good frame, the damage (offset, what), and the scan of what follows it.
-fn walk_frames(
-    b: &[u8],
-    mut each: impl FnMut(usize, &FrameAt) -> Result<(), StoreError>,
-) -> Result<(u64, Option<(u64, String)>, TailScan), StoreError> {
+/// Where a walk of the frames stopped.
+struct Walk {
+    /// The end of the last good frame.
+    valid_len: u64,
+    /// The first frame that failed: its offset and what is wrong with it.
+    damage: Option<(u64, String)>,
+    /// The valid frames after the damage.
+    scan: TailScan,
+}
+
+/// Walk the frames after the log header up to the first that fails, and scan what follows.
+fn walk_frames(b: &[u8], mut each: impl FnMut(usize, &FrameAt) -> Result<(), StoreError>) -> Result<Walk, StoreError> {
     let mut at = LOG_HEADER_BYTES;
     while at < b.len() {
         match frame_at(b, at) {
@@ -691,17 +697,17 @@ fn walk_frames(
             }
             Err(why) => {
                 let scan = if b[at..].iter().all(|&x| x == 0) { TailScan::default() } else { scan_tail(b, at + 1) };
-                return Ok((at as u64, Some((at as u64, why)), scan));
+                return Ok(Walk { valid_len: at as u64, damage: Some((at as u64, why)), scan });
             }
         }
     }
-    Ok((at as u64, None, TailScan::default()))
+    Ok(Walk { valid_len: at as u64, damage: None, scan: TailScan::default() })
 }
 
 /// The end of the last good frame, and what lies after it (for a repair).
 fn frames_prefix(b: &[u8]) -> Result<(u64, TailScan), StoreError> {
-    let (valid_len, _, scan) = walk_frames(b, |_, _| Ok(()))?;
-    Ok((valid_len, scan))
+    let w = walk_frames(b, |_, _| Ok(()))?;
+    Ok((w.valid_len, w.scan))
 }
 
 /// Decoded frames: the ops with their offsets, the end of the last good frame, and how
@@ -716,7 +722,7 @@ struct Frames {
 /// bytes were synced is corruption; any other damage starts a torn tail, dropped.
 fn decode_frames(path: &Path, b: &[u8]) -> Result<Frames, StoreError> {
     let mut ops = Vec::new();
-    let (valid_len, damage, scan) = walk_frames(b, |at, f| {
+    let Walk { valid_len, damage, scan } = walk_frames(b, |at, f| {
         if !FORMAT_VERSIONS_READ.contains(&f.version) {
             return Err(corrupt(path, format!("frame at byte {at} has format version {}", f.version)));
         }
