@@ -111,7 +111,13 @@ pub enum Cmd {
     /// Cancel a job (or a plan) before its switch: the target is freed, the source untouched.
     Cancel { mountpoint: PathBuf, job: u64 },
     /// Check every invariant of a pool's catalog.
-    Fsck { pool: PathBuf },
+    Fsck {
+        pool: PathBuf,
+        /// Before checking, cut a damaged catalog log at its last good frame (unmounted
+        /// pools only; a copy of the log is kept next to it).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Build a temporary pool, mount it, write and verify data, and clean up.
     Demo {
         /// Keep the temporary pool instead of deleting it.
@@ -364,7 +370,11 @@ pub fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Cmd::Fsck { pool } => fsck(&pool),
+        Cmd::Fsck { pool, repair } => {
+            // The lock holds through the check, so no mount starts in between.
+            let _lock = if repair { Some(repair_log(&pool)?) } else { None };
+            fsck(&pool)
+        }
         Cmd::Demo { keep } => demo(keep),
     }
 }
@@ -398,13 +408,46 @@ fn print_listing(l: &report::Listing, extents: bool) {
     }
 }
 
-fn fsck(pool: &Path) -> CliResult {
+fn check_fsck_target(pool: &Path) -> CliResult {
     if !pool.join(SNAP_FILE).exists() {
         if status_of_mount(pool).is_some() {
             return Err(format!("{} is a mountpoint; fsck takes the pool directory", pool.display()));
         }
         return Err(format!("{} is not a ferryfs pool (no {SNAP_FILE})", pool.display()));
     }
+    Ok(())
+}
+
+/// `fsck --repair`: under the pool lock (refused while mounted), keep a copy of a damaged
+/// catalog log and cut the log at its last good frame. Says what it did, or that the log
+/// needed nothing.
+fn repair_log(pool: &Path) -> Result<pool::PoolLock, String> {
+    check_fsck_target(pool)?;
+    let lock = pool::PoolLock::take(pool).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let r = crate::catalog::store::repair_log(&lock.dir, now).map_err(|e| e.to_string())?;
+    let Some(damage_at) = r.damage_at else {
+        println!("repair: the catalog log has nothing after its last good frame; nothing changed");
+        return Ok(lock);
+    };
+    if let Some(copy) = &r.copy {
+        println!("repair: kept a copy of the damaged catalog log at {}", copy.display());
+    }
+    println!(
+        "repair: cut the catalog log at byte {} (the end of the last good frame; the damage began at byte \
+         {damage_at}): {} bytes removed",
+        r.cut_at,
+        r.log_bytes - r.cut_at
+    );
+    println!(
+        "repair: {} whole frame(s) after the damage were lost with it (their catalog changes are gone)",
+        r.frames_lost
+    );
+    Ok(lock)
+}
+
+fn fsck(pool: &Path) -> CliResult {
+    check_fsck_target(pool)?;
     let dir = pool.canonicalize().map_err(|e| format!("{}: {e}", pool.display()))?;
     let (store, report) = crate::catalog::Store::open(&dir, false).map_err(|e| e.to_string())?;
     let c = &store.catalog;
@@ -426,6 +469,13 @@ fn fsck(pool: &Path) -> CliResult {
         r.notes.push(format!(
             "the catalog log ends in a torn append of {} bytes (the next mount cuts it)",
             report.torn_tail_bytes
+        ));
+    }
+    if report.frames_dropped > 0 {
+        r.notes.push(format!(
+            "the torn tail holds {} whole frame(s) written after the lost bytes and never synced; \
+             they are dropped",
+            report.frames_dropped
         ));
     }
     for n in &r.notes {

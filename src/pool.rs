@@ -113,6 +113,33 @@ pub fn init(dir: &Path, geometry: Geometry) -> Result<(), PoolError> {
     Ok(())
 }
 
+/// The pool lock alone, without opening the catalog (for a repair of a catalog that does not
+/// open). It holds while the value lives.
+pub struct PoolLock {
+    /// The pool directory, canonical.
+    pub dir: PathBuf,
+    file: File,
+}
+
+impl PoolLock {
+    /// Take the pool lock or say who holds it (a mount, or another offline command).
+    pub fn take(dir: &Path) -> Result<PoolLock, PoolError> {
+        let dir = dir.canonicalize().map_err(io_err(dir))?;
+        if !dir.join(crate::catalog::store::SNAP_FILE).exists() {
+            return Err(StoreError::NotAPool { path: dir }.into());
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = lock_holder(&file);
+            return Err(PoolError::Locked { by: read_mounted(&dir), path: dir, holder });
+        }
+        Ok(PoolLock { dir, file })
+    }
+}
+
 /// An open, locked pool: the catalog store and the lock.
 pub struct Pool {
     pub dir: PathBuf,
@@ -124,20 +151,9 @@ pub struct Pool {
 impl Pool {
     /// Open for writing: takes the pool lock or says who holds it.
     pub fn open(dir: &Path) -> Result<Pool, PoolError> {
-        let dir = dir.canonicalize().map_err(io_err(dir))?;
-        if !dir.join(crate::catalog::store::SNAP_FILE).exists() {
-            return Err(StoreError::NotAPool { path: dir }.into());
-        }
-        let lock_path = dir.join(LOCK_FILE);
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = lock_holder(&lock);
-            return Err(PoolError::Locked { by: read_mounted(&dir), path: dir, holder });
-        }
+        let PoolLock { dir, file } = PoolLock::take(dir)?;
         let (store, report) = Store::open(&dir, true)?;
-        Ok(Pool { dir, store, report, _lock: lock })
+        Ok(Pool { dir, store, report, _lock: file })
     }
 
     /// Add a volume image: a new sparse file, then the catalog record.

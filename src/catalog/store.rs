@@ -3,8 +3,8 @@
 //! ```text
 //! POOL/catalog.snap   header (magic "FYSN", version, generation, length) + postcard(Catalog) + crc32c
 //! POOL/catalog.log    header (magic "FYLG", version, generation) + frames
-//! frame               magic "FYOP" | version u16 | reserved u16 | length u32 | header crc32c
-//!                     | postcard(Op) | crc32c
+//! frame               magic "FYOP" | version u16 | durable_sectors u16 | length u32
+//!                     | header crc32c | postcard(Op) | crc32c
 //! ```
 //!
 //! Why our own log and not an embedded store: every op is one `pwrite` of a few dozen bytes
@@ -14,21 +14,40 @@
 //! I/O path: compaction (a new snapshot) happens at mount, at clean unmount and when the log
 //! passes [`LOG_COMPACT_BYTES`]. docs/format.md draws every record.
 //!
+//! Every byte of the catalog's files goes through a [`Disk`], so that a simulated disk sees
+//! (and can lose) each of them.
+//!
+//! Durability marks: the store counts the bytes it appended since it opened (a mark that
+//! never goes down, not even when a compaction starts a new, shorter log), and a shared
+//! durable mark says how far they are synced. A [`SyncPoint`] taken under the catalog lock
+//! syncs up to its mark outside it, and does nothing when another sync or a compaction got
+//! there first.
+//!
+//! A failed append or log sync latches the log: no later sync of that file reports success,
+//! and the next commit first compacts (a new snapshot and a new log, written from the
+//! in-memory catalog, which never holds a failed op).
+//!
 //! Replay rules: a log whose generation is older than the snapshot's was already folded into
-//! it and is ignored. A tail that is a strict prefix of a frame (or zeros) is a torn append
-//! that was never acknowledged, and is cut off. Anything else that fails its magic, length or
-//! checksum is corruption: the store refuses to open and says where.
+//! it and is ignored. Frames replay up to the first one that fails (bad magic, a checksum, or
+//! a length running past the end). What follows is either a torn tail, or damage in data
+//! that was synced. Each frame records how many whole 4 KiB sectors of its log were known
+//! synced when it was written (`durable_sectors`); if a valid frame after the damage says
+//! the damage lies in synced sectors, the store refuses to open and says where and how to
+//! repair; otherwise the tail (with any valid frames in it, which were never synced and
+//! survived a power cut out of order) is dropped, and a writable open cuts it off.
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::model::{ApplyError, Catalog, Freed, Op};
+use crate::storage::{self, Disk, Latch, StorageFile};
 
 pub const SNAP_FILE: &str = "catalog.snap";
 pub const LOG_FILE: &str = "catalog.log";
+/// Prefix of the copy `fsck --repair` keeps of a damaged log (then `-<unix seconds>`).
+pub const DAMAGED_LOG_PREFIX: &str = "catalog.log.damaged";
 const SNAP_MAGIC: &[u8; 4] = b"FYSN";
 const LOG_MAGIC: &[u8; 4] = b"FYLG";
 const FRAME_MAGIC: &[u8; 4] = b"FYOP";
@@ -39,12 +58,17 @@ pub const FORMAT_VERSION: u16 = 2;
 const FORMAT_VERSIONS_READ: [u16; 2] = [1, 2];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
-/// magic, version, reserved, payload length, and a checksum of those 12 bytes: a length
-/// field can't be corrupted into "the log ends here" without the header checksum noticing.
+/// magic, version, durable_sectors, payload length, and a checksum of those 12 bytes: a
+/// length field can't be corrupted into "the log ends here" without the header checksum
+/// noticing.
 const FRAME_HEADER_BYTES: usize = 4 + 2 + 2 + 4 + 4;
 /// A frame's payload is one op; the largest (a symlink or a grow of a fragmented data set)
 /// is a few KiB. Anything bigger is a corrupt length field, not a record.
 const FRAME_PAYLOAD_MAX_BYTES: usize = 1 << 20;
+/// The unit a power cut loses or tears writes in. A frame's `durable_sectors` counts whole
+/// sectors of its log that were synced before it was written: later appends never rewrite
+/// them, so a power cut can't tear them.
+pub const SECTOR_BYTES: u64 = 4096;
 /// When the log passes this size it is folded into a new snapshot, so that a mount replays at
 /// most this much (about a second of replay at worst).
 pub const LOG_COMPACT_BYTES: u64 = 64 << 20;
@@ -78,54 +102,96 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 pub struct OpenReport {
     pub generation: u64,
     pub ops_replayed: u64,
+    /// Bytes after the last good frame: a torn tail, dropped (and cut by a writable open).
     pub torn_tail_bytes: u64,
+    /// Valid frames found in the torn tail, after the damaged one: appended but never
+    /// synced, they survived a power cut that lost an earlier write, and are dropped.
+    pub frames_dropped: u64,
     pub log_bytes: u64,
 }
 
 pub struct Store {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     generation: u64,
     /// None when opened read-only.
-    log: Option<Arc<File>>,
-    log_len_bytes: u64,
+    log: Option<Arc<dyn StorageFile>>,
+    /// The failures of this log file (a new log file starts with a new latch).
+    log_latch: Arc<Latch>,
+    /// Where the next frame goes in the log file (the end of its last frame).
+    log_end_bytes: u64,
+    /// Bytes appended since the store opened: never goes down.
+    appended_mark: u64,
+    /// The appended mark and the file length when the current log file started; the file's
+    /// bytes before `log_base_len` were durable then.
+    log_base_mark: u64,
+    log_base_len: u64,
+    /// How far the appended bytes are durable (raised by syncs and compactions).
+    durable_mark: Arc<AtomicU64>,
     pub catalog: Catalog,
 }
 
 impl Store {
-    /// Write the first snapshot and an empty log of a new pool.
+    /// Write the first snapshot and an empty log of a new pool (on the host's disk).
     pub fn create(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
-        let mut s = Store { dir: dir.to_path_buf(), generation: 0, log: None, log_len_bytes: 0, catalog };
+        Self::create_on(storage::real(), dir, catalog)
+    }
+
+    /// Write the first snapshot and an empty log of a new pool on `disk`.
+    pub fn create_on(disk: Arc<dyn Disk>, dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
+        let mut s = Store::new(disk, dir, 0, catalog);
         s.compact()?;
         Ok(s)
     }
 
-    /// Load the catalog. `writable` opens the log for appends (the caller holds the pool
-    /// lock); read-only opens never write a byte.
+    fn new(disk: Arc<dyn Disk>, dir: &Path, generation: u64, catalog: Catalog) -> Store {
+        Store {
+            disk,
+            dir: dir.to_path_buf(),
+            generation,
+            log: None,
+            log_latch: Arc::new(Latch::default()),
+            log_end_bytes: 0,
+            appended_mark: 0,
+            log_base_mark: 0,
+            log_base_len: 0,
+            durable_mark: Arc::new(AtomicU64::new(0)),
+            catalog,
+        }
+    }
+
+    /// Load the catalog from the host's disk. `writable` opens the log for appends (the
+    /// caller holds the pool lock); read-only opens never write a byte.
     pub fn open(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_on(storage::real(), dir, writable)
+    }
+
+    /// [`Store::open`] on `disk`.
+    pub fn open_on(disk: Arc<dyn Disk>, dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
         // A read-only open races the mount's compaction: it can read the old snapshot and
         // then the new log. The generations tell, and a second read sees a consistent pair.
         let mut tries = if writable { 1 } else { COMPACTION_RACE_RETRIES };
         loop {
-            match Self::open_once(dir, writable) {
+            match Self::open_once(&disk, dir, writable) {
                 Err(StoreError::Corrupt { what, .. }) if tries > 1 && what.contains(NEWER_LOG) => tries -= 1,
                 other => return other,
             }
         }
     }
 
-    fn open_once(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
+    fn open_once(disk: &Arc<dyn Disk>, dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
         let snap_path = dir.join(SNAP_FILE);
-        let snap = match fs::read(&snap_path) {
+        let snap = match disk.read_all(&snap_path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotAPool { path: dir.into() }),
             Err(e) => return Err(io_err(&snap_path)(e)),
         };
         let (generation, catalog) = decode_snapshot(&snap_path, &snap)?;
-        let mut s = Store { dir: dir.to_path_buf(), generation, log: None, log_len_bytes: 0, catalog };
+        let mut s = Store::new(disk.clone(), dir, generation, catalog);
         let mut report = OpenReport { generation, ..Default::default() };
 
         let log_path = dir.join(LOG_FILE);
-        let log_bytes = match fs::read(&log_path) {
+        let log_bytes = match disk.read_all(&log_path) {
             Ok(b) => Some(b),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(&log_path)(e)),
@@ -141,8 +207,8 @@ impl Store {
             }
             if log_gen == generation {
                 replay_log = true;
-                let (ops, valid_len) = decode_frames(&log_path, bytes)?;
-                for (offset, op) in ops {
+                let frames = decode_frames(&log_path, bytes)?;
+                for (offset, op) in frames.ops {
                     s.catalog.apply(&op).map_err(|source| StoreError::BadOp {
                         path: log_path.clone(),
                         offset,
@@ -150,19 +216,24 @@ impl Store {
                     })?;
                     report.ops_replayed += 1;
                 }
-                report.torn_tail_bytes = bytes.len() as u64 - valid_len;
-                report.log_bytes = valid_len;
-                s.log_len_bytes = valid_len;
+                report.torn_tail_bytes = bytes.len() as u64 - frames.valid_len;
+                report.frames_dropped = frames.frames_dropped;
+                report.log_bytes = frames.valid_len;
+                s.log_end_bytes = frames.valid_len;
             }
         }
         if writable {
             if replay_log {
-                let f = OpenOptions::new().read(true).write(true).open(&log_path).map_err(io_err(&log_path))?;
+                let f = disk.open(&log_path).map_err(io_err(&log_path))?;
                 if report.torn_tail_bytes > 0 {
-                    f.set_len(s.log_len_bytes).map_err(io_err(&log_path))?;
-                    f.sync_all().map_err(io_err(&log_path))?;
+                    f.set_len(s.log_end_bytes).map_err(io_err(&log_path))?;
                 }
-                s.log = Some(Arc::new(f));
+                // What replayed came from the file, maybe from the page cache of a process
+                // that died: make it durable, so that the frames appended from here on can
+                // say which sectors are.
+                f.flush().map_err(io_err(&log_path))?;
+                s.log = Some(f);
+                s.log_base_len = s.log_end_bytes;
             } else {
                 // Missing or stale log: start the snapshot's generation afresh.
                 s.start_log()?;
@@ -171,38 +242,67 @@ impl Store {
         Ok((s, report))
     }
 
+    /// The appended mark: bytes appended to the log since the store opened. It never goes
+    /// down (a compaction does not reset it), so a caller may compare it with one it kept.
+    /// Kept for the mount's sync cache until that uses [`Store::sync_point`] alone.
     pub fn log_len_bytes(&self) -> u64 {
-        self.log_len_bytes
+        self.appended_mark
+    }
+
+    /// A handle that syncs the log up to what is appended now, without the catalog lock.
+    /// Kept for the mount's sync path until that uses [`Store::sync_point`] alone.
+    pub fn log_handle(&self) -> Option<LogHandle> {
+        self.log.as_ref().map(|_| LogHandle(self.sync_point()))
     }
 
     /// Append `op` to the log, then apply it. The op is in the kernel's page cache (so it
     /// survives a crash of this process) before this returns; it is durable against power
-    /// loss after the next [`Store::sync`]. If the op doesn't apply, nothing is written.
+    /// loss after the next [`Store::sync`]. If the op doesn't apply, nothing is written. If
+    /// the log failed before, this first compacts (and fails if that fails). If the append
+    /// fails, the catalog is unchanged and the log is latched.
     pub fn commit(&mut self, op: Op) -> Result<Freed, StoreError> {
-        let log = self.log.clone().ok_or(StoreError::ReadOnly)?;
+        if self.log.is_none() {
+            return Err(StoreError::ReadOnly);
+        }
         // Check first on a dry run, so a refused op never reaches the log.
         self.catalog.check(&op)?;
-        let frame = encode_frame(&op);
-        let path = self.dir.join(LOG_FILE);
-        if let Err(e) = log.write_all_at(&frame, self.log_len_bytes) {
-            // Cut off whatever part of the frame landed, so later frames follow a valid one.
-            let _ = log.set_len(self.log_len_bytes);
-            return Err(io_err(&path)(e));
+        if self.log_failed() {
+            // The failed file is never trusted again: a failed write may have left part of
+            // a frame, a failed sync may have dropped pages. Rewrite from memory.
+            self.compact()?;
         }
-        self.log_len_bytes += frame.len() as u64;
+        let log = self.log.clone().ok_or(StoreError::ReadOnly)?;
+        let frame = encode_frame(&op, self.durable_sectors());
+        let at = self.log_end_bytes;
+        if let Err(e) = self.log_latch.record(log.write_at(&frame, at)) {
+            // Best effort: cut off whatever part of the frame landed. The next commit
+            // compacts anyway.
+            let _ = log.set_len(at);
+            return Err(io_err(&self.dir.join(LOG_FILE))(e));
+        }
+        self.log_end_bytes += frame.len() as u64;
+        self.appended_mark += frame.len() as u64;
         let freed = self.catalog.apply(&op).expect("op was checked against this state");
         Ok(freed)
     }
 
-    /// What a sync must make durable now, taken under the catalog lock; its
-    /// [`SyncPoint::sync`] runs outside it. (Placeholder: to be replaced by monotonic marks.)
-    pub fn sync_point(&self) -> SyncPoint {
-        SyncPoint { log: self.log.clone(), path: self.dir.join(LOG_FILE) }
+    /// Whole sectors of the current log file known durable now.
+    fn durable_sectors(&self) -> u16 {
+        let durable = self.durable_mark.load(Ordering::Acquire).saturating_sub(self.log_base_mark);
+        let bytes = (self.log_base_len + durable).min(self.log_end_bytes);
+        (bytes / SECTOR_BYTES).min(u16::MAX as u64) as u16
     }
 
-    /// The log file, to `fdatasync` without holding the catalog lock.
-    pub fn log_handle(&self) -> Option<Arc<File>> {
-        self.log.clone()
+    /// What a sync must make durable now, taken under the catalog lock; its
+    /// [`SyncPoint::sync`] runs outside it.
+    pub fn sync_point(&self) -> SyncPoint {
+        SyncPoint {
+            log: self.log.clone(),
+            latch: self.log_latch.clone(),
+            mark: self.appended_mark,
+            durable_mark: self.durable_mark.clone(),
+            path: self.dir.join(LOG_FILE),
+        }
     }
 
     /// Sync, or if the log failed, rewrite the catalog whole. (Placeholder.)
@@ -212,23 +312,39 @@ impl Store {
 
     /// Whether the log failed a write or a sync: the next commit compacts first.
     pub fn log_failed(&self) -> bool {
-        false
+        self.log_latch.check().is_err()
     }
 
+    /// Make every committed op durable.
     pub fn sync(&self) -> Result<(), StoreError> {
-        if let Some(log) = &self.log {
-            log.sync_data().map_err(io_err(&self.dir.join(LOG_FILE)))?;
+        self.sync_point().sync()
+    }
+
+    /// Make every committed op durable, for a caller that holds the catalog lock: a sync, or,
+    /// if the log has failed (before or in this sync), a compaction, which writes everything
+    /// anew.
+    pub fn sync_or_rewrite(&mut self) -> Result<(), StoreError> {
+        if self.log.is_none() {
+            return Ok(());
         }
-        Ok(())
+        if !self.log_failed() {
+            match self.sync() {
+                Ok(()) => return Ok(()),
+                Err(e) if !self.log_failed() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        self.compact()
     }
 
     pub fn needs_compaction(&self) -> bool {
-        self.log_len_bytes > LOG_COMPACT_BYTES
+        self.log_end_bytes > LOG_COMPACT_BYTES
     }
 
     /// Fold the log into a new snapshot: write the snapshot to a temp file, fsync, rename,
     /// fsync the directory; then the same for a new empty log of the new generation. A crash
     /// between the two leaves a new snapshot and an old-generation log, which open() ignores.
+    /// Makes every committed op durable, and clears a failed log.
     pub fn compact(&mut self) -> Result<(), StoreError> {
         let generation = self.generation + 1;
         let payload = postcard::to_stdvec(&self.catalog).expect("the catalog serializes");
@@ -241,9 +357,22 @@ impl Store {
         snap.extend_from_slice(&payload);
         let crc = crc32c::crc32c(&snap);
         snap.extend_from_slice(&crc.to_le_bytes());
-        replace_file(&self.dir, SNAP_FILE, &snap)?;
+        let snap_path = self.dir.join(SNAP_FILE);
+        storage::replace_file(&*self.disk, &self.dir, SNAP_FILE, &snap).map_err(io_err(&snap_path))?;
         self.generation = generation;
-        self.start_log()
+        // The snapshot holds every committed op.
+        self.durable_mark.fetch_max(self.appended_mark, Ordering::AcqRel);
+        if let Err(e) = self.start_log() {
+            // The log in hand belongs to the old generation, which a reopen ignores: never
+            // append to it again.
+            let errno = match &e {
+                StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+                _ => libc::EIO,
+            };
+            let _ = self.log_latch.record::<()>(Err(io::Error::from_raw_os_error(errno)));
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn start_log(&mut self) -> Result<(), StoreError> {
@@ -254,42 +383,133 @@ impl Store {
         header.extend_from_slice(&self.generation.to_le_bytes());
         let crc = crc32c::crc32c(&header);
         header.extend_from_slice(&crc.to_le_bytes());
-        replace_file(&self.dir, LOG_FILE, &header)?;
         let path = self.dir.join(LOG_FILE);
-        let f = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
-        self.log = Some(Arc::new(f));
-        self.log_len_bytes = LOG_HEADER_BYTES as u64;
+        storage::replace_file(&*self.disk, &self.dir, LOG_FILE, &header).map_err(io_err(&path))?;
+        let f = self.disk.open(&path).map_err(io_err(&path))?;
+        self.log = Some(f);
+        self.log_latch = Arc::new(Latch::default());
+        self.log_end_bytes = LOG_HEADER_BYTES as u64;
+        self.log_base_len = LOG_HEADER_BYTES as u64;
+        self.log_base_mark = self.appended_mark;
         Ok(())
     }
 }
 
-/// A sync of the log up to a point, done outside the catalog lock.
+/// A sync of the log up to the appended mark it was taken at, done outside the catalog lock.
 pub struct SyncPoint {
-    log: Option<Arc<File>>,
+    log: Option<Arc<dyn StorageFile>>,
+    latch: Arc<Latch>,
+    mark: u64,
+    durable_mark: Arc<AtomicU64>,
     path: PathBuf,
 }
 
 impl SyncPoint {
+    /// Returns at once if a sync or a compaction already made the mark durable; else flushes
+    /// the log. A log that failed before (or fails now) is an error, never a success.
     pub fn sync(&self) -> Result<(), StoreError> {
-        if let Some(log) = &self.log {
-            log.sync_data().map_err(io_err(&self.path))?;
+        self.sync_io().map_err(io_err(&self.path))
+    }
+
+    fn sync_io(&self) -> io::Result<()> {
+        if self.durable_mark.load(Ordering::Acquire) >= self.mark {
+            return Ok(());
         }
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        self.latch.check()?;
+        self.latch.record(log.flush())?;
+        self.durable_mark.fetch_max(self.mark, Ordering::AcqRel);
         Ok(())
     }
 }
 
-/// Write `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
-pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let dst = dir.join(name);
-    {
-        let f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all_at(bytes, 0).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+/// The log's sync for callers that expect a file's `sync_data` (see [`Store::log_handle`]).
+pub struct LogHandle(SyncPoint);
+
+impl LogHandle {
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_io()
     }
-    fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    Ok(())
+}
+
+/// Write `bytes` to `dir/name` on the host's disk atomically: temp file, fsync, rename,
+/// fsync of the directory.
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    storage::replace_file(&storage::RealDisk, dir, name, bytes).map_err(io_err(&dir.join(name)))
+}
+
+/// What `fsck --repair` did to a damaged log.
+#[derive(Debug, Clone, Default)]
+pub struct Repair {
+    /// The log's length before the repair.
+    pub log_bytes: u64,
+    /// Where the log was cut (the end of the last good frame).
+    pub cut_at: u64,
+    /// Where the damage began (None: nothing to repair).
+    pub damage_at: Option<u64>,
+    /// Valid frames after the damage, cut with it.
+    pub frames_lost: u64,
+    /// The copy of the log as it was.
+    pub copy: Option<PathBuf>,
+}
+
+/// Cut the log of the pool in `dir` at the last good frame before its first damaged one,
+/// after keeping a copy of it as `catalog.log.damaged-<now_secs>` (0600, flushed, its
+/// directory synced). A log with nothing after its last good frame, or one a snapshot
+/// already folded in, is left alone. The caller holds the pool lock.
+pub fn repair_log_on(disk: &dyn Disk, dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
+    let snap_path = dir.join(SNAP_FILE);
+    let snap = match disk.read_all(&snap_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotAPool { path: dir.into() }),
+        Err(e) => return Err(io_err(&snap_path)(e)),
+    };
+    let (generation, _) = decode_snapshot(&snap_path, &snap)?;
+    let log_path = dir.join(LOG_FILE);
+    let bytes = match disk.read_all(&log_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Repair::default()),
+        Err(e) => return Err(io_err(&log_path)(e)),
+    };
+    let log_gen = decode_log_header(&log_path, &bytes)?;
+    let mut r = Repair { log_bytes: bytes.len() as u64, cut_at: bytes.len() as u64, ..Default::default() };
+    if log_gen != generation {
+        return Ok(r); // ignored (older) or refused (newer) whatever its frames hold
+    }
+    let (valid_len, scan) = frames_prefix(&bytes)?;
+    if valid_len == bytes.len() as u64 {
+        return Ok(r);
+    }
+    r.cut_at = valid_len;
+    r.damage_at = Some(valid_len);
+    r.frames_lost = scan.frames;
+    let mut n = 0;
+    let copy = loop {
+        let name = match n {
+            0 => format!("{DAMAGED_LOG_PREFIX}-{now_secs}"),
+            _ => format!("{DAMAGED_LOG_PREFIX}-{now_secs}.{n}"),
+        };
+        let p = dir.join(name);
+        match disk.create_new(&p, 0) {
+            Ok(f) => break (p, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    };
+    let (copy_path, f) = copy;
+    f.write_at(&bytes, 0).and_then(|_| f.flush()).map_err(io_err(&copy_path))?;
+    disk.sync_dir(dir).map_err(io_err(dir))?;
+    r.copy = Some(copy_path);
+    let log = disk.open(&log_path).map_err(io_err(&log_path))?;
+    log.set_len(valid_len).and_then(|_| log.flush()).map_err(io_err(&log_path))?;
+    Ok(r)
+}
+
+/// [`repair_log_on`] on the host's disk.
+pub fn repair_log(dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
+    repair_log_on(&storage::RealDisk, dir, now_secs)
 }
 
 /// A version 1 snapshot: the catalog before the migration journal.
@@ -373,12 +593,14 @@ fn decode_log_header(path: &Path, b: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_le_bytes(b[8..16].try_into().unwrap()))
 }
 
-pub fn encode_frame(op: &Op) -> Vec<u8> {
+/// One frame: the op and the whole sectors of its log file known durable when it was
+/// written (see [`SECTOR_BYTES`]).
+pub fn encode_frame(op: &Op, durable_sectors: u16) -> Vec<u8> {
     let payload = postcard::to_stdvec(op).expect("an op serializes");
     let mut f = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len() + 4);
     f.extend_from_slice(FRAME_MAGIC);
     f.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&durable_sectors.to_le_bytes());
     f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     let header_crc = crc32c::crc32c(&f[..12]);
     f.extend_from_slice(&header_crc.to_le_bytes());
@@ -388,54 +610,149 @@ pub fn encode_frame(op: &Op) -> Vec<u8> {
     f
 }
 
-/// Decode the frames after the log header. Returns the ops with their offsets, and the
-/// length of the valid prefix (anything after it is a torn append).
-fn decode_frames(path: &Path, b: &[u8]) -> Result<(Vec<(u64, Op)>, u64), StoreError> {
-    let mut ops = Vec::new();
+/// A frame whose magic and both checksums hold.
+struct FrameAt {
+    total: usize,
+    version: u16,
+    durable_sectors: u16,
+}
+
+/// The frame at `at`, or why there is none.
+fn frame_at(b: &[u8], at: usize) -> Result<FrameAt, String> {
+    let rest = &b[at..];
+    if rest.len() < FRAME_HEADER_BYTES {
+        return Err(format!("is cut short ({} bytes left)", rest.len()));
+    }
+    if &rest[..4] != FRAME_MAGIC {
+        return Err("has a bad magic".into());
+    }
+    let header_crc = u32::from_le_bytes(rest[12..16].try_into().unwrap());
+    if header_crc != crc32c::crc32c(&rest[..12]) {
+        return Err("has a header that fails its checksum".into());
+    }
+    let version = u16::from_le_bytes([rest[4], rest[5]]);
+    let durable_sectors = u16::from_le_bytes([rest[6], rest[7]]);
+    let len = u32::from_le_bytes(rest[8..12].try_into().unwrap()) as usize;
+    if len > FRAME_PAYLOAD_MAX_BYTES {
+        return Err(format!("claims {len} bytes"));
+    }
+    let total = FRAME_HEADER_BYTES + len + 4;
+    if rest.len() < total {
+        return Err("runs past the end of the file".into());
+    }
+    let crc = u32::from_le_bytes(rest[total - 4..total].try_into().unwrap());
+    if crc != crc32c::crc32c(&rest[4..total - 4]) {
+        return Err("fails its checksum".into());
+    }
+    Ok(FrameAt { total, version, durable_sectors })
+}
+
+/// Valid frames found after a damaged one.
+#[derive(Debug, Default, Clone, Copy)]
+struct TailScan {
+    frames: u64,
+    /// The largest `durable_sectors` among them, in bytes, and the frame that says it.
+    synced_bytes: u64,
+    synced_by: u64,
+}
+
+/// Look for valid frames at any byte offset from `from` on.
+fn scan_tail(b: &[u8], from: usize) -> TailScan {
+    let mut scan = TailScan::default();
+    let mut at = from;
+    while at + FRAME_HEADER_BYTES <= b.len() {
+        let Some(i) = b[at..].windows(4).position(|w| w == FRAME_MAGIC) else {
+            break;
+        };
+        at += i;
+        match frame_at(b, at) {
+            Ok(f) => {
+                scan.frames += 1;
+                let synced = f.durable_sectors as u64 * SECTOR_BYTES;
+                if synced > scan.synced_bytes {
+                    scan.synced_bytes = synced;
+                    scan.synced_by = at as u64;
+                }
+                at += f.total;
+            }
+            Err(_) => at += 1,
+        }
+    }
+    scan
+}
+
+/// Where a walk of the frames stopped.
+struct Walk {
+    /// The end of the last good frame.
+    valid_len: u64,
+    /// The first frame that failed: its offset and what is wrong with it.
+    damage: Option<(u64, String)>,
+    /// The valid frames after the damage.
+    scan: TailScan,
+}
+
+/// Walk the frames after the log header up to the first that fails, and scan what follows.
+fn walk_frames(b: &[u8], mut each: impl FnMut(usize, &FrameAt) -> Result<(), StoreError>) -> Result<Walk, StoreError> {
     let mut at = LOG_HEADER_BYTES;
     while at < b.len() {
-        let rest = &b[at..];
-        if rest.len() < FRAME_HEADER_BYTES {
-            let n = rest.len().min(4);
-            if rest[..n] == FRAME_MAGIC[..n] || rest.iter().all(|&x| x == 0) {
-                break; // a torn append
+        match frame_at(b, at) {
+            Ok(f) => {
+                each(at, &f)?;
+                at += f.total;
             }
-            return Err(corrupt(path, format!("garbage after the last frame at byte {at}")));
-        }
-        if &rest[..4] != FRAME_MAGIC {
-            if rest.iter().all(|&x| x == 0) {
-                break;
+            Err(why) => {
+                let scan = if b[at..].iter().all(|&x| x == 0) { TailScan::default() } else { scan_tail(b, at + 1) };
+                return Ok(Walk { valid_len: at as u64, damage: Some((at as u64, why)), scan });
             }
-            return Err(corrupt(path, format!("frame at byte {at} has a bad magic")));
         }
-        let header_crc = u32::from_le_bytes(rest[12..16].try_into().unwrap());
-        if header_crc != crc32c::crc32c(&rest[..12]) {
-            return Err(corrupt(path, format!("frame header at byte {at} fails its checksum")));
+    }
+    Ok(Walk { valid_len: at as u64, damage: None, scan: TailScan::default() })
+}
+
+/// The end of the last good frame, and what lies after it (for a repair).
+fn frames_prefix(b: &[u8]) -> Result<(u64, TailScan), StoreError> {
+    let w = walk_frames(b, |_, _| Ok(()))?;
+    Ok((w.valid_len, w.scan))
+}
+
+/// Decoded frames: the ops with their offsets, the end of the last good frame, and how
+/// many valid (never synced) frames the dropped tail held.
+struct Frames {
+    ops: Vec<(u64, Op)>,
+    valid_len: u64,
+    frames_dropped: u64,
+}
+
+/// Decode the frames after the log header. Damage followed by a frame that says the damaged
+/// bytes were synced is corruption; any other damage starts a torn tail, dropped.
+fn decode_frames(path: &Path, b: &[u8]) -> Result<Frames, StoreError> {
+    let mut ops = Vec::new();
+    let Walk { valid_len, damage, scan } = walk_frames(b, |at, f| {
+        if !FORMAT_VERSIONS_READ.contains(&f.version) {
+            return Err(corrupt(path, format!("frame at byte {at} has format version {}", f.version)));
         }
-        let version = u16::from_le_bytes([rest[4], rest[5]]);
-        let len = u32::from_le_bytes(rest[8..12].try_into().unwrap()) as usize;
-        if len > FRAME_PAYLOAD_MAX_BYTES {
-            return Err(corrupt(path, format!("frame at byte {at} claims {len} bytes")));
-        }
-        let total = FRAME_HEADER_BYTES + len + 4;
-        if rest.len() < total {
-            // The header is intact and says the frame runs past the end of the file: the
-            // last append was cut short (never acknowledged).
-            break;
-        }
-        let crc = u32::from_le_bytes(rest[total - 4..total].try_into().unwrap());
-        if crc != crc32c::crc32c(&rest[4..total - 4]) {
-            return Err(corrupt(path, format!("frame at byte {at} fails its checksum")));
-        }
-        if !FORMAT_VERSIONS_READ.contains(&version) {
-            return Err(corrupt(path, format!("frame at byte {at} has format version {version}")));
-        }
-        let op: Op = postcard::from_bytes(&rest[FRAME_HEADER_BYTES..total - 4])
+        let op: Op = postcard::from_bytes(&b[at + FRAME_HEADER_BYTES..at + f.total - 4])
             .map_err(|e| corrupt(path, format!("frame at byte {at} does not decode: {e}")))?;
         ops.push((at as u64, op));
-        at += total;
+        Ok(())
+    })?;
+    if let Some((at, why)) = damage {
+        if scan.synced_bytes > at {
+            let pool = path.parent().unwrap_or(Path::new("POOL"));
+            return Err(corrupt(
+                path,
+                format!(
+                    "frame at byte {at} {why}, in data that was synced (the frame at byte {} says the first {} \
+                     bytes were); run `ferryfs fsck --repair {}` (it keeps a copy of the log and cuts it at the \
+                     last good frame)",
+                    scan.synced_by,
+                    scan.synced_bytes,
+                    pool.display()
+                ),
+            ));
+        }
     }
-    Ok((ops, at as u64))
+    Ok(Frames { ops, valid_len, frames_dropped: scan.frames })
 }
 
 #[cfg(test)]
@@ -443,19 +760,133 @@ mod tests {
     use super::*;
     use crate::catalog::model::{Meta, NewKind, ROOT_INO};
     use crate::geometry::Geometry;
+    use crate::storage::RealDisk;
+    use std::fs;
+    use std::sync::atomic::AtomicBool;
 
     fn meta() -> Meta {
         Meta { perm: 0o755, uid: 0, gid: 0, nlink: 2, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
     }
 
+    fn mk_op(ino: u64, name: &str) -> Op {
+        Op::MakeNode { ino, parent: ROOT_INO, name: name.into(), meta: meta(), kind: NewKind::File }
+    }
+
     fn mk(s: &mut Store, ino: u64, name: &str) {
-        s.commit(Op::MakeNode { ino, parent: ROOT_INO, name: name.into(), meta: meta(), kind: NewKind::File }).unwrap();
+        s.commit(mk_op(ino, name)).unwrap();
+    }
+
+    fn new_catalog() -> Catalog {
+        Catalog::new(Geometry::new(4096).unwrap(), meta())
+    }
+
+    /// What the test disk counts and which faults it injects, for the log file only.
+    #[derive(Debug, Default)]
+    struct Faults {
+        log_flushes: AtomicU64,
+        fail_next_flush: AtomicBool,
+        fail_next_write: AtomicBool,
+    }
+
+    /// The host's disk, with the catalog log's flushes counted and faults injected into it.
+    /// It does not latch: the store must.
+    #[derive(Debug, Default)]
+    struct TestDisk {
+        faults: Arc<Faults>,
+    }
+
+    #[derive(Debug)]
+    struct TestFile {
+        inner: Arc<dyn StorageFile>,
+        faults: Arc<Faults>,
+    }
+
+    fn eio() -> io::Error {
+        io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    impl StorageFile for TestFile {
+        fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset_bytes)
+        }
+        fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
+            if self.faults.fail_next_write.swap(false, Ordering::AcqRel) {
+                return Err(eio());
+            }
+            self.inner.write_at(buf, offset_bytes)
+        }
+        fn flush(&self) -> io::Result<()> {
+            if self.faults.fail_next_flush.swap(false, Ordering::AcqRel) {
+                return Err(eio());
+            }
+            self.faults.log_flushes.fetch_add(1, Ordering::AcqRel);
+            self.inner.flush()
+        }
+        fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+            self.inner.punch(offset_bytes, len_bytes)
+        }
+        fn size_bytes(&self) -> u64 {
+            self.inner.size_bytes()
+        }
+        fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+            self.inner.set_len(len_bytes)
+        }
+    }
+
+    impl Disk for TestDisk {
+        fn create_new(&self, path: &Path, size_bytes: u64) -> io::Result<Arc<dyn StorageFile>> {
+            RealDisk.create_new(path, size_bytes)
+        }
+        fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+            let inner = RealDisk.open(path)?;
+            if path.file_name().is_some_and(|n| n == LOG_FILE) {
+                return Ok(Arc::new(TestFile { inner, faults: self.faults.clone() }));
+            }
+            Ok(inner)
+        }
+        fn read_all(&self, path: &Path) -> io::Result<Vec<u8>> {
+            RealDisk.read_all(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            RealDisk.exists(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            RealDisk.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> io::Result<()> {
+            RealDisk.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            RealDisk.sync_dir(dir)
+        }
+    }
+
+    fn test_disk() -> (Arc<dyn Disk>, Arc<Faults>) {
+        let d = TestDisk::default();
+        let faults = d.faults.clone();
+        (Arc::new(d), faults)
+    }
+
+    fn flushes(f: &Faults) -> u64 {
+        f.log_flushes.load(Ordering::Acquire)
+    }
+
+    /// The frames of a log file: (offset, length).
+    fn frames_of(bytes: &[u8]) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut at = LOG_HEADER_BYTES;
+        while at < bytes.len() {
+            let f = frame_at(bytes, at).expect("a whole frame");
+            out.push((at, f.total));
+            at += f.total;
+        }
+        out
     }
 
     #[test]
     fn log_replays_and_compaction_keeps_state() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::create(dir.path(), Catalog::new(Geometry::new(4096).unwrap(), meta())).unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
         mk(&mut s, 2, "a");
         mk(&mut s, 3, "b");
         assert!(s.commit(Op::Destroy { ino: 2 }).is_err(), "refused ops are not logged");
@@ -475,7 +906,7 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_and_corruption_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::create(dir.path(), Catalog::new(Geometry::new(4096).unwrap(), meta())).unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
         mk(&mut s, 2, "a");
         mk(&mut s, 3, "b");
         drop(s);
@@ -488,18 +919,12 @@ mod tests {
         assert!(r.torn_tail_bytes > 0);
         assert!(s.catalog.lookup(ROOT_INO, b"b").is_none());
         drop(s);
-        // Corrupt: a flipped byte inside the first frame.
-        let mut bytes = fs::read(&log).unwrap();
-        bytes[LOG_HEADER_BYTES + FRAME_HEADER_BYTES + 2] ^= 0x40;
-        fs::write(&log, &bytes).unwrap();
+        // Corrupt log header.
+        let mut b = fs::read(&log).unwrap();
+        b[9] ^= 1;
+        fs::write(&log, &b).unwrap();
         let e = Store::open(dir.path(), false).err().unwrap();
-        assert!(e.to_string().contains("fails its checksum"), "{e}");
-        bytes[LOG_HEADER_BYTES + FRAME_HEADER_BYTES + 2] ^= 0x40;
-        // Corrupt: a length field that points past the end is not mistaken for a torn tail.
-        bytes[LOG_HEADER_BYTES + 10] ^= 0x01;
-        fs::write(&log, &bytes).unwrap();
-        let e = Store::open(dir.path(), false).err().unwrap();
-        assert!(e.to_string().contains("header at byte"), "{e}");
+        assert!(e.to_string().contains("log header checksum"), "{e}");
         // Corrupt snapshot.
         let snap = dir.path().join(SNAP_FILE);
         let mut b = fs::read(&snap).unwrap();
@@ -508,5 +933,203 @@ mod tests {
         fs::write(&snap, &b).unwrap();
         let e = Store::open(dir.path(), false).err().unwrap();
         assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    /// The mount tracked "bytes of the log synced" as a length: after a compaction started a
+    /// new, shorter log, no sync flushed the log again until it grew past the old length.
+    #[test]
+    fn sync_after_compaction_of_a_long_log_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, faults) = test_disk();
+        let mut s = Store::create_on(disk.clone(), dir.path(), new_catalog()).unwrap();
+        for i in 0..300 {
+            mk(&mut s, 2 + i, &format!("f{i}"));
+        }
+        drop(s);
+        let (mut s, r) = Store::open_on(disk, dir.path(), true).unwrap();
+        assert_eq!(r.ops_replayed, 300);
+        assert!(r.log_bytes > 8192);
+        // What the mount kept as "synced" before its compaction at mount.
+        let synced_before = s.log_len_bytes();
+        s.compact().unwrap();
+        mk(&mut s, 1000, "small");
+        assert!(s.log_len_bytes() > synced_before, "the mark went down across the compaction");
+        let before = flushes(&faults);
+        s.sync_point().sync().unwrap();
+        assert_eq!(flushes(&faults), before + 1, "the sync after the compaction did not flush the log");
+        // Nothing new: no flush.
+        s.sync_point().sync().unwrap();
+        s.sync().unwrap();
+        assert_eq!(flushes(&faults), before + 1);
+        // A point taken before a compaction needs no flush after it.
+        mk(&mut s, 1001, "small2");
+        let p = s.sync_point();
+        s.compact().unwrap();
+        let before = flushes(&faults);
+        p.sync().unwrap();
+        assert_eq!(flushes(&faults), before);
+        // The mount's sync path through the compatibility handle flushes too.
+        mk(&mut s, 1002, "small3");
+        let before = flushes(&faults);
+        s.log_handle().unwrap().sync_data().unwrap();
+        assert_eq!(flushes(&faults), before + 1);
+    }
+
+    #[test]
+    fn failed_sync_latches_and_the_next_commit_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, faults) = test_disk();
+        let mut s = Store::create_on(disk.clone(), dir.path(), new_catalog()).unwrap();
+        mk(&mut s, 2, "a");
+        faults.fail_next_flush.store(true, Ordering::Release);
+        assert!(s.sync_point().sync().is_err());
+        assert!(s.log_failed());
+        // The disk would flush now; the store must not believe it.
+        assert!(s.sync_point().sync().is_err(), "a sync after a failed one reported success");
+        assert!(s.sync().is_err());
+        mk(&mut s, 3, "b");
+        assert!(!s.log_failed(), "the commit did not rewrite the failed log");
+        s.sync().unwrap();
+        let want = s.catalog.clone();
+        drop(s);
+        let (s, _) = Store::open_on(disk, dir.path(), false).unwrap();
+        assert_eq!(s.catalog, want);
+        assert!(s.catalog.lookup(ROOT_INO, b"a").is_some() && s.catalog.lookup(ROOT_INO, b"b").is_some());
+    }
+
+    #[test]
+    fn failed_append_leaves_the_catalog_and_sync_or_rewrite_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, faults) = test_disk();
+        let mut s = Store::create_on(disk.clone(), dir.path(), new_catalog()).unwrap();
+        mk(&mut s, 2, "a");
+        let before = s.catalog.clone();
+        faults.fail_next_write.store(true, Ordering::Release);
+        assert!(s.commit(mk_op(3, "b")).is_err());
+        assert_eq!(s.catalog, before, "a failed append changed the catalog");
+        assert!(s.log_failed());
+        s.sync_or_rewrite().unwrap();
+        assert!(!s.log_failed());
+        // A sync that fails is answered with a rewrite.
+        mk(&mut s, 3, "b");
+        faults.fail_next_flush.store(true, Ordering::Release);
+        s.sync_or_rewrite().unwrap();
+        assert!(!s.log_failed());
+        let want = s.catalog.clone();
+        let (s2, _) = Store::open_on(disk, dir.path(), false).unwrap();
+        assert_eq!(s2.catalog, want);
+    }
+
+    #[test]
+    fn zeroed_payload_of_the_last_frame_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        mk(&mut s, 2, "a");
+        mk(&mut s, 3, "b");
+        drop(s);
+        let log = dir.path().join(LOG_FILE);
+        let mut bytes = fs::read(&log).unwrap();
+        let frames = frames_of(&bytes);
+        let (at, len) = frames[1];
+        bytes[at + FRAME_HEADER_BYTES..at + len].fill(0);
+        fs::write(&log, &bytes).unwrap();
+        let (s, r) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(r.ops_replayed, 1);
+        assert_eq!(r.torn_tail_bytes, len as u64);
+        assert_eq!(r.frames_dropped, 0);
+        assert!(s.catalog.lookup(ROOT_INO, b"a").is_some());
+        assert!(s.catalog.lookup(ROOT_INO, b"b").is_none());
+        assert_eq!(fs::metadata(&log).unwrap().len(), at as u64, "a writable open cuts the tail");
+    }
+
+    #[test]
+    fn lost_unsynced_frame_before_valid_ones_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+            mk(&mut s, 2 + i as u64, n);
+        }
+        drop(s);
+        let log = dir.path().join(LOG_FILE);
+        let mut bytes = fs::read(&log).unwrap();
+        let (at, len) = frames_of(&bytes)[1];
+        bytes[at..at + len].fill(0);
+        fs::write(&log, &bytes).unwrap();
+        // Read-only: opens, writes nothing.
+        let (s, r) = Store::open(dir.path(), false).unwrap();
+        assert_eq!(r.ops_replayed, 1);
+        assert_eq!(r.frames_dropped, 2);
+        assert_eq!(r.torn_tail_bytes, (bytes.len() - at) as u64);
+        assert!(s.catalog.lookup(ROOT_INO, b"c").is_none());
+        assert_eq!(fs::read(&log).unwrap(), bytes);
+        // Writable: cuts.
+        let (_, r) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(r.frames_dropped, 2);
+        assert_eq!(fs::metadata(&log).unwrap().len(), at as u64);
+    }
+
+    #[test]
+    fn damage_in_synced_data_is_refused_and_repair_cuts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        for i in 0..200 {
+            mk(&mut s, 2 + i, &format!("f{i}"));
+        }
+        s.sync().unwrap();
+        mk(&mut s, 1000, "after-sync");
+        drop(s);
+        let log = dir.path().join(LOG_FILE);
+        let mut bytes = fs::read(&log).unwrap();
+        let frames = frames_of(&bytes);
+        let (last_at, _) = *frames.last().unwrap();
+        let sectors = u16::from_le_bytes([bytes[last_at + 6], bytes[last_at + 7]]);
+        // A flipped byte in the payload of the fourth frame, in a sector the last frame says
+        // was synced.
+        let (at, _) = frames[3];
+        assert!(at as u64 + 100 < sectors as u64 * SECTOR_BYTES, "the frame after the sync says {sectors} sectors");
+        bytes[at + FRAME_HEADER_BYTES + 2] ^= 0x40;
+        fs::write(&log, &bytes).unwrap();
+        for writable in [false, true] {
+            let e = Store::open(dir.path(), writable).err().expect("damage in synced data must refuse");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("frame at byte {at} ")), "{msg}");
+            assert!(msg.contains("fsck --repair"), "{msg}");
+        }
+        assert_eq!(fs::read(&log).unwrap(), bytes, "a refused open wrote to the log");
+        // The repair keeps a copy and cuts at the last good frame.
+        let r = repair_log(dir.path(), 1234).unwrap();
+        assert_eq!(r.damage_at, Some(at as u64));
+        assert_eq!(r.cut_at, at as u64);
+        assert_eq!(r.frames_lost, frames.len() as u64 - 4);
+        let copy = r.copy.unwrap();
+        assert_eq!(copy, dir.path().join("catalog.log.damaged-1234"));
+        assert_eq!(fs::read(&copy).unwrap(), bytes);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+        let (s, r) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(r.ops_replayed, 3);
+        assert_eq!(r.torn_tail_bytes, 0);
+        assert!(s.catalog.lookup(ROOT_INO, b"f2").is_some());
+        drop(s);
+        // A healthy log: nothing to do.
+        let r = repair_log(dir.path(), 1235).unwrap();
+        assert!(r.damage_at.is_none() && r.copy.is_none());
+        assert!(!dir.path().join("catalog.log.damaged-1235").exists());
+    }
+
+    #[test]
+    fn frames_record_the_durable_sectors_of_their_own_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        for i in 0..200 {
+            mk(&mut s, 2 + i, &format!("f{i}"));
+        }
+        s.sync().unwrap();
+        s.compact().unwrap();
+        // A new log: nothing of it but its header is durable, whatever the mark says.
+        mk(&mut s, 1000, "x");
+        let bytes = fs::read(dir.path().join(LOG_FILE)).unwrap();
+        let (at, _) = frames_of(&bytes)[0];
+        assert_eq!(u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]), 0);
     }
 }
