@@ -330,6 +330,8 @@ pub enum ApplyError {
     VolumeInUse(String),
     #[error("volume {0} can't be reopened: it is not closed, or a plan is emptying it")]
     NotReopenable(String),
+    #[error("data set {ino}: {size_bytes} bytes would lie beyond its allocation of {tracks} tracks")]
+    BeyondAllocation { ino: Ino, size_bytes: u64, tracks: u64 },
     #[error(transparent)]
     Space(#[from] SpaceError),
 }
@@ -495,8 +497,21 @@ impl Catalog {
             Op::SetMeta { ino, .. } => {
                 self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
             }
-            Op::SetSize { ino, .. } | Op::Trim { ino, .. } => {
+            // A data set is dense: its size lies inside its allocation. (Checked for new ops
+            // only; replay takes the log as it is, and fsck says what is wrong.)
+            Op::SetSize { ino, size_bytes, .. } => {
                 file_checked(self, *ino)?;
+                let tracks = self.inodes[ino].allocated_tracks();
+                if *size_bytes > self.geometry.bytes_of(tracks) {
+                    return Err(ApplyError::BeyondAllocation { ino: *ino, size_bytes: *size_bytes, tracks });
+                }
+            }
+            Op::Trim { ino, keep_tracks } => {
+                file_checked(self, *ino)?;
+                let size_bytes = self.inodes[ino].size_bytes();
+                if size_bytes > self.geometry.bytes_of(*keep_tracks) {
+                    return Err(ApplyError::BeyondAllocation { ino: *ino, size_bytes, tracks: *keep_tracks });
+                }
             }
             Op::Grow { ino, extents } => {
                 file_checked(self, *ino)?;

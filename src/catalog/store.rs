@@ -243,16 +243,9 @@ impl Store {
     }
 
     /// The appended mark: bytes appended to the log since the store opened. It never goes
-    /// down (a compaction does not reset it), so a caller may compare it with one it kept.
-    /// Kept for the mount's sync cache until that uses [`Store::sync_point`] alone.
-    pub fn log_len_bytes(&self) -> u64 {
+    /// down (a compaction does not reset it).
+    pub fn appended_mark(&self) -> u64 {
         self.appended_mark
-    }
-
-    /// A handle that syncs the log up to what is appended now, without the catalog lock.
-    /// Kept for the mount's sync path until that uses [`Store::sync_point`] alone.
-    pub fn log_handle(&self) -> Option<LogHandle> {
-        self.log.as_ref().map(|_| LogHandle(self.sync_point()))
     }
 
     /// Append `op` to the log, then apply it. The op is in the kernel's page cache (so it
@@ -303,11 +296,6 @@ impl Store {
             durable_mark: self.durable_mark.clone(),
             path: self.dir.join(LOG_FILE),
         }
-    }
-
-    /// Sync, or if the log failed, rewrite the catalog whole. (Placeholder.)
-    pub fn sync_or_rewrite(&mut self) -> Result<(), StoreError> {
-        self.sync()
     }
 
     /// Whether the log failed a write or a sync: the next commit compacts first.
@@ -422,15 +410,6 @@ impl SyncPoint {
         self.latch.record(log.flush())?;
         self.durable_mark.fetch_max(self.mark, Ordering::AcqRel);
         Ok(())
-    }
-}
-
-/// The log's sync for callers that expect a file's `sync_data` (see [`Store::log_handle`]).
-pub struct LogHandle(SyncPoint);
-
-impl LogHandle {
-    pub fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_io()
     }
 }
 
@@ -950,10 +929,10 @@ mod tests {
         assert_eq!(r.ops_replayed, 300);
         assert!(r.log_bytes > 8192);
         // What the mount kept as "synced" before its compaction at mount.
-        let synced_before = s.log_len_bytes();
+        let synced_before = s.appended_mark();
         s.compact().unwrap();
         mk(&mut s, 1000, "small");
-        assert!(s.log_len_bytes() > synced_before, "the mark went down across the compaction");
+        assert!(s.appended_mark() > synced_before, "the mark went down across the compaction");
         let before = flushes(&faults);
         s.sync_point().sync().unwrap();
         assert_eq!(flushes(&faults), before + 1, "the sync after the compaction did not flush the log");
@@ -968,11 +947,6 @@ mod tests {
         let before = flushes(&faults);
         p.sync().unwrap();
         assert_eq!(flushes(&faults), before);
-        // The mount's sync path through the compatibility handle flushes too.
-        mk(&mut s, 1002, "small3");
-        let before = flushes(&faults);
-        s.log_handle().unwrap().sync_data().unwrap();
-        assert_eq!(flushes(&faults), before + 1);
     }
 
     #[test]

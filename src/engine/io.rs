@@ -89,21 +89,28 @@ impl Engine {
     fn grow(&self, node: &FileNode, end_bytes: u64) -> Result<()> {
         let g = self.geometry;
         let mut cat = self.catalog.lock();
-        let (last, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
-            Some(Body::File { extents, .. }) => (extents.last().copied(), extents.iter().map(|e| e.count_tracks).sum()),
-            _ => return Err(Error::NotFound),
+        let mut reclaimed = false;
+        let plan = loop {
+            // Read again after a reclaim: it may have trimmed this very data set (a truncate by
+            // path builds a node that is not in the table of open ones).
+            let (last, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+                Some(Body::File { extents, .. }) => {
+                    (extents.last().copied(), extents.iter().map(|e| e.count_tracks).sum())
+                }
+                _ => return Err(Error::NotFound),
+            };
+            let needed = g.tracks_for(end_bytes).saturating_sub(allocated);
+            if needed == 0 {
+                self.refresh_map(&cat, node);
+                return Ok(());
+            }
+            // Volumes that a merge or drain is emptying take nothing new.
+            match plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed) {
+                Some(plan) => break plan,
+                None if !reclaimed && self.reclaim_surplus(&mut cat)? > 0 => reclaimed = true,
+                None => return Err(Error::NoSpace),
+            }
         };
-        let needed = g.tracks_for(end_bytes).saturating_sub(allocated);
-        if needed == 0 {
-            self.refresh_map(&cat, node);
-            return Ok(());
-        }
-        // Volumes that a merge or drain is emptying take nothing new.
-        let mut plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
-        if plan.is_none() && self.reclaim_surplus(&mut cat)? > 0 {
-            plan = plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed);
-        }
-        let plan = plan.ok_or(Error::NoSpace)?;
         self.settle_quarantine(&mut cat, &plan)?;
         self.commit(&mut cat, Op::Grow { ino: node.ino, extents: plan })?;
         self.refresh_map(&cat, node);

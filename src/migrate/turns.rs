@@ -51,6 +51,17 @@ impl Turns {
         st.parked.remove(&job);
     }
 
+    /// Job side, at the thread's start: wait for the first turn (the job was enlisted when
+    /// it was spawned). Unlike [`Turns::park`] it gives nothing back: the driver may already
+    /// have handed the turn to a thread that had not reached here yet.
+    fn first_turn(&self, job: u64) {
+        let mut st = self.state.lock();
+        while st.running != Some(job) && !st.released {
+            self.cv.wait(&mut st);
+        }
+        st.parked.remove(&job);
+    }
+
     /// Job side: the job's thread is done; the turn goes back to the driver.
     pub(super) fn done(&self, job: u64) {
         let mut st = self.state.lock();
@@ -97,7 +108,7 @@ pub(super) struct Held {
 
 impl Held {
     pub(super) fn take(turns: std::sync::Arc<Turns>, job: u64) -> Held {
-        turns.park(job);
+        turns.first_turn(job);
         Held { turns, job }
     }
 }
