@@ -273,7 +273,11 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     std::mem::forget(lock);
     let engine = Arc::new(Engine::new(store, pool_dir.clone(), crate::storage::real(), volumes));
     if report.torn_tail_bytes > 0 {
-        warn!("catalog log: cut a torn append of {} bytes", report.torn_tail_bytes);
+        warn!(
+            "catalog log: dropped a torn tail of {} bytes ({} whole frames after the damage), \
+             never synced: what a crash or a power cut leaves of appends in flight",
+            report.torn_tail_bytes, report.frames_dropped
+        );
     }
     let recovered = engine.recover(unclean).map_err(|e| format!("recovery: {e}"))?;
     if unclean {

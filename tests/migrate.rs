@@ -1343,6 +1343,10 @@ fn sqlite_database_migrated_while_inserting() {
                 }
                 n += 1;
                 acked.store(n, Ordering::Relaxed);
+                // An application with a steady pace: unpaced, on a fast disk, sqlite grows
+                // the database faster than the job's 1 MB/s cap copies it, and no job can
+                // converge on a data set that outgrows its copier for good.
+                thread::sleep(Duration::from_millis(2));
             }
             Ok(()) // stdin closes here: sqlite3 ends
         })
