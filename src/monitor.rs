@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use serde::{Deserialize, Serialize};
 
 use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
@@ -210,6 +211,18 @@ impl JobLink {
     }
 }
 
+/// How long the applications' syncs take: what the copiers' pacing steers by.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppSyncReport {
+    /// Syncs since the mount: fsync, fdatasync, and writes through O_SYNC/O_DSYNC handles.
+    pub count: u64,
+    /// The latest one, microseconds.
+    pub latest_us: u64,
+    /// Moving average while no job copies (the pacing's baseline), microseconds; 0 before
+    /// the first.
+    pub quiet_avg_us: u64,
+}
+
 /// An fsync older than this says nothing about now.
 const SYNC_RECENT_NS: i64 = 1_000_000_000;
 
@@ -257,8 +270,8 @@ impl SyncLatency {
     }
 
     /// What `.ferry/status` shows of it.
-    pub fn report(&self) -> crate::report::AppSyncReport {
-        crate::report::AppSyncReport {
+    pub fn report(&self) -> AppSyncReport {
+        AppSyncReport {
             count: self.samples.load(Ordering::Relaxed),
             latest_us: self.latest_ns.load(Ordering::Relaxed) / 1000,
             quiet_avg_us: self.quiet_ewma_ns.load(Ordering::Relaxed) / 1000,

@@ -7,7 +7,6 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +71,7 @@ pub struct MountedInfo {
     pub mountpoint: String,
 }
 
-pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
+pub use crate::catalog::model::now_ns;
 
 pub fn validate_volume_name(name: &str) -> Result<(), PoolError> {
     let bad = |why| Err(PoolError::BadVolumeName { name: name.to_string(), why });

@@ -68,17 +68,7 @@ pub struct Status {
     pub plans: Vec<PlanReport>,
 }
 
-/// How long the applications' syncs take: what the copiers' pacing steers by.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AppSyncReport {
-    /// Syncs since the mount: fsync, fdatasync, and writes through O_SYNC/O_DSYNC handles.
-    pub count: u64,
-    /// The latest one, microseconds.
-    pub latest_us: u64,
-    /// Moving average while no job copies (the pacing's baseline), microseconds; 0 before
-    /// the first.
-    pub quiet_avg_us: u64,
-}
+pub use crate::monitor::AppSyncReport;
 
 /// One migration job, as `.ferry/status` shows it (docs/cli.md).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -113,6 +103,9 @@ pub struct JobReport {
     /// Close cutover: how long opens were held (the downtime window).
     pub window_us: Option<u64>,
     pub error: Option<String>,
+    /// A failed job: the phase it was in when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_in: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

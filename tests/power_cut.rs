@@ -286,7 +286,7 @@ fn fill(step: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (tag ^ ((i / 64) as u8).rotate_left(3)) | 1).collect()
 }
 
-/// Counts of what a run did, for the summary line.
+/// Counts of what a run did, for the summary lines.
 #[derive(Default)]
 struct Tally {
     cuts: AtomicU64,
@@ -294,6 +294,16 @@ struct Tally {
     bytes_checked: AtomicU64,
     job_steps: AtomicU64,
     switched: AtomicU64,
+    /// Control lines accepted, by verb.
+    verbs: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// The phases jobs were in when the power went.
+    cut_in_phase: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn count(map: &std::sync::Mutex<BTreeMap<String, u64>>, key: &str) {
+        *map.lock().unwrap().entry(key.to_string()).or_default() += 1;
+    }
 }
 
 /// One step of the applications, the admin or a job. Returns false once the power is gone.
@@ -466,7 +476,9 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
                     (32 + rng.below(64)) * TRACK_BYTES
                 ),
             };
-            let _ = migrate::execute(&sim.m, &line);
+            if migrate::execute(&sim.m, &line).is_ok() {
+                Tally::count(&tally.verbs, line.split(' ').next().unwrap_or(""));
+            }
         }
     }
     !disk.is_cut()
@@ -540,6 +552,15 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
             if r.phase == "switched" {
                 tally.switched.fetch_add(1, Ordering::Relaxed);
             }
+            // A job whose I/O met the cut failed in the phase it was in; the others were
+            // parked where they were.
+            match (r.phase.as_str(), &r.failed_in) {
+                ("failed", Some(p)) if r.error.as_deref().is_some_and(|e| e.contains("os error 5")) => {
+                    Tally::count(&tally.cut_in_phase, p)
+                }
+                ("switched" | "failed" | "cancelled" | "stopped", _) => {}
+                (p, _) => Tally::count(&tally.cut_in_phase, p),
+            }
         }
         sim.power_off();
         disk = disk.restart(rng.next_u64());
@@ -612,6 +633,8 @@ fn power_cuts_keep_every_acknowledged_write() {
         tally.job_steps.load(Ordering::Relaxed),
         tally.switched.load(Ordering::Relaxed),
     );
+    println!("control lines accepted: {:?}", tally.verbs.lock().unwrap());
+    println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
 }

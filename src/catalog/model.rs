@@ -16,6 +16,11 @@ use crate::space::{Extent, FreeMap, SpaceError, VolumeId};
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
+/// The time now, as the catalog stores times: nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
 /// The control directory at the root of every mount (fs/control.rs): no data set takes
 /// this name there.
 pub const CONTROL_DIR_NAME: &str = ".ferry";

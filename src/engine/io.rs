@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{volume_of, Engine, Error, FileNode, Result, Volumes};
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Op};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
-use crate::pool::now_ns;
 use crate::space::{plan_growth, VolumeId};
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.

@@ -3,8 +3,8 @@
 use std::sync::atomic::Ordering;
 
 use super::{Engine, Error, Result};
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Inode, Meta, NewKind, Op, NAME_MAX_BYTES};
-use crate::pool::now_ns;
 
 /// rename(2) flags, as the kernel passes them.
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;

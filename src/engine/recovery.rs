@@ -4,10 +4,10 @@
 use log::{error, warn};
 
 use super::{Engine, Result};
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, JobRec, Op};
 use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
-use crate::pool::now_ns;
 
 /// What recovery did.
 #[derive(Debug, Default, Clone)]

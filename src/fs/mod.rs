@@ -23,10 +23,10 @@ use fuser::{
 use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Ino, NewKind, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
 use crate::engine::{Engine, Error as FsError, FileNode, SetAttr};
 use crate::migrate::Migrations;
-use crate::pool::now_ns;
 
 pub use crate::catalog::model::CONTROL_DIR_NAME;
 

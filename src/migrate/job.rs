@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use super::pace::{rest_after, Governor, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
 use super::plan::{grow_target, names, place_target, tracks_text};
 use super::{JobState, Migrations, Phase};
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Cutover, Op};
 use crate::engine::{read_pieces, volume_of, write_pieces, Engine, Error as FsError, FileNode, Volumes};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
 use crate::monitor::{JobLink, WORD_BITS};
-use crate::pool::now_ns;
 use crate::space::VolumeId;
 use crate::storage::StorageFile;
 

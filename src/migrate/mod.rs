@@ -27,10 +27,10 @@ use arc_swap::ArcSwapOption;
 use log::{info, warn};
 use parking_lot::Mutex;
 
+use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Catalog, Cutover, Ino, JobRec, Op, PlanKind, PlanRec};
 use crate::engine::{Engine, Error as FsError};
 use crate::monitor::JobLink;
-use crate::pool::now_ns;
 use crate::report::{self, JobReport, PlanReport};
 use crate::space::VolumeId;
 use command::{Command, JobOptions};
@@ -95,6 +95,7 @@ pub struct JobState {
     pub rate: TokenBucket,
     phase: Mutex<Phase>,
     error: Mutex<Option<String>>,
+    failed_in: Mutex<Option<Phase>>,
     cancel: AtomicBool,
     pub bytes_copied: AtomicU64,
     pub bytes_resynced: AtomicU64,
@@ -123,6 +124,7 @@ impl JobState {
             rate: TokenBucket::new(rec.rate_bytes_per_s),
             phase: Mutex::new(Phase::Queued),
             error: Mutex::new(None),
+            failed_in: Mutex::new(None),
             cancel: AtomicBool::new(false),
             bytes_copied: AtomicU64::new(0),
             bytes_resynced: AtomicU64::new(0),
@@ -158,7 +160,9 @@ impl JobState {
     }
 
     fn fail(&self, m: &Migrations, why: String) {
-        m.event(format!("job {} failed path={} reason={why:?}", self.id, self.path));
+        let phase = self.phase();
+        m.event(format!("job {} failed path={} phase={} reason={why:?}", self.id, self.path, phase.name()));
+        *self.failed_in.lock() = Some(phase);
         *self.error.lock() = Some(why);
         self.set_phase(Phase::Failed);
         self.ended_ns.store(now_ns(), Ordering::Relaxed);
@@ -192,6 +196,7 @@ impl JobState {
             stall_us: opt(self.stall_us.load(Ordering::Relaxed)),
             window_us: opt(self.window_us.load(Ordering::Relaxed)),
             error: self.error.lock().clone(),
+            failed_in: self.failed_in.lock().map(|p| p.name().to_string()),
         }
     }
 }
