@@ -20,6 +20,7 @@
 #   BENCH_DIR=DIR        where to build the temporary directories (default: under /var/tmp);
 #                        this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
+#   BENCH_FERRYFS=PATH   measure this ferryfs binary instead of building the checkout's
 #
 # Needs root (to drop the page cache before the cold read, and for FUSE mounts by root).
 set -euo pipefail
@@ -43,8 +44,12 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 scripts/deps.sh --bench
-cargo build --release --quiet
-FERRY="$ROOT/target/release/ferryfs"
+if [[ -n "${BENCH_FERRYFS:-}" ]]; then
+    FERRY=$BENCH_FERRYFS # another build of ferryfs, to compare two in the same conditions
+else
+    cargo build --release --quiet
+    FERRY="$ROOT/target/release/ferryfs"
+fi
 
 SIZE_BYTES=$(numfmt --from=iec "${SIZE%B}")
 # The volume holds the fio file with room to spare (images are sparse).
@@ -311,6 +316,38 @@ rand_write4() {
         --iodepth=1 --numjobs=4 --size="$q"
 }
 
+append_sync() {
+    # A log appender that syncs every record: each write grows the file, so each fdatasync
+    # must make the new size durable too (ferryfs: the image and the catalog's log).
+    local d=${DIR[$1]}
+    rm -f "$d/bench.dat"
+    settle
+    run_fio "$d" appendsync write 4k "${timed[@]}" --fdatasync=1
+}
+churn() {
+    # Files that come and go, each synced: every write takes the tracks the last unlink
+    # freed (ferryfs: those are quarantined until the log holds the unlink durably).
+    local d=${DIR[$1]}/churn
+    mkdir -p "$d"
+    settle
+    python3 - "$d" "$RUNTIME" <<'CHURN'
+import os, sys, time
+d, secs = sys.argv[1], float(sys.argv[2])
+buf = os.urandom(65536)
+n, t0 = 0, time.monotonic()
+while time.monotonic() - t0 < secs:
+    p = os.path.join(d, f"f{n % 8}")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, buf)
+    os.fsync(fd)
+    os.close(fd)
+    os.unlink(p)
+    n += 1
+print(f"0 {n / (time.monotonic() - t0):.1f}")
+CHURN
+    rm -rf "$d"
+}
+
 log "sequential write 1 MiB"
 line "seq write 1MiB (end_fsync)" "MiB/s" 0.7 1 seq_write
 log "sequential write 1 MiB, write-only handle"
@@ -324,6 +361,10 @@ log "random write 4 KiB, 1 job"
 line "rand write 4KiB qd1 1 job" "IOPS" 0 2 rand_write1
 log "random write 4 KiB, 4 jobs"
 line "rand write 4KiB qd1 4 jobs" "IOPS" 0 2 rand_write4
+log "append 4 KiB, fdatasync after each"
+line "append 4KiB + fdatasync" "IOPS" 0 2 append_sync
+log "churn: create, write 64 KiB, fsync, unlink"
+line "churn create+64KiB+fsync+unlink" "ops/s" 0 2 churn
 for c in "${CONFIGS[@]}"; do rm -f "${DIR[$c]}/bench.dat" "${DIR[$c]}"/bench.[0-3]; done
 settle
 

@@ -882,14 +882,20 @@ mod tests {
         assert_eq!(s2.catalog, want);
     }
 
-    #[test]
-    fn torn_tail_is_cut_and_corruption_refused() {
+    /// A pool directory whose log holds two creates (a, b), closed; and the log's path.
+    fn store_with_two_ops() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::create(dir.path(), new_catalog()).unwrap();
         mk(&mut s, 2, "a");
         mk(&mut s, 3, "b");
         drop(s);
         let log = dir.path().join(LOG_FILE);
+        (dir, log)
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_corruption_refused() {
+        let (dir, log) = store_with_two_ops();
         let bytes = fs::read(&log).unwrap();
         // Torn: the last frame cut short.
         fs::write(&log, &bytes[..bytes.len() - 3]).unwrap();
@@ -996,12 +1002,7 @@ mod tests {
 
     #[test]
     fn zeroed_payload_of_the_last_frame_is_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
-        mk(&mut s, 2, "a");
-        mk(&mut s, 3, "b");
-        drop(s);
-        let log = dir.path().join(LOG_FILE);
+        let (dir, log) = store_with_two_ops();
         let mut bytes = fs::read(&log).unwrap();
         let frames = frames_of(&bytes);
         let (at, len) = frames[1];

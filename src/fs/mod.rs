@@ -164,33 +164,14 @@ impl FerryFs {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn do_setattr(
-        &self,
-        ino: Ino,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> FsResult<fuser::FileAttr> {
-        if ino == control::CONTROL_INO && mode.is_none() && uid.is_none() && gid.is_none() {
+    fn do_setattr(&self, ino: Ino, set: SetAttr) -> FsResult<fuser::FileAttr> {
+        if ino == control::CONTROL_INO && set.mode.is_none() && set.uid.is_none() && set.gid.is_none() {
             // `echo CMD > .ferry/control` opens with O_TRUNC: there is nothing to truncate.
             return self.attr_of(ino);
         }
         if control::attr(self, ino).is_some() {
             return Err(FsError::NotPermitted);
         }
-        let now = now_ns();
-        let set = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime_ns: atime.map(|t| time_or_now(t, now)),
-            mtime_ns: mtime.map(|t| time_or_now(t, now)),
-        };
         Ok(attr::attr(self.engine.geometry, &self.engine.setattr(ino, set)?))
     }
 
@@ -355,7 +336,16 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let res = self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime);
+        let now = now_ns();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime_ns: atime.map(|t| time_or_now(t, now)),
+            mtime_ns: mtime.map(|t| time_or_now(t, now)),
+        };
+        let res = self.do_setattr(ino.0, set);
         reply_result!(reply, res, |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
     }
 
