@@ -39,6 +39,7 @@
 #                          this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
 #   BENCH_LINES="1 2 3 4 5 6"  run only these lines (line 6 runs with 1 and 2)
+#   BENCH_FERRYFS=PATH     measure this ferryfs binary instead of building the checkout's
 #
 # Needs root (drop_caches, FUSE mounts).
 set -euo pipefail
@@ -79,8 +80,12 @@ if ! command -v qemu-storage-daemon >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils; } >/dev/null 2>&1 ||
         echo "bench-migrate: qemu-storage-daemon is missing and qemu-utils did not install; line 6 is skipped" >&2
 fi
-cargo build --release --quiet
-FERRY="$ROOT/target/release/ferryfs"
+if [[ -n "${BENCH_FERRYFS:-}" ]]; then
+    FERRY=$BENCH_FERRYFS # another build of ferryfs, to compare two in the same conditions
+else
+    cargo build --release --quiet
+    FERRY="$ROOT/target/release/ferryfs"
+fi
 REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then REV="$REV+local changes in src"; fi
 
