@@ -40,8 +40,11 @@ impl Engine {
             let mut cat = self.catalog.lock();
             cat.compact()?;
         }
-        // Everything freed so far is durably free now.
-        self.quarantine.lock().clear();
+        // Everything freed so far is durably free now: zero it (a rolled-back job's target
+        // holds a copy of its data set) before anything can be handed out.
+        let freed = std::mem::take(&mut *self.quarantine.lock());
+        self.punch_freed(&freed);
+        self.flush_extents_volumes(&freed)?;
         if unclean {
             r.tails_zeroed = self.zero_tails()?;
             r.free_runs_zeroed = self.zero_free_space()?;

@@ -126,3 +126,48 @@ fn a_job_rolled_back_by_recovery_survives_a_mount_that_never_serves() {
         assert!(jobs[0].target.is_empty() && !jobs[0].switched && jobs[0].ino == 2);
     }
 }
+
+/// The story: the quarantine let recovery forget the tracks it freed without zeroing them
+/// on a clean mount. A job stopped by a clean unmount keeps its record; the next mount rolls
+/// it back, and its target held a copy of the data set. Those tracks must read as zeros
+/// before anything can be handed them.
+#[test]
+fn recovery_zeroes_a_rolled_back_target_on_a_clean_mount() {
+    use crate::catalog::model::{Cutover, JobRec};
+    use crate::geometry::TrackNo;
+    use crate::space::Extent;
+    let dir = tempfile::tempdir().unwrap();
+    let vol = Arc::new(MemVolume::new(64 * 4096));
+    let (sh, node) = engine_with(vol.clone(), dir.path());
+    sh.write(&node, 0, &[5u8; 4096]).unwrap();
+    let job = JobRec {
+        id: 9,
+        ino: 2,
+        path: "/f".into(),
+        targets: vec![VolumeId(1)],
+        target: Vec::new(),
+        release: Vec::new(),
+        switched: false,
+        cutover: Cutover::Live,
+        rate_bytes_per_s: 0,
+        plan: None,
+        started_ns: 0,
+    };
+    let target = Extent { volume: VolumeId(1), first: TrackNo(40), count_tracks: 2 };
+    {
+        let mut cat = sh.catalog.lock();
+        sh.commit(&mut cat, Op::JobStart { job }).unwrap();
+        sh.commit(&mut cat, Op::JobGrow { job: 9, extents: vec![target] }).unwrap();
+    }
+    // The copy reached the target.
+    vol.write_at(&[5u8; 8192], 40 * 4096).unwrap();
+    sh.sync_log().unwrap();
+    drop((sh, node));
+    let (store, _) = Store::open(dir.path(), true).unwrap();
+    let e = Engine::new(store, dir.path().into(), crate::storage::real(), vec![(VolumeId(1), vol.clone())]);
+    let r = e.recover(false).unwrap();
+    assert_eq!(r.jobs_rolled_back, vec![9]);
+    let mut buf = vec![1u8; 8192];
+    vol.read_at(&mut buf, 40 * 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "the rolled-back target still holds the copy");
+}
