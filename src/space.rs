@@ -74,6 +74,10 @@ impl FreeMap {
         FreeMap { volume, tracks_total, runs, free_tracks: tracks_total }
     }
 
+    pub fn volume(&self) -> VolumeId {
+        self.volume
+    }
+
     pub fn tracks_total(&self) -> u64 {
         self.tracks_total
     }

@@ -10,7 +10,7 @@ use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Op};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
-use crate::space::{plan_growth, VolumeId};
+use crate::space::{plan_growth, FreeMap, VolumeId};
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.
 pub fn write_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, data: &[u8]) -> Result<()> {
@@ -104,8 +104,15 @@ impl Engine {
                 self.refresh_map(&cat, node);
                 return Ok(());
             }
-            // Volumes that a merge or drain is emptying take nothing new.
-            match plan_growth(cat.catalog.open_volumes().map(|v| &v.free), last, allocated, needed) {
+            // Volumes that a merge or drain is emptying take nothing new. Quarantined tracks
+            // are taken only when nothing else fits (they cost a sync of the log first).
+            let open: Vec<&FreeMap> = cat.catalog.open_volumes().map(|v| &v.free).collect();
+            let around = self.free_outside_quarantine(&open);
+            let found = around
+                .as_ref()
+                .and_then(|maps| plan_growth(maps.iter().map(|m| m.as_ref()), last, allocated, needed))
+                .or_else(|| plan_growth(open.iter().copied(), last, allocated, needed));
+            match found {
                 Some(plan) => break plan,
                 None if !reclaimed && self.reclaim_surplus(&mut cat)? > 0 => reclaimed = true,
                 None => return Err(Error::NoSpace),

@@ -53,6 +53,7 @@ mod namespace;
 mod node;
 mod recovery;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::io as stdio;
 use std::path::PathBuf;
@@ -66,7 +67,7 @@ use crate::catalog::model::{Ino, Op};
 use crate::catalog::store::{Store, StoreError};
 use crate::geometry::Geometry;
 use crate::monitor::SyncLatency;
-use crate::space::{Extent, VolumeId};
+use crate::space::{Extent, FreeMap, VolumeId};
 use crate::storage::{Disk, StorageFile};
 
 pub use io::{read_pieces, write_pieces};
@@ -134,6 +135,11 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Allocation goes around quarantined tracks while it can; once more than this many are
+/// quarantined, the next allocation settles them all (one sync of the log, a punch and a
+/// flush), so that the quarantine never hides much of a pool's free space.
+pub const QUARANTINE_TRACKS_MAX: u64 = 1024;
 
 /// The volume table: every open volume by id.
 pub type Volumes = HashMap<VolumeId, Arc<dyn StorageFile>>;
@@ -234,17 +240,38 @@ impl Engine {
         Ok(freed)
     }
 
-    /// Before `plan` is handed out: if it takes quarantined tracks, make the log durable
-    /// (so the ops that freed them survive any power cut), then zero every quarantined track.
-    /// Tracks whose punch failed earlier are zeroed too. Called with the catalog lock held
-    /// (as `cat`), so nothing else can allocate meanwhile.
+    /// The free maps of `open` with the quarantined tracks taken out (cloned only for the
+    /// volumes that have some), so that allocation can go around them while there is room;
+    /// `None` when nothing is quarantined.
+    pub fn free_outside_quarantine<'a>(&self, open: &[&'a FreeMap]) -> Option<Vec<Cow<'a, FreeMap>>> {
+        let q = self.quarantine.lock();
+        if q.is_empty() {
+            return None;
+        }
+        let mut maps: Vec<Cow<'a, FreeMap>> = open.iter().map(|m| Cow::Borrowed(*m)).collect();
+        for e in q.iter() {
+            if let Some(m) = maps.iter_mut().find(|m| m.volume() == e.volume) {
+                // Quarantined tracks are free in the catalog, whole.
+                let _ = m.to_mut().take(e.first.0, e.count_tracks);
+            }
+        }
+        Some(maps)
+    }
+
+    /// Before `plan` is handed out: if it takes quarantined tracks (or the quarantine has
+    /// grown past [`QUARANTINE_TRACKS_MAX`]), make the log durable (so the ops that freed
+    /// them survive any power cut; nothing to do if an application's sync did it already),
+    /// then zero every quarantined track and flush. Tracks whose punch failed earlier are
+    /// zeroed too. Called with the catalog lock held (as `cat`), so nothing else can
+    /// allocate meanwhile.
     pub fn settle_quarantine(&self, cat: &mut Store, plan: &[Extent]) -> Result<()> {
         let overlaps = |list: &[Extent]| {
             list.iter()
                 .any(|u| plan.iter().any(|p| p.volume == u.volume && p.first.0 < u.end().0 && u.first.0 < p.end().0))
         };
         let held = std::mem::take(&mut *self.quarantine.lock());
-        if overlaps(&held) {
+        let settle = overlaps(&held) || held.iter().map(|e| e.count_tracks).sum::<u64>() > QUARANTINE_TRACKS_MAX;
+        if settle {
             if let Err(e) = cat.sync_or_rewrite() {
                 self.quarantine.lock().extend_from_slice(&held);
                 return Err(e.into());
@@ -254,7 +281,7 @@ impl Engine {
             self.quarantine.lock().extend_from_slice(&held);
         }
         self.zero_unzeroed(plan)?;
-        if overlaps(&held) {
+        if settle {
             self.flush_extents_volumes(&held)?;
         }
         Ok(())
