@@ -21,6 +21,9 @@
 //! - every job record left is a queued restart (switched jobs freed their source, the others
 //!   rolled back), and the restarted jobs run on.
 //!
+//! `a_cut_at_every_io_of_a_cutover` adds the exhaustive case for the moment a switch can get
+//! ahead of its copy: one migration, the power cut at each I/O of its cutover in turn.
+//!
 //! A failure prints its seed; `FERRYFS_POWER_SEED=<seed>` reruns that seed alone, the same
 //! way. `FERRYFS_POWER_SEEDS` and `FERRYFS_POWER_CUTS` (cuts per seed) set the size of a run
 //! (scripts/power-cuts.sh runs long campaigns).
@@ -645,4 +648,98 @@ fn power_cuts_keep_every_acknowledged_write() {
     println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
+}
+
+/// One migration of one data set under a writer that fsyncs some of its writes, stepped
+/// until the job switches. With `cut_at`, the power goes at that I/O, the disk restarts with
+/// `seed`, and the recovery is checked. Returns the I/O numbers of the job's last step (the
+/// one that holds the cutover: from the last yield through the switch, the release and the
+/// end of the job).
+fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Result<(u64, u64), String> {
+    let disk = SimDisk::new();
+    create_pool(&disk);
+    let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
+    let mut sim = mount(&disk)?;
+    let e = sim.engine.clone();
+    let ino = e.make(ROOT_INO, b"a", 0o644, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
+    oracle.push_ns(BTreeMap::from([("a".to_string(), ino)]));
+    let h = sim.handle(ino).map_err(|x| x.to_string())?;
+    let data = fill(1, 20 * TRACK_BYTES as usize);
+    e.write(&h, 0, &data).and_then(|()| e.fsync(&h, false)).map_err(|x| x.to_string())?;
+    let model = oracle.files.entry(ino).or_default();
+    model.write(0, &data);
+    model.synced();
+    oracle.log_synced();
+    if let Some(k) = cut_at {
+        disk.cut_power_at(k);
+    }
+    migrate::execute(&sim.m, &format!("migrate /a to V1 cutover={cutover}")).map_err(|r| r.message)?;
+    let mut rng = SimRng::new(writer);
+    let mut last = (0, 0);
+    for n in 2..2000u64 {
+        if disk.is_cut() {
+            break;
+        }
+        let parked = sim.turns.parked();
+        let Some(&job) = parked.first() else { break };
+        // The writer: a write between the job's steps, every other one synced.
+        let offset = rng.below(20 * TRACK_BYTES - 100);
+        let bytes = fill(n, 1 + rng.below(3000) as usize);
+        let sync = n % 2 == 0;
+        if let Some(h) = sim.handles.get(&ino).and_then(|v| v.first()).cloned() {
+            let r = e.write(&h, offset, &bytes).and_then(|()| if sync { e.fsync(&h, true) } else { Ok(()) });
+            if r.is_ok() || disk.is_cut() {
+                oracle.files.get_mut(&ino).unwrap().write(offset, &bytes);
+            }
+            if r.is_ok() && sync {
+                oracle.files.get_mut(&ino).unwrap().synced();
+                oracle.log_synced();
+            }
+            // Close mode: the writer closes after a while, so that the job may cut over.
+            if cutover == "close" && n > 40 {
+                let h = sim.handles.remove(&ino).unwrap().pop().unwrap();
+                let _ = e.release(&h);
+            }
+        }
+        let before = disk.ops();
+        sim.turns.step(job);
+        last = (before + 1, disk.ops());
+    }
+    if cut_at.is_none() {
+        let switched = sim.m.reports().0.iter().any(|r| r.phase == "switched");
+        sim.power_off();
+        return if switched { Ok(last) } else { Err("the job did not switch".into()) };
+    }
+    sim.power_off();
+    let disk = disk.restart(seed);
+    let sim = mount(&disk)?;
+    let r = check_recovered(&sim, &mut oracle);
+    sim.power_off();
+    r.map(|_| last)
+}
+
+/// The cutover is where a switch can get ahead of the copy. A power cut at every I/O of it
+/// (from the job's last yield through the switch and the release), in both modes, under
+/// three writers, each cut with several ways for the unsynced writes to survive.
+#[test]
+fn a_cut_at_every_io_of_a_cutover() {
+    for cutover in ["live", "close"] {
+        for writer in [99, 100, 101] {
+            let (first, last) = one_cutover(cutover, writer, None, 0).unwrap();
+            assert!(last >= first, "{cutover}: the cutover step did no I/O");
+            let mut cuts = 0;
+            for k in first..=last {
+                for seed in 0..6 {
+                    if let Err(e) = one_cutover(cutover, writer, Some(k), seed) {
+                        panic!(
+                            "{cutover} cutover, writer {writer}, power cut at I/O {k} (of {first}..={last}), \
+                             restart seed {seed}: {e}"
+                        );
+                    }
+                    cuts += 1;
+                }
+            }
+            println!("{cutover} cutover, writer {writer}: I/O {first}..={last}, {cuts} cuts, every one recovered");
+        }
+    }
 }
