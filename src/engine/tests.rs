@@ -93,23 +93,11 @@ fn volume_io_error_reaches_the_caller_and_fsync_stays_failed() {
 /// serves still leaves the job for the next one.
 #[test]
 fn a_job_rolled_back_by_recovery_survives_a_mount_that_never_serves() {
-    use crate::catalog::model::{Cutover, JobRec};
+    use crate::catalog::model::JobRec;
     let dir = tempfile::tempdir().unwrap();
     let (sh, node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
     sh.write(&node, 0, &[5u8; 10_000]).unwrap();
-    let job = JobRec {
-        id: 7,
-        ino: 2,
-        path: "/f".into(),
-        targets: vec![VolumeId(1)],
-        target: Vec::new(),
-        release: Vec::new(),
-        switched: false,
-        cutover: Cutover::Live,
-        rate_bytes_per_s: 0,
-        plan: None,
-        started_ns: 0,
-    };
+    let job = queued_job(7);
     sh.commit(&mut sh.catalog.lock(), Op::JobStart { job }).unwrap();
     sh.sync_log().unwrap();
     drop((sh, node));
@@ -133,26 +121,13 @@ fn a_job_rolled_back_by_recovery_survives_a_mount_that_never_serves() {
 /// before anything can be handed them.
 #[test]
 fn recovery_zeroes_a_rolled_back_target_on_a_clean_mount() {
-    use crate::catalog::model::{Cutover, JobRec};
     use crate::geometry::TrackNo;
     use crate::space::Extent;
     let dir = tempfile::tempdir().unwrap();
     let vol = Arc::new(MemVolume::new(64 * 4096));
     let (sh, node) = engine_with(vol.clone(), dir.path());
     sh.write(&node, 0, &[5u8; 4096]).unwrap();
-    let job = JobRec {
-        id: 9,
-        ino: 2,
-        path: "/f".into(),
-        targets: vec![VolumeId(1)],
-        target: Vec::new(),
-        release: Vec::new(),
-        switched: false,
-        cutover: Cutover::Live,
-        rate_bytes_per_s: 0,
-        plan: None,
-        started_ns: 0,
-    };
+    let job = queued_job(9);
     let target = Extent { volume: VolumeId(1), first: TrackNo(40), count_tracks: 2 };
     {
         let mut cat = sh.catalog.lock();
@@ -170,4 +145,21 @@ fn recovery_zeroes_a_rolled_back_target_on_a_clean_mount() {
     let mut buf = vec![1u8; 8192];
     vol.read_at(&mut buf, 40 * 4096).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "the rolled-back target still holds the copy");
+}
+
+/// A job record of data set 2 to volume 1, queued (no target yet).
+fn queued_job(id: u64) -> crate::catalog::model::JobRec {
+    crate::catalog::model::JobRec {
+        id,
+        ino: 2,
+        path: "/f".into(),
+        targets: vec![VolumeId(1)],
+        target: Vec::new(),
+        release: Vec::new(),
+        switched: false,
+        cutover: crate::catalog::model::Cutover::Live,
+        rate_bytes_per_s: 0,
+        plan: None,
+        started_ns: 0,
+    }
 }
