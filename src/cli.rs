@@ -353,8 +353,7 @@ pub fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Cmd::Status { mountpoint, json } => {
-            let s = status_of_mount(&mountpoint)
-                .ok_or_else(|| format!("{} is not a ferryfs mount", mountpoint.display()))?;
+            let s = mount::mount_status(&mountpoint)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
             } else {
@@ -446,6 +445,32 @@ fn repair_log(pool: &Path) -> Result<pool::PoolLock, String> {
     Ok(lock)
 }
 
+/// What other users could read: the pool directory, its files, and every image (a file or
+/// a device), each with a mode that lets anyone but the owner in.
+fn exposure_warnings(dir: &Path, c: &crate::catalog::Catalog) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mode_of = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o777);
+    let mut check = |what: String, p: &Path| {
+        if let Some(mode) = mode_of(p).filter(|m| m & 0o077 != 0) {
+            out.push(format!(
+                "{what} {} is mode {mode:04o}: other users can read it; chmod go-rwx {}",
+                p.display(),
+                p.display()
+            ));
+        }
+    };
+    check("the pool directory".into(), dir);
+    check("the volumes directory".into(), &dir.join(crate::pool::VOLUMES_DIR));
+    for f in [crate::catalog::store::SNAP_FILE, crate::catalog::store::LOG_FILE, crate::pool::MOUNT_LOG_FILE] {
+        check("the pool's file".into(), &dir.join(f));
+    }
+    for v in c.volumes.values() {
+        check(format!("volume {}'s image", v.name), Path::new(&v.path));
+    }
+    out
+}
+
 fn fsck(pool: &Path) -> CliResult {
     check_fsck_target(pool)?;
     let dir = pool.canonicalize().map_err(|e| format!("{}: {e}", pool.display()))?;
@@ -464,6 +489,9 @@ fn fsck(pool: &Path) -> CliResult {
             Ok(_) => {}
             Err(e) => r.problems.push(format!("volume {}: image {}: {e}", v.name, v.path)),
         }
+    }
+    for w in exposure_warnings(&dir, c) {
+        println!("warning: {w}");
     }
     if report.torn_tail_bytes > 0 {
         r.notes.push(format!(

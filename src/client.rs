@@ -47,9 +47,7 @@ pub fn started(reply: &str) -> Started {
 
 /// Send one command line; the reply, or the refusal's text.
 pub fn send(mnt: &Path, line: &str) -> Result<String, String> {
-    if status_of_mount(mnt).is_none() {
-        return Err(format!("{} is not a ferryfs mount", mnt.display()));
-    }
+    crate::mount::mount_status(mnt)?;
     let path = mnt.join(CONTROL_DIR_NAME).join("control");
     let mut f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| match e.raw_os_error() {
         Some(libc::EACCES) | Some(libc::EPERM) => {

@@ -45,6 +45,18 @@ pub fn status_of_mount(mnt: &Path) -> Option<Status> {
     serde_json::from_slice(&b).ok()
 }
 
+/// The status of the ferryfs mount at `mnt`, or one line saying why there is none: not a
+/// ferryfs mount, or one whose control files belong to another user.
+pub fn mount_status(mnt: &Path) -> Result<Status, String> {
+    match std::fs::read(mnt.join(CONTROL_DIR_NAME).join("status")) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            Err(format!("{}: a ferryfs mount of another user; only the mount's owner may use it", mnt.display()))
+        }
+        Ok(b) => serde_json::from_slice(&b).map_err(|_| format!("{} is not a ferryfs mount", mnt.display())),
+        Err(_) => Err(format!("{} is not a ferryfs mount", mnt.display())),
+    }
+}
+
 /// Mount in the background: start a foreground mount as a detached child and wait until it
 /// says it is ready (or why it is not).
 pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32, String> {
@@ -370,7 +382,7 @@ pub fn umount(mnt: &Path) -> Result<(), String> {
         return Ok(());
     }
     let mnt = mnt.canonicalize().map_err(|e| format!("{}: {e}", mnt.display()))?;
-    let status = status_of_mount(&mnt).ok_or_else(|| format!("{} is not a ferryfs mount", mnt.display()))?;
+    let status = mount_status(&mnt)?;
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: umount2 with a valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {

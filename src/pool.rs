@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,6 +103,11 @@ pub fn init(dir: &Path, geometry: Geometry) -> Result<(), PoolError> {
         Err(e) => return Err(io_err(dir)(e)),
     }
     fs::create_dir(dir.join(VOLUMES_DIR)).map_err(io_err(dir))?;
+    // The pool is its owner's alone, whatever the umask or an empty directory's mode was:
+    // its images hold every data set's bytes, its catalog every path.
+    for d in [dir.to_path_buf(), dir.join(VOLUMES_DIR)] {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(io_err(&d))?;
+    }
     let now = now_ns();
     // SAFETY: getuid/getgid can't fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

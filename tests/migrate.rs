@@ -1243,7 +1243,8 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
     assert!(out.status.success(), "a good line from a shell: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(status(&m.mnt)["max_jobs"], 3);
 
-    // Another user may read the status but not send commands.
+    // Another user may neither read the status (it names every path and job) nor send
+    // commands.
     let prefix: Vec<&str> = if have("runuser") {
         vec!["runuser", "-u", "nobody", "--"]
     } else if have("setpriv") {
@@ -1257,7 +1258,8 @@ fn malformed_control_lines_are_refused_and_change_nothing() {
         |args: &[&OsStr]| Command::new(prefix[0]).args(&prefix[1..]).args(args).stdin(Stdio::null()).output().unwrap();
     let sh = |script: String| as_nobody(&[OsStr::new("sh"), OsStr::new("-c"), OsStr::new(&script)]);
     let out = sh(format!("cat '{}' > /dev/null", m.p(".ferry/status").display()));
-    assert!(out.status.success(), "another user reads the status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "another user read the status");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
     let out = sh(format!("echo set max-jobs=7 > '{}'", control_path.display()));
     assert!(!out.status.success(), "another user sent a command");
     let err = String::from_utf8_lossy(&out.stderr);

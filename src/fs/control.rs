@@ -53,8 +53,9 @@ fn fixed_attr(ino: Ino, kind: FileType, perm: u16, uid: u32) -> FileAttr {
 pub fn attr(fs: &FerryFs, ino: Ino) -> Option<FileAttr> {
     let owner = fs.owner_uid;
     match ino {
-        CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o555, owner)),
-        STATUS_INO | EVENTS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o444, owner)),
+        // The mount's owner's alone: status and events name every path and job.
+        CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o500, owner)),
+        STATUS_INO | EVENTS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o400, owner)),
         CONTROL_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o600, owner)),
         _ => None,
     }

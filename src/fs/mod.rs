@@ -417,12 +417,12 @@ impl Filesystem for FerryFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // The control files are the mount's owner's (and root's): the kernel checked their
+        // modes; say it again here, whatever the mount options.
+        if control::attr(self, ino.0).is_some() && req.uid() != self.owner_uid && req.uid() != 0 {
+            return reply.error(Errno::EACCES);
+        }
         if ino.0 == control::CONTROL_INO {
-            // The kernel checked the mode (0600, the owner's); say it again for root-less
-            // mounts that other users may reach.
-            if req.uid() != self.owner_uid && req.uid() != 0 {
-                return reply.error(Errno::EACCES);
-            }
             let fh = self.add_handle(Handle::Control { replies: Mutex::new(Vec::new()) });
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE);
         }
@@ -536,7 +536,10 @@ impl Filesystem for FerryFs {
         reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == control::CONTROL_DIR_INO && req.uid() != self.owner_uid && req.uid() != 0 {
+            return reply.error(Errno::EACCES);
+        }
         match self.dir_entries(ino.0) {
             Ok(entries) => {
                 let fh = self.add_handle(Handle::Dir { entries });
