@@ -60,8 +60,24 @@ enum Handle {
     },
     /// `.ferry/control`: lines written are commands; their replies read back from here.
     Control {
+        /// The line being written: a command may arrive in several writes.
+        input: Mutex<LineInput>,
         replies: Mutex<Vec<u8>>,
     },
+}
+
+/// Longest control line. A longer one is refused whole (and echoed nowhere in full): no
+/// command comes near it, and a line is buffered until its newline.
+pub const CONTROL_LINE_MAX_BYTES: usize = 4096;
+/// How much of a refused line the events and the log repeat.
+const REFUSED_ECHO_MAX_CHARS: usize = 120;
+
+/// A control handle's line in progress.
+#[derive(Default)]
+struct LineInput {
+    partial: Vec<u8>,
+    /// The line passed [`CONTROL_LINE_MAX_BYTES`]: skip to its newline, then refuse it.
+    overlong_bytes: usize,
 }
 
 pub struct FerryFs {
@@ -208,30 +224,75 @@ impl FerryFs {
         self.engine.fallocate(&node, offset, length, mode)
     }
 
-    /// Run the command lines of one write to `.ferry/control`; every reply goes to the
-    /// handle's stream. The first refusal stops the write and is its errno (the lines before
-    /// it ran).
-    fn control_write(&self, replies: &Mutex<Vec<u8>>, data: &[u8]) -> Result<(), i32> {
-        let Ok(text) = std::str::from_utf8(data) else {
-            replies.lock().extend_from_slice(b"error: a command must be UTF-8 text\n");
-            return Err(libc::EINVAL);
-        };
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            match crate::migrate::execute(&self.migrations, line) {
-                Ok(ok) => {
-                    let mut r = replies.lock();
-                    r.extend_from_slice(ok.as_bytes());
-                    r.push(b'\n');
-                }
-                Err(refusal) => {
-                    self.migrations.event(format!("refused command={line:?} reason={:?}", refusal.message));
-                    let mut r = replies.lock();
-                    r.extend_from_slice(format!("error: {}\n", refusal.message).as_bytes());
-                    return Err(refusal.errno);
+    /// Take one write to `.ferry/control`. Bytes are buffered per handle until a newline, so
+    /// a command may arrive in pieces; every complete line runs and gets exactly one reply
+    /// on the handle's stream. The write fails with the errno of its first refused line (the
+    /// others ran all the same).
+    fn control_write(&self, input: &Mutex<LineInput>, replies: &Mutex<Vec<u8>>, data: &[u8]) -> Result<(), i32> {
+        let mut input = input.lock();
+        let mut first_refusal = None;
+        for chunk in data.split_inclusive(|&b| b == b'\n') {
+            let complete = chunk.ends_with(b"\n");
+            let body = if complete { &chunk[..chunk.len() - 1] } else { chunk };
+            if input.overlong_bytes > 0 || input.partial.len() + body.len() > CONTROL_LINE_MAX_BYTES {
+                input.overlong_bytes += input.partial.len() + body.len();
+                input.partial.clear();
+            } else {
+                input.partial.extend_from_slice(body);
+            }
+            if complete {
+                let line = std::mem::take(&mut input.partial);
+                let overlong = std::mem::take(&mut input.overlong_bytes);
+                if let Err(errno) = self.control_line(replies, &line, overlong) {
+                    first_refusal.get_or_insert(errno);
                 }
             }
         }
-        Ok(())
+        first_refusal.map_or(Ok(()), Err)
+    }
+
+    /// A line left without its newline when the handle is flushed (closed) runs then.
+    fn control_flush(&self, input: &Mutex<LineInput>, replies: &Mutex<Vec<u8>>) -> Result<(), i32> {
+        let mut input = input.lock();
+        let line = std::mem::take(&mut input.partial);
+        let overlong = std::mem::take(&mut input.overlong_bytes);
+        if line.is_empty() && overlong == 0 {
+            return Ok(());
+        }
+        self.control_line(replies, &line, overlong)
+    }
+
+    /// Run one control line (`overlong`: the bytes of a line too long to keep), and reply.
+    fn control_line(&self, replies: &Mutex<Vec<u8>>, line: &[u8], overlong: usize) -> Result<(), i32> {
+        let refuse = |shown: &str, errno: i32, message: String| {
+            let shown: String = shown.chars().take(REFUSED_ECHO_MAX_CHARS).collect();
+            self.migrations.event(format!("refused command={shown:?} reason={message:?}"));
+            replies.lock().extend_from_slice(format!("error: {message}\n").as_bytes());
+            Err(errno)
+        };
+        if overlong > 0 {
+            return refuse(
+                "(a line too long)",
+                libc::EINVAL,
+                format!("a command line holds at most {CONTROL_LINE_MAX_BYTES} bytes; this one had {overlong}"),
+            );
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            return refuse("(not UTF-8)", libc::EINVAL, "a command must be UTF-8 text".into());
+        };
+        let text = text.trim();
+        if text.is_empty() || text.starts_with('#') {
+            return Ok(());
+        }
+        match crate::migrate::execute(&self.migrations, text) {
+            Ok(ok) => {
+                let mut r = replies.lock();
+                r.extend_from_slice(ok.as_bytes());
+                r.push(b'\n');
+                Ok(())
+            }
+            Err(refusal) => refuse(text, refusal.errno, refusal.message),
+        }
     }
 
     fn dir_entries(&self, ino: Ino) -> FsResult<Vec<(Vec<u8>, Ino, FileType)>> {
@@ -423,7 +484,7 @@ impl Filesystem for FerryFs {
             return reply.error(Errno::EACCES);
         }
         if ino.0 == control::CONTROL_INO {
-            let fh = self.add_handle(Handle::Control { replies: Mutex::new(Vec::new()) });
+            let fh = self.add_handle(Handle::Control { input: Mutex::default(), replies: Mutex::new(Vec::new()) });
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE);
         }
         if let Some(res) = control::open(self, ino.0) {
@@ -467,7 +528,7 @@ impl Filesystem for FerryFs {
                 reply.data(&bytes[start..end])
             }
             // A stream: each read takes the replies not read yet.
-            Handle::Control { replies } => {
+            Handle::Control { replies, .. } => {
                 let mut r = replies.lock();
                 let n = (size as usize).min(r.len());
                 let out: Vec<u8> = r.drain(..n).collect();
@@ -490,8 +551,8 @@ impl Filesystem for FerryFs {
         reply: ReplyWrite,
     ) {
         if let Ok(h) = self.handle(fh) {
-            if let Handle::Control { replies } = &*h {
-                return match self.control_write(replies, data) {
+            if let Handle::Control { input, replies } = &*h {
+                return match self.control_write(input, replies, data) {
                     Ok(()) => reply.written(data.len() as u32),
                     Err(errno) => reply.error(Errno::from_i32(errno)),
                 };
@@ -509,8 +570,16 @@ impl Filesystem for FerryFs {
         reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        // Nothing is buffered here: every write reached the volume before it was acknowledged.
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        // A data set buffers nothing here: every write reached the volume before it was
+        // acknowledged. A control handle may hold a last line without its newline.
+        if let Ok(h) = self.handle(fh) {
+            if let Handle::Control { input, replies } = &*h {
+                if let Err(errno) = self.control_flush(input, replies) {
+                    return reply.error(Errno::from_i32(errno));
+                }
+            }
+        }
         reply.ok();
     }
 

@@ -70,9 +70,16 @@ pub const MAX_JOBS_LIMIT: usize = 64;
 
 /// Split a line into words: blanks separate, double quotes group, backslash escapes.
 pub fn split_words(line: &str) -> Result<Vec<String>, String> {
+    Ok(split_marked(line)?.into_iter().map(|(w, _)| w).collect())
+}
+
+/// [`split_words`], each word with whether any of it was quoted or escaped: such a word is
+/// always a value (a path with `=` in it), never a `key=value` option.
+fn split_marked(line: &str) -> Result<Vec<(String, bool)>, String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
+    let mut literal = false;
     let mut quoted = false;
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -81,14 +88,16 @@ pub fn split_words(line: &str) -> Result<Vec<String>, String> {
                 let n = chars.next().ok_or("a backslash ends the line")?;
                 cur.push(n);
                 in_word = true;
+                literal = true;
             }
             '"' => {
                 quoted = !quoted;
                 in_word = true;
+                literal = true;
             }
             c if c.is_whitespace() && !quoted => {
                 if in_word {
-                    words.push(std::mem::take(&mut cur));
+                    words.push((std::mem::take(&mut cur), std::mem::take(&mut literal)));
                     in_word = false;
                 }
             }
@@ -102,14 +111,14 @@ pub fn split_words(line: &str) -> Result<Vec<String>, String> {
         return Err("a double quote is not closed".into());
     }
     if in_word {
-        words.push(cur);
+        words.push((cur, literal));
     }
     Ok(words)
 }
 
 /// Quote a word for a command line (the inverse of [`split_words`]).
 pub fn quote(word: &str) -> String {
-    if !word.is_empty() && !word.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+    if !word.is_empty() && !word.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\' || c == '=') {
         return word.to_string();
     }
     let mut s = String::from("\"");
@@ -155,9 +164,12 @@ const USAGE: &str = "verbs: migrate PATH... to VOL[,VOL] [cutover=live|close] [r
                      drain VOL [to VOL,...] [..] | cancel ID | add VOL size=N [path=IMAGE] | retire VOL | reopen VOL | set copy-rate=N | set max-jobs=N";
 
 pub fn parse(line: &str) -> Result<Command, String> {
-    let words = split_words(line)?;
-    let Some((verb, rest)) = words.split_first() else { return Err(format!("an empty command ({USAGE})")) };
-    let opt_start = rest.iter().position(|w| w.contains('=')).unwrap_or(rest.len());
+    let marked = split_marked(line)?;
+    let Some((_, after_verb)) = marked.split_first() else { return Err(format!("an empty command ({USAGE})")) };
+    // Options are the unquoted `key=value` words from the first one on.
+    let opt_start = after_verb.iter().position(|(w, literal)| !literal && w.contains('=')).unwrap_or(after_verb.len());
+    let words: Vec<String> = marked.into_iter().map(|(w, _)| w).collect();
+    let (verb, rest) = words.split_first().expect("not empty");
     let (pos, opt_words) = rest.split_at(opt_start);
     match verb.as_str() {
         "migrate" => {
@@ -300,8 +312,24 @@ mod tests {
 
     #[test]
     fn quote_round_trips() {
-        for w in ["plain", "with space", "q\"uote", "back\\slash", ""] {
+        for w in ["plain", "with space", "q\"uote", "back\\slash", "", "a=b"] {
             assert_eq!(split_words(&quote(w)).unwrap(), vec![w.to_string()]);
         }
+    }
+
+    /// The story: a path with `=` in it could not be named in a control line; the parser took
+    /// it for a `key=value` option. A quoted (or escaped) word is always a value now.
+    #[test]
+    fn a_quoted_path_with_an_equals_sign_is_a_path() {
+        let c = parse(&format!("migrate {} to V2 cutover=close", quote("/data/x=1.db"))).unwrap();
+        let Command::Migrate { paths, to, opts } = c else { panic!("{c:?}") };
+        assert_eq!(paths, vec!["/data/x=1.db".to_string()]);
+        assert_eq!(to, vec!["V2".to_string()]);
+        assert_eq!(opts.cutover, Cutover::Close);
+        let c = parse("migrate /data/y\\=2 to V2").unwrap();
+        assert!(matches!(c, Command::Migrate { ref paths, .. } if paths == &["/data/y=2".to_string()]), "{c:?}");
+        // Unquoted, it is still an option, and a bad one.
+        assert!(parse("migrate /data/x=1.db to V2").is_err());
+        assert!(parse("").is_err());
     }
 }
