@@ -44,6 +44,12 @@ pub enum PoolError {
     #[error("{} already exists; a volume image must be a new file", path.display())]
     ImageExists { path: PathBuf },
     #[error(
+        "{} lies inside {}, a mount of this pool: a volume can't live inside its own pool",
+        path.display(),
+        mountpoint.display()
+    )]
+    ImageInsideMount { path: PathBuf, mountpoint: PathBuf },
+    #[error(
         "{} already exists but no volume of this pool uses it (left by an add that did not finish?); \
          remove it, or give another --path",
         path.display()
@@ -245,7 +251,16 @@ pub fn check_new_volume(
         return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
     }
     let path = match path {
-        Some(p) => absolute(p)?,
+        Some(p) => {
+            // Before anything resolves the path (a stat inside the pool's own mount is a
+            // request to the daemon that is asking), then again once it is resolved.
+            let lexical =
+                if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map_err(io_err(p))?.join(p) };
+            refuse_inside_own_mount(dir, &lexical)?;
+            let resolved = absolute(p)?;
+            refuse_inside_own_mount(dir, &resolved)?;
+            resolved
+        }
         None => dir.join(VOLUMES_DIR).join(format!("{name}.img")),
     };
     if path.exists() {
@@ -298,7 +313,9 @@ impl PoolError {
     /// The errno a mount answers a refused control command with.
     pub fn errno(&self) -> i32 {
         match self {
-            PoolError::BadVolumeName { .. } | PoolError::VolumeTooSmall { .. } => libc::EINVAL,
+            PoolError::BadVolumeName { .. } | PoolError::VolumeTooSmall { .. } | PoolError::ImageInsideMount { .. } => {
+                libc::EINVAL
+            }
             PoolError::VolumeExists { .. } | PoolError::ImageExists { .. } | PoolError::StrayImage { .. } => {
                 libc::EEXIST
             }
@@ -310,6 +327,50 @@ impl PoolError {
             _ => libc::EIO,
         }
     }
+}
+
+/// An image inside a mount of its own pool would store the pool inside itself: every write
+/// to the volume a write to a data set of the same mount, and the mount deadlocks on itself.
+fn refuse_inside_own_mount(pool_dir: &Path, image: &Path) -> Result<(), PoolError> {
+    let pool_dir = pool_dir.canonicalize().unwrap_or_else(|_| pool_dir.to_path_buf());
+    match ferryfs_mounts_of(&pool_dir).into_iter().find(|m| image.starts_with(m)) {
+        Some(mountpoint) => Err(PoolError::ImageInsideMount { path: image.to_path_buf(), mountpoint }),
+        None => Ok(()),
+    }
+}
+
+/// The mountpoints of the ferryfs mounts of `pool_dir`, from /proc/self/mountinfo (read as a
+/// file: no request reaches any mount).
+pub fn ferryfs_mounts_of(pool_dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let want = format!("ferryfs:{}", pool_dir.display());
+    info.lines()
+        .filter_map(|l| {
+            // id parent major:minor root mountpoint options... - fstype source superoptions
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            let source = unescape_mountinfo(f.get(dash + 2)?);
+            let mountpoint = f.get(4)?;
+            (source == want).then(|| PathBuf::from(unescape_mountinfo(mountpoint)))
+        })
+        .collect()
+}
+
+/// mountinfo writes a space, a tab, a newline and a backslash in a path as octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, PoolError> {

@@ -104,3 +104,47 @@ fn init_makes_an_existing_empty_directory_private() {
     assert_eq!(mode(&pool.join("catalog.snap")), 0o600);
     assert_eq!(mode(&pool.join("catalog.log")), 0o600);
 }
+
+/// The story: `volume add MNT SELF --path MNT/self.img` was accepted and hung the mount for
+/// good (the pool would have stored a volume inside itself); umount, fusermount3 -u and
+/// SIGTERM could not recover it. Such a path is refused now, by the CLI and by the control
+/// verb alike, and the mount carries on.
+#[test]
+fn an_image_inside_the_pools_own_mount_is_refused() {
+    let tp = TestPool::new("64K", &[("V1", "16M")]);
+    let m = tp.mount();
+    let inside = m.p("sub/self.img");
+    fs::create_dir(m.p("sub")).unwrap();
+    let out_file = tp.dir().join("add.out");
+    let mut child = Command::new(common::bin())
+        .args(["volume", "add", s(&m.mnt), "SELF", "--size", "1M", "--path", s(&inside)])
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&out_file).unwrap())
+        .stderr(fs::File::create(tp.dir().join("add.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("volume add with an image inside the mount hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let err = fs::read_to_string(tp.dir().join("add.err")).unwrap();
+    assert!(!status.success());
+    common::assert_one_clear_line(&err, "inside");
+    assert!(err.contains("a mount of this pool"), "{err}");
+    assert!(!inside.exists(), "no image was made");
+    // The control verb too (an absolute path, as the protocol wants).
+    let r = common::jobs::control(&m.mnt, &format!("add SELF2 size=1M path={}", s(&m.p("self2.img"))));
+    assert!(r.as_ref().is_err_and(|e| e.contains("inside")), "{r:?}");
+    // The mount carries on.
+    fs::write(m.p("after"), b"still serving").unwrap();
+    assert_eq!(fs::read(m.p("after")).unwrap(), b"still serving");
+    assert_eq!(common::volume_list_json(&m.mnt)["volumes"].as_array().unwrap().len(), 1);
+    m.unmount();
+}
