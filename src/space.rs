@@ -39,6 +39,11 @@ impl Extent {
     pub fn end(&self) -> TrackNo {
         TrackNo(self.first.0 + self.count_tracks)
     }
+
+    /// Whether the two extents share a track.
+    pub fn overlaps(&self, other: &Extent) -> bool {
+        self.volume == other.volume && self.first.0 < other.end().0 && other.first.0 < self.end().0
+    }
 }
 
 /// Over-provisioning of secondary extents stops doubling here (a 64 KiB track makes this

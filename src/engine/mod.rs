@@ -265,10 +265,7 @@ impl Engine {
     /// zeroed too. Called with the catalog lock held (as `cat`), so nothing else can
     /// allocate meanwhile.
     pub fn settle_quarantine(&self, cat: &mut Store, plan: &[Extent]) -> Result<()> {
-        let overlaps = |list: &[Extent]| {
-            list.iter()
-                .any(|u| plan.iter().any(|p| p.volume == u.volume && p.first.0 < u.end().0 && u.first.0 < p.end().0))
-        };
+        let overlaps = |list: &[Extent]| list.iter().any(|u| plan.iter().any(|p| p.overlaps(u)));
         let held = std::mem::take(&mut *self.quarantine.lock());
         let settle = overlaps(&held) || held.iter().map(|e| e.count_tracks).sum::<u64>() > QUARANTINE_TRACKS_MAX;
         if settle {
@@ -320,7 +317,7 @@ impl Engine {
         }
         let mut keep = Vec::new();
         for u in list.drain(..) {
-            let hit = plan.iter().any(|p| p.volume == u.volume && p.first.0 < u.end().0 && u.first.0 < p.end().0);
+            let hit = plan.iter().any(|p| p.overlaps(&u));
             if hit {
                 let v = self.volume(u.volume)?;
                 v.punch(g.track_offset(u.first), g.bytes_of(u.count_tracks))?;
