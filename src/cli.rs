@@ -55,9 +55,25 @@ pub enum Cmd {
         /// 0: none).
         #[arg(long, default_value = "0")]
         copy_rate: String,
+        /// Mount options, comma-separated, as in an fstab line: ro, rw, threads=N,
+        /// max_jobs=N, copy_rate=SIZE, noexec, noatime (docs/cli.md lists them all).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Skip unknown mount options instead of refusing them (mount's -s).
+        #[arg(long, hide = true)]
+        sloppy: bool,
+        /// Check the options and stop before mounting (mount's -f).
+        #[arg(long, hide = true)]
+        fake: bool,
     },
     /// Unmount and wait for the daemon to write its catalog.
-    Umount { mountpoint: PathBuf },
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach the mount even if files are open on it, and return at once; the daemon
+        /// writes its catalog and exits once the last of them is closed.
+        #[arg(long)]
+        lazy: bool,
+    },
     /// List data sets, with their size, extents and volumes.
     Ls {
         /// A pool directory or a mountpoint.
@@ -325,9 +341,17 @@ pub fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Cmd::Mount { pool, mountpoint, foreground, threads, max_jobs, copy_rate } => {
+        Cmd::Mount { pool, mountpoint, foreground, threads, max_jobs, copy_rate, options, sloppy, fake } => {
             let copy_rate = parse_size(&copy_rate).map_err(|e| format!("bad --copy-rate: {e}"))?;
-            let opts = MountOptions { threads, max_jobs, copy_rate };
+            let mut opts = MountOptions { threads, max_jobs, copy_rate, ..MountOptions::default() };
+            for list in &options {
+                opts.apply(list, sloppy)?;
+            }
+            opts.check()?;
+            if fake {
+                println!("would mount {} at {} -o {}", pool.display(), mountpoint.display(), opts.to_list());
+                return Ok(());
+            }
             if foreground {
                 mount::mount_foreground(&pool, &mountpoint, &opts)
             } else {
@@ -336,9 +360,13 @@ pub fn run(cli: Cli) -> CliResult {
                 Ok(())
             }
         }
-        Cmd::Umount { mountpoint } => {
-            mount::umount(&mountpoint)?;
-            println!("unmounted {}", mountpoint.display());
+        Cmd::Umount { mountpoint, lazy } => {
+            mount::umount(&mountpoint, lazy)?;
+            if lazy {
+                println!("detached {}; the daemon exits once its last file is closed", mountpoint.display());
+            } else {
+                println!("unmounted {}", mountpoint.display());
+            }
             Ok(())
         }
         Cmd::Ls { target, path, extents, json } => {
@@ -549,7 +577,7 @@ fn demo(keep: bool) -> CliResult {
     std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
     let result = demo_in(&pool, &mnt);
     if status_of_mount(&mnt).is_some() {
-        let _ = mount::umount(&mnt);
+        let _ = mount::umount(&mnt, false);
     }
     if keep {
         println!("kept the demo pool at {}", pool.display());
@@ -560,7 +588,7 @@ fn demo(keep: bool) -> CliResult {
 }
 
 fn demo_mount_options() -> MountOptions {
-    MountOptions { threads: THREADS_DEFAULT, max_jobs: crate::migrate::DEFAULT_MAX_JOBS, copy_rate: 0 }
+    MountOptions::default()
 }
 
 fn step(what: &str) {
@@ -689,10 +717,10 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
     print_volumes(&report::volumes(&target_catalog(mnt)?));
 
     step("unmount, remount, verify again, and check the catalog");
-    mount::umount(mnt)?;
+    mount::umount(mnt, false)?;
     mount::mount_daemon(pool, mnt, &demo_mount_options())?;
     verify_demo(mnt, &files, &[("db/base.dat", 1, &base_log), ("db/journal", 3, &journal_log)])?;
-    mount::umount(mnt)?;
+    mount::umount(mnt, false)?;
     fsck(pool)?;
     println!("\ndemo finished: merged while writing, every byte verified, catalog clean");
     Ok(())

@@ -53,6 +53,7 @@ pub fn send(mnt: &Path, line: &str) -> Result<String, String> {
         Some(libc::EACCES) | Some(libc::EPERM) => {
             format!("{}: only the mount's owner may send commands", path.display())
         }
+        Some(libc::EROFS) => format!("{} is mounted read-only (-o ro): it takes no commands", mnt.display()),
         _ => format!("{}: {e}", path.display()),
     })?;
     let wrote = f.write_all(format!("{line}\n").as_bytes());

@@ -15,14 +15,18 @@
 //! storage                   the seam under everything that persists (files, simulated disk)
 //! ```
 //!
-//! `pool` (the pool directory, its lock, volume creation) and `report` (the views of a
-//! catalog) serve the upper layers; `failpoint` is a test hook of `migrate`.
+//! `pool` (the pool directory, its lock, volume creation), `mounts` (the kernel's mount
+//! table) and `report` (the views of a catalog) serve the upper layers; `failpoint` is a
+//! test hook of `migrate`.
 
 // Upper layers.
 pub mod cli;
 pub mod client;
 pub mod fs;
+pub mod helper;
+pub mod logging;
 pub mod mount;
+pub mod mounts;
 pub mod pool;
 pub mod report;
 

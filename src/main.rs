@@ -1,3 +1,5 @@
+use std::ffi::OsString;
+
 use clap::Parser;
 
 fn main() {
@@ -5,12 +7,21 @@ fn main() {
     // owner's alone: files 0600, directories 0700, unless a command says otherwise.
     // SAFETY: umask only sets this process's file mode creation mask; it can't fail.
     unsafe { libc::umask(0o077) };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_micros()
-        .init();
-    let cli = ferryfs::cli::Cli::parse();
+    ferryfs::logging::init();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // Installed as /sbin/mount.fuse.ferryfs and /sbin/umount.fuse.ferryfs, ferryfs is the
+    // mount helper that mount(8) and umount(8) run for `-t fuse.ferryfs` and fstab lines.
+    let cli = match ferryfs::helper::personality(&args) {
+        Some(Ok(cli)) => cli,
+        Some(Err(e)) => exit_with(e),
+        None => ferryfs::cli::Cli::parse(),
+    };
     if let Err(e) = ferryfs::cli::run(cli) {
-        eprintln!("ferryfs: error: {e}");
-        std::process::exit(1);
+        exit_with(e)
     }
+}
+
+fn exit_with(e: String) -> ! {
+    eprintln!("ferryfs: error: {e}");
+    std::process::exit(1);
 }

@@ -333,44 +333,10 @@ impl PoolError {
 /// to the volume a write to a data set of the same mount, and the mount deadlocks on itself.
 fn refuse_inside_own_mount(pool_dir: &Path, image: &Path) -> Result<(), PoolError> {
     let pool_dir = pool_dir.canonicalize().unwrap_or_else(|_| pool_dir.to_path_buf());
-    match ferryfs_mounts_of(&pool_dir).into_iter().find(|m| image.starts_with(m)) {
+    match crate::mounts::ferryfs_mounts_of(&pool_dir).into_iter().find(|m| image.starts_with(m)) {
         Some(mountpoint) => Err(PoolError::ImageInsideMount { path: image.to_path_buf(), mountpoint }),
         None => Ok(()),
     }
-}
-
-/// The mountpoints of the ferryfs mounts of `pool_dir`, from /proc/self/mountinfo (read as a
-/// file: no request reaches any mount).
-pub fn ferryfs_mounts_of(pool_dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    let want = format!("ferryfs:{}", pool_dir.display());
-    info.lines()
-        .filter_map(|l| {
-            // id parent major:minor root mountpoint options... - fstype source superoptions
-            let f: Vec<&str> = l.split(' ').collect();
-            let dash = f.iter().position(|x| *x == "-")?;
-            let source = unescape_mountinfo(f.get(dash + 2)?);
-            let mountpoint = f.get(4)?;
-            (source == want).then(|| PathBuf::from(unescape_mountinfo(mountpoint)))
-        })
-        .collect()
-}
-
-/// mountinfo writes a space, a tab, a newline and a backslash in a path as octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, PoolError> {

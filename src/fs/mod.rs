@@ -86,6 +86,9 @@ pub struct FerryFs {
     pub mountpoint: PathBuf,
     /// The uid allowed to write `.ferry/control` (the mount's owner).
     pub owner_uid: u32,
+    /// Mounted `-o ro`: the kernel refuses changes (EROFS) before they reach here; the
+    /// control file takes no command, and the unmount leaves the catalog as it was.
+    read_only: bool,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
 }
@@ -120,9 +123,15 @@ impl FerryFs {
             mountpoint,
             // SAFETY: geteuid can't fail.
             owner_uid: unsafe { libc::geteuid() },
+            read_only: false,
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    pub fn read_only(mut self, read_only: bool) -> FerryFs {
+        self.read_only = read_only;
+        self
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -229,6 +238,9 @@ impl FerryFs {
     /// on the handle's stream. The write fails with the errno of its first refused line (the
     /// others ran all the same).
     fn control_write(&self, input: &Mutex<LineInput>, replies: &Mutex<Vec<u8>>, data: &[u8]) -> Result<(), i32> {
+        if self.read_only {
+            return Err(libc::EROFS);
+        }
         let mut input = input.lock();
         let mut first_refusal = None;
         for chunk in data.split_inclusive(|&b| b == b'\n') {
@@ -364,7 +376,9 @@ impl Filesystem for FerryFs {
         info!("unmounting: folding the catalog log into a snapshot");
         // Jobs stop first (each leaves its record for the next mount), then the engine.
         self.migrations.stop();
-        self.engine.shutdown();
+        if !self.read_only {
+            self.engine.shutdown();
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

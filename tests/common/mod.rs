@@ -420,11 +420,18 @@ pub fn mount_at(pool: &Path, mnt: &Path, out_file: &Path) -> Mounted {
 
 /// `mount_at` with variables set in the daemon's environment.
 pub fn mount_at_env(pool: &Path, mnt: &Path, out_file: &Path, env: &[(&str, &str)]) -> Mounted {
+    mount_at_with(pool, mnt, out_file, env, &[])
+}
+
+/// `mount_at` with variables set in the daemon's environment and more arguments
+/// (`-o ro`, `--threads 2`).
+pub fn mount_at_with(pool: &Path, mnt: &Path, out_file: &Path, env: &[(&str, &str)], args: &[&str]) -> Mounted {
     let out = fs::File::create(out_file).expect("create mount output file");
     let err = out.try_clone().unwrap();
     let status = spawn_mount(
         Command::new(bin())
             .args(["mount", s(pool), s(mnt)])
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)

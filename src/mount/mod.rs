@@ -1,5 +1,9 @@
 //! Running a mount: the daemon (foreground session), daemonizing, and unmounting.
 
+mod options;
+
+pub use options::{MountOptions, THREADS_DEFAULT, THREADS_MAX};
+
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::io::AsRawFd;
@@ -25,21 +29,6 @@ const NOTIFY_ENV: &str = "FERRYFS_NOTIFY_READY";
 const READY_LINE: &str = "ready";
 /// How long `umount` waits for the daemon to write its catalog and exit.
 const UMOUNT_WAIT: Duration = Duration::from_secs(120);
-/// Threads serving FUSE requests by default: one per core and one to cover a blocked fsync.
-pub const THREADS_DEFAULT: usize = 3;
-/// More threads than this only add contention on a pool's catalog lock.
-pub const THREADS_MAX: usize = 64;
-
-/// What `ferryfs mount` takes besides the pool and the mountpoint.
-#[derive(Clone, Debug)]
-pub struct MountOptions {
-    pub threads: usize,
-    /// Migration jobs that copy at once.
-    pub max_jobs: usize,
-    /// Pool-wide copy rate cap, bytes per second (0: none).
-    pub copy_rate: u64,
-}
-
 pub fn status_of_mount(mnt: &Path) -> Option<Status> {
     let b = std::fs::read(mnt.join(CONTROL_DIR_NAME).join("status")).ok()?;
     serde_json::from_slice(&b).ok()
@@ -76,13 +65,12 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32,
         .arg(pool)
         .arg(mnt)
         .arg("--foreground")
-        .arg("--threads")
-        .arg(opts.threads.to_string())
-        .arg("--max-jobs")
-        .arg(opts.max_jobs.to_string())
-        .arg("--copy-rate")
-        .arg(opts.copy_rate.to_string())
+        .arg("-o")
+        .arg(opts.to_list())
         .env(NOTIFY_ENV, "1")
+        // Not the journal's stream any more, whatever the parent's stderr was.
+        .env_remove("JOURNAL_STREAM")
+        .env(crate::logging::LOG_FILE_ENV, &log_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -112,13 +100,17 @@ pub fn mount_daemon(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<u32,
 }
 
 /// Mount and serve until unmounted. Reports readiness (or the error) on stdout when run as a
-/// daemon child.
+/// daemon child, and to systemd (sd_notify: READY=1, STOPPING=1) when it runs as a unit of
+/// `Type=notify`.
 pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<(), String> {
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     match crate::failpoint::init_from_env().and_then(|()| prepare(pool, mnt, opts)) {
         Ok((session, migrations, mnt, recovered)) => {
-            // Jobs start once the mount serves (they don't need it, but the admin does).
-            crate::migrate::resume(&migrations, &recovered);
+            // Jobs start once the mount serves (they don't need it, but the admin does). A
+            // read-only mount starts none: queued jobs wait for a read-write mount.
+            if !opts.read_only {
+                crate::migrate::resume(&migrations, &recovered);
+            }
             let pool_dir = migrations.engine.pool_dir.clone();
             if notify {
                 println!("{READY_LINE}");
@@ -131,12 +123,21 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
             } else {
                 println!("mounted {} at {} (pid {})", pool_dir.display(), mnt.display(), std::process::id());
             }
-            info!("serving {} at {}", pool_dir.display(), mnt.display());
-            let res = session.run();
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&format!("serving {} at {}", pool_dir.display(), mnt.display())),
+            ]);
+            info!(
+                "serving {} at {}{}",
+                pool_dir.display(),
+                mnt.display(),
+                if opts.read_only { " (read-only)" } else { "" }
+            );
+            let res = serve(session, &mnt);
             // destroy() folded the log into a snapshot; the pool is clean now.
             let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
             info!("unmounted {}", mnt.display());
-            res.map_err(|e| format!("FUSE session ended with an error: {e}"))
+            res
         }
         Err(e) => {
             if notify {
@@ -147,22 +148,44 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
     }
 }
 
+/// Run the session until the mount goes away (umount, `ferryfs umount`, a signal).
+///
+/// The session's own end would try to unmount once more, after the kernel has already
+/// unmounted (its loop ends at the kernel's DESTROY, before the connection closes), and log
+/// a warning on every stop. So the session runs in the background and its mount handle is
+/// never dropped; a mount that outlives a failed session is detached here instead.
+fn serve(session: fuser::Session<FerryFs>, mnt: &Path) -> Result<(), String> {
+    let mut bg = session.spawn().map_err(|e| format!("can't start serving: {e}"))?;
+    let worker = std::mem::replace(&mut bg.guard, std::thread::spawn(|| Ok(())));
+    let res = worker.join().unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session panicked")));
+    std::mem::forget(bg);
+    if res.is_err() && crate::mounts::at(mnt).is_some_and(|m| m.is_ferryfs()) {
+        detach(mnt);
+    }
+    res.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Unmount lazily: gone from the namespace now, the session ends when the last file closes.
+fn detach(mnt: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: umount2 with a valid C string.
+    let detached = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0;
+    detached || Command::new("fusermount3").arg("-uz").arg(mnt).status().is_ok_and(|s| s.success())
+}
+
 type Prepared = (fuser::Session<FerryFs>, Arc<Migrations>, PathBuf, crate::engine::RecoveryReport);
 
 /// A ferryfs mount whose daemon died (kill -9, OOM) leaves the kernel mount behind, and
 /// every access to it fails with ENOTCONN. Detach it, so that the pool can be mounted again.
 /// Returns whether there was one.
 pub fn detach_dead_mount(mnt: &Path) -> bool {
-    let dead = connection_is_dead(mnt);
-    if !dead || !is_ferryfs_mountpoint(mnt) {
+    let abs = std::path::absolute(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    if !connection_is_dead(&abs) || !crate::mounts::at(&abs).is_some_and(|m| m.is_ferryfs()) {
         return false;
     }
-    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: umount2 with a valid C string.
-    let ok = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
-        || Command::new("fusermount3").arg("-uz").arg(mnt).status().map(|s| s.success()).unwrap_or(false);
+    let ok = detach(&abs);
     if ok {
-        warn!("detached the dead ferryfs mount at {}", mnt.display());
+        warn!("detached the dead ferryfs mount at {}", abs.display());
     }
     ok
 }
@@ -178,32 +201,6 @@ fn connection_is_dead(mnt: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st)
     };
     rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
-}
-
-/// The newest mount at `mnt` (absolute) in /proc/self/mountinfo: (major:minor, source).
-/// Read from the file, never by a stat of the mountpoint: that would be a FUSE request, and
-/// the mount may be dead or not yet serving.
-fn mountinfo_entry(mnt: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mnt.to_string_lossy();
-    // Fields: id parent major:minor root mountpoint ... - fstype source superopts
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let source = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 2))?;
-            (f.len() > 4 && f[4] == want).then(|| (f[2].to_string(), source.to_string()))
-        })
-        .next_back()
-}
-
-/// Is `mnt` the mountpoint of a ferryfs mount (source "ferryfs:POOL")?
-fn is_ferryfs_mountpoint(mnt: &Path) -> bool {
-    let abs = if mnt.is_absolute() {
-        mnt.to_path_buf()
-    } else {
-        std::env::current_dir().map(|d| d.join(mnt)).unwrap_or_else(|_| mnt.to_path_buf())
-    };
-    mountinfo_entry(&abs).is_some_and(|(_, source)| source.starts_with("ferryfs:"))
 }
 
 /// Readahead of the block device under `path`, in KiB, if it has one.
@@ -225,7 +222,7 @@ fn backing_readahead_kb(path: &Path) -> Option<u64> {
 /// [`READAHEAD_BYTES`], and to the readahead of the device under the pool, so that a cold
 /// sequential read through the mount asks the images for as much as a native read would.
 fn raise_readahead(mnt: &Path, pool_dir: &Path) {
-    let Some((dev, _)) = mountinfo_entry(mnt) else { return };
+    let Some(dev) = crate::mounts::at(mnt).map(|m| m.majmin) else { return };
     let kb = backing_readahead_kb(pool_dir).unwrap_or(0).max(READAHEAD_BYTES as u64 / 1024);
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, format!("{kb}")) {
@@ -259,13 +256,7 @@ fn open_pool_after_crash(pool: &Path) -> Result<Pool, String> {
 }
 
 fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, String> {
-    let threads = opts.threads;
-    if !(1..=THREADS_MAX).contains(&threads) {
-        return Err(format!("--threads must be 1..={THREADS_MAX}"));
-    }
-    if !(1..=crate::migrate::command::MAX_JOBS_LIMIT).contains(&opts.max_jobs) {
-        return Err(format!("--max-jobs must be 1..={}", crate::migrate::command::MAX_JOBS_LIMIT));
-    }
+    opts.check()?;
     detach_dead_mount(mnt);
     let mnt = mnt.canonicalize().map_err(|e| format!("mountpoint {}: {e}", mnt.display()))?;
     if !mnt.is_dir() {
@@ -291,7 +282,14 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
             report.torn_tail_bytes, report.frames_dropped
         );
     }
-    let recovered = engine.recover(unclean).map_err(|e| format!("recovery: {e}"))?;
+    // After a clean unmount the catalog is consistent as it is, and a read-only mount leaves
+    // it so (job records wait for a read-write mount). After an unclean stop, even a
+    // read-only mount recovers first, as a journaling file system replays its journal.
+    let recovered = if opts.read_only && !unclean {
+        crate::engine::RecoveryReport::default()
+    } else {
+        engine.recover(unclean).map_err(|e| format!("recovery: {e}"))?
+    };
     if unclean {
         warn!(
             "the previous mount stopped without unmounting: replayed {} ops, freed {} orphans, \
@@ -308,52 +306,55 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
 
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("ferryfs:{}", pool_dir.display())),
-        MountOption::Subtype("ferryfs".into()),
+        MountOption::FSName(format!("{}{}", crate::mounts::SOURCE_PREFIX, pool_dir.display())),
+        // The kernel's own option, which makes the type fuse.ferryfs (fuser's Subtype goes
+        // only to fusermount3, and a mount by root would be of type plain fuse).
+        MountOption::CUSTOM("subtype=ferryfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    for (on, flag) in
+        [(opts.read_only, MountOption::RO), (opts.no_exec, MountOption::NoExec), (opts.no_atime, MountOption::NoAtime)]
+    {
+        if on {
+            config.mount_options.push(flag);
+        }
+    }
     // SAFETY: geteuid can't fail.
     config.acl = if unsafe { libc::geteuid() } == 0 { SessionACL::All } else { SessionACL::Owner };
-    config.n_threads = Some(threads);
+    config.n_threads = Some(opts.threads);
     config.clone_fd = true;
-    block_signals_and_unmount_on_them(mnt.clone());
-    let session =
-        fuser::Session::new(FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone()), &mnt, &config)
-            .map_err(|e| {
-                let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
-                format!("mount {}: {e}", mnt.display())
-            })?;
+    block_signals_and_unmount_on_them(mnt.clone())?;
+    let session = fuser::Session::new(
+        FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone()).read_only(opts.read_only),
+        &mnt,
+        &config,
+    )
+    .map_err(|e| {
+        let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
+        format!("mount {}: {e}", mnt.display())
+    })?;
     raise_readahead(&mnt, &pool_dir);
     Ok((session, migrations, mnt, recovered))
 }
 
 /// SIGTERM, SIGINT and SIGHUP unmount (lazily), which ends the session cleanly.
-fn block_signals_and_unmount_on_them(mnt: PathBuf) {
-    // SAFETY: plain sigset manipulation on a local set; the mask is inherited by the threads
-    // spawned after this, and one thread takes the signals with sigwait.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let set_copy = set;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let mut sig = 0;
-                libc::sigwait(&set_copy, &mut sig);
+fn block_signals_and_unmount_on_them(mnt: PathBuf) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("can't take signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
                 info!("signal {sig}: unmounting");
-                let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
-                if libc::umount2(c.as_ptr(), libc::MNT_DETACH) != 0 {
-                    let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).status();
-                }
-            })
-            .expect("spawn the signal thread");
-    }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                detach(&mnt);
+            }
+        })
+        .map_err(|e| format!("can't start the signal thread: {e}"))?;
+    Ok(())
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -377,12 +378,16 @@ fn lock_free(lock_path: &Path) -> bool {
 }
 
 /// Unmount and wait for the daemon to finish writing the catalog.
-pub fn umount(mnt: &Path) -> Result<(), String> {
+/// `lazy`: detach it even if files are open, and don't wait.
+pub fn umount(mnt: &Path, lazy: bool) -> Result<(), String> {
     if detach_dead_mount(mnt) {
         return Ok(());
     }
     let mnt = mnt.canonicalize().map_err(|e| format!("{}: {e}", mnt.display()))?;
     let status = mount_status(&mnt)?;
+    if lazy {
+        return if detach(&mnt) { Ok(()) } else { Err(format!("can't detach {}", mnt.display())) };
+    }
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: umount2 with a valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {

@@ -1,0 +1,165 @@
+//! Mounting like any other FUSE file system: the type `fuse.ferryfs`, `-o` options (ro, and
+//! a clear refusal of unknown ones), a mountpoint whose path holds a space, systemd's
+//! readiness protocol, and a stop that logs no spurious warning.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The mount table's entry for `mnt`, as findmnt prints it: (fstype, options).
+fn findmnt(mnt: &Path) -> Option<(String, String)> {
+    let out = Command::new("findmnt").args(["-n", "-o", "FSTYPE,OPTIONS", "--mountpoint"]).arg(mnt).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (t, o) = text.split_once(char::is_whitespace)?;
+    Some((t.to_string(), o.trim().to_string()))
+}
+
+fn catalog_bytes(pool: &Path) -> (Vec<u8>, Vec<u8>) {
+    (fs::read(pool.join("catalog.snap")).unwrap(), fs::read(pool.join("catalog.log")).unwrap())
+}
+
+#[test]
+fn the_mount_type_is_fuse_ferryfs_and_a_space_in_the_mountpoint_survives_a_kill9() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let mnt = tp.dir().join("mount point");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount_at(&tp.pool, &mnt, &tp.dir().join("mount.out"));
+    let (fstype, _) = findmnt(&mnt).expect("findmnt finds the mount");
+    assert_eq!(fstype, "fuse.ferryfs");
+    let listed = Command::new("findmnt").args(["-n", "-o", "TARGET", "-t", "fuse.ferryfs"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).lines().any(|l| Path::new(l.trim()) == mnt), "findmnt -t fuse.ferryfs");
+
+    let data = pattern(200_000, 7);
+    let mut f = fs::File::create(m.p("kept")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    // The daemon dies; its dead mount stays at a path that mountinfo writes as `mount\040point`.
+    m.kill9_leave_mount();
+    let m = mount_at(&tp.pool, &mnt, &tp.dir().join("mount2.out"));
+    assert_bytes_eq(&fs::read(m.p("kept")).unwrap(), &data, "a synced data set after kill -9 and remount");
+    let log = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
+    assert!(log.contains("detached the dead ferryfs mount"), "the dead mount was detached:\n{log}");
+    let out = ferry_ok(&["umount", s(&mnt)]);
+    assert!(out.contains("unmounted"));
+    m.wait_daemon_exit();
+}
+
+#[test]
+fn a_read_only_mount_changes_nothing_and_takes_no_command() {
+    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "8M")]);
+    let data = pattern(300_000, 3);
+    {
+        let m = tp.mount();
+        fs::write(m.p("a"), &data).unwrap();
+        m.unmount();
+    }
+    let before = catalog_bytes(&tp.pool);
+    let m = mount_at_with(&tp.pool, tp.mnt(), &tp.dir().join("ro.out"), &[], &["-o", "ro"]);
+    let (_, opts) = findmnt(tp.mnt()).unwrap();
+    assert!(opts.split(',').any(|o| o == "ro"), "the kernel mount is read-only: {opts}");
+    assert_bytes_eq(&fs::read(m.p("a")).unwrap(), &data, "reads work");
+    assert_errno(fs::write(m.p("b"), b"x"), libc::EROFS, "create");
+    assert_errno(fs::OpenOptions::new().write(true).open(m.p("a")), libc::EROFS, "open for write");
+    assert_errno(fs::create_dir(m.p("d")), libc::EROFS, "mkdir");
+    assert_errno(fs::remove_file(m.p("a")), libc::EROFS, "unlink");
+    let (_, err) = ferry_err(&["migrate", s(tp.mnt()), "/a", "--to", "V2"]);
+    assert_one_clear_line(&err, "read-only");
+    let (_, err) = ferry_err(&["volume", "add", s(tp.mnt()), "V3", "--size", "8M"]);
+    assert_one_clear_line(&err, "read-only");
+    let st = parse_json(&ferry_ok(&["status", s(tp.mnt()), "--json"]));
+    assert_eq!(st["jobs"].as_array().map(|j| j.len()), Some(0), "no job started: {st:#}");
+    m.unmount();
+    assert_eq!(catalog_bytes(&tp.pool), before, "a read-only mount leaves the catalog as it found it");
+    assert_eq!(volume_json(&tp.pool, "V2")["tracks_used"].as_u64(), Some(0), "nothing moved to V2");
+
+    // A mount given rw after ro (the last one wins) writes again.
+    let m = mount_at_with(&tp.pool, tp.mnt(), &tp.dir().join("rw.out"), &[], &["-o", "ro", "-o", "rw"]);
+    fs::write(m.p("b"), b"written").unwrap();
+    m.unmount();
+}
+
+#[test]
+fn unknown_mount_options_are_refused_by_name_and_nothing_is_mounted() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let (code, err) = ferry_err(&["mount", s(&tp.pool), s(tp.mnt()), "-o", "ro,bogus,nofail,frob=3"]);
+    assert_ne!(code, 0);
+    assert_one_clear_line(&err, "unknown mount options bogus, frob=3");
+    assert!(!is_mounted(tp.mnt()));
+    let (_, err) = ferry_err(&["mount", s(&tp.pool), s(tp.mnt()), "-o", "threads=0"]);
+    assert_one_clear_line(&err, "threads must be 1..=64");
+    assert!(!is_mounted(tp.mnt()));
+    // fstab's and systemd's own options are theirs, and pass.
+    let m = mount_at_with(
+        &tp.pool,
+        tp.mnt(),
+        &tp.dir().join("m.out"),
+        &[],
+        &["-o", "defaults,nofail,_netdev,noauto,x-systemd.requires-mounts-for=/srv,threads=2,noexec"],
+    );
+    let (_, opts) = findmnt(tp.mnt()).unwrap();
+    assert!(opts.split(',').any(|o| o == "noexec"), "{opts}");
+    m.unmount();
+}
+
+#[test]
+fn a_stop_by_umount_or_by_signal_logs_no_warning() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let m = tp.mount();
+    fs::write(m.p("f"), b"x").unwrap();
+    m.unmount();
+    let m = tp.mount();
+    let pid = m.daemon_pid();
+    // SAFETY: a signal to the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    m.wait_daemon_exit();
+    let log = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
+    assert_eq!(log.matches("unmounted ").count(), 2, "two clean stops:\n{log}");
+    let bad: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    assert!(bad.is_empty(), "a clean stop logs no warning:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn a_foreground_mount_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let sock_path = tp.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let log = fs::File::create(tp.dir().join("fg.log")).unwrap();
+    let mut child = Command::new(bin())
+        .args(["mount", s(&tp.pool), s(tp.mnt()), "--foreground"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let got = sock.recv(&mut buf);
+    let ready = got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    // Serving by the time READY=1 arrives: the control files answer.
+    let serving = status_of(tp.mnt());
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = sock.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let exit = child.wait().unwrap();
+    lazy_unmount(tp.mnt());
+    let ready = ready.expect("READY=1 within a minute");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=serving ")), "{ready:?}");
+    assert!(serving, "the mount serves when READY=1 is sent");
+    assert_eq!(stopping.expect("STOPPING=1 after SIGTERM").trim(), "STOPPING=1");
+    assert!(exit.success(), "the daemon exits 0 after SIGTERM: {exit}");
+    assert!(!is_mounted(tp.mnt()));
+}
+
+fn status_of(mnt: &Path) -> bool {
+    fs::read(mnt.join(".ferry/status")).is_ok()
+}
