@@ -43,7 +43,7 @@ impl Default for MountOptions {
 /// and left alone.
 fn is_not_ours(name: &str) -> bool {
     matches!(name, "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser" | "owner")
-        || matches!(name, "group" | "comment" | "loop")
+        || matches!(name, "group" | "comment" | "uhelper" | "helper")
         || name.starts_with("x-")
 }
 
