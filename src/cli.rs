@@ -238,12 +238,22 @@ enum Target {
     Mount { pool: PathBuf },
 }
 
+///
+/// Another user learns nothing from it: a mount's catalog (every path, extent and job) is
+/// its owner's, and so is a pool directory (0700). What they may see of the data sets,
+/// `ls -l` shows them through the mount, with its permission checks.
 fn resolve_target(path: &Path) -> Result<Target, String> {
-    if let Some(s) = status_of_mount(path) {
-        return Ok(Target::Mount { pool: PathBuf::from(s.pool) });
+    match mount::mount_status(path) {
+        Ok(s) => return Ok(Target::Mount { pool: PathBuf::from(s.pool) }),
+        Err(e) if e.contains("only the mount's owner") => return Err(e),
+        Err(_) => {}
     }
-    if path.join(SNAP_FILE).exists() {
-        return Ok(Target::Pool(path.to_path_buf()));
+    match std::fs::metadata(path.join(SNAP_FILE)) {
+        Ok(_) => return Ok(Target::Pool(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!("{}: permission denied (a pool is its owner's alone)", path.display()))
+        }
+        Err(_) => {}
     }
     if !path.exists() {
         return Err(format!("{}: no such file or directory", path.display()));

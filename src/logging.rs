@@ -104,8 +104,10 @@ mod tests {
             w.write_all(&line).unwrap();
             w.write_all(b"\n").unwrap();
         }
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, ["mount.log", "mount.log.1", "mount.log.2", "mount.log.3"]);
         for n in names {

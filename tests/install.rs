@@ -151,8 +151,12 @@ fn install_puts_every_piece_in_place_and_uninstall_takes_it_away() {
     assert!(at("/usr/local/share/man/man1/ferryfs-migrate.1").exists(), "a page per command");
     let bash = fs::read_to_string(at("/usr/local/share/bash-completion/completions/ferryfs")).unwrap();
     assert!(bash.contains("migrate") && bash.contains("drain"), "bash completions name the commands");
-    assert!(fs::read_to_string(at("/usr/local/share/zsh/site-functions/_ferryfs")).unwrap().contains("#compdef ferryfs"));
-    assert!(fs::read_to_string(at("/usr/local/share/fish/vendor_completions.d/ferryfs.fish")).unwrap().contains("complete -c ferryfs"));
+    assert!(fs::read_to_string(at("/usr/local/share/zsh/site-functions/_ferryfs"))
+        .unwrap()
+        .contains("#compdef ferryfs"));
+    assert!(fs::read_to_string(at("/usr/local/share/fish/vendor_completions.d/ferryfs.fish"))
+        .unwrap()
+        .contains("complete -c ferryfs"));
     let unit = fs::read_to_string(at("/usr/local/lib/systemd/system/ferryfs@.service")).unwrap();
     assert!(unit.contains("Type=notify"));
     assert!(unit.contains("ExecStart=/usr/local/bin/ferryfs mount ${POOL} ${MOUNTPOINT} --foreground"));

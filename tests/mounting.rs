@@ -34,7 +34,10 @@ fn the_mount_type_is_fuse_ferryfs_and_a_space_in_the_mountpoint_survives_a_kill9
     let (fstype, _) = findmnt(&mnt).expect("findmnt finds the mount");
     assert_eq!(fstype, "fuse.ferryfs");
     let listed = Command::new("findmnt").args(["-n", "-o", "TARGET", "-t", "fuse.ferryfs"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&listed.stdout).lines().any(|l| Path::new(l.trim()) == mnt), "findmnt -t fuse.ferryfs");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).lines().any(|l| Path::new(l.trim()) == mnt),
+        "findmnt -t fuse.ferryfs"
+    );
 
     let data = pattern(200_000, 7);
     let mut f = fs::File::create(m.p("kept")).unwrap();

@@ -38,7 +38,12 @@ pub fn status_of_mount(mnt: &Path) -> Option<Status> {
 /// ferryfs mount, or one whose control files belong to another user.
 pub fn mount_status(mnt: &Path) -> Result<Status, String> {
     match std::fs::read(mnt.join(CONTROL_DIR_NAME).join("status")) {
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+        // The control directory is there, its files are not ours to read. (Inside a directory
+        // we may not search, such as another user's pool, even the lookup fails.)
+        Err(e)
+            if e.raw_os_error() == Some(libc::EACCES)
+                && (mnt.join(CONTROL_DIR_NAME).symlink_metadata().is_ok() || is_ferryfs_mountpoint(mnt)) =>
+        {
             Err(format!("{}: a ferryfs mount of another user; only the mount's owner may use it", mnt.display()))
         }
         Ok(b) => serde_json::from_slice(&b).map_err(|_| format!("{} is not a ferryfs mount", mnt.display())),
@@ -180,7 +185,7 @@ type Prepared = (fuser::Session<FerryFs>, Arc<Migrations>, PathBuf, crate::engin
 /// Returns whether there was one.
 pub fn detach_dead_mount(mnt: &Path) -> bool {
     let abs = std::path::absolute(mnt).unwrap_or_else(|_| mnt.to_path_buf());
-    if !connection_is_dead(&abs) || !crate::mounts::at(&abs).is_some_and(|m| m.is_ferryfs()) {
+    if !connection_is_dead(&abs) || !is_ferryfs_mountpoint(&abs) {
         return false;
     }
     let ok = detach(&abs);
@@ -188,6 +193,13 @@ pub fn detach_dead_mount(mnt: &Path) -> bool {
         warn!("detached the dead ferryfs mount at {}", abs.display());
     }
     ok
+}
+
+/// Is `mnt` a ferryfs mountpoint, by the mount table (a mount without allow_other answers
+/// nothing to other users, not even a stat)?
+fn is_ferryfs_mountpoint(mnt: &Path) -> bool {
+    let abs = std::path::absolute(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    crate::mounts::at(&abs).is_some_and(|m| m.is_ferryfs())
 }
 
 /// Whether the FUSE mount at `mnt` has lost its daemon. Asked with statfs(2), which the
