@@ -15,13 +15,15 @@
 //! storage                   the seam under everything that persists (files, simulated disk)
 //! ```
 //!
-//! `pool` (the pool directory, its lock, volume creation) and `report` (the views of a
-//! catalog) serve the upper layers; `failpoint` is a test hook of `migrate`.
+//! `pool` (the pool directory, its lock, volume creation), `report` (the views of a
+//! catalog) and `metrics` (`.ferry/metrics` and the latency histograms it reads) serve the
+//! upper layers; `failpoint` is a test hook of `migrate`.
 
 // Upper layers.
 pub mod cli;
 pub mod client;
 pub mod fs;
+pub mod metrics;
 pub mod mount;
 pub mod pool;
 pub mod report;
