@@ -91,6 +91,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a mount's metrics (the Prometheus text format of .ferry/metrics).
+    Metrics { mountpoint: PathBuf },
     /// Move data sets (a directory: every data set under it) to other volumes while they
     /// stay in use.
     Migrate {
@@ -407,6 +409,7 @@ pub fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
+        Cmd::Metrics { mountpoint } => client::print_metrics(&mountpoint),
         Cmd::Fsck { pool, repair } => {
             // The lock holds through the check, so no mount starts in between.
             let _lock = if repair { Some(repair_log(&pool)?) } else { None };

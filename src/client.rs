@@ -67,6 +67,26 @@ pub fn send(mnt: &Path, line: &str) -> Result<String, String> {
     }
 }
 
+/// The contents of the mount's `.ferry/metrics`; the refusals say what `ferryfs status`
+/// says (not a ferryfs mount, or another user's).
+pub fn metrics(mnt: &Path) -> Result<Vec<u8>, String> {
+    crate::mount::mount_status(mnt)?;
+    let path = mnt.join(CONTROL_DIR_NAME).join("metrics");
+    std::fs::read(&path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            format!("{}: a ferryfs mount of another user; only the mount's owner may use it", mnt.display())
+        }
+        _ => format!("{}: {e}", path.display()),
+    })
+}
+
+/// `ferryfs metrics MNT`: the metrics, as they are, on standard output.
+pub fn print_metrics(mnt: &Path) -> Result<(), String> {
+    let text = metrics(mnt)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&text).and_then(|()| out.flush()).map_err(|e| format!("standard output: {e}"))
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }

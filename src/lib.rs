@@ -16,8 +16,9 @@
 //! ```
 //!
 //! `pool` (the pool directory, its lock, volume creation), `mounts` (the kernel's mount
-//! table) and `report` (the views of a catalog) serve the upper layers; `failpoint` is a
-//! test hook of `migrate`.
+//! table), `report` (the views of a catalog) and `metrics` (`.ferry/metrics` and the
+//! latency histograms it reads) serve the upper layers; `failpoint` is a test hook of
+//! `migrate`.
 
 // Upper layers.
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod client;
 pub mod fs;
 pub mod helper;
 pub mod logging;
+pub mod metrics;
 pub mod mount;
 pub mod mounts;
 pub mod pool;

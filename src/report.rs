@@ -123,6 +123,11 @@ pub struct PlanReport {
 }
 
 pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
+    volumes_by_id(c).into_iter().map(|(_, v)| v).collect()
+}
+
+/// [`volumes`], each with its id (to join with what the engine counts per volume).
+pub fn volumes_by_id(c: &Catalog) -> Vec<(VolumeId, VolumeReport)> {
     let mut sets: HashMap<VolumeId, u64> = HashMap::new();
     for i in c.inodes.values() {
         if let Body::File { extents, .. } = &i.body {
@@ -136,14 +141,17 @@ pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
     }
     c.volumes
         .values()
-        .map(|v| VolumeReport {
-            name: v.name.clone(),
-            path: v.path.clone(),
-            size_bytes: v.size_bytes,
-            tracks_total: v.free.tracks_total(),
-            tracks_used: v.free.tracks_total() - v.free.free_tracks(),
-            tracks_free: v.free.free_tracks(),
-            data_sets: sets.get(&v.id).copied().unwrap_or(0),
+        .map(|v| {
+            let report = VolumeReport {
+                name: v.name.clone(),
+                path: v.path.clone(),
+                size_bytes: v.size_bytes,
+                tracks_total: v.free.tracks_total(),
+                tracks_used: v.free.tracks_total() - v.free.free_tracks(),
+                tracks_free: v.free.free_tracks(),
+                data_sets: sets.get(&v.id).copied().unwrap_or(0),
+            };
+            (v.id, report)
         })
         .collect()
 }

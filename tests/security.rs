@@ -62,7 +62,7 @@ fn other_users_read_nothing_of_the_pool_or_the_control_files() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("SECRET"));
     }
     // The control files name every path and job: the mount's owner's only.
-    for name in ["status", "events", "control"] {
+    for name in ["status", "events", "control", "metrics"] {
         let out = as_nobody(&["cat", s(&m.p(&format!(".ferry/{name}")))]);
         assert!(!out.status.success(), "nobody read .ferry/{name}");
     }

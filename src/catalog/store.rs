@@ -128,7 +128,27 @@ pub struct Store {
     log_base_len: u64,
     /// How far the appended bytes are durable (raised by syncs and compactions).
     durable_mark: Arc<AtomicU64>,
+    /// What `.ferry/metrics` shows of the store since it opened.
+    stats: StoreStats,
     pub catalog: Catalog,
+}
+
+/// The store's counters since it opened (a mount's lifetime), and its sizes now. Plain
+/// numbers: they change only under the catalog lock, like everything else in [`Store`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Length of the current log file (header and frames).
+    pub log_size_bytes: u64,
+    /// Length of the snapshot last read or written.
+    pub snapshot_size_bytes: u64,
+    /// Bytes appended to the log (the appended mark).
+    pub appended_bytes: u64,
+    /// Ops committed (each one frame of the log).
+    pub ops_committed: u64,
+    /// Compactions that succeeded: at mount, when the log passes [`LOG_COMPACT_BYTES`], at
+    /// unmount, and after a failed write or sync of the log.
+    pub compactions: u64,
+    pub compaction_failures: u64,
 }
 
 impl Store {
@@ -156,8 +176,14 @@ impl Store {
             log_base_mark: 0,
             log_base_len: 0,
             durable_mark: Arc::new(AtomicU64::new(0)),
+            stats: StoreStats::default(),
             catalog,
         }
+    }
+
+    /// The store's counters and sizes now.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats { log_size_bytes: self.log_end_bytes, appended_bytes: self.appended_mark, ..self.stats }
     }
 
     /// Load the catalog from the host's disk. `writable` opens the log for appends (the
@@ -188,6 +214,7 @@ impl Store {
         };
         let (generation, catalog) = decode_snapshot(&snap_path, &snap)?;
         let mut s = Store::new(disk.clone(), dir, generation, catalog);
+        s.stats.snapshot_size_bytes = snap.len() as u64;
         let mut report = OpenReport { generation, ..Default::default() };
 
         let log_path = dir.join(LOG_FILE);
@@ -275,6 +302,7 @@ impl Store {
         }
         self.log_end_bytes += frame.len() as u64;
         self.appended_mark += frame.len() as u64;
+        self.stats.ops_committed += 1;
         let freed = self.catalog.apply(&op).expect("op was checked against this state");
         Ok(freed)
     }
@@ -334,6 +362,15 @@ impl Store {
     /// between the two leaves a new snapshot and an old-generation log, which open() ignores.
     /// Makes every committed op durable, and clears a failed log.
     pub fn compact(&mut self) -> Result<(), StoreError> {
+        let r = self.compact_once();
+        match r {
+            Ok(()) => self.stats.compactions += 1,
+            Err(_) => self.stats.compaction_failures += 1,
+        }
+        r
+    }
+
+    fn compact_once(&mut self) -> Result<(), StoreError> {
         let generation = self.generation + 1;
         let payload = postcard::to_stdvec(&self.catalog).expect("the catalog serializes");
         let mut snap = Vec::with_capacity(SNAP_HEADER_BYTES + payload.len() + 4);
@@ -347,6 +384,7 @@ impl Store {
         snap.extend_from_slice(&crc.to_le_bytes());
         let snap_path = self.dir.join(SNAP_FILE);
         storage::replace_file(&*self.disk, &self.dir, SNAP_FILE, &snap).map_err(io_err(&snap_path))?;
+        self.stats.snapshot_size_bytes = snap.len() as u64;
         self.generation = generation;
         // The snapshot holds every committed op.
         self.durable_mark.fetch_max(self.appended_mark, Ordering::AcqRel);
@@ -880,6 +918,27 @@ mod tests {
         let (s2, r) = Store::open(dir.path(), false).unwrap();
         assert_eq!(r.ops_replayed, 1);
         assert_eq!(s2.catalog, want);
+    }
+
+    #[test]
+    fn stats_follow_commits_and_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        let fresh = s.stats();
+        assert_eq!((fresh.compactions, fresh.ops_committed), (1, 0), "creating a pool compacts once");
+        assert_eq!(fresh.log_size_bytes, LOG_HEADER_BYTES as u64);
+        assert_eq!(fresh.snapshot_size_bytes, fs::metadata(dir.path().join(SNAP_FILE)).unwrap().len());
+        mk(&mut s, 2, "a");
+        mk(&mut s, 3, "b");
+        let st = s.stats();
+        assert_eq!(st.ops_committed, 2);
+        assert_eq!(st.log_size_bytes, fs::metadata(dir.path().join(LOG_FILE)).unwrap().len());
+        assert_eq!(st.appended_bytes, st.log_size_bytes - LOG_HEADER_BYTES as u64);
+        s.compact().unwrap();
+        let st = s.stats();
+        assert_eq!(st.compactions, 2);
+        assert_eq!(st.log_size_bytes, LOG_HEADER_BYTES as u64, "a compaction starts a new log");
+        assert!(st.appended_bytes > 0, "the appended bytes never go down");
     }
 
     /// A pool directory whose log holds two creates (a, b), closed; and the log's path.

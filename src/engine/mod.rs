@@ -30,14 +30,15 @@
 //!    microseconds), never across volume I/O except the punch of tracks about to be handed
 //!    out again.
 //!
-//! `open_inodes`, `quarantine`, `unzeroed` and `volumes` are leaf locks: nothing is taken
-//! while holding one.
+//! `open_inodes`, `quarantine`, `unzeroed`, `volume_io` and `volumes` are leaf locks:
+//! nothing is taken while holding one.
 //!
 //! The I/O path takes no global lock: a read or a write takes the data set's gate shared,
 //! loads the extent map through an atomic pointer, and does positional I/O on the volumes.
 //! It takes the catalog lock only when it must allocate tracks or raise the size, and that
 //! op is in the log before the write is acknowledged, so a kill -9 loses nothing that
-//! returned.
+//! returned. Every volume in the table is wrapped in a `storage::counted::Counted`, whose
+//! counters (`.ferry/metrics`) cost the I/O path two relaxed atomic adds per call.
 //!
 //! **Power loss** (docs/design.md, "Power-loss safety"). The log is the order of truth: a
 //! power cut keeps a prefix of its frames, every frame before the last sync included. Two
@@ -68,6 +69,7 @@ use crate::catalog::store::{Store, StoreError};
 use crate::geometry::Geometry;
 use crate::monitor::SyncLatency;
 use crate::space::{Extent, FreeMap, VolumeId};
+use crate::storage::counted::{Counted, IoCounters, IoSnapshot};
 use crate::storage::{Disk, StorageFile};
 
 pub use io::{read_pieces, write_pieces};
@@ -151,6 +153,12 @@ pub fn volume_of(volumes: &Volumes, id: VolumeId) -> Result<&Arc<dyn StorageFile
     volumes.get(&id).ok_or_else(|| Error::os(libc::EIO))
 }
 
+/// Wrap a volume's image so that its I/O is counted.
+fn counted(file: Arc<dyn StorageFile>) -> (Arc<dyn StorageFile>, Arc<IoCounters>) {
+    let counters = Arc::new(IoCounters::default());
+    (Arc::new(Counted::new(file, counters.clone())), counters)
+}
+
 pub struct Engine {
     pub geometry: Geometry,
     pub pool_dir: PathBuf,
@@ -158,6 +166,9 @@ pub struct Engine {
     pub disk: Arc<dyn Disk>,
     pub catalog: Mutex<Store>,
     volumes: RwLock<Volumes>,
+    /// The I/O counters of each volume in `volumes` (every image there is wrapped in a
+    /// [`Counted`] that feeds them); read by `.ferry/metrics`.
+    volume_io: Mutex<HashMap<VolumeId, Arc<IoCounters>>>,
     nodes: Mutex<HashMap<Ino, Arc<FileNode>>>,
     /// The inodes in `nodes`, as a leaf lock that the catalog's holder may take.
     open_inodes: Mutex<HashSet<Ino>>,
@@ -179,12 +190,20 @@ impl Engine {
         disk: Arc<dyn Disk>,
         volumes: Vec<(VolumeId, Arc<dyn StorageFile>)>,
     ) -> Engine {
+        let mut table = Volumes::new();
+        let mut io = HashMap::new();
+        for (id, file) in volumes {
+            let (file, counters) = counted(file);
+            table.insert(id, file);
+            io.insert(id, counters);
+        }
         Engine {
             geometry: store.catalog.geometry,
             pool_dir,
             disk,
             catalog: Mutex::new(store),
-            volumes: RwLock::new(volumes.into_iter().collect()),
+            volumes: RwLock::new(table),
+            volume_io: Mutex::new(io),
             nodes: Mutex::new(HashMap::new()),
             open_inodes: Mutex::new(HashSet::new()),
             quarantine: Mutex::new(Vec::new()),
@@ -197,7 +216,9 @@ impl Engine {
     /// Put a new volume's image in the table (before the catalog records the volume, so
     /// nothing can be placed on it before its image is here).
     pub fn adopt_volume(&self, id: VolumeId, io: Arc<dyn StorageFile>) {
-        self.volumes.write().insert(id, io);
+        let (file, counters) = counted(io);
+        self.volume_io.lock().insert(id, counters);
+        self.volumes.write().insert(id, file);
     }
 
     /// A retired volume leaves the table (nothing maps to it any more).
@@ -205,6 +226,12 @@ impl Engine {
         self.quarantine.lock().retain(|e| e.volume != id);
         self.unzeroed.lock().retain(|e| e.volume != id);
         self.volumes.write().remove(&id);
+        self.volume_io.lock().remove(&id);
+    }
+
+    /// The I/O counters of every volume in the table, read now.
+    pub fn volume_io(&self) -> HashMap<VolumeId, IoSnapshot> {
+        self.volume_io.lock().iter().map(|(&id, c)| (id, c.snapshot())).collect()
     }
 
     pub fn volume(&self, id: VolumeId) -> Result<Arc<dyn StorageFile>> {

@@ -5,6 +5,7 @@
 //! - `.ferry/status` reads as JSON: the pool, its volumes and their usage, the jobs and the
 //!   plans (report.rs; docs/cli.md).
 //! - `.ferry/events` reads as timestamped lines, one per event of a job or a plan.
+//! - `.ferry/metrics` reads as the Prometheus text exposition format (metrics.rs; docs/cli.md).
 //! - `.ferry/control` takes commands as text lines (migrate/command.rs). Only the mount's
 //!   owner may open it for writing. Each line's reply (`ok ...` or `error: ...`) reads back
 //!   from the same open file, as a stream; a refused line also fails its write with an
@@ -18,7 +19,7 @@ use fuser::{FileAttr, FileType, INodeNo};
 
 use super::{FerryFs, FsError, FsResult};
 use crate::catalog::model::{Ino, ROOT_INO};
-use crate::report;
+use crate::{metrics, report};
 
 pub use crate::catalog::model::CONTROL_DIR_NAME;
 /// Catalog inode numbers count up from 1 and never reach this.
@@ -26,9 +27,11 @@ pub const CONTROL_DIR_INO: Ino = 1 << 62;
 pub const STATUS_INO: Ino = CONTROL_DIR_INO + 1;
 pub const CONTROL_INO: Ino = CONTROL_DIR_INO + 2;
 pub const EVENTS_INO: Ino = CONTROL_DIR_INO + 3;
+pub const METRICS_INO: Ino = CONTROL_DIR_INO + 4;
 const STATUS_NAME: &str = "status";
 const CONTROL_NAME: &str = "control";
 const EVENTS_NAME: &str = "events";
+const METRICS_NAME: &str = "metrics";
 
 fn fixed_attr(ino: Ino, kind: FileType, perm: u16, uid: u32) -> FileAttr {
     FileAttr {
@@ -53,9 +56,9 @@ fn fixed_attr(ino: Ino, kind: FileType, perm: u16, uid: u32) -> FileAttr {
 pub fn attr(fs: &FerryFs, ino: Ino) -> Option<FileAttr> {
     let owner = fs.owner_uid;
     match ino {
-        // The mount's owner's alone: status and events name every path and job.
+        // The mount's owner's alone: status, events and metrics name every path and job.
         CONTROL_DIR_INO => Some(fixed_attr(ino, FileType::Directory, 0o500, owner)),
-        STATUS_INO | EVENTS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o400, owner)),
+        STATUS_INO | EVENTS_INO | METRICS_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o400, owner)),
         CONTROL_INO => Some(fixed_attr(ino, FileType::RegularFile, 0o600, owner)),
         _ => None,
     }
@@ -67,6 +70,7 @@ pub fn lookup(fs: &FerryFs, parent: Ino, name: &OsStr) -> Option<FileAttr> {
         (CONTROL_DIR_INO, n) if n == STATUS_NAME.as_bytes() => attr(fs, STATUS_INO),
         (CONTROL_DIR_INO, n) if n == CONTROL_NAME.as_bytes() => attr(fs, CONTROL_INO),
         (CONTROL_DIR_INO, n) if n == EVENTS_NAME.as_bytes() => attr(fs, EVENTS_INO),
+        (CONTROL_DIR_INO, n) if n == METRICS_NAME.as_bytes() => attr(fs, METRICS_INO),
         _ => None,
     }
 }
@@ -83,6 +87,7 @@ pub fn dir_entries(ino: Ino) -> Option<Vec<(Vec<u8>, Ino, FileType)>> {
             (b"..".to_vec(), ROOT_INO, FileType::Directory),
             (CONTROL_NAME.as_bytes().to_vec(), CONTROL_INO, FileType::RegularFile),
             (EVENTS_NAME.as_bytes().to_vec(), EVENTS_INO, FileType::RegularFile),
+            (METRICS_NAME.as_bytes().to_vec(), METRICS_INO, FileType::RegularFile),
             (STATUS_NAME.as_bytes().to_vec(), STATUS_INO, FileType::RegularFile),
         ]
     })
@@ -114,6 +119,14 @@ pub fn open(fs: &FerryFs, ino: Ino) -> Option<FsResult<Vec<u8>>> {
             Some(Ok(bytes))
         }
         EVENTS_INO => Some(Ok(fs.migrations.events_text())),
+        METRICS_INO => Some(Ok(metrics::render(&metrics::Mount {
+            engine: &fs.engine,
+            migrations: &fs.migrations,
+            app: &fs.app_io,
+            mountpoint: &fs.mountpoint,
+            started_ns: fs.started_ns,
+        })
+        .into_bytes())),
         CONTROL_DIR_INO => Some(Err(FsError::IsDir)),
         _ => None,
     }

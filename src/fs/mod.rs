@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, OpenFlags, RenameFlags, ReplyAttr,
@@ -26,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Ino, NewKind, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
 use crate::engine::{Engine, Error as FsError, FileNode, SetAttr};
+use crate::metrics::{AppIo, AppOp};
 use crate::migrate::Migrations;
 
 pub use crate::catalog::model::CONTROL_DIR_NAME;
@@ -54,7 +55,7 @@ enum Handle {
     Dir {
         entries: Vec<(Vec<u8>, Ino, FileType)>,
     },
-    /// A generated control file (.ferry/status): its bytes at open.
+    /// A generated control file (.ferry/status, events, metrics): its bytes at open.
     Generated {
         bytes: Vec<u8>,
     },
@@ -89,6 +90,10 @@ pub struct FerryFs {
     /// Mounted `-o ro`: the kernel refuses changes (EROFS) before they reach here; the
     /// control file takes no command, and the unmount leaves the catalog as it was.
     read_only: bool,
+    /// Applications' reads, writes and syncs of data sets: latency and bytes (`.ferry/metrics`).
+    pub app_io: AppIo,
+    /// When this file system was made, just before it serves (Unix nanoseconds).
+    pub started_ns: i64,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
 }
@@ -124,6 +129,8 @@ impl FerryFs {
             // SAFETY: geteuid can't fail.
             owner_uid: unsafe { libc::geteuid() },
             read_only: false,
+            app_io: AppIo::default(),
+            started_ns: now_ns(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -534,7 +541,10 @@ impl Filesystem for FerryFs {
         };
         match &*h {
             Handle::File { node } => {
-                reply_result!(reply, self.engine.read(node, offset, size), |r: ReplyData, b: Vec<u8>| r.data(&b))
+                let t0 = Instant::now();
+                let res = self.engine.read(node, offset, size);
+                self.app_io.record(AppOp::Read, t0, res.as_ref().map_or(0, Vec::len));
+                reply_result!(reply, res, |r: ReplyData, b: Vec<u8>| r.data(&b))
             }
             Handle::Generated { bytes } => {
                 let start = (offset as usize).min(bytes.len());
@@ -572,6 +582,7 @@ impl Filesystem for FerryFs {
                 };
             }
         }
+        let t0 = Instant::now();
         let res = self.file_handle(fh).and_then(|node| {
             self.engine.write(&node, offset, data)?;
             // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
@@ -581,6 +592,7 @@ impl Filesystem for FerryFs {
             }
             Ok(())
         });
+        self.app_io.record(AppOp::Write, t0, if res.is_ok() { data.len() } else { 0 });
         reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
     }
 
@@ -612,7 +624,12 @@ impl Filesystem for FerryFs {
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let res = match self.handle(fh).as_deref() {
-            Ok(Handle::File { node }) => self.engine.fsync(node, datasync),
+            Ok(Handle::File { node }) => {
+                let t0 = Instant::now();
+                let r = self.engine.fsync(node, datasync);
+                self.app_io.record(if datasync { AppOp::Fdatasync } else { AppOp::Fsync }, t0, 0);
+                r
+            }
             Ok(_) => Ok(()),
             Err(_) => Err(FsError::BadHandle),
         };

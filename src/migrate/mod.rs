@@ -61,6 +61,21 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order a job goes through them (the final ones last).
+    pub const ALL: [Phase; 11] = [
+        Phase::Queued,
+        Phase::Assessing,
+        Phase::Allocating,
+        Phase::Copying,
+        Phase::Resyncing,
+        Phase::AwaitingClose,
+        Phase::Cutover,
+        Phase::Switched,
+        Phase::Cancelled,
+        Phase::Failed,
+        Phase::Stopped,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::Queued => "queued",

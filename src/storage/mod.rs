@@ -7,12 +7,16 @@
 //!   sync apart from the synced ones, and whose power cut drops, keeps or tears them (a seed
 //!   chooses); [`mem::MemVolume`] and [`mem::FaultyVolume`] for unit tests of the I/O path.
 //!
+//! Every volume the engine opens is wrapped in a [`counted::Counted`], which counts its I/O
+//! for `.ferry/metrics` (two relaxed atomic adds per call).
+//!
 //! Failure policy, the same for every implementation: the first failed write, punch or
 //! flush of a file is latched. After it every later write and flush of that open file
 //! reports the latched error, because a failed fsync may have dropped dirty pages and a later
 //! fsync that "succeeds" would lie about them. Only a new open of the file (a remount, or a
 //! catalog compaction that writes a new file) starts afresh. Reads keep working.
 
+pub mod counted;
 pub mod file;
 pub mod mem;
 pub mod sim;
