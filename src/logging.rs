@@ -31,10 +31,10 @@ struct Journal {
 }
 
 impl Log for Journal {
-    fn enabled(&self, m: &Metadata) -> bool {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
         self.filter.enabled(m)
     }
-    fn log(&self, r: &Record) {
+    fn log(&self, r: &Record<'_>) {
         if self.filter.matches(r) {
             self.journal.log(r);
         }

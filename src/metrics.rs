@@ -377,7 +377,7 @@ fn secs(ns: i64) -> f64 {
 }
 
 /// The whole of `.ferry/metrics`, now.
-pub fn render(m: &Mount) -> String {
+pub fn render(m: &Mount<'_>) -> String {
     let engine = m.engine;
     // The jobs' reports take the migrations' lock, then the catalog's: before ours.
     let (jobs, plans) = m.migrations.reports();

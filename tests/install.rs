@@ -56,7 +56,7 @@ set -x
         .arg(format!("{setup}\n{script}"))
         .current_dir(repo())
         .env("FERRYFS_BIN", bin())
-        .env("PATH", format!("/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"))
+        .env("PATH", "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
         .output()
         .expect("unshare runs");

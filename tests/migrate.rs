@@ -38,6 +38,7 @@ fn u(v: &Value) -> u64 {
 /// Drop the kernel's cached pages of a file, so that the next read comes from the volumes.
 fn drop_cache(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: fadvise on a file descriptor this test owns.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(r, 0, "posix_fadvise(DONTNEED) on {}", path.display());
 }
@@ -410,6 +411,7 @@ fn close_cutover_holds_new_opens_until_the_switch() {
                 while !stop.load(Ordering::Relaxed) {
                     let r = File::open(&path).and_then(|mut f| {
                         // from the volumes, not from cached pages
+                        // SAFETY: fadvise on a file descriptor this test owns.
                         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
                         let mut buf = Vec::new();
                         f.read_to_end(&mut buf).map(|_| buf)

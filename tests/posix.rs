@@ -37,6 +37,7 @@ fn read_all(p: &Path) -> Vec<u8> {
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     let (a, b) = (cpath(from), cpath(to));
+    // SAFETY: libc calls with valid C strings and out-parameters.
     let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
     if r == 0 {
         Ok(())
@@ -47,6 +48,7 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
 
 fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a file descriptor this test owns.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
     if r == 0 {
         Ok(())
@@ -57,7 +59,9 @@ fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> std::io::Result<()> {
 
 fn statvfs(p: &Path) -> libc::statvfs {
     let c = cpath(p);
+    // SAFETY: statvfs is plain data: all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: libc calls with valid C strings and out-parameters.
     let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     assert_eq!(r, 0, "statvfs {}: errno {}", p.display(), last_errno());
     st
@@ -331,6 +335,7 @@ fn truncate_via_path_and_write_after_truncate() {
     let (_tp, m) = setup();
     fs::write(m.p("t"), pattern(150_000, 9)).unwrap();
     let c = cpath(&m.p("t"));
+    // SAFETY: libc calls with valid C strings and out-parameters.
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 65_536) }, 0);
     let f = OpenOptions::new().write(true).open(m.p("t")).unwrap();
     f.write_all_at(b"Z", 100_000).unwrap();
@@ -404,6 +409,7 @@ fn utimens_sets_times() {
     let c = cpath(&m.p("d"));
     let ts =
         [libc::timespec { tv_sec: 1_100_000_000, tv_nsec: 0 }, libc::timespec { tv_sec: 1_300_000_000, tv_nsec: 0 }];
+    // SAFETY: libc calls with valid C strings and out-parameters.
     let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
     assert_eq!(r, 0, "utimensat errno {}", last_errno());
     let md = fs::metadata(m.p("d")).unwrap();
@@ -972,16 +978,21 @@ fn mmap_read_and_shared_write() {
     let f = OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
     let len = data.len();
     // read-only private mapping (what git and many readers do)
+    // SAFETY: a private read-only mapping of a file this test owns, of its length.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
     assert_ne!(p, libc::MAP_FAILED, "mmap PROT_READ MAP_PRIVATE: errno {}", last_errno());
+    // SAFETY: a private read-only mapping of a file this test owns, of its length.
     let got = unsafe { std::slice::from_raw_parts(p as *const u8, len) }.to_vec();
+    // SAFETY: a private read-only mapping of a file this test owns, of its length.
     unsafe { libc::munmap(p, len) };
     assert_bytes_eq(&got, &data, "mmap read");
     // shared writable mapping, msync, read back through read(2)
+    // SAFETY: a private read-only mapping of a file this test owns, of its length.
     let p = unsafe {
         libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0)
     };
     assert_ne!(p, libc::MAP_FAILED, "mmap MAP_SHARED rw: errno {}", last_errno());
+    // SAFETY: the mapping made above, unmapped once.
     unsafe {
         std::ptr::copy_nonoverlapping(b"MMAP".as_ptr(), (p as *mut u8).add(70_000), 4);
         assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0, "msync errno {}", last_errno());
@@ -1095,10 +1106,13 @@ fn seek_data_and_hole() {
     let (_tp, m) = setup();
     fs::write(m.p("f"), pattern(100_000, 17)).unwrap();
     let f = File::open(m.p("f")).unwrap();
+    // SAFETY: lseek on a file descriptor this test owns.
     let d = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
     assert_eq!(d, 0, "SEEK_DATA at 0 of a written file, errno {}", last_errno());
+    // SAFETY: lseek on a file descriptor this test owns.
     let h = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
     assert!(h > 0 && h <= 100_000, "SEEK_HOLE returned {h}");
+    // SAFETY: lseek on a file descriptor this test owns.
     let past = unsafe { libc::lseek(f.as_raw_fd(), 200_000, libc::SEEK_DATA) };
     assert_eq!(past, -1);
     assert_eq!(last_errno(), libc::ENXIO, "SEEK_DATA past EOF");
@@ -1111,9 +1125,11 @@ fn xattr_calls_fail_cleanly() {
     fs::write(m.p("f"), b"x").unwrap();
     let c = cpath(&m.p("f"));
     let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length passed.
     let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     assert!(n >= 0 || last_errno() == libc::EOPNOTSUPP, "listxattr: {n}, errno {}", last_errno());
     let name = CString::new("user.test").unwrap();
+    // SAFETY: valid C strings and a buffer of the length passed.
     let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
     assert_eq!(n, -1);
     let e = last_errno();

@@ -172,6 +172,7 @@ pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
+    // SAFETY: a signal (signal 0: an existence check) to a pid this test knows.
     if unsafe { libc::kill(pid, 0) } != 0 {
         return false;
     }
@@ -224,6 +225,7 @@ pub fn lazy_unmount(mnt: &Path) {
     let _ = run_bounded(Command::new("fusermount3").arg("-uz").arg(mnt), Duration::from_secs(20));
     if is_mounted(mnt) {
         if let Ok(c) = std::ffi::CString::new(s(mnt)) {
+            // SAFETY: umount2 with a valid C string.
             unsafe {
                 libc::umount2(c.as_ptr(), libc::MNT_DETACH);
             }
@@ -539,6 +541,7 @@ impl Mounted {
     pub fn kill9(mut self) {
         self.done = true;
         if let Some(pid) = self.pid {
+            // SAFETY: a signal (signal 0: an existence check) to a pid this test knows.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
@@ -555,6 +558,7 @@ impl Mounted {
     pub fn kill9_leave_mount(mut self) {
         self.done = true;
         if let Some(pid) = self.pid {
+            // SAFETY: a signal (signal 0: an existence check) to a pid this test knows.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
@@ -569,6 +573,7 @@ impl Mounted {
         lazy_unmount(&self.mnt);
         if let Some(pid) = self.pid {
             if !wait_pid_gone(pid, Duration::from_secs(10)) {
+                // SAFETY: a signal (signal 0: an existence check) to a pid this test knows.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
@@ -579,6 +584,7 @@ impl Mounted {
         if self.pid.is_none() {
             if let Some(pid) = read_mounted_pid(&self.pool) {
                 if pid_alive(pid) {
+                    // SAFETY: a signal (signal 0: an existence check) to a pid this test knows.
                     unsafe {
                         libc::kill(pid, libc::SIGKILL);
                     }
