@@ -166,3 +166,61 @@ fn a_foreground_mount_tells_systemd_when_it_is_ready_and_when_it_stops() {
 fn status_of(mnt: &Path) -> bool {
     fs::read(mnt.join(".ferry/status")).is_ok()
 }
+
+/// Under systemd, stderr is the journal's stream (JOURNAL_STREAM names it) and the daemon
+/// logs to the journal's socket instead, with priorities. The test stands in for journald:
+/// in a private mount namespace, a datagram socket at /run/systemd/journal/socket.
+#[test]
+fn under_systemd_the_daemon_logs_to_the_journal() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let d = tp.dir();
+    let script = format!(
+        r#"
+set -eu
+mount -t tmpfs run /run
+mkdir -p /run/systemd/journal
+python3 - >{d}/journal.txt <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/run/systemd/journal/socket")
+open("{d}/listening", "w").close()
+s.settimeout(60)
+seen = b""
+while b"unmounted " not in seen:
+    seen += s.recv(1 << 16) + b"\n--\n"
+sys.stdout.write(seen.decode(errors="replace"))
+PY
+while [ ! -e {d}/listening ]; do sleep 0.05; done
+exec 2>{d}/stderr.txt
+export JOURNAL_STREAM=$(stat -L -c '%d:%i' /proc/self/fd/2)
+{bin} mount {pool} {mnt} --foreground &
+daemon=$!
+while [ ! -e {mnt}/.ferry/status ]; do sleep 0.05; done
+{bin} umount {mnt} >/dev/null
+wait $daemon
+wait
+"#,
+        d = s(d),
+        bin = s(&bin()),
+        pool = s(&tp.pool),
+        mnt = s(tp.mnt())
+    );
+    let out =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "bash", "-c", &script]).output().unwrap();
+    lazy_unmount(tp.mnt());
+    let journal = fs::read_to_string(d.join("journal.txt")).unwrap_or_default();
+    let stderr = fs::read_to_string(d.join("stderr.txt")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}{}\njournal:\n{journal}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(journal.contains("SYSLOG_IDENTIFIER=ferryfs"), "{journal}");
+    // MESSAGE is sent in the journal protocol's binary form (a length, then the bytes).
+    assert!(journal.contains("MESSAGE") && journal.contains("serving "), "{journal}");
+    assert!(journal.contains("PRIORITY=5"), "info records carry the journal's priority 5:\n{journal}");
+    assert!(journal.contains("TARGET=ferryfs::mount"), "{journal}");
+    assert!(journal.contains("unmounted "), "{journal}");
+    assert!(!stderr.contains("serving"), "the log went to the journal, not to stderr:\n{stderr}");
+}
