@@ -60,7 +60,7 @@ fn names(pool: &Path) -> Vec<String> {
 
 #[test]
 fn init_rejects_bad_track_sizes() {
-    for bad in ["3K", "1K", "abc", "0", "", "2K", "6K", "128M", "-4K", "64Q", "4 K"] {
+    for bad in ["3K", "1K", "abc", "0", "", "2K", "6K", "128M", "-4K", "64Q", "4 Q", "0.3M"] {
         let tp = TestPool::uninit();
         // `--flag=value` so that a value starting with '-' is a value, not a flag
         refused(&["init", s(&tp.pool), &format!("--track-size={bad}")], "");
@@ -83,6 +83,8 @@ fn init_accepts_good_track_sizes() {
         ("1M", 1 << 20),
         ("64M", 64 << 20),
         ("65536", 65536),
+        ("4 K", 4096),
+        ("0.5M", 512 << 10),
     ] {
         let tp = TestPool::uninit();
         ferry_ok(&["init", s(&tp.pool), "--track-size", good]);
@@ -185,17 +187,25 @@ fn volume_add_refuses_existing_path() {
 fn volume_add_rejects_bad_sizes() {
     let tp = TestPool::new("64K", &[("V1", "1M")]);
     let before = pool_state(&tp.pool);
-    for bad in ["0", "12X", "", "-1", "1.5M", "K", "10K", "65535", "M1", "99999999999T", "0M", "1 M"] {
+    for bad in ["0", "12X", "", "-1", "1..5M", "K", "10K", "65535", "M1", "99999999999T", "0M", "1 Q"] {
         refused(&["volume", "add", s(&tp.pool), "V2", &format!("--size={bad}")], "");
         assert_eq!(pool_state(&tp.pool), before, "size {bad:?} changed the pool");
         assert!(!tp.pool.join("volumes/V2.img").exists(), "size {bad:?} left an image");
     }
     assert_eq!(names(&tp.pool), ["V1"]);
     // accepted spellings
-    for (i, (good, bytes)) in
-        [("64K", 65536u64), ("1MiB", 1 << 20), ("1MB", 1 << 20), ("131072", 131072), ("100K", 65536), ("1G", 1 << 30)]
-            .into_iter()
-            .enumerate()
+    for (i, (good, bytes)) in [
+        ("64K", 65536u64),
+        ("1MiB", 1 << 20),
+        ("1MB", 1 << 20),
+        ("131072", 131072),
+        ("100K", 65536),
+        ("1G", 1 << 30),
+        ("1.5M", 3 << 19),
+        ("1 M", 1 << 20),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let name = format!("G{i}");
         ferry_ok(&["volume", "add", s(&tp.pool), &name, "--size", good]);
