@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() {
     // What ferryfs writes (the pool directory, the catalog, images, logs, markers) is its
     // owner's alone: files 0600, directories 0700, unless a command says otherwise.
@@ -8,9 +6,5 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_micros()
         .init();
-    let cli = ferryfs::cli::Cli::parse();
-    if let Err(e) = ferryfs::cli::run(cli) {
-        eprintln!("ferryfs: error: {e}");
-        std::process::exit(1);
-    }
+    ferryfs::cli::main()
 }
