@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueHint};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
 use crate::catalog::check::check;
 use crate::catalog::store::SNAP_FILE;
@@ -180,6 +180,18 @@ pub enum Cmd {
         /// Keep the temporary pool instead of deleting it.
         #[arg(long)]
         keep: bool,
+    },
+    /// Print a completion script for a shell to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ferryfs.1, and ferryfs-SUBCOMMAND.1 for each subcommand) into a
+    /// directory.
+    Manpages {
+        /// Where to write them (created if missing).
+        #[arg(value_hint = ValueHint::DirPath)]
+        dir: PathBuf,
     },
 }
 
@@ -592,6 +604,16 @@ pub fn run(cli: Cli) -> CliResult {
             fsck(&pool)
         }
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferryfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Manpages { dir } => {
+            for page in write_man_pages(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -642,6 +664,55 @@ fn watch_status(mnt: &Path, json: bool, interval: Duration) -> CliResult {
             print_status(&s, false);
         }
         std::thread::sleep(interval);
+    }
+}
+
+/// Write ferryfs.1 and a page per subcommand (ferryfs-volume-add.1, ...) into `dir`; the
+/// paths written. The main page ends with the exit status table.
+fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn pages(cmd: clap::Command, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub.clone(), dir, out)?;
+        }
+        out.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut out = Vec::new();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        pages(sub.clone(), dir, &mut out)?;
+    }
+    // The main page: clap_mangen's sections, with the exit codes as an EXIT STATUS section
+    // (clap_mangen would print them as one paragraph under EXTRA).
+    let man = clap_mangen::Man::new(cmd);
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    for e in Exit::ALL {
+        page.extend_from_slice(format!(".TP\n\\fB{}\\fR\n{}\n", e.code(), roff_text(e.meaning())).as_bytes());
+    }
+    man.render_version_section(&mut page)?;
+    std::fs::write(&path, page)?;
+    out.push(path);
+    Ok(out)
+}
+
+/// Text for a roff line: backslashes doubled, dashes as dashes (not hyphens), and no line
+/// starts with a control character.
+fn roff_text(text: &str) -> String {
+    let t = text.replace('\\', "\\\\").replace('-', "\\-");
+    if t.starts_with(['.', '\'']) {
+        format!("\\&{t}")
+    } else {
+        t
     }
 }
 
@@ -1080,8 +1151,6 @@ fn verify(mnt: &Path, files: &[(&str, usize)]) -> CliResult {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
 
     /// Every argument and flag of every subcommand says what it is in `--help` (and so in
@@ -1139,5 +1208,11 @@ mod tests {
         for bad in ["0", "-1", "x", "", "1e9", "NaN", "inf"] {
             assert!(interval_arg(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn roff_text_escapes() {
+        assert_eq!(roff_text("a-b \\ c"), "a\\-b \\\\ c");
+        assert_eq!(roff_text(".x"), "\\&.x");
     }
 }

@@ -608,3 +608,45 @@ fn catalog_survives_kill9_and_replays() {
     m.unmount();
     fsck_clean(&tp.pool);
 }
+
+// ---------------------------------------------------------------- completions, man pages
+
+#[test]
+fn completions_name_every_subcommand() {
+    let bash = ferry_ok(&["completions", "bash"]);
+    assert!(bash.contains("complete") && bash.contains("ferryfs"), "{bash}");
+    for sub in ["init", "volume", "mount", "migrate", "merge", "drain", "wait", "cancel", "status", "completions"] {
+        assert!(bash.contains(sub), "bash completions lack {sub}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = ferry_ok(&["completions", shell]);
+        assert!(out.contains("migrate") && out.contains("--interval"), "{shell} completions:\n{out}");
+    }
+    let (code, err) = ferry_err(&["completions", "tcsh"]);
+    assert_eq!(code, exit::USAGE, "{err}");
+}
+
+#[test]
+fn man_pages_are_written_for_every_subcommand() {
+    let tp = TestPool::uninit();
+    let dir = tp.dir().join("man/man1");
+    let out = ferry_ok(&["manpages", s(&dir)]);
+    let written: Vec<&str> = out.lines().collect();
+    for page in ["ferryfs.1", "ferryfs-migrate.1", "ferryfs-wait.1", "ferryfs-volume.1", "ferryfs-volume-add.1"] {
+        let p = dir.join(page);
+        assert!(written.contains(&s(&p)), "{page} not listed: {out}");
+        let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(text.starts_with(".TH") || text.lines().any(|l| l.starts_with(".TH")), "{page}: no .TH");
+    }
+    assert_eq!(written.len(), fs::read_dir(&dir).unwrap().count(), "every page written is listed");
+    let main = fs::read_to_string(dir.join("ferryfs.1")).unwrap();
+    assert!(main.contains(".SH \"EXIT STATUS\"") && main.contains("refused"), "{main}");
+    let migrate = fs::read_to_string(dir.join("ferryfs-migrate.1")).unwrap();
+    assert!(migrate.contains("interval") && migrate.contains("Cap each job"), "{migrate}");
+    // man renders it, where man is installed.
+    if let Ok(out) = std::process::Command::new("man").args(["-l", s(&dir.join("ferryfs.1"))]).output() {
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT STATUS"));
+        }
+    }
+}
