@@ -1,9 +1,11 @@
-//! The command line: parses, calls the library, prints one clear line on error.
+//! The command line: parses, calls the library, prints one clear line on error, and exits
+//! with a code that says what kind of outcome it was ([`Exit`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
 
 use crate::catalog::check::check;
 use crate::catalog::store::SNAP_FILE;
@@ -11,14 +13,15 @@ use crate::client;
 use crate::geometry::{parse_size, Geometry};
 use crate::migrate::command::quote;
 use crate::mount::{self, status_of_mount, MountOptions, THREADS_DEFAULT};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Pool, PoolError};
 use crate::report;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "ferryfs",
     version,
-    about = "A FUSE-backed virtual volume layer that moves data sets between volumes while applications keep writing"
+    about = "A FUSE-backed virtual volume layer that moves data sets between volumes while applications keep writing",
+    after_long_help = exit_status_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -29,20 +32,27 @@ pub struct Cli {
 pub enum Cmd {
     /// Create a pool: a directory for the catalog and the volume images.
     Init {
+        /// The pool directory to create (it may exist, but must be empty).
+        #[arg(value_hint = ValueHint::DirPath)]
         pool: PathBuf,
         /// Track size: a power of two, 4K to 64M.
-        #[arg(long, default_value = "64K")]
-        track_size: String,
+        #[arg(long, default_value = "64K", value_parser = track_size_arg)]
+        track_size: Geometry,
     },
-    /// Add or list volumes.
+    /// Add, list, retire or reopen volumes.
     Volume {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
     /// Mount a pool; returns once the mount serves (unless --foreground).
     Mount {
+        /// The pool directory.
+        #[arg(value_hint = ValueHint::DirPath)]
         pool: PathBuf,
+        /// Where to mount it: an empty directory.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// Serve in this process, logging to stderr, until unmounted.
         #[arg(long)]
         foreground: bool,
         /// Threads serving FUSE requests.
@@ -51,10 +61,10 @@ pub enum Cmd {
         /// Migration jobs that copy at once (more wait in a queue).
         #[arg(long, default_value_t = crate::migrate::DEFAULT_MAX_JOBS)]
         max_jobs: usize,
-        /// Pool-wide cap on the copy rate of migrations, bytes per second (K/M/G suffixes;
+        /// Pool-wide cap on the copy rate of migrations, bytes per second (a size: 64M, 1.5G;
         /// 0: none).
-        #[arg(long, default_value = "0")]
-        copy_rate: String,
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        copy_rate: u64,
         /// Mount options, comma-separated, as in an fstab line: ro, rw, threads=N,
         /// max_jobs=N, copy_rate=SIZE, noexec, noatime (docs/cli.md lists them all).
         #[arg(short = 'o', value_name = "OPTIONS")]
@@ -68,6 +78,8 @@ pub enum Cmd {
     },
     /// Unmount and wait for the daemon to write its catalog.
     Umount {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
         /// Detach the mount even if files are open on it, and return at once; the daemon
         /// writes its catalog and exits once the last of them is closed.
@@ -77,25 +89,44 @@ pub enum Cmd {
     /// List data sets, with their size, extents and volumes.
     Ls {
         /// A pool directory or a mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         target: PathBuf,
         /// A path inside the pool; a directory lists everything below it.
         path: Option<String>,
+        /// Also list each data set's extents.
         #[arg(long)]
         extents: bool,
+        /// Print JSON (docs/cli.md describes it).
         #[arg(long)]
         json: bool,
     },
     /// Show a mount's status (volumes and jobs).
     Status {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// Print the status as JSON (with --watch: one line of JSON per reading).
         #[arg(long)]
         json: bool,
+        /// Show it again every --interval seconds until Ctrl-C or until the mount goes away
+        /// (on a terminal, in place).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two readings with --watch.
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = interval_arg, requires = "watch")]
+        interval: Duration,
     },
     /// Print a mount's metrics (the Prometheus text format of .ferry/metrics).
-    Metrics { mountpoint: PathBuf },
+    Metrics {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+    },
     /// Move data sets (a directory: every data set under it) to other volumes while they
     /// stay in use.
     Migrate {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
         /// Paths in the mount (absolute, or relative to the mount's root).
         #[arg(required = true)]
@@ -108,9 +139,13 @@ pub enum Cmd {
     },
     /// Move every data set with an extent on the source volumes into one volume.
     Merge {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// The volumes to empty.
         #[arg(required = true)]
         sources: Vec<String>,
+        /// The volume that takes their data sets.
         #[arg(long, required = true)]
         into: String,
         #[command(flatten)]
@@ -118,7 +153,10 @@ pub enum Cmd {
     },
     /// Move every data set off a volume, to the volumes with the most free space.
     Drain {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// The volume to empty.
         volume: String,
         /// Target volumes, comma-separated (default: every other volume).
         #[arg(long)]
@@ -126,10 +164,31 @@ pub enum Cmd {
         #[command(flatten)]
         job: JobArgs,
     },
+    /// Follow running jobs and plans to their end, as --wait does, and exit with the same
+    /// codes.
+    Wait {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// Job or plan ids, as `ferryfs status` lists them (default: every job and plan that
+        /// has not ended).
+        ids: Vec<u64>,
+        /// Seconds between two progress lines when stdout is not a terminal.
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = interval_arg)]
+        interval: Duration,
+    },
     /// Cancel a job (or a plan) before its switch: the target is freed, the source untouched.
-    Cancel { mountpoint: PathBuf, job: u64 },
+    Cancel {
+        /// The mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// A job id, or a plan id (all its jobs).
+        job: u64,
+    },
     /// Check every invariant of a pool's catalog.
     Fsck {
+        /// The pool directory (mounted or not).
+        #[arg(value_hint = ValueHint::DirPath)]
         pool: PathBuf,
         /// Before checking, cut a damaged catalog log at its last good frame (unmounted
         /// pools only; a copy of the log is kept next to it).
@@ -142,6 +201,18 @@ pub enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a completion script for a shell to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ferryfs.1, and ferryfs-SUBCOMMAND.1 for each subcommand) into a
+    /// directory.
+    Manpages {
+        /// Where to write them (created if missing).
+        #[arg(value_hint = ValueHint::DirPath)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,17 +221,24 @@ pub enum VolumeCmd {
     /// can be a migration target at once.
     Add {
         /// A pool directory or a mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         target: PathBuf,
+        /// The volume's name: 1 to 32 of A-Z a-z 0-9 _ -, starting with a letter or a digit.
+        #[arg(value_parser = volume_name_arg)]
         name: String,
-        #[arg(long)]
-        size: String,
+        /// Its size (a size: 64M, 1.5G), rounded down to whole tracks.
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
         /// Where the image lives (any file system); default POOL/volumes/NAME.img.
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         path: Option<PathBuf>,
     },
     /// List volumes with their size, usage and data set count.
     List {
+        /// A pool directory or a mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         target: PathBuf,
+        /// Print JSON (docs/cli.md describes it).
         #[arg(long)]
         json: bool,
     },
@@ -168,14 +246,18 @@ pub enum VolumeCmd {
     /// a pool (unmounted) or a mount.
     Reopen {
         /// A pool directory or a mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         target: PathBuf,
+        /// The volume.
         name: String,
     },
     /// Remove an empty volume from a pool (unmounted) or a mount. Its image is deleted if it
     /// lives in the pool directory.
     Retire {
         /// A pool directory or a mountpoint.
+        #[arg(value_hint = ValueHint::DirPath)]
         target: PathBuf,
+        /// The volume.
         name: String,
     },
 }
@@ -186,22 +268,180 @@ pub struct JobArgs {
     /// to be closed and hold opens during the switch.
     #[arg(long, default_value = "live", value_parser = ["live", "close"])]
     cutover: String,
-    /// Cap each job's copy rate, bytes per second (K/M/G suffixes).
-    #[arg(long)]
-    rate: Option<String>,
-    /// Follow the jobs to their end; exit non-zero if any did not switch.
+    /// Cap each job's copy rate, bytes per second (a size: 4M, 1.5G).
+    #[arg(long, value_parser = size_arg)]
+    rate: Option<u64>,
+    /// Follow the jobs to their end; the exit code says how they ended.
     #[arg(long)]
     wait: bool,
+    /// With --wait, seconds between two progress lines when stdout is not a terminal.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = interval_arg)]
+    interval: Duration,
 }
 
 impl JobArgs {
-    fn options(&self) -> Result<String, String> {
+    fn options(&self) -> String {
         let mut s = format!("cutover={}", self.cutover);
-        if let Some(r) = &self.rate {
-            let bytes = parse_size(r).map_err(|e| format!("bad --rate: {e}"))?;
+        if let Some(bytes) = self.rate {
             s.push_str(&format!(" rate={bytes}"));
         }
-        Ok(s)
+        s
+    }
+}
+
+fn size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text)
+}
+
+fn track_size_arg(text: &str) -> Result<Geometry, String> {
+    Geometry::new(parse_size(text)?).map_err(|e| e.to_string())
+}
+
+fn volume_name_arg(name: &str) -> Result<String, String> {
+    pool::validate_volume_name(name).map_err(|e| e.to_string())?;
+    Ok(name.to_string())
+}
+
+/// The longest `--interval`: a day.
+const INTERVAL_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds, decimals allowed (`0.5`), more than 0 and at most a day.
+fn interval_arg(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= INTERVAL_MAX.as_secs_f64()) {
+        return Err(format!("{text:?}: the interval is more than 0 and at most {} seconds", INTERVAL_MAX.as_secs()));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// How `ferryfs` exits: one code per kind of outcome, so that a script can tell them apart.
+/// `ferryfs --help`, the man page and docs/cli.md show this table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    Error = 1,
+    Usage = 2,
+    Refused = 3,
+    JobFailed = 4,
+    JobCancelled = 5,
+    Stopped = 6,
+}
+
+impl Exit {
+    pub const ALL: [Exit; 7] =
+        [Exit::Ok, Exit::Error, Exit::Usage, Exit::Refused, Exit::JobFailed, Exit::JobCancelled, Exit::Stopped];
+
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// One line each, word for word the table in docs/cli.md.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Exit::Ok => "success; with --wait or `wait`, every job switched and every plan finished",
+            Exit::Error => "an error: I/O, not a pool or a mount, a damaged catalog, problems found by fsck",
+            Exit::Usage => "a usage error: an unknown flag, a missing argument, a malformed value",
+            Exit::Refused => "refused: the mount or the pool understood the request and declined it; nothing changed",
+            Exit::JobFailed => "a job or a plan that was followed failed",
+            Exit::JobCancelled => "a job or a plan that was followed was cancelled (and none failed)",
+            Exit::Stopped => {
+                "the mount went away, or stopped the jobs to unmount, while they were followed (none failed or \
+                 was cancelled; its next mount starts them again)"
+            }
+        }
+    }
+}
+
+/// The exit status table, as `--help` prints it.
+fn exit_status_help() -> String {
+    let mut s = String::from("Exit status:\n");
+    for e in Exit::ALL {
+        s.push_str(&format!("  {}  {}\n", e.code(), e.meaning()));
+    }
+    s
+}
+
+/// Why a command did not succeed: one line for stderr, and the exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Failure {
+        Failure { exit, message: message.into() }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::new(Exit::Error, message)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Failure {
+        Failure::new(Exit::Error, message)
+    }
+}
+
+impl From<client::SendError> for Failure {
+    fn from(e: client::SendError) -> Failure {
+        match e {
+            client::SendError::Refused(why) => Failure::new(Exit::Refused, why),
+            client::SendError::Failed(why) => Failure::new(Exit::Error, why),
+        }
+    }
+}
+
+impl From<client::Unfinished> for Failure {
+    fn from(u: client::Unfinished) -> Failure {
+        let exit = match u.ending {
+            client::Ending::Switched => Exit::Ok,
+            client::Ending::Stopped => Exit::Stopped,
+            client::Ending::Cancelled => Exit::JobCancelled,
+            client::Ending::Failed => Exit::JobFailed,
+        };
+        Failure::new(exit, u.why)
+    }
+}
+
+/// The pool's refusals (a rule said no, nothing changed) exit as the mount's do.
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Failure {
+        let exit = match &e {
+            PoolError::NotEmpty { .. }
+            | PoolError::Locked { .. }
+            | PoolError::BadVolumeName { .. }
+            | PoolError::VolumeExists { .. }
+            | PoolError::ImageExists { .. }
+            | PoolError::ImageInsideMount { .. }
+            | PoolError::StrayImage { .. }
+            | PoolError::VolumeTooSmall { .. }
+            | PoolError::NoVolume { .. }
+            | PoolError::NotRetirable { .. }
+            | PoolError::NotReopenable { .. } => Exit::Refused,
+            PoolError::Store(_) | PoolError::Io { .. } | PoolError::Image { .. } => Exit::Error,
+        };
+        Failure::new(exit, e.to_string())
+    }
+}
+
+pub type CliResult = Result<(), Failure>;
+
+/// Parse the command line, run it, and exit: with 0, or with the failure's line on stderr
+/// and its code. (A usage error never gets here: clap prints it and exits 2.)
+pub fn main(cli: Cli) -> ! {
+    let result = run(cli);
+    // A failed write to stdout (a closed pipe) must not turn success into a panic.
+    let _ = std::io::stdout().flush();
+    match result {
+        Ok(()) => std::process::exit(Exit::Ok.code()),
+        Err(f) => {
+            eprintln!("ferryfs: error: {}", f.message);
+            std::process::exit(f.exit.code())
+        }
     }
 }
 
@@ -222,17 +462,15 @@ fn path_in_mount(mnt: &Path, p: &str) -> String {
     }
 }
 
-/// Send a command line; print the reply; follow it with `--wait`.
-fn command(mnt: &Path, line: &str, wait: bool) -> CliResult {
+/// Send a command line; print the reply; with `wait`, follow what it started.
+fn command(mnt: &Path, line: &str, wait: Option<Duration>) -> CliResult {
     let reply = client::send(mnt, line)?;
     println!("{reply}");
-    if wait {
-        client::wait(mnt, &client::started(&reply))?;
+    if let Some(interval) = wait {
+        client::wait(mnt, &client::started(&reply), interval)?;
     }
     Ok(())
 }
-
-pub type CliResult = Result<(), String>;
 
 /// A pool directory or a mountpoint, resolved to the pool.
 enum Target {
@@ -273,28 +511,24 @@ fn target_catalog(path: &Path) -> Result<crate::catalog::Catalog, String> {
 pub fn run(cli: Cli) -> CliResult {
     match cli.cmd {
         Cmd::Init { pool, track_size } => {
-            let size = parse_size(&track_size).map_err(|e| format!("bad --track-size: {e}"))?;
-            let g = Geometry::new(size).map_err(|e| format!("bad --track-size: {e}"))?;
-            pool::init(&pool, g).map_err(|e| e.to_string())?;
-            println!("initialized pool {} (track size {} bytes)", pool.display(), g.track_size_bytes());
+            pool::init(&pool, track_size)?;
+            println!("initialized pool {} (track size {} bytes)", pool.display(), track_size.track_size_bytes());
             Ok(())
         }
         Cmd::Volume { cmd: VolumeCmd::Add { target, name, size, path } } => {
-            pool::validate_volume_name(&name).map_err(|e| e.to_string())?;
-            let size_bytes = parse_size(&size).map_err(|e| format!("bad --size: {e}"))?;
             let pool = match resolve_target(&target)? {
                 Target::Pool(pool) => pool,
                 Target::Mount { .. } => {
-                    let mut line = format!("add {} size={size_bytes}", quote(&name));
+                    let mut line = format!("add {} size={size}", quote(&name));
                     if let Some(p) = path {
                         let p = std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                         line.push_str(&format!(" path={}", quote(&p.to_string_lossy())));
                     }
-                    return command(&target, &line, false);
+                    return command(&target, &line, None);
                 }
             };
-            let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
-            let v = p.add_volume(&name, size_bytes, path.as_deref()).map_err(|e| e.to_string())?;
+            let mut p = Pool::open(&pool)?;
+            let v = p.add_volume(&name, size, path.as_deref())?;
             println!(
                 "added volume {} ({} bytes, {} tracks) at {}",
                 v.name,
@@ -305,19 +539,19 @@ pub fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Cmd::Volume { cmd: VolumeCmd::Reopen { target, name } } => match resolve_target(&target)? {
-            Target::Mount { .. } => command(&target, &format!("reopen {}", quote(&name)), false),
+            Target::Mount { .. } => command(&target, &format!("reopen {}", quote(&name)), None),
             Target::Pool(pool) => {
-                let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
-                p.reopen_volume(&name).map_err(|e| e.to_string())?;
+                let mut p = Pool::open(&pool)?;
+                p.reopen_volume(&name)?;
                 println!("reopened volume {name}");
                 Ok(())
             }
         },
         Cmd::Volume { cmd: VolumeCmd::Retire { target, name } } => match resolve_target(&target)? {
-            Target::Mount { .. } => command(&target, &format!("retire {}", quote(&name)), false),
+            Target::Mount { .. } => command(&target, &format!("retire {}", quote(&name)), None),
             Target::Pool(pool) => {
-                let mut p = Pool::open(&pool).map_err(|e| e.to_string())?;
-                let (path, removed) = p.retire_volume(&name).map_err(|e| e.to_string())?;
+                let mut p = Pool::open(&pool)?;
+                let (path, removed) = p.retire_volume(&name)?;
                 if removed {
                     println!("retired volume {name}; removed its image {path}");
                 } else {
@@ -328,20 +562,30 @@ pub fn run(cli: Cli) -> CliResult {
         },
         Cmd::Migrate { mountpoint, paths, to, job } => {
             let paths: Vec<String> = paths.iter().map(|p| quote(&path_in_mount(&mountpoint, p))).collect();
-            let line = format!("migrate {} to {} {}", paths.join(" "), quote(&to), job.options()?);
-            command(&mountpoint, &line, job.wait)
+            let line = format!("migrate {} to {} {}", paths.join(" "), quote(&to), job.options());
+            command(&mountpoint, &line, job.wait.then_some(job.interval))
         }
         Cmd::Merge { mountpoint, sources, into, job } => {
             let srcs: Vec<String> = sources.iter().map(|s| quote(s)).collect();
-            let line = format!("merge {} into {} {}", srcs.join(" "), quote(&into), job.options()?);
-            command(&mountpoint, &line, job.wait)
+            let line = format!("merge {} into {} {}", srcs.join(" "), quote(&into), job.options());
+            command(&mountpoint, &line, job.wait.then_some(job.interval))
         }
         Cmd::Drain { mountpoint, volume, to, job } => {
             let to = to.map(|t| format!(" to {}", quote(&t))).unwrap_or_default();
-            let line = format!("drain {}{to} {}", quote(&volume), job.options()?);
-            command(&mountpoint, &line, job.wait)
+            let line = format!("drain {}{to} {}", quote(&volume), job.options());
+            command(&mountpoint, &line, job.wait.then_some(job.interval))
         }
-        Cmd::Cancel { mountpoint, job } => command(&mountpoint, &format!("cancel {job}"), false),
+        Cmd::Wait { mountpoint, ids, interval } => {
+            let st = mount::mount_status(&mountpoint)?;
+            let what = client::resolve(&st, &ids)?;
+            if what.jobs.is_empty() && what.plans.is_empty() {
+                println!("nothing to wait for: no job or plan of {} is running", mountpoint.display());
+                return Ok(());
+            }
+            client::wait(&mountpoint, &what, interval)?;
+            Ok(())
+        }
+        Cmd::Cancel { mountpoint, job } => command(&mountpoint, &format!("cancel {job}"), None),
         Cmd::Volume { cmd: VolumeCmd::List { target, json } } => {
             let c = target_catalog(&target)?;
             let list =
@@ -354,18 +598,17 @@ pub fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Cmd::Mount { pool, mountpoint, foreground, threads, max_jobs, copy_rate, options, sloppy, fake } => {
-            let copy_rate = parse_size(&copy_rate).map_err(|e| format!("bad --copy-rate: {e}"))?;
             let mut opts = MountOptions { threads, max_jobs, copy_rate, ..MountOptions::default() };
             for list in &options {
-                opts.apply(list, sloppy)?;
+                opts.apply(list, sloppy).map_err(|e| Failure::new(Exit::Usage, e))?;
             }
-            opts.check()?;
+            opts.check().map_err(|e| Failure::new(Exit::Usage, e))?;
             if fake {
                 println!("would mount {} at {} -o {}", pool.display(), mountpoint.display(), opts.to_list());
                 return Ok(());
             }
             if foreground {
-                mount::mount_foreground(&pool, &mountpoint, &opts)
+                Ok(mount::mount_foreground(&pool, &mountpoint, &opts)?)
             } else {
                 let pid = mount::mount_daemon(&pool, &mountpoint, &opts)?;
                 println!("mounted {} at {} (pid {pid})", pool.display(), mountpoint.display());
@@ -392,30 +635,127 @@ pub fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Cmd::Status { mountpoint, json } => {
-            let s = mount::mount_status(&mountpoint)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
-            } else {
-                println!(
-                    "pool {} mounted at {} (pid {}), track size {} bytes",
-                    s.pool, s.mountpoint, s.pid, s.track_size_bytes
-                );
-                print_volumes(&s.volumes);
-                if !s.closed_volumes.is_empty() {
-                    println!("closed to new data: {}", s.closed_volumes.join(", "));
-                }
-                client::print_jobs(&s);
-            }
+        Cmd::Status { mountpoint, json, watch: false, .. } => {
+            print_status(&mount::mount_status(&mountpoint)?, json);
             Ok(())
         }
-        Cmd::Metrics { mountpoint } => client::print_metrics(&mountpoint),
+        Cmd::Status { mountpoint, json, watch: true, interval } => watch_status(&mountpoint, json, interval),
+        Cmd::Metrics { mountpoint } => Ok(client::print_metrics(&mountpoint)?),
         Cmd::Fsck { pool, repair } => {
             // The lock holds through the check, so no mount starts in between.
             let _lock = if repair { Some(repair_log(&pool)?) } else { None };
             fsck(&pool)
         }
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferryfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Manpages { dir } => {
+            for page in write_man_pages(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `ferryfs status`, once.
+fn print_status(s: &report::Status, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).expect("serializes"));
+        return;
+    }
+    println!("pool {} mounted at {} (pid {}), track size {} bytes", s.pool, s.mountpoint, s.pid, s.track_size_bytes);
+    print_volumes(&s.volumes);
+    if !s.closed_volumes.is_empty() {
+        println!("closed to new data: {}", s.closed_volumes.join(", "));
+    }
+    client::print_jobs(s);
+}
+
+/// `ferryfs status --watch`: the status every `interval`, until the mount goes away (or
+/// Ctrl-C). On a terminal each reading replaces the last; otherwise each is a new block
+/// under a time stamp line (with --json, one line of JSON).
+fn watch_status(mnt: &Path, json: bool, interval: Duration) -> CliResult {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    let mut first = true;
+    loop {
+        let s = match mount::mount_status(mnt) {
+            Ok(s) => s,
+            Err(e) if first => return Err(e.into()),
+            Err(_) => {
+                return Err(Failure::new(
+                    Exit::Stopped,
+                    format!("{} is no longer mounted; stopped watching", mnt.display()),
+                ))
+            }
+        };
+        first = false;
+        if json {
+            println!("{}", serde_json::to_string(&s).expect("serializes"));
+        } else {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            if tty {
+                // Home the cursor and clear the screen: the reading replaces the last one.
+                print!("\x1b[H\x1b[2J");
+                println!("{now}, every {} s (Ctrl-C stops)", interval.as_secs_f64());
+            } else {
+                println!("--- {now}");
+            }
+            print_status(&s, false);
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// Write ferryfs.1 and a page per subcommand (ferryfs-volume-add.1, ...) into `dir`; the
+/// paths written. The main page ends with the exit status table.
+fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn pages(cmd: clap::Command, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub.clone(), dir, out)?;
+        }
+        out.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut out = Vec::new();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        pages(sub.clone(), dir, &mut out)?;
+    }
+    // The main page: clap_mangen's sections, with the exit codes as an EXIT STATUS section
+    // (clap_mangen would print them as one paragraph under EXTRA).
+    let man = clap_mangen::Man::new(cmd);
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    for e in Exit::ALL {
+        page.extend_from_slice(format!(".TP\n\\fB{}\\fR\n{}\n", e.code(), roff_text(e.meaning())).as_bytes());
+    }
+    man.render_version_section(&mut page)?;
+    std::fs::write(&path, page)?;
+    out.push(path);
+    Ok(out)
+}
+
+/// Text for a roff line: backslashes doubled, dashes as dashes (not hyphens), and no line
+/// starts with a control character.
+fn roff_text(text: &str) -> String {
+    let t = text.replace('\\', "\\\\").replace('-', "\\-");
+    if t.starts_with(['.', '\'']) {
+        format!("\\&{t}")
+    } else {
+        t
     }
 }
 
@@ -451,9 +791,9 @@ fn print_listing(l: &report::Listing, extents: bool) {
 fn check_fsck_target(pool: &Path) -> CliResult {
     if !pool.join(SNAP_FILE).exists() {
         if status_of_mount(pool).is_some() {
-            return Err(format!("{} is a mountpoint; fsck takes the pool directory", pool.display()));
+            return Err(format!("{} is a mountpoint; fsck takes the pool directory", pool.display()).into());
         }
-        return Err(format!("{} is not a ferryfs pool (no {SNAP_FILE})", pool.display()));
+        return Err(format!("{} is not a ferryfs pool (no {SNAP_FILE})", pool.display()).into());
     }
     Ok(())
 }
@@ -461,7 +801,7 @@ fn check_fsck_target(pool: &Path) -> CliResult {
 /// `fsck --repair`: under the pool lock (refused while mounted), keep a copy of a damaged
 /// catalog log and cut the log at its last good frame. Says what it did, or that the log
 /// needed nothing.
-fn repair_log(pool: &Path) -> Result<pool::PoolLock, String> {
+fn repair_log(pool: &Path) -> Result<pool::PoolLock, Failure> {
     check_fsck_target(pool)?;
     let lock = pool::PoolLock::take(pool).map_err(|e| e.to_string())?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -564,7 +904,7 @@ fn fsck(pool: &Path) -> CliResult {
         for p in &r.problems {
             println!("problem: {p}");
         }
-        Err(format!("{} problem(s) found in {}", r.problems.len(), pool.display()))
+        Err(format!("{} problem(s) found in {}", r.problems.len(), pool.display()).into())
     }
 }
 
@@ -661,7 +1001,7 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
     println!("{r2}");
     let mut started = client::started(&r2);
     started.jobs.extend(client::started(&r1).jobs);
-    let waited = client::wait(mnt, &started);
+    let waited = client::wait(mnt, &started, Duration::from_secs(10));
     let (base_log, _) = base.stop()?;
     let (journal_log, open_waits) = journal.stop()?;
     waited?;
@@ -715,7 +1055,7 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
     let listing = report::list(&c, "/").expect("root exists");
     print_listing(&listing, true);
     if let Some(d) = listing.data_sets.iter().find(|d| d.volumes != ["VOL003"] || d.extent_count != 1) {
-        return Err(format!("{} is not in one extent on VOL003 after the merge", d.path));
+        return Err(format!("{} is not in one extent on VOL003 after the merge", d.path).into());
     }
     print_volumes(&report::volumes(&c));
 
@@ -829,7 +1169,7 @@ fn verify_demo(mnt: &Path, files: &[(&str, usize)], logs: &[(&str, u64, &Vec<u64
         let got = std::fs::read(mnt.join(name)).map_err(|e| format!("{name}: {e}"))?;
         if got != want {
             let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-            return Err(format!("/{name}: bytes differ from what was written, from byte {at}"));
+            return Err(format!("/{name}: bytes differ from what was written, from byte {at}").into());
         }
         if writes > 0 {
             println!("/{name}: {len} bytes verified ({writes} blocks hold their last acknowledged write)");
@@ -845,9 +1185,77 @@ fn verify(mnt: &Path, files: &[(&str, usize)]) -> CliResult {
         let want = pattern(i as u64 + 1, *len);
         let got = std::fs::read(mnt.join(name)).map_err(|e| format!("{name}: {e}"))?;
         if got != want {
-            return Err(format!("/{name}: bytes differ from what was written"));
+            return Err(format!("/{name}: bytes differ from what was written").into());
         }
         println!("/{name}: {len} bytes verified");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument and flag of every subcommand says what it is in `--help` (and so in
+    /// the man pages and the completions).
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("subcommand `{path}`"));
+            }
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("`{path}` argument {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, format!("{path} {}", sub.get_name()).trim(), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "no help line for: {missing:#?}");
+        cmd.debug_assert();
+    }
+
+    /// docs/cli.md's table says what [`Exit::meaning`] says, code for code.
+    #[test]
+    fn the_exit_code_table_in_the_docs_matches() {
+        let doc = include_str!("../docs/cli.md");
+        for e in Exit::ALL {
+            let row = format!("| {} | {} |", e.code(), e.meaning());
+            assert!(doc.contains(&row), "docs/cli.md lacks the row {row}");
+        }
+        let rows = doc.lines().filter(|l| l.starts_with("| ") && l[2..].starts_with(|c: char| c.is_ascii_digit()));
+        assert_eq!(rows.count(), Exit::ALL.len(), "docs/cli.md has exit codes ferryfs does not");
+        assert!(exit_status_help().lines().count() == Exit::ALL.len() + 1);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_and_clap_agrees_on_usage() {
+        let codes: std::collections::BTreeSet<i32> = Exit::ALL.iter().map(|e| e.code()).collect();
+        assert_eq!(codes.len(), Exit::ALL.len());
+        let err = Cli::try_parse_from(["ferryfs", "frobnicate"]).unwrap_err();
+        assert_eq!(err.exit_code(), Exit::Usage.code());
+        let err = Cli::try_parse_from(["ferryfs", "init", "p", "--track-size", "3K"]).unwrap_err();
+        assert_eq!(err.exit_code(), Exit::Usage.code());
+    }
+
+    #[test]
+    fn intervals_parse() {
+        assert_eq!(interval_arg("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(interval_arg("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "x", "", "1e9", "NaN", "inf"] {
+            assert!(interval_arg(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn roff_text_escapes() {
+        assert_eq!(roff_text("a-b \\ c"), "a\\-b \\\\ c");
+        assert_eq!(roff_text(".x"), "\\&.x");
+    }
 }

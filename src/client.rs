@@ -2,22 +2,23 @@
 //! reply, and follow jobs through `.ferry/status` (`--wait`). A shell script can do the same
 //! with `echo` and `cat`; docs/cli.md shows how.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::fs::CONTROL_DIR_NAME;
 use crate::mount::status_of_mount;
-use crate::report::{JobReport, Status};
+use crate::report::{JobReport, PlanReport, Status};
 
-/// How often `--wait` reads the status.
+/// How often `wait` reads the status (and redraws the bars).
 const POLL: Duration = Duration::from_millis(200);
 
-/// What a command started.
+/// What a command started, or what `ferryfs wait` follows.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Started {
-    pub plan: Option<u64>,
+    pub plans: Vec<u64>,
     pub jobs: Vec<u64>,
 }
 
@@ -29,7 +30,7 @@ pub fn started(reply: &str) -> Started {
     while i < words.len() {
         match words[i] {
             "plan" => {
-                s.plan = words.get(i + 1).and_then(|w| w.parse().ok());
+                s.plans.extend(words.get(i + 1).and_then(|w| w.parse::<u64>().ok()));
                 i += 2;
             }
             "jobs" => {
@@ -45,24 +46,35 @@ pub fn started(reply: &str) -> Started {
     s
 }
 
-/// Send one command line; the reply, or the refusal's text.
-pub fn send(mnt: &Path, line: &str) -> Result<String, String> {
-    crate::mount::mount_status(mnt)?;
+/// Why a command line got no `ok`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The mount understood the line and declined it (its `error:` reply); nothing changed.
+    Refused(String),
+    /// No reply: not a mount, not ours, or the control file failed.
+    Failed(String),
+}
+
+/// Send one command line; the reply, or why there is none.
+pub fn send(mnt: &Path, line: &str) -> Result<String, SendError> {
+    crate::mount::mount_status(mnt).map_err(SendError::Failed)?;
     let path = mnt.join(CONTROL_DIR_NAME).join("control");
     let mut f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| match e.raw_os_error() {
         Some(libc::EACCES) | Some(libc::EPERM) => {
-            format!("{}: only the mount's owner may send commands", path.display())
+            SendError::Failed(format!("{}: only the mount's owner may send commands", path.display()))
         }
-        Some(libc::EROFS) => format!("{} is mounted read-only (-o ro): it takes no commands", mnt.display()),
-        _ => format!("{}: {e}", path.display()),
+        Some(libc::EROFS) => {
+            SendError::Refused(format!("{} is mounted read-only (-o ro): it takes no commands", mnt.display()))
+        }
+        _ => SendError::Failed(format!("{}: {e}", path.display())),
     })?;
     let wrote = f.write_all(format!("{line}\n").as_bytes());
     let mut reply = String::new();
-    f.read_to_string(&mut reply).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.read_to_string(&mut reply).map_err(|e| SendError::Failed(format!("{}: {e}", path.display())))?;
     let reply = reply.trim().to_string();
     match (wrote, reply.strip_prefix("error: ")) {
-        (_, Some(why)) => Err(why.to_string()),
-        (Err(e), None) => Err(format!("{}: {e}", path.display())),
+        (_, Some(why)) => Err(SendError::Refused(why.to_string())),
+        (Err(e), None) => Err(SendError::Failed(format!("{}: {e}", path.display()))),
         (Ok(()), None) => Ok(reply),
     }
 }
@@ -110,96 +122,233 @@ fn summary(j: &JobReport) -> String {
             mib(j.copy_rate_bytes_per_s)
         ),
         "failed" => format!("job {} {}: failed: {}", j.id, j.path, j.error.clone().unwrap_or_default()),
+        "stopped" => format!("job {} {}: stopped (the mount is unmounting; its next mount starts it again)", j.id, j.path),
         p => format!("job {} {}: {p}", j.id, j.path),
     }
 }
 
-fn line_of(j: &JobReport) -> String {
+/// The rate and the time left, as the bars and the lines show them: the job's own average
+/// (`copy_rate_bytes_per_s`, the summary's rate too), not an estimate of the CLI's.
+fn rate_and_eta(j: &JobReport) -> String {
     let eta = if j.copy_rate_bytes_per_s > 0 && j.bytes_total > j.bytes_copied {
         format!(", ETA {:.0} s", (j.bytes_total - j.bytes_copied) as f64 / j.copy_rate_bytes_per_s as f64)
     } else {
         String::new()
     };
+    format!("{:.1} MiB/s{eta}", mib(j.copy_rate_bytes_per_s))
+}
+
+/// A progress line: job id, path, phase, copied/total, rate.
+fn line_of(j: &JobReport) -> String {
     format!(
-        "job {} {}: {} {:.1}/{:.1} MiB at {:.1} MiB/s, {} dirty tracks{eta}",
+        "job {} {}: {} {:.1}/{:.1} MiB at {}, {} dirty tracks",
         j.id,
         j.path,
         j.phase,
         mib(j.bytes_copied),
         mib(j.bytes_total),
-        mib(j.copy_rate_bytes_per_s),
+        rate_and_eta(j),
         j.dirty_tracks
     )
 }
 
-/// Follow the jobs (and the plan, whose jobs may grow) to their end. On a terminal, a
-/// progress bar per job; otherwise a line per phase change. Fails if any job did not switch
-/// or the plan did not finish.
-pub fn wait(mnt: &Path, what: &Started) -> Result<(), String> {
-    let tty = std::io::stdout().is_terminal();
-    let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} ETA {eta:>4} {msg}",
-    )
-    .expect("a valid template");
-    let mut bars: std::collections::BTreeMap<u64, indicatif::ProgressBar> = Default::default();
-    let mut last_phase: std::collections::BTreeMap<u64, String> = Default::default();
-    loop {
-        let st: Status = status_of_mount(mnt).ok_or_else(|| format!("{} is no longer mounted", mnt.display()))?;
-        let plan = what.plan.and_then(|p| st.plans.iter().find(|x| x.id == p));
-        let mut ids = what.jobs.clone();
-        if let Some(p) = plan {
-            ids.extend(p.jobs.iter().copied());
+fn plan_line(p: &PlanReport) -> String {
+    let why = p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+    format!("plan {} ({}): {}{why}", p.id, p.kind, p.phase)
+}
+
+/// How the jobs and plans that `wait` followed ended, worst last: the worst one decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ending {
+    /// Every job switched and every plan finished.
+    Switched,
+    /// The mount went away, or stopped the jobs to unmount; its next mount starts them again.
+    Stopped,
+    /// A job or a plan was cancelled.
+    Cancelled,
+    /// A job or a plan failed.
+    Failed,
+}
+
+/// Why `wait` did not end with every job switched.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unfinished {
+    pub ending: Ending,
+    pub why: String,
+}
+
+fn ending_of_job(phase: &str) -> Ending {
+    match phase {
+        "failed" => Ending::Failed,
+        "cancelled" => Ending::Cancelled,
+        "stopped" => Ending::Stopped,
+        _ => Ending::Switched,
+    }
+}
+
+fn ending_of_plan(phase: &str) -> Ending {
+    match phase {
+        "failed" => Ending::Failed,
+        "cancelled" => Ending::Cancelled,
+        _ => Ending::Switched,
+    }
+}
+
+/// How `wait` shows progress.
+enum Display {
+    /// stdout is a terminal: a bar per job, drawn on stdout (so `2>file` hides none of it),
+    /// and each job's summary printed above the bars as it ends.
+    Bars {
+        multi: indicatif::MultiProgress,
+        style: indicatif::ProgressStyle,
+        bars: BTreeMap<u64, indicatif::ProgressBar>,
+    },
+    /// Anything else: a line per job at each phase change and every `interval`, and a
+    /// summary line per job as it ends.
+    Lines { interval: Duration, next: Instant },
+}
+
+impl Display {
+    fn new(interval: Duration) -> Display {
+        if std::io::stdout().is_terminal() {
+            let multi = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stdout());
+            let style =
+                indicatif::ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+                    .expect("a valid template");
+            Display::Bars { multi, style, bars: BTreeMap::new() }
+        } else {
+            Display::Lines { interval, next: Instant::now() + interval }
         }
-        ids.sort_unstable();
-        ids.dedup();
-        let jobs: Vec<&JobReport> = st.jobs.iter().filter(|j| ids.contains(&j.id)).collect();
-        for j in &jobs {
-            let changed = last_phase.get(&j.id) != Some(&j.phase);
-            if tty {
-                let bar = bars.entry(j.id).or_insert_with(|| {
-                    let b = multi.add(indicatif::ProgressBar::new(j.bytes_total.max(1)));
-                    b.set_style(style.clone());
-                    b.set_prefix(format!("job {}", j.id));
-                    b
-                });
-                if !bar.is_finished() {
+    }
+
+    fn println(&self, line: &str) {
+        match self {
+            // Above the bars, on the terminal the bars are drawn on.
+            Display::Bars { multi, .. } if multi.println(line).is_ok() => {}
+            _ => println!("{line}"),
+        }
+    }
+
+    /// One reading of the jobs: `changed` says which changed phase since the last.
+    fn show(&mut self, jobs: &[&JobReport], changed: &BTreeSet<u64>) {
+        match self {
+            Display::Bars { multi, style, bars } => {
+                for j in jobs {
+                    let bar = bars.entry(j.id).or_insert_with(|| {
+                        let b = multi.add(indicatif::ProgressBar::new(j.bytes_total.max(1)));
+                        b.set_style(style.clone());
+                        b.set_prefix(format!("job {}", j.id));
+                        b
+                    });
+                    if bar.is_finished() {
+                        continue;
+                    }
                     bar.set_length(j.bytes_total.max(1));
                     bar.set_position(j.bytes_copied.min(j.bytes_total));
                     if is_final(&j.phase) {
-                        bar.finish_with_message(summary(j));
+                        bar.finish_and_clear();
+                        let _ = multi.println(summary(j));
                     } else {
-                        bar.set_message(format!("{} {}", j.phase, j.path));
+                        bar.set_message(format!("{} {} {}", rate_and_eta(j), j.phase, j.path));
                     }
                 }
-            } else if changed {
-                println!("{}", if is_final(&j.phase) { summary(j) } else { line_of(j) });
             }
-            if changed {
-                last_phase.insert(j.id, j.phase.clone());
-            }
-        }
-        let jobs_done = jobs.len() >= what.jobs.len() && jobs.iter().all(|j| is_final(&j.phase));
-        let plan_done = plan.is_none_or(|p| p.phase != "running");
-        if jobs_done && plan_done {
-            let bad: Vec<String> = jobs.iter().filter(|j| j.phase != "switched").map(|j| summary(j)).collect();
-            if let Some(p) = plan {
-                println!("plan {} ({}): {}", p.id, p.kind, p.phase);
-                if p.phase != "done" {
-                    return Err(format!("plan {} {}: {}", p.id, p.phase, p.error.clone().unwrap_or_default()));
+            Display::Lines { interval, next } => {
+                let tick = Instant::now() >= *next;
+                if tick {
+                    *next = Instant::now() + *interval;
+                }
+                for j in jobs {
+                    if changed.contains(&j.id) && is_final(&j.phase) {
+                        println!("{}", summary(j));
+                    } else if !is_final(&j.phase) && (tick || changed.contains(&j.id)) {
+                        println!("{}", line_of(j));
+                    }
                 }
             }
-            if !bad.is_empty() {
-                return Err(format!("{} job(s) did not switch: {}", bad.len(), bad.join("; ")));
-            }
-            return Ok(());
         }
-        std::thread::sleep(POLL);
+    }
+}
+
+/// Follow the jobs and the plans (whose jobs may grow) to their end. On a terminal, a
+/// progress bar per job; otherwise a line per job at each phase change and every
+/// `interval`. Each job's summary is printed as it ends, and each plan's at the end.
+pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfinished> {
+    let mut display = Display::new(interval);
+    let mut last_phase: BTreeMap<u64, String> = BTreeMap::new();
+    let mut plans_shown: BTreeSet<u64> = BTreeSet::new();
+    loop {
+        let Some(st) = status_of_mount(mnt) else {
+            return Err(Unfinished {
+                ending: Ending::Stopped,
+                why: format!(
+                    "{} is no longer mounted before the jobs ended (its next mount starts them again)",
+                    mnt.display()
+                ),
+            });
+        };
+        let plans: Vec<&PlanReport> = st.plans.iter().filter(|p| what.plans.contains(&p.id)).collect();
+        let mut ids: BTreeSet<u64> = what.jobs.iter().copied().collect();
+        ids.extend(plans.iter().flat_map(|p| p.jobs.iter().copied()));
+        let jobs: Vec<&JobReport> = st.jobs.iter().filter(|j| ids.contains(&j.id)).collect();
+        let changed: BTreeSet<u64> =
+            jobs.iter().filter(|j| last_phase.get(&j.id) != Some(&j.phase)).map(|j| j.id).collect();
+        display.show(&jobs, &changed);
+        for j in &jobs {
+            last_phase.insert(j.id, j.phase.clone());
+        }
+        for p in plans.iter().filter(|p| p.phase != "running" && plans_shown.insert(p.id)) {
+            display.println(&plan_line(p));
+        }
+        let jobs_done =
+            what.jobs.iter().all(|id| jobs.iter().any(|j| j.id == *id)) && jobs.iter().all(|j| is_final(&j.phase));
+        let plans_done = plans.len() == what.plans.len() && plans.iter().all(|p| p.phase != "running");
+        if jobs_done && plans_done {
+            let mut ending = Ending::Switched;
+            let mut why = Vec::new();
+            for j in jobs.iter().filter(|j| j.phase != "switched") {
+                ending = ending.max(ending_of_job(&j.phase));
+                why.push(summary(j));
+            }
+            for p in plans.iter().filter(|p| p.phase != "done") {
+                ending = ending.max(ending_of_plan(&p.phase));
+                why.push(plan_line(p));
+            }
+            return match ending {
+                Ending::Switched => Ok(()),
+                _ => Err(Unfinished { ending, why: format!("not every job switched: {}", why.join("; ")) }),
+            };
+        }
+        std::thread::sleep(POLL.min(interval));
     }
 }
 
 fn is_final(phase: &str) -> bool {
     matches!(phase, "switched" | "cancelled" | "failed" | "stopped")
+}
+
+/// What `ferryfs wait` follows: the ids given (each a job or a plan of this mount; job and
+/// plan ids share one counter), or, without ids, every job and plan that has not ended.
+pub fn resolve(st: &Status, ids: &[u64]) -> Result<Started, String> {
+    let mut what = Started::default();
+    if ids.is_empty() {
+        what.jobs = st.jobs.iter().filter(|j| !is_final(&j.phase)).map(|j| j.id).collect();
+        what.plans = st.plans.iter().filter(|p| p.phase == "running").map(|p| p.id).collect();
+        return Ok(what);
+    }
+    for &id in ids {
+        if st.jobs.iter().any(|j| j.id == id) {
+            what.jobs.push(id);
+        } else if st.plans.iter().any(|p| p.id == id) {
+            what.plans.push(id);
+        } else {
+            return Err(format!(
+                "no job or plan {id} on {} (jobs and plans of an earlier mount are not listed)",
+                st.mountpoint
+            ));
+        }
+    }
+    Ok(what)
 }
 
 /// `ferryfs status`: the jobs, as a table.
@@ -251,8 +400,8 @@ mod tests {
 
     #[test]
     fn replies_parse() {
-        assert_eq!(started("ok jobs 3 4"), Started { plan: None, jobs: vec![3, 4] });
-        assert_eq!(started("ok plan 7 jobs 8 9"), Started { plan: Some(7), jobs: vec![8, 9] });
-        assert_eq!(started("ok plan 7 jobs"), Started { plan: Some(7), jobs: vec![] });
+        assert_eq!(started("ok jobs 3 4"), Started { plans: vec![], jobs: vec![3, 4] });
+        assert_eq!(started("ok plan 7 jobs 8 9"), Started { plans: vec![7], jobs: vec![8, 9] });
+        assert_eq!(started("ok plan 7 jobs"), Started { plans: vec![7], jobs: vec![] });
     }
 }

@@ -76,27 +76,23 @@ impl Geometry {
     }
 }
 
-/// Parse a size such as `64K`, `10M`, `1G`, `4096`, `2GiB`. Suffixes are powers of 1024.
+/// How sizes are read everywhere (flags and control lines): binary units, so `K`, `KB`,
+/// `KiB` and `Ki` all mean 1024, case-insensitive; the `B` is optional.
+const SIZE_SYNTAX: parse_size::Config = parse_size::Config::new().with_binary();
+
+/// Parse a size such as `64K`, `10M`, `1.5G`, `4096`, `2GiB`: a number (decimals and
+/// exponents allowed; `_` and blanks inside it are ignored) and an optional unit B, K, M, G,
+/// T, P or E, powers of 1024. A fraction of a byte rounds to the nearest byte. The parsing
+/// is the `parse-size` crate's; the messages are ours.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    if t.is_empty() {
+    if text.trim().is_empty() {
         return Err("empty size".into());
     }
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!("size {text:?} does not start with a number"));
-    }
-    let n: u64 = num.parse().map_err(|_| format!("size {text:?} is too large"))?;
-    let mult: u64 = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("size {text:?} has an unknown suffix {suffix:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+    SIZE_SYNTAX.parse_size(text.trim()).map_err(|e| match e {
+        parse_size::Error::Empty => format!("size {text:?} has a unit but no number"),
+        parse_size::Error::PosOverflow => format!("size {text:?} is too large"),
+        _ => format!("size {text:?} is not a number with an optional unit K, M, G, T, P or E"),
+    })
 }
 
 #[cfg(test)]
@@ -125,17 +121,48 @@ mod tests {
         assert!(Geometry::new(4096).is_ok());
     }
 
+    /// The syntax docs/cli.md promises, spelling by spelling.
     #[test]
     fn sizes_parse() {
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("K").is_err());
-        assert!(parse_size("99999999999999999999T").is_err());
-        assert!(parse_size("20000000T").is_err());
+        for (text, bytes) in [
+            ("4096", 4096u64),
+            ("0", 0),
+            ("64K", 65536),
+            ("64k", 65536),
+            ("64KB", 65536),
+            ("64KiB", 65536),
+            ("64Ki", 65536),
+            ("2MiB", 2 << 20),
+            ("2mb", 2 << 20),
+            ("1G", 1 << 30),
+            ("3T", 3 << 40),
+            ("1P", 1 << 50),
+            ("1E", 1 << 60),
+            ("100B", 100),
+            ("1.5M", 3 << 19),
+            ("0.5K", 512),
+            ("1e3", 1000),
+            ("2.5e1K", 25 << 10),
+            ("1_048_576", 1 << 20),
+            ("4 K", 4096),
+            (" 8M ", 8 << 20),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text:?}");
+        }
+        for (text, why) in [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("12X", "not a number"),
+            ("K", "no number"),
+            ("M1", "not a number"),
+            ("-1", "not a number"),
+            ("1..5M", "not a number"),
+            ("99999999999999999999T", "too large"),
+            ("20000000T", "too large"),
+            ("16E", "too large"),
+        ] {
+            let e = parse_size(text).unwrap_err();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
     }
 }

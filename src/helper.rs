@@ -78,7 +78,7 @@ fn mount_args(args: &[OsString]) -> Result<Cli, String> {
             foreground: false,
             threads: defaults.threads,
             max_jobs: defaults.max_jobs,
-            copy_rate: "0".into(),
+            copy_rate: defaults.copy_rate,
             options,
             sloppy: h.flags.contains('s'),
             fake: h.flags.contains('f'),

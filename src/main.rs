@@ -13,15 +13,11 @@ fn main() {
     // mount helper that mount(8) and umount(8) run for `-t fuse.ferryfs` and fstab lines.
     let cli = match ferryfs::helper::personality(&args) {
         Some(Ok(cli)) => cli,
-        Some(Err(e)) => exit_with(e),
+        Some(Err(e)) => {
+            eprintln!("ferryfs: error: {e}");
+            std::process::exit(ferryfs::cli::Exit::Usage.code());
+        }
         None => ferryfs::cli::Cli::parse(),
     };
-    if let Err(e) = ferryfs::cli::run(cli) {
-        exit_with(e)
-    }
-}
-
-fn exit_with(e: String) -> ! {
-    eprintln!("ferryfs: error: {e}");
-    std::process::exit(1);
+    ferryfs::cli::main(cli)
 }

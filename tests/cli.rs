@@ -38,13 +38,34 @@ fn pool_state(pool: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// Runs ARGS expecting failure with exit 1 and one clear error line.
+/// Runs ARGS expecting exit `want` and one clear error line.
 #[track_caller]
-fn refused(args: &[&str], word: &str) -> String {
+fn fails_with(want: i32, args: &[&str], word: &str) -> String {
     let (code, err) = ferry_err(args);
-    assert_eq!(code, 1, "`ferryfs {}` should exit 1: {err}", args.join(" "));
+    assert_eq!(code, want, "`ferryfs {}` should exit {want}: {err}", args.join(" "));
     assert_one_clear_line(&err, word);
     err
+}
+
+/// Runs ARGS expecting a refusal (a rule said no; nothing changed): exit 3.
+#[track_caller]
+fn refused(args: &[&str], word: &str) -> String {
+    fails_with(exit::REFUSED, args, word)
+}
+
+/// Runs ARGS expecting an error (not a pool, I/O, ...): exit 1.
+#[track_caller]
+fn errs(args: &[&str], word: &str) -> String {
+    fails_with(exit::ERROR, args, word)
+}
+
+/// Runs ARGS expecting a usage error: exit 2, clap's message naming `word`, and where to
+/// find help.
+#[track_caller]
+fn usage_error(args: &[&str], word: &str) {
+    let (code, err) = ferry_err(args);
+    assert_eq!(code, exit::USAGE, "`ferryfs {}` should exit 2: {err}", args.join(" "));
+    assert!(err.contains(word) && err.contains("--help") && !err.contains("panicked"), "{err}");
 }
 
 fn names(pool: &Path) -> Vec<String> {
@@ -60,10 +81,10 @@ fn names(pool: &Path) -> Vec<String> {
 
 #[test]
 fn init_rejects_bad_track_sizes() {
-    for bad in ["3K", "1K", "abc", "0", "", "2K", "6K", "128M", "-4K", "64Q", "4 K"] {
+    for bad in ["3K", "1K", "abc", "0", "", "2K", "6K", "128M", "-4K", "64Q", "4 Q", "0.3M"] {
         let tp = TestPool::uninit();
         // `--flag=value` so that a value starting with '-' is a value, not a flag
-        refused(&["init", s(&tp.pool), &format!("--track-size={bad}")], "");
+        usage_error(&["init", s(&tp.pool), &format!("--track-size={bad}")], "--track-size");
         let left = fs::read_dir(&tp.pool).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "track size {bad:?}: refused init left {left} files in the pool dir");
         assert!(
@@ -83,6 +104,8 @@ fn init_accepts_good_track_sizes() {
         ("1M", 1 << 20),
         ("64M", 64 << 20),
         ("65536", 65536),
+        ("4 K", 4096),
+        ("0.5M", 512 << 10),
     ] {
         let tp = TestPool::uninit();
         ferry_ok(&["init", s(&tp.pool), "--track-size", good]);
@@ -118,7 +141,7 @@ fn init_existing_dir_rules() {
     // a path that is a file
     let file = tp.dir().join("afile");
     fs::write(&file, b"x").unwrap();
-    refused(&["init", s(&file)], "");
+    errs(&["init", s(&file)], "");
     assert_eq!(fs::read(&file).unwrap(), b"x");
     fsck_clean(&tp.pool);
 }
@@ -132,7 +155,7 @@ fn volume_add_rejects_bad_names() {
     let long = "a".repeat(33);
     for bad in ["", "-a", "_a", "a b", "a/b", "a.b", "..", "é", "V1\n", long.as_str(), "a*", "/abs"] {
         // `--` so that a name starting with '-' is a name, not a flag
-        refused(&["volume", "add", s(&tp.pool), "--size", "1M", "--", bad], "");
+        usage_error(&["volume", "add", s(&tp.pool), "--size", "1M", "--", bad], "bad volume name");
         assert_eq!(pool_state(&tp.pool), before, "bad name {bad:?} changed the pool");
     }
     assert_eq!(names(&tp.pool), ["V1"]);
@@ -175,7 +198,7 @@ fn volume_add_refuses_existing_path() {
     refused(&["volume", "add", s(&tp.pool), "V2", "--size", "1M", "--path", s(tp.dir())], "");
     // a path in a missing directory
     let nodir = tp.dir().join("no/such/dir/v.img");
-    refused(&["volume", "add", s(&tp.pool), "V2", "--size", "1M", "--path", s(&nodir)], "");
+    errs(&["volume", "add", s(&tp.pool), "V2", "--size", "1M", "--path", s(&nodir)], "");
     assert_eq!(pool_state(&tp.pool), before);
     assert_eq!(names(&tp.pool), ["V1"]);
     fsck_clean(&tp.pool);
@@ -185,17 +208,32 @@ fn volume_add_refuses_existing_path() {
 fn volume_add_rejects_bad_sizes() {
     let tp = TestPool::new("64K", &[("V1", "1M")]);
     let before = pool_state(&tp.pool);
-    for bad in ["0", "12X", "", "-1", "1.5M", "K", "10K", "65535", "M1", "99999999999T", "0M", "1 M"] {
-        refused(&["volume", "add", s(&tp.pool), "V2", &format!("--size={bad}")], "");
+    // Not a size: a usage error. A size under one track: refused by the pool.
+    let malformed = ["12X", "", "-1", "1..5M", "K", "M1", "99999999999T", "1 Q"];
+    for bad in malformed.into_iter().chain(["0", "10K", "65535", "0M"]) {
+        let args = ["volume", "add", s(&tp.pool), "V2", &format!("--size={bad}")];
+        if malformed.contains(&bad) {
+            usage_error(&args, "--size");
+        } else {
+            refused(&args, "at least one track");
+        }
         assert_eq!(pool_state(&tp.pool), before, "size {bad:?} changed the pool");
         assert!(!tp.pool.join("volumes/V2.img").exists(), "size {bad:?} left an image");
     }
     assert_eq!(names(&tp.pool), ["V1"]);
     // accepted spellings
-    for (i, (good, bytes)) in
-        [("64K", 65536u64), ("1MiB", 1 << 20), ("1MB", 1 << 20), ("131072", 131072), ("100K", 65536), ("1G", 1 << 30)]
-            .into_iter()
-            .enumerate()
+    for (i, (good, bytes)) in [
+        ("64K", 65536u64),
+        ("1MiB", 1 << 20),
+        ("1MB", 1 << 20),
+        ("131072", 131072),
+        ("100K", 65536),
+        ("1G", 1 << 30),
+        ("1.5M", 3 << 19),
+        ("1 M", 1 << 20),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let name = format!("G{i}");
         ferry_ok(&["volume", "add", s(&tp.pool), &name, "--size", good]);
@@ -232,11 +270,11 @@ fn unknown_pool_is_a_clear_error() {
     let tp = TestPool::uninit();
     let missing = tp.dir().join("no-such-pool");
     let m = s(&missing);
-    refused(&["volume", "add", m, "V1", "--size", "1M"], "");
-    refused(&["volume", "list", m], "");
-    refused(&["volume", "list", m, "--json"], "");
-    refused(&["ls", m], "");
-    refused(&["fsck", m], "");
+    errs(&["volume", "add", m, "V1", "--size", "1M"], "");
+    errs(&["volume", "list", m], "");
+    errs(&["volume", "list", m, "--json"], "");
+    errs(&["ls", m], "");
+    errs(&["fsck", m], "");
     assert!(!missing.exists(), "a command created the missing pool");
     let at = try_mount(&missing, tp.mnt());
     let mounted = at.guard.is_some();
@@ -247,9 +285,9 @@ fn unknown_pool_is_a_clear_error() {
     // an empty directory and a directory of other files are not pools either
     let empty = tp.dir().join("empty");
     fs::create_dir(&empty).unwrap();
-    refused(&["volume", "list", s(&empty)], "");
-    refused(&["volume", "add", s(&empty), "V1", "--size", "1M"], "");
-    refused(&["fsck", s(&empty)], "");
+    errs(&["volume", "list", s(&empty)], "");
+    errs(&["volume", "add", s(&empty), "V1", "--size", "1M"], "");
+    errs(&["fsck", s(&empty)], "");
     assert_eq!(fs::read_dir(&empty).unwrap().count(), 0, "a command wrote into a non-pool");
 }
 
@@ -354,11 +392,11 @@ fn mounted_file_and_umount_errors() {
     assert_eq!(v["mountpoint"].as_str().unwrap(), s(&mp));
     assert!(Path::new(v["mountpoint"].as_str().unwrap()).is_absolute());
     // umount of something that is not a ferryfs mount
-    refused(&["umount", s(tp.dir())], "");
-    refused(&["umount", s(&tp.dir().join("nonexistent"))], "");
+    errs(&["umount", s(tp.dir())], "");
+    errs(&["umount", s(&tp.dir().join("nonexistent"))], "");
     assert!(is_mounted(&m.mnt), "a refused umount unmounted the real one");
     m.unmount();
-    refused(&["umount", s(tp.mnt())], "");
+    errs(&["umount", s(tp.mnt())], "");
     fsck_clean(&tp.pool);
 }
 
@@ -554,7 +592,7 @@ fn missing_snapshot_is_not_a_pool() {
     assert!(!mounted);
     assert_eq!(at.status.code(), Some(1));
     assert_one_clear_line(&at.stderr, "");
-    refused(&["fsck", s(&tp.pool)], "");
+    errs(&["fsck", s(&tp.pool)], "");
 }
 
 #[test]
@@ -569,4 +607,46 @@ fn catalog_survives_kill9_and_replays() {
     assert_eq!(fs::read_link(m.p("l")).unwrap(), Path::new("d/a"));
     m.unmount();
     fsck_clean(&tp.pool);
+}
+
+// ---------------------------------------------------------------- completions, man pages
+
+#[test]
+fn completions_name_every_subcommand() {
+    let bash = ferry_ok(&["completions", "bash"]);
+    assert!(bash.contains("complete") && bash.contains("ferryfs"), "{bash}");
+    for sub in ["init", "volume", "mount", "migrate", "merge", "drain", "wait", "cancel", "status", "completions"] {
+        assert!(bash.contains(sub), "bash completions lack {sub}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = ferry_ok(&["completions", shell]);
+        assert!(out.contains("migrate") && out.contains("--interval"), "{shell} completions:\n{out}");
+    }
+    let (code, err) = ferry_err(&["completions", "tcsh"]);
+    assert_eq!(code, exit::USAGE, "{err}");
+}
+
+#[test]
+fn man_pages_are_written_for_every_subcommand() {
+    let tp = TestPool::uninit();
+    let dir = tp.dir().join("man/man1");
+    let out = ferry_ok(&["manpages", s(&dir)]);
+    let written: Vec<&str> = out.lines().collect();
+    for page in ["ferryfs.1", "ferryfs-migrate.1", "ferryfs-wait.1", "ferryfs-volume.1", "ferryfs-volume-add.1"] {
+        let p = dir.join(page);
+        assert!(written.contains(&s(&p)), "{page} not listed: {out}");
+        let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(text.starts_with(".TH") || text.lines().any(|l| l.starts_with(".TH")), "{page}: no .TH");
+    }
+    assert_eq!(written.len(), fs::read_dir(&dir).unwrap().count(), "every page written is listed");
+    let main = fs::read_to_string(dir.join("ferryfs.1")).unwrap();
+    assert!(main.contains(".SH \"EXIT STATUS\"") && main.contains("refused"), "{main}");
+    let migrate = fs::read_to_string(dir.join("ferryfs-migrate.1")).unwrap();
+    assert!(migrate.contains("interval") && migrate.contains("Cap each job"), "{migrate}");
+    // man renders it, where man is installed.
+    if let Ok(out) = std::process::Command::new("man").args(["-l", s(&dir.join("ferryfs.1"))]).output() {
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT STATUS"));
+        }
+    }
 }

@@ -649,7 +649,7 @@ fn cancel_rolls_back_and_keeps_every_write() {
 
     // Cancelling an ended job is refused.
     let (code, err) = ferry_err(&["cancel", &mnt, &ida.to_string()]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, &format!("job {ida} has already ended"));
     assert!(err.contains("cancelled"), "{err}");
     let e = control(&m.mnt, &format!("cancel {idb}")).unwrap_err();
@@ -657,10 +657,10 @@ fn cancel_rolls_back_and_keeps_every_write() {
     let idc = one_job(&control(&m.mnt, "migrate /c to V2").unwrap());
     wait_switched(&m.mnt, &[idc]);
     let (code, err) = ferry_err(&["cancel", &mnt, &idc.to_string()]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, &format!("job {idc} has already switched"));
     let (code, err) = ferry_err(&["cancel", &mnt, "9999"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "no job or plan 9999");
     assert_eq!(placement(&m.mnt, "/c"), (vec!["V2".to_string()], 1));
     assert_bytes_eq(&read_fresh(&m.p("c")), &c_bytes, "c");
@@ -717,7 +717,7 @@ fn cancelling_a_plan_stops_its_jobs_and_reopens_its_sources() {
     assert_eq!(placement(&m.mnt, "/after").0, vec!["V1"], "a new data set goes to the reopened volume");
 
     let (code, err) = ferry_err(&["cancel", &mnt, &plan.to_string()]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, &format!("plan {plan} has already ended"));
     m.unmount();
 }
@@ -829,7 +829,7 @@ fn merge_three_volumes_into_one_then_retire() {
     assert_eq!(names, ["V2", "V3", "V4"], "V1 is gone from the volume list");
     assert!(!image.exists(), "the retired image {} was removed", image.display());
     let (code, err) = ferry_err(&["volume", "retire", &mnt, "V4"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "V4");
     assert!(err.contains("not empty"), "{err}");
     assert!(volume_list_json(&m.mnt)["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "V4"));
@@ -906,7 +906,7 @@ fn a_drained_volume_takes_data_again_once_reopened() {
     let out = ferry_ok(&["volume", "reopen", s(&tp.pool), &src]);
     assert_eq!(out.trim(), format!("reopened volume {src}"));
     let (code, err) = ferry_err(&["volume", "reopen", s(&tp.pool), &src]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "not closed");
     fsck_clean(&tp.pool);
     let m = tp.mount();
@@ -961,12 +961,12 @@ fn volume_added_to_a_mount_takes_data_at_once() {
     ferry_ok(&["migrate", &mnt, "/a", "--to", "V3", "--wait"]);
     assert_eq!(placement(&m.mnt, "/a"), (vec!["V3".to_string()], 1));
     let (code, err) = ferry_err(&["volume", "add", &mnt, "V3", "--size", "2M"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "already exists");
     // An image file in the pool that no volume uses (an add cut short by a crash) is named.
     fs::write(tp.pool.join("volumes/V4.img"), b"").unwrap();
     let (code, err) = ferry_err(&["volume", "add", &mnt, "V4", "--size", "2M"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "no volume of this pool uses it");
     fs::remove_file(tp.pool.join("volumes/V4.img")).unwrap();
 
@@ -1121,7 +1121,7 @@ fn refused_plans_and_migrations_change_nothing() {
     assert_eq!(placement(&m.mnt, "/big").1, 1, "test setup: /big is in one extent");
     for (args, words) in &cases {
         let (code, err) = ferry_err(args);
-        assert_eq!(code, 1, "`ferryfs {}`: {err}", args.join(" "));
+        assert_eq!(code, exit::REFUSED, "`ferryfs {}`: {err}", args.join(" "));
         assert_one_clear_line(&err, &words[0]);
         for w in words {
             assert!(err.contains(w.as_str()), "`ferryfs {}`: the error should say {w:?}: {err}", args.join(" "));
@@ -1150,7 +1150,7 @@ fn drain_of_the_only_volume_is_refused() {
     write_whole(&m.p("f"), &data);
     let before = state_of(&m.mnt);
     let (code, err) = ferry_err(&["drain", s(&m.mnt), "V1"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "no volume is left");
     assert_eq!(state_of(&m.mnt), before, "a refused drain changed something");
     assert_eq!(placement(&m.mnt, "/f").0, vec!["V1"]);
@@ -1456,8 +1456,8 @@ fn cli_wait_follows_the_job_and_fails_when_it_is_cancelled() {
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(!st.success(), "--wait exited 0 for a cancelled job:\n{}", rest.join("\n"));
-    assert_eq!(st.code(), Some(1), "{err}");
-    assert_one_clear_line(&err, "did not switch");
+    assert_eq!(st.code(), Some(exit::JOB_CANCELLED), "{err}");
+    assert_one_clear_line(&err, "not every job switched");
     assert!(err.contains("cancelled"), "{err}");
     assert!(rest.iter().any(|l| *l == format!("job {id} /g: cancelled")), "stdout:\n{}", rest.join("\n"));
     assert_eq!(job(&m.mnt, id)["phase"], "cancelled");

@@ -742,6 +742,41 @@ fn statfs_reflects_volumes_and_usage() {
     assert_eq!(st2.f_bfree, st0.f_bfree, "free space back after unlink");
 }
 
+/// The story: statfs answered "u32::MAX free inodes" and, as the total, the number in use,
+/// so `df -i` showed a negative IUsed. Free inodes never exceed the total now, and total -
+/// free counts every data set, directory and symlink.
+#[test]
+fn statfs_inodes_free_never_exceed_the_total() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let m = tp.mount();
+    let used = |st: &libc::statvfs| st.f_files.checked_sub(st.f_ffree);
+    let st0 = statvfs(&m.mnt);
+    assert!(st0.f_ffree <= st0.f_files, "empty pool: f_ffree {} > f_files {}", st0.f_ffree, st0.f_files);
+    assert!(st0.f_favail <= st0.f_ffree, "f_favail {} > f_ffree {}", st0.f_favail, st0.f_ffree);
+    let used0 = used(&st0).unwrap();
+    assert!(used0 >= 1, "the root directory is an inode");
+    fs::create_dir_all(m.p("d/e")).unwrap();
+    for i in 0..5 {
+        fs::write(m.p(&format!("d/f{i}")), b"x").unwrap();
+    }
+    std::os::unix::fs::symlink("d/f0", m.p("l")).unwrap();
+    let st1 = statvfs(&m.mnt);
+    assert!(st1.f_ffree <= st1.f_files, "f_ffree {} > f_files {}", st1.f_ffree, st1.f_files);
+    // 2 directories, 5 data sets, 1 symlink
+    assert_eq!(used(&st1).unwrap(), used0 + 8, "IUsed counts what was created: {st0:?} -> {st1:?}");
+    // and df agrees (no negative IUsed)
+    let out = std::process::Command::new("df").args(["--output=itotal,iused,iavail"]).arg(&m.mnt).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<i128> =
+        text.lines().nth(1).unwrap_or("").split_whitespace().map(|w| w.parse().unwrap_or(-1)).collect();
+    assert!(out.status.success() && row.len() == 3, "df: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(row[1] >= 8 && row[2] <= row[0] && row[0] == row[1] + row[2], "df -i: {text}");
+    for i in 0..5 {
+        fs::remove_file(m.p(&format!("d/f{i}"))).unwrap();
+    }
+    assert_eq!(used(&statvfs(&m.mnt)).unwrap(), used0 + 3, "unlinks give inodes back");
+}
+
 #[test]
 fn fallocate_modes() {
     let (_tp, m) = setup();

@@ -73,7 +73,7 @@ use crate::storage::counted::{Counted, IoCounters, IoSnapshot};
 use crate::storage::{Disk, StorageFile};
 
 pub use io::{read_pieces, write_pieces};
-pub use namespace::{check_name, Attr, Kind, SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
+pub use namespace::{check_name, Attr, FsStats, Kind, SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
 pub use node::FileNode;
 pub use recovery::RecoveryReport;
 

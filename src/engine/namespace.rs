@@ -269,11 +269,33 @@ impl Engine {
         Ok(out)
     }
 
-    /// (tracks in the pool, free tracks, inodes) for statfs(2).
-    pub fn statfs(&self) -> (u64, u64, u64) {
+    /// The numbers statfs(2) reports (`df`, `df -i`).
+    pub fn statfs(&self) -> FsStats {
         let cat = self.catalog.lock();
-        let total = cat.catalog.volumes.values().map(|v| v.free.tracks_total()).sum();
-        let free = cat.catalog.volumes.values().map(|v| v.free.free_tracks()).sum();
-        (total, free, cat.catalog.inodes.len() as u64)
+        let tracks_total = cat.catalog.volumes.values().map(|v| v.free.tracks_total()).sum();
+        let tracks_free = cat.catalog.volumes.values().map(|v| v.free.free_tracks()).sum();
+        FsStats::new(tracks_total, tracks_free, cat.catalog.inodes.len() as u64)
+    }
+}
+
+/// The inodes statfs reports in all. The catalog has no inode table, so nothing runs out
+/// below memory; tools only need a total that the used count fits under (`df -i` prints
+/// total - free as used), and 2^32 - 1 is one every 32-bit `statvfs` can carry.
+pub const INODES_REPORTED: u64 = u32::MAX as u64;
+
+/// What statfs(2) reports: space in tracks, and inodes (data sets, directories, symlinks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsStats {
+    pub tracks_total: u64,
+    pub tracks_free: u64,
+    pub inodes_total: u64,
+    /// At most `inodes_total`: `df -i` shows total - free as used.
+    pub inodes_free: u64,
+}
+
+impl FsStats {
+    pub fn new(tracks_total: u64, tracks_free: u64, inodes_used: u64) -> FsStats {
+        let inodes_total = INODES_REPORTED.max(inodes_used);
+        FsStats { tracks_total, tracks_free, inodes_total, inodes_free: inodes_total - inodes_used }
     }
 }

@@ -689,9 +689,18 @@ impl Filesystem for FerryFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (total, free, files) = self.engine.statfs();
+        let st = self.engine.statfs();
         let bsize = self.engine.geometry.track_size_bytes() as u32;
-        reply.statfs(total, free, free, files, u32::MAX as u64, bsize, NAME_MAX_BYTES as u32, bsize)
+        reply.statfs(
+            st.tracks_total,
+            st.tracks_free,
+            st.tracks_free,
+            st.inodes_total,
+            st.inodes_free,
+            bsize,
+            NAME_MAX_BYTES as u32,
+            bsize,
+        )
     }
 
     fn create(

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Words are separated by blanks; a word with blanks in it is written in double quotes, and
-//! a backslash escapes the next character. Sizes take K/M/G/T suffixes (powers of 1024).
+//! a backslash escapes the next character. Sizes are as [`parse_size`] reads them (`64K`,
+//! `1.5G`: powers of 1024).
 
 use crate::catalog::model::Cutover;
 use crate::geometry::parse_size;

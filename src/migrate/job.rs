@@ -73,6 +73,7 @@ struct Runner<'a> {
     /// Push each chunk to the disk without waiting for the one before (the cutover's final
     /// copies: one wait for all of them at the end, not one per track).
     batch_writeback: bool,
+    /// When step f started; `None` again once it is done (the copy rate holds still then).
     copy_started: Option<Instant>,
     /// The copy rate while applications sync (pace.rs).
     governor: Governor,
@@ -227,6 +228,8 @@ impl Runner<'_> {
         self.engine.app_syncs.copier_started();
         self.copying = true;
         self.copy_growth(true)?;
+        self.note_rate();
+        self.copy_started = None;
         m.event(format!(
             "job {} copy-done path={} bytes={}",
             job.id,
@@ -285,11 +288,19 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// Tracks in the next chunk: small while applications are active, and never more than a
+    /// cap lets go at once ([`CAP_CHUNK_TIME`](super::pace::CAP_CHUNK_TIME)).
     fn chunk_tracks(&self, apps_active: bool) -> u64 {
         if self.m.turns.is_some() {
             return SIMULATED_CHUNK_TRACKS;
         }
-        let bytes = if apps_active { BUSY_CHUNK_BYTES } else { IDLE_CHUNK_BYTES };
+        let mut bytes = if apps_active { BUSY_CHUNK_BYTES } else { IDLE_CHUNK_BYTES };
+        for cap in [&self.job.rate, &self.m.copy_rate] {
+            bytes = bytes.min(cap.chunk_bytes().unwrap_or(u64::MAX));
+        }
+        if apps_active {
+            bytes = bytes.min(self.governor.cap.chunk_bytes().unwrap_or(u64::MAX));
+        }
         (bytes / self.g.track_size_bytes()).max(1)
     }
 
@@ -314,6 +325,10 @@ impl Runner<'_> {
             self.ensure_target(a)?;
             let active = paced && self.apps_active();
             let n = self.chunk_tracks(active).min(a - c);
+            if paced {
+                self.wait_for_caps(self.g.bytes_of(n), active);
+                self.check()?;
+            }
             let t0 = Instant::now();
             self.copy(c, n)?;
             if active {
@@ -323,7 +338,7 @@ impl Runner<'_> {
             self.job.bytes_copied.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
             self.note_rate();
             if paced {
-                self.pace(self.g.bytes_of(n), t0.elapsed(), active);
+                self.rest(t0.elapsed(), active);
             }
         }
     }
@@ -410,33 +425,47 @@ impl Runner<'_> {
         }
     }
 
+    /// The copy rate as the CLI shows it: bytes copied by step f over the time since it
+    /// started (its waits for the caps included, so it never reads above a cap).
     fn note_rate(&self) {
         if let Some(t) = self.copy_started {
             let secs = t.elapsed().as_secs_f64();
             if secs > 0.0 {
-                let bytes =
-                    self.job.bytes_copied.load(Ordering::Relaxed) + self.job.bytes_resynced.load(Ordering::Relaxed);
+                let bytes = self.job.bytes_copied.load(Ordering::Relaxed);
                 self.job.copy_rate.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
             }
         }
     }
 
-    /// Rest after a chunk: priority to the applications, then the job's and the pool's caps.
-    fn pace(&mut self, bytes: u64, elapsed: Duration, apps_active: bool) {
+    /// Before a chunk of `bytes`: wait until every cap lets it go (the job's `rate=`, the
+    /// pool's copy-rate and, while applications sync, the governor). Waiting before the copy,
+    /// not after it, is what keeps the bytes moved under each cap at every moment (pace.rs).
+    fn wait_for_caps(&mut self, bytes: u64, apps_active: bool) {
         let m = self.m;
         if m.turns.is_some() {
             return; // simulated: time plays no part
         }
-        let mut wait = rest_after(elapsed, apps_active).max(self.job.rate.take(bytes)).max(m.copy_rate.take(bytes));
+        let mut wait = self.job.rate.take(bytes).max(m.copy_rate.take(bytes));
         if apps_active {
             if let Some((base, now, samples)) = self.engine.app_syncs.feedback(now_ns()) {
                 self.governor.steer(base, now, samples);
-                wait = wait.max(self.governor.bucket.take(bytes));
+                wait = wait.max(self.governor.cap.take(bytes));
             }
         }
+        self.sleep(wait);
+    }
+
+    /// After a chunk that took `elapsed`: rest, so that busy applications get the disk.
+    fn rest(&self, elapsed: Duration, apps_active: bool) {
+        if self.m.turns.is_none() {
+            self.sleep(rest_after(elapsed, apps_active));
+        }
+    }
+
+    /// Sleep in slices, so that a cancel or an unmount is seen promptly.
+    fn sleep(&self, wait: Duration) {
         let until = Instant::now() + wait;
-        // Sleep in slices, so that a cancel or an unmount is seen promptly.
-        while Instant::now() < until && !m.stopping() && !self.job.cancel_requested() {
+        while Instant::now() < until && !self.m.stopping() && !self.job.cancel_requested() {
             std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
         }
     }
@@ -452,22 +481,30 @@ impl Runner<'_> {
                 let lo = bits.trailing_zeros() as u64;
                 let run = (bits >> lo).trailing_ones() as u64;
                 bits &= !(if run == WORD_BITS { u64::MAX } else { ((1u64 << run) - 1) << lo });
-                let first = w as u64 * WORD_BITS + lo;
-                let t0 = Instant::now();
-                self.copy(first, run)?;
-                copied += run;
-                self.job.bytes_resynced.fetch_add(self.g.bytes_of(run), Ordering::Relaxed);
-                if paced {
-                    let active = self.apps_active();
-                    if active {
-                        self.wait_writeback()?;
+                let mut first = w as u64 * WORD_BITS + lo;
+                let end = first + run;
+                // A run is copied in chunks, each cleared by the caps first, like step f's.
+                while first < end {
+                    let active = paced && self.apps_active();
+                    let n = if paced { self.chunk_tracks(active).min(end - first) } else { end - first };
+                    if paced {
+                        self.wait_for_caps(self.g.bytes_of(n), active);
                     }
-                    self.pace(self.g.bytes_of(run), t0.elapsed(), active);
-                    self.check()?;
+                    let t0 = Instant::now();
+                    self.copy(first, n)?;
+                    copied += n;
+                    self.job.bytes_resynced.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
+                    if paced {
+                        if active {
+                            self.wait_writeback()?;
+                        }
+                        self.rest(t0.elapsed(), active);
+                        self.check()?;
+                    }
+                    first += n;
                 }
             }
         }
-        self.note_rate();
         Ok(copied)
     }
 

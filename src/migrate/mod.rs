@@ -34,7 +34,7 @@ use crate::monitor::JobLink;
 use crate::report::{self, JobReport, PlanReport};
 use crate::space::VolumeId;
 use command::{Command, JobOptions};
-use pace::TokenBucket;
+use pace::RateCap;
 use plan::{names, tracks_text, PlannedJob};
 
 /// Lines of `.ferry/events` kept in memory (the oldest go first).
@@ -107,7 +107,7 @@ pub struct JobState {
     pub cutover: Cutover,
     pub plan: Option<u64>,
     pub started_ns: i64,
-    pub rate: TokenBucket,
+    pub rate: RateCap,
     phase: Mutex<Phase>,
     error: Mutex<Option<String>>,
     failed_in: Mutex<Option<Phase>>,
@@ -117,6 +117,8 @@ pub struct JobState {
     pub bytes_total: AtomicU64,
     pub passes: AtomicU32,
     pub mirrored: AtomicBool,
+    /// The first copy's (step f) average: bytes copied / time since it started, as of its
+    /// latest chunk; it holds still once step f is done. What the CLI shows as the job's rate.
     pub copy_rate: AtomicU64,
     pub stall_us: AtomicI64,
     pub window_us: AtomicI64,
@@ -136,7 +138,7 @@ impl JobState {
             cutover: rec.cutover,
             plan: rec.plan,
             started_ns: rec.started_ns,
-            rate: TokenBucket::new(rec.rate_bytes_per_s),
+            rate: RateCap::new(rec.rate_bytes_per_s),
             phase: Mutex::new(Phase::Queued),
             error: Mutex::new(None),
             failed_in: Mutex::new(None),
@@ -263,7 +265,7 @@ pub struct Migrations {
     inner: Mutex<Inner>,
     events: Mutex<VecDeque<String>>,
     /// The pool-wide copy rate cap (0: none).
-    pub copy_rate: TokenBucket,
+    pub copy_rate: RateCap,
     max_jobs: AtomicUsize,
     stopping: AtomicBool,
     /// Set by simulation tests: job threads run one at a time, when given the turn.
@@ -308,7 +310,7 @@ impl Migrations {
             engine,
             inner: Mutex::default(),
             events: Mutex::default(),
-            copy_rate: TokenBucket::default(),
+            copy_rate: RateCap::default(),
             max_jobs: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             turns,

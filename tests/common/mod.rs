@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// The exit codes docs/cli.md promises.
+pub mod exit {
+    pub const ERROR: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const REFUSED: i32 = 3;
+    pub const JOB_FAILED: i32 = 4;
+    pub const JOB_CANCELLED: i32 = 5;
+    pub const STOPPED: i32 = 6;
+}
+
 /// The binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferryfs"))
