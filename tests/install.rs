@@ -77,15 +77,15 @@ fn the_readme_using_it_block_runs_as_written() {
         "mounted /srv/ferry at /mnt/ferry",
         "switched to VOL002",
         "plan ",
-        "retired volume VOL002",
-        "reopened volume VOL001",
+        "ok retired VOL002",
+        "ok reopened VOL001",
         "ferryfs_volume_",
         "unmounted /mnt/ferry",
         "fuse.ferryfs",
     ] {
         assert!(out.contains(want), "the block's output lacks {want:?}:\n{out}");
     }
-    assert!(!out.contains("error"), "an error in the block's output:\n{out}");
+    assert!(!out.contains("ferryfs: error"), "an error in the block's output:\n{out}");
 }
 
 #[test]
