@@ -44,7 +44,7 @@ touch "$T/fstab"
 mount --bind "$T/fstab" /etc/fstab
 # Whatever happens, no mount outlives the test (the daemon would keep the namespace).
 cleanup() {{
-    for m in $(findmnt -n -l -t fuse.ferryfs -o TARGET); do umount -l "$m" || true; done
+    for m in $(findmnt -rn -t fuse.ferryfs -o TARGET | grep -E '^/(mnt|srv)/'); do umount -l "$m" || true; done
 }}
 trap cleanup EXIT
 set -x
@@ -99,7 +99,7 @@ ferryfs init /srv/p
 ferryfs volume add /srv/p V1 --size 64M
 echo '/srv/p /mnt/a fuse.ferryfs defaults,nofail,_netdev,x-systemd.requires-mounts-for=/srv,threads=2 0 0' >>/etc/fstab
 mount /mnt/a
-findmnt -n -t fuse.ferryfs -o TARGET,SOURCE,FSTYPE
+findmnt -rn -t fuse.ferryfs -o TARGET,SOURCE,FSTYPE
 echo through-fstab >/mnt/a/f
 sync /mnt/a/f
 umount /mnt/a

@@ -636,10 +636,9 @@ impl Runner<'_> {
                 format!("window_us={us}")
             }
         };
-        // Switched once durable; the source is punched and freed after that is reported.
+        // Switched once durable. The phase says so only once the source is punched and freed
+        // too: a `--wait` that returns at `switched` may retire the source volume at once.
         let released = self.make_durable();
-        self.job.set_phase(Phase::Switched);
-        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
         let extents = {
             let cat = self.engine.catalog.lock();
             match cat.catalog.get(self.job.ino).map(|i| &i.body) {
@@ -660,6 +659,8 @@ impl Runner<'_> {
             // The switch is in the catalog; the next mount frees the source.
             log::warn!("job {}: freeing the source after the switch: {e}", self.job.id);
         }
+        self.job.set_phase(Phase::Switched);
+        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
         Ok(())
     }
 
