@@ -2,7 +2,7 @@
 # Install what ferryfs and its tests need on a Debian machine (as root), if missing:
 # fuse3 (the kernel side is in every Debian kernel), and the real clients the tests drive.
 set -euo pipefail
-want=(fuse3 sqlite3 git rsync tar bsdutils)  # bsdutils: `script`, a terminal for the CLI tests
+want=(fuse3 sqlite3 git rsync tar bsdutils util-linux mount e2fsprogs python3)  # bsdutils: `script`; util-linux: losetup, blkid, findmnt, unshare, setpriv; e2fsprogs: mkfs.ext4 for the device tests
 if [[ "${1:-}" == "--bench" ]]; then want+=(fio bindfs); fi
 if [[ "${1:-}" == "--postgres" ]]; then want+=(postgresql-15); fi
 missing=()

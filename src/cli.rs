@@ -217,8 +217,9 @@ pub enum Cmd {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
-    /// Add a sparse volume image to a pool (unmounted) or a mount. It takes allocations and
-    /// can be a migration target at once.
+    /// Add a volume to a pool (unmounted) or a mount: a sparse image file, or a block device
+    /// (a disk, a partition, a LUN, a loop device). It takes allocations and can be a
+    /// migration target at once.
     Add {
         /// A pool directory or a mountpoint.
         #[arg(value_hint = ValueHint::DirPath)]
@@ -226,12 +227,18 @@ pub enum VolumeCmd {
         /// The volume's name: 1 to 32 of A-Z a-z 0-9 _ -, starting with a letter or a digit.
         #[arg(value_parser = volume_name_arg)]
         name: String,
-        /// Its size (a size: 64M, 1.5G), rounded down to whole tracks.
+        /// Its size (a size: 64M, 1.5G), rounded down to whole tracks; needed for an image
+        /// file; a device's default is all of it (less its 4 KiB label).
         #[arg(long, value_parser = size_arg)]
-        size: u64,
-        /// Where the image lives (any file system); default POOL/volumes/NAME.img.
+        size: Option<u64>,
+        /// Where the image lives (any file system; default POOL/volumes/NAME.img), or the
+        /// block device to use (/dev/...; it is zeroed and labelled).
         #[arg(long, value_hint = ValueHint::FilePath)]
         path: Option<PathBuf>,
+        /// Take a device even if it holds a file system, another signature or another
+        /// pool's label (what it holds is lost). A device in use is refused all the same.
+        #[arg(long)]
+        force: bool,
     },
     /// List volumes with their size, usage and data set count.
     List {
@@ -421,8 +428,11 @@ impl From<PoolError> for Failure {
             | PoolError::VolumeTooSmall { .. }
             | PoolError::NoVolume { .. }
             | PoolError::NotRetirable { .. }
-            | PoolError::NotReopenable { .. } => Exit::Refused,
-            PoolError::Store(_) | PoolError::Io { .. } | PoolError::Image { .. } => Exit::Error,
+            | PoolError::NotReopenable { .. }
+            | PoolError::DeviceRefused { .. } => Exit::Refused,
+            PoolError::Store(_) | PoolError::Io { .. } | PoolError::Image { .. } | PoolError::DeviceMissing { .. } => {
+                Exit::Error
+            }
         };
         Failure::new(exit, e.to_string())
     }
@@ -515,20 +525,27 @@ pub fn run(cli: Cli) -> CliResult {
             println!("initialized pool {} (track size {} bytes)", pool.display(), track_size.track_size_bytes());
             Ok(())
         }
-        Cmd::Volume { cmd: VolumeCmd::Add { target, name, size, path } } => {
+        Cmd::Volume { cmd: VolumeCmd::Add { target, name, size, path, force } } => {
+            let size = size.unwrap_or(0);
             let pool = match resolve_target(&target)? {
                 Target::Pool(pool) => pool,
                 Target::Mount { .. } => {
-                    let mut line = format!("add {} size={size}", quote(&name));
+                    let mut line = format!("add {}", quote(&name));
+                    if size > 0 {
+                        line.push_str(&format!(" size={size}"));
+                    }
                     if let Some(p) = path {
                         let p = std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                         line.push_str(&format!(" path={}", quote(&p.to_string_lossy())));
+                    }
+                    if force {
+                        line.push_str(" force=yes");
                     }
                     return command(&target, &line, None);
                 }
             };
             let mut p = Pool::open(&pool)?;
-            let v = p.add_volume(&name, size, path.as_deref())?;
+            let v = p.add_volume(&name, size, path.as_deref(), force)?;
             println!(
                 "added volume {} ({} bytes, {} tracks) at {}",
                 v.name,
@@ -554,6 +571,8 @@ pub fn run(cli: Cli) -> CliResult {
                 let (path, removed) = p.retire_volume(&name)?;
                 if removed {
                     println!("retired volume {name}; removed its image {path}");
+                } else if path.starts_with("/dev/") {
+                    println!("retired volume {name}; device {path} keeps its bytes, its label is wiped");
                 } else {
                     println!("retired volume {name}; its image {path} is outside the pool and was kept");
                 }
@@ -859,6 +878,20 @@ fn fsck(pool: &Path) -> CliResult {
     let c = &store.catalog;
     let mut r = check(c);
     for v in c.volumes.values() {
+        if crate::pool::is_device_volume(v) {
+            // A device volume: its label names this pool and volume, wherever it is now.
+            match crate::pool::locate_device(&dir, v) {
+                Ok(at) if at != Path::new(&v.path) => r.notes.push(format!(
+                    "volume {}: its device is {} now (recorded: {})",
+                    v.name,
+                    at.display(),
+                    v.path
+                )),
+                Ok(_) => {}
+                Err(e) => r.problems.push(e.to_string()),
+            }
+            continue;
+        }
         match std::fs::metadata(&v.path) {
             Ok(m) if m.len() < v.size_bytes => r.problems.push(format!(
                 "volume {}: image {} is {} bytes, expected {}",
@@ -1082,7 +1115,7 @@ fn demo_in(pool: &Path, mnt: &Path) -> CliResult {
 fn add_demo_volumes(pool: &Path, vols: &[(&str, u64)]) -> CliResult {
     let mut p = Pool::open(pool).map_err(|e| e.to_string())?;
     for (name, mib) in vols {
-        let v = p.add_volume(name, mib << 20, None).map_err(|e| e.to_string())?;
+        let v = p.add_volume(name, mib << 20, None, false).map_err(|e| e.to_string())?;
         println!("volume {} {} MiB ({} tracks) at {}", v.name, mib, v.free.tracks_total(), v.path);
     }
     Ok(())

@@ -40,6 +40,7 @@ pub mod monitor;
 
 // The model and the seam.
 pub mod catalog;
+pub mod device;
 pub mod extent_map;
 pub mod geometry;
 pub mod space;

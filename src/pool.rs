@@ -24,6 +24,8 @@ pub const LOCK_FILE: &str = "pool.lock";
 pub const MOUNTED_FILE: &str = "mounted";
 pub const VOLUMES_DIR: &str = "volumes";
 pub const MOUNT_LOG_FILE: &str = "mount.log";
+/// The pool's id (16 random bytes, hex), which the labels of its device volumes carry.
+pub const POOL_ID_FILE: &str = "pool.id";
 /// Longest volume name.
 pub const VOLUME_NAME_MAX_CHARS: usize = 32;
 
@@ -65,6 +67,13 @@ pub enum PoolError {
     NotRetirable { name: String, why: String },
     #[error("volume {name} can't be reopened: {why}")]
     NotReopenable { name: String, why: String },
+    #[error("{}: {why}", path.display())]
+    DeviceRefused { path: PathBuf, why: String },
+    #[error(
+        "volume {name}: no device carries its label (it was {path}); attach the device, or retire the volume \
+         from a pool that can't find it"
+    )]
+    DeviceMissing { name: String, path: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PoolError + '_ {
@@ -122,6 +131,43 @@ pub fn init(dir: &Path, geometry: Geometry) -> Result<(), PoolError> {
     Ok(())
 }
 
+/// The pool's id, made (0600, synced) the first time it is asked for with `create`.
+pub fn pool_id(dir: &Path, create: bool) -> Result<[u8; 16], PoolError> {
+    let path = dir.join(POOL_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse_pool_id(text.trim()).ok_or_else(|| PoolError::Io {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "not a pool id (32 hex digits)"),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+            let mut id = [0u8; 16];
+            File::open("/dev/urandom")
+                .and_then(|mut f| io::Read::read_exact(&mut f, &mut id))
+                .map_err(io_err(&path))?;
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            let tmp = dir.join(format!("{POOL_ID_FILE}.tmp"));
+            fs::write(&tmp, format!("{hex}\n"))
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .and_then(|()| fs::rename(&tmp, &path))
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(io_err(&path))?;
+            Ok(id)
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+fn parse_pool_id(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
 /// The pool lock alone, without opening the catalog (for a repair of a catalog that does not
 /// open). It holds while the value lives.
 pub struct PoolLock {
@@ -166,11 +212,17 @@ impl Pool {
     }
 
     /// Add a volume image: a new sparse file, then the catalog record.
-    pub fn add_volume(&mut self, name: &str, size_bytes: u64, path: Option<&Path>) -> Result<VolumeRec, PoolError> {
-        let v = check_new_volume(&self.store.catalog, &self.dir, name, size_bytes, path)?;
-        let (op, _image) = v.create_image(&RealDisk)?;
+    pub fn add_volume(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        path: Option<&Path>,
+        force: bool,
+    ) -> Result<VolumeRec, PoolError> {
+        let v = check_new_volume(&self.store.catalog, &self.dir, name, size_bytes, path, force)?;
+        let (op, _image) = v.create_image(&RealDisk, &self.dir)?;
         if let Err(e) = self.store.commit(op).and_then(|_| self.store.sync()) {
-            let _ = fs::remove_file(&v.path);
+            v.undo(&RealDisk);
             return Err(e.into());
         }
         Ok(self.store.catalog.volumes[&v.id].clone())
@@ -185,8 +237,13 @@ impl Pool {
         if let Some((_, why)) = retire_refusal(c, id) {
             return Err(PoolError::NotRetirable { name: name.to_string(), why });
         }
+        let device = if is_device_volume(v) { Some(locate_device(&self.dir, v)?) } else { None };
         let path = v.path.clone();
         self.store.commit(Op::RemoveVolume { id }).and_then(|_| self.store.sync())?;
+        if let Some(at) = device {
+            wipe_device_label(&at)?;
+            return Ok((at.display().to_string(), false));
+        }
         let removed = remove_retired_image(&RealDisk, &self.dir, Path::new(&path));
         Ok((path, removed))
     }
@@ -207,19 +264,71 @@ impl Pool {
         (self.store, self._lock)
     }
 
-    /// Open every volume image of the catalog.
+    /// Open every volume image of the catalog (a device volume where its label is).
     pub fn open_volumes(&self) -> Result<OpenVolumes, PoolError> {
         let mut out = Vec::new();
         for v in self.store.catalog.volumes.values() {
-            let io = FileStorage::open_image(Path::new(&v.path), v.size_bytes).map_err(|source| PoolError::Image {
-                name: v.name.clone(),
-                path: v.path.clone(),
-                source,
-            })?;
+            let path = Path::new(&v.path);
+            let io = if is_device_volume(v) {
+                open_device_volume(&self.dir, v)?
+            } else {
+                FileStorage::open_image(path, v.size_bytes).map_err(|source| PoolError::Image {
+                    name: v.name.clone(),
+                    path: v.path.clone(),
+                    source,
+                })?
+            };
             out.push((v.id, Arc::new(io) as Arc<dyn StorageFile>));
         }
         Ok(out)
     }
+}
+
+/// Is `v` a device volume? (Its recorded path is a block device, or a /dev path that is gone.)
+pub fn is_device_volume(v: &VolumeRec) -> bool {
+    let path = Path::new(&v.path);
+    crate::device::is_block_device(path) || (!path.exists() && path.starts_with("/dev"))
+}
+
+/// Where a device volume's label is: its recorded path if the label there is this pool's
+/// and this volume's, else the device that carries it now (device names change).
+pub fn locate_device(dir: &Path, v: &VolumeRec) -> Result<PathBuf, PoolError> {
+    use crate::device;
+    let pool = pool_id(dir, false)?;
+    let ours = |l: &device::Label| l.pool_id == pool && l.volume_id == v.id.0 && l.size_bytes >= v.size_bytes;
+    let recorded = Path::new(&v.path);
+    if let Ok(f) = File::open(recorded) {
+        if device::read_label(&f).ok().flatten().as_ref().is_some_and(ours) {
+            return Ok(recorded.to_path_buf());
+        }
+    }
+    device::find(&pool, v.id.0).ok_or_else(|| PoolError::DeviceMissing { name: v.name.clone(), path: v.path.clone() })
+}
+
+/// A device volume, found by its label and opened exclusively.
+fn open_device_volume(dir: &Path, v: &VolumeRec) -> Result<FileStorage, PoolError> {
+    let at = locate_device(dir, v)?;
+    if at != Path::new(&v.path) {
+        log::warn!("volume {}: its device is {} now (it was {})", v.name, at.display(), v.path);
+    }
+    let f = crate::device::open_exclusive(&at).map_err(|source| PoolError::Image {
+        name: v.name.clone(),
+        path: at.display().to_string(),
+        source: match source.raw_os_error() {
+            Some(libc::EBUSY) => io::Error::other(crate::device::IN_USE),
+            _ => source,
+        },
+    })?;
+    Ok(FileStorage::from_file(f, v.size_bytes))
+}
+
+/// A retired device volume keeps its bytes but no longer claims to be the pool's.
+pub fn wipe_device_label(path: &Path) -> Result<(), PoolError> {
+    let f = crate::device::open_exclusive(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => PoolError::DeviceRefused { path: path.to_path_buf(), why: crate::device::IN_USE.into() },
+        _ => io_err(path)(e),
+    })?;
+    crate::device::write_label(&f, None).map_err(io_err(path))
 }
 
 /// A new volume, checked against a catalog: its id, name, image path and size.
@@ -230,22 +339,36 @@ pub struct NewVolume {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub tracks_total: u64,
+    /// A block device (rather than a new image file).
+    pub device: bool,
 }
 
 /// Checks a new volume against the catalog `cat` of the pool in `dir`: a valid name not in
-/// use, at least one track, an image path where no file is. Nothing is written.
+/// use, at least one track, an image path where no file is, or a block device that is free
+/// (`force`: even if it holds a signature or another pool's label). Nothing is written.
+/// `size_bytes` 0 means the whole device.
 pub fn check_new_volume(
     cat: &Catalog,
     dir: &Path,
     name: &str,
     size_bytes: u64,
     path: Option<&Path>,
+    force: bool,
 ) -> Result<NewVolume, PoolError> {
     validate_volume_name(name)?;
     if cat.volume_by_name(name).is_some() {
         return Err(PoolError::VolumeExists { name: name.to_string() });
     }
     let g = cat.geometry;
+    if let Some(dev) = path.filter(|p| crate::device::is_block_device(p)) {
+        return check_new_device(cat, dir, name, size_bytes, dev, force);
+    }
+    if size_bytes == 0 {
+        return Err(PoolError::DeviceRefused {
+            path: path.map(Path::to_path_buf).unwrap_or_else(|| dir.join(VOLUMES_DIR).join(format!("{name}.img"))),
+            why: "a volume image file needs a size (--size, size=); only a block device brings its own".into(),
+        });
+    }
     let tracks_total = g.whole_tracks_in(size_bytes);
     if tracks_total == 0 {
         return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
@@ -276,6 +399,65 @@ pub fn check_new_volume(
         path,
         size_bytes: g.bytes_of(tracks_total),
         tracks_total,
+        device: false,
+    })
+}
+
+fn check_new_device(
+    cat: &Catalog,
+    dir: &Path,
+    name: &str,
+    size_bytes: u64,
+    dev: &Path,
+    force: bool,
+) -> Result<NewVolume, PoolError> {
+    use crate::device;
+    let refused = |why: String| PoolError::DeviceRefused { path: dev.to_path_buf(), why };
+    let path = dev.canonicalize().map_err(io_err(dev))?;
+    if let Some(v) = cat.volumes.values().find(|v| Path::new(&v.path) == path) {
+        return Err(refused(format!("already volume {} of this pool", v.name)));
+    }
+    let f = device::open_exclusive(&path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => refused(crate::device::IN_USE.into()),
+        _ => io_err(&path)(e),
+    })?;
+    let dev_bytes = device::size_of(&f).map_err(io_err(&path))?;
+    if let Some(l) = device::read_label(&f).map_err(io_err(&path))? {
+        let ours = pool_id(dir, false).ok() == Some(l.pool_id);
+        if ours && cat.volumes.contains_key(&VolumeId(l.volume_id)) {
+            return Err(refused(format!("it carries the label of volume {} of this pool", l.name)));
+        }
+        if !ours && !force {
+            return Err(refused(format!(
+                "it belongs to another ferryfs pool (its volume {}); --force to take it, losing what it holds",
+                l.name
+            )));
+        }
+    }
+    let found = device::signatures(&path).map_err(io_err(&path))?;
+    if !found.is_empty() && !force {
+        return Err(refused(format!(
+            "it holds a {} signature; --force to use it anyway, losing what it holds",
+            found.join(", ")
+        )));
+    }
+    let usable = dev_bytes.saturating_sub(device::LABEL_BYTES);
+    let want = if size_bytes == 0 { usable } else { size_bytes };
+    if want > usable {
+        return Err(refused(format!("it holds {usable} bytes for a volume (less its label), not {want}")));
+    }
+    let g = cat.geometry;
+    let tracks_total = g.whole_tracks_in(want);
+    if tracks_total == 0 {
+        return Err(PoolError::VolumeTooSmall { size_bytes: want, track_bytes: g.track_size_bytes() });
+    }
+    Ok(NewVolume {
+        id: VolumeId(cat.next_volume),
+        name: name.to_string(),
+        path,
+        size_bytes: g.bytes_of(tracks_total),
+        tracks_total,
+        device: true,
     })
 }
 
@@ -283,7 +465,17 @@ impl NewVolume {
     /// Creates the sparse image (synced, and its directory too) and returns it open, with
     /// the op that records the volume. The caller commits the op, or removes the image if
     /// it can't. Used offline (`Pool::add_volume`) and by a mount (the `add` control verb).
-    pub fn create_image(&self, disk: &dyn Disk) -> Result<(Op, Arc<dyn StorageFile>), PoolError> {
+    pub fn create_image(&self, disk: &dyn Disk, pool_dir: &Path) -> Result<(Op, Arc<dyn StorageFile>), PoolError> {
+        let op = Op::AddVolume {
+            id: self.id,
+            name: self.name.clone(),
+            path: self.path.to_string_lossy().into_owned(),
+            size_bytes: self.size_bytes,
+            tracks_total: self.tracks_total,
+        };
+        if self.device {
+            return Ok((op, Arc::new(self.prepare_device(pool_dir)?)));
+        }
         let path = &self.path;
         let io = disk.create_new(path, self.size_bytes).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => PoolError::ImageExists { path: path.clone() },
@@ -298,14 +490,30 @@ impl NewVolume {
             let _ = disk.remove(path);
             return Err(PoolError::Io { path: at, source: e });
         }
-        let op = Op::AddVolume {
-            id: self.id,
-            name: self.name.clone(),
-            path: path.to_string_lossy().into_owned(),
-            size_bytes: self.size_bytes,
-            tracks_total: self.tracks_total,
-        };
         Ok((op, io))
+    }
+
+    /// A device becomes a volume: zeroed where the pool will use it (free tracks read as
+    /// zeros), then labelled, each flushed.
+    fn prepare_device(&self, pool_dir: &Path) -> Result<FileStorage, PoolError> {
+        use crate::device;
+        let path = &self.path;
+        let pool = pool_id(pool_dir, true)?;
+        let f = device::open_exclusive(path).map_err(io_err(path))?;
+        device::zero_out(&f, self.size_bytes).map_err(io_err(path))?;
+        let label =
+            device::Label { pool_id: pool, volume_id: self.id.0, name: self.name.clone(), size_bytes: self.size_bytes };
+        device::write_label(&f, Some(&label)).map_err(io_err(path))?;
+        Ok(FileStorage::from_file(f, self.size_bytes))
+    }
+
+    /// Take back what `create_image` did, for an add whose record did not commit.
+    pub fn undo(&self, disk: &dyn Disk) {
+        if self.device {
+            let _ = wipe_device_label(&self.path);
+        } else {
+            let _ = disk.remove(&self.path);
+        }
     }
 }
 
@@ -313,13 +521,15 @@ impl PoolError {
     /// The errno a mount answers a refused control command with.
     pub fn errno(&self) -> i32 {
         match self {
-            PoolError::BadVolumeName { .. } | PoolError::VolumeTooSmall { .. } | PoolError::ImageInsideMount { .. } => {
-                libc::EINVAL
-            }
+            PoolError::BadVolumeName { .. }
+            | PoolError::VolumeTooSmall { .. }
+            | PoolError::ImageInsideMount { .. }
+            | PoolError::DeviceRefused { .. } => libc::EINVAL,
             PoolError::VolumeExists { .. } | PoolError::ImageExists { .. } | PoolError::StrayImage { .. } => {
                 libc::EEXIST
             }
             PoolError::NoVolume { .. } => libc::ENOENT,
+            PoolError::DeviceMissing { .. } => libc::ENODEV,
             PoolError::NotRetirable { .. } | PoolError::NotReopenable { .. } => libc::EBUSY,
             PoolError::Io { source, .. } | PoolError::Image { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)

@@ -199,8 +199,8 @@ fn create_pool(disk: &SimDisk) {
     let g = Geometry::new(TRACK_BYTES).unwrap();
     let mut store = Store::create_on(d.clone(), &pool(), Catalog::new(g, root)).expect("create the pool");
     for (name, tracks) in VOLUMES {
-        let v = pool::check_new_volume(&store.catalog, &pool(), name, tracks * TRACK_BYTES, None).unwrap();
-        let (op, _) = v.create_image(&*d).unwrap();
+        let v = pool::check_new_volume(&store.catalog, &pool(), name, tracks * TRACK_BYTES, None, false).unwrap();
+        let (op, _) = v.create_image(&*d, &pool()).unwrap();
         store.commit(op).unwrap();
         store.sync().unwrap();
     }

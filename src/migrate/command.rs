@@ -46,11 +46,14 @@ pub enum Command {
     Cancel {
         id: u64,
     },
-    /// A new volume; its image at `path` (absolute), or in the pool's volumes directory.
+    /// A new volume; its image at `path` (absolute), or in the pool's volumes directory; or
+    /// the block device at `path`. `size_bytes` 0: the device's size. `force`: a device that
+    /// holds a signature or another pool's label.
     Add {
         volume: String,
         size_bytes: u64,
         path: Option<String>,
+        force: bool,
     },
     Retire {
         volume: String,
@@ -211,18 +214,19 @@ pub fn parse(line: &str) -> Result<Command, String> {
             Ok(Command::Cancel { id })
         }
         "add" => {
-            let [v] = pos else { return Err("add: expected `add VOL size=N [path=IMAGE]`".into()) };
-            let (mut size_bytes, mut path) = (None, None);
+            let [v] = pos else { return Err("add: expected `add VOL size=N [path=IMAGE|DEVICE] [force=yes]`".into()) };
+            let (mut size_bytes, mut path, mut force) = (None, None, false);
             for w in opt_words {
                 match w.split_once('=') {
                     Some(("size", n)) => size_bytes = Some(parse_size(n).map_err(|e| format!("size: {e}"))?),
                     Some(("path", p)) if p.starts_with('/') => path = Some(p.to_string()),
                     Some(("path", p)) => return Err(format!("path: {p:?} is not an absolute path")),
-                    _ => return Err(format!("add: unknown option {w:?} (size=N, path=IMAGE)")),
+                    Some(("force", "yes")) => force = true,
+                    _ => return Err(format!("add: unknown option {w:?} (size=N, path=IMAGE|DEVICE, force=yes)")),
                 }
             }
-            let size_bytes = size_bytes.ok_or("add: missing size=N")?;
-            Ok(Command::Add { volume: v.clone(), size_bytes, path })
+            // No size: a device's own (less its label); an image file needs one.
+            Ok(Command::Add { volume: v.clone(), size_bytes: size_bytes.unwrap_or(0), path, force })
         }
         "retire" => {
             let [v] = rest else { return Err("retire: expected one volume".into()) };
@@ -276,11 +280,16 @@ mod tests {
         assert_eq!(parse("set max-jobs=3").unwrap(), Command::SetMaxJobs { jobs: 3 });
         assert_eq!(
             parse("add V9 size=64M path=\"/img dir/V9.img\"").unwrap(),
-            Command::Add { volume: "V9".into(), size_bytes: 64 << 20, path: Some("/img dir/V9.img".into()) }
+            Command::Add {
+                volume: "V9".into(),
+                size_bytes: 64 << 20,
+                path: Some("/img dir/V9.img".into()),
+                force: false
+            }
         );
         assert_eq!(
             parse("add V9 size=1G").unwrap(),
-            Command::Add { volume: "V9".into(), size_bytes: 1 << 30, path: None }
+            Command::Add { volume: "V9".into(), size_bytes: 1 << 30, path: None, force: false }
         );
     }
 

@@ -651,7 +651,7 @@ pub fn execute(m: &Arc<Migrations>, line: &str) -> Result<String, Refusal> {
         Command::Merge { sources, into, opts } => start_plan(m, PlanKind::Merge, &sources, &[into], &opts)?,
         Command::Drain { source, to, opts } => start_plan(m, PlanKind::Drain, &[source], &to, &opts)?,
         Command::Cancel { id } => cancel(m, id)?,
-        Command::Add { volume, size_bytes, path } => add_volume(m, &volume, size_bytes, path.as_deref())?,
+        Command::Add { volume, size_bytes, path, force } => add_volume(m, &volume, size_bytes, path.as_deref(), force)?,
         Command::Retire { volume } => retire(m, &volume)?,
         Command::Reopen { volume } => reopen(m, &volume)?,
         Command::SetCopyRate { bytes_per_s } => {
@@ -857,7 +857,13 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
 /// first; the catalog records it last (`Op::AddVolume`, synced), so a crash in between
 /// leaves at most an image file that no catalog names (a later add at that path is refused
 /// until the file is removed, as offline).
-fn add_volume(m: &Arc<Migrations>, name: &str, size_bytes: u64, path: Option<&str>) -> Result<String, Refusal> {
+fn add_volume(
+    m: &Arc<Migrations>,
+    name: &str,
+    size_bytes: u64,
+    path: Option<&str>,
+    force: bool,
+) -> Result<String, Refusal> {
     let refusal = |e: crate::pool::PoolError| Refusal { errno: e.errno(), message: e.to_string() };
     // Adds and retires are serialised by the jobs lock; the catalog is only held to check
     // the name and to commit, not while the image is made.
@@ -870,10 +876,11 @@ fn add_volume(m: &Arc<Migrations>, name: &str, size_bytes: u64, path: Option<&st
             name,
             size_bytes,
             path.map(std::path::Path::new),
+            force,
         )
         .map_err(refusal)?
     };
-    let (op, io) = v.create_image(&*m.engine.disk).map_err(refusal)?;
+    let (op, io) = v.create_image(&*m.engine.disk, &m.engine.pool_dir).map_err(refusal)?;
     let (id, img_path) = (v.id, &v.path);
     m.engine.adopt_volume(id, io);
     let committed = {
@@ -885,7 +892,7 @@ fn add_volume(m: &Arc<Migrations>, name: &str, size_bytes: u64, path: Option<&st
         // log's error is latched; the admin hears of it here).
         if !m.engine.catalog.lock().catalog.volumes.contains_key(&id) {
             m.engine.forget_volume(id);
-            let _ = m.engine.disk.remove(img_path);
+            v.undo(&*m.engine.disk);
         }
         return Err(e.into());
     }
@@ -905,12 +912,29 @@ fn retire(m: &Arc<Migrations>, name: &str) -> Result<String, Refusal> {
     if let Some((errno, why)) = crate::pool::retire_refusal(c, id) {
         return refuse(errno, format!("volume {name} can't be retired: {why}"));
     }
-    let path = c.volumes[&id].path.clone();
+    let v = &c.volumes[&id];
+    let device = match crate::pool::is_device_volume(v) {
+        true => Some(
+            crate::pool::locate_device(&m.engine.pool_dir, v)
+                .map_err(|e| Refusal { errno: e.errno(), message: e.to_string() })?,
+        ),
+        false => None,
+    };
+    let path = v.path.clone();
     m.engine.commit(&mut cat, Op::RemoveVolume { id })?;
     drop(cat);
     drop(inner);
     m.engine.sync_log()?;
     m.engine.forget_volume(id);
+    if let Some(at) = device {
+        // The device keeps its bytes, and no longer claims to be this pool's.
+        let wiped = crate::pool::wipe_device_label(&at);
+        m.event(format!("volume {name} retired device={} label_wiped={}", at.display(), wiped.is_ok()));
+        return match wiped {
+            Ok(()) => Ok(format!("ok retired {name} (device {} keeps its bytes; its label is wiped)", at.display())),
+            Err(e) => Ok(format!("ok retired {name} (its label on {} could not be wiped: {e})", at.display())),
+        };
+    }
     let removed = crate::pool::remove_retired_image(&*m.engine.disk, &m.engine.pool_dir, std::path::Path::new(&path));
     m.event(format!("volume {name} retired image={path} removed={removed}"));
     Ok(format!("ok retired {name}{}", if removed { "" } else { " (its image is outside the pool and was kept)" }))

@@ -27,6 +27,11 @@ impl FileStorage {
         Ok(FileStorage { file, size_bytes: AtomicU64::new(size_bytes), latch: Latch::default() })
     }
 
+    /// A file (or block device) opened by the caller, used up to `size_bytes`.
+    pub fn from_file(file: File, size_bytes: u64) -> FileStorage {
+        FileStorage { file, size_bytes: AtomicU64::new(size_bytes), latch: Latch::default() }
+    }
+
     /// Open an existing file for reading and writing.
     pub fn open(path: &Path) -> io::Result<FileStorage> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
