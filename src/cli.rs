@@ -526,7 +526,17 @@ pub fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Cmd::Volume { cmd: VolumeCmd::Add { target, name, size, path, force } } => {
-            let size = size.unwrap_or(0);
+            let device = path.as_deref().is_some_and(crate::device::is_block_device);
+            let size =
+                match size {
+                    Some(n) => n,
+                    None if device => 0,
+                    None => return Err(Failure::new(
+                        Exit::Usage,
+                        "--size is needed for an image file (a block device brings its own); usage: ferryfs volume \
+                         add TARGET NAME --size SIZE [--path FILE]",
+                    )),
+                };
             let pool = match resolve_target(&target)? {
                 Target::Pool(pool) => pool,
                 Target::Mount { .. } => {

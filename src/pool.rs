@@ -363,12 +363,6 @@ pub fn check_new_volume(
     if let Some(dev) = path.filter(|p| crate::device::is_block_device(p)) {
         return check_new_device(cat, dir, name, size_bytes, dev, force);
     }
-    if size_bytes == 0 {
-        return Err(PoolError::DeviceRefused {
-            path: path.map(Path::to_path_buf).unwrap_or_else(|| dir.join(VOLUMES_DIR).join(format!("{name}.img"))),
-            why: "a volume image file needs a size (--size, size=); only a block device brings its own".into(),
-        });
-    }
     let tracks_total = g.whole_tracks_in(size_bytes);
     if tracks_total == 0 {
         return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });

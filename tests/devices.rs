@@ -139,7 +139,7 @@ fn a_device_in_use_holding_a_file_system_or_another_pool_is_refused() {
     assert_one_clear_line(&err, "belongs to another ferryfs pool (its volume D1)");
     // An image file still needs a size.
     let (_, err) = ferry_err(&["volume", "add", s(&tp.pool), "F2"]);
-    assert_one_clear_line(&err, "needs a size");
+    assert_one_clear_line(&err, "--size is needed for an image file");
     // While the pool is mounted, its devices are its own: nobody else opens them exclusively.
     let m = tp.mount();
     let (_, err) = ferry_err(&["volume", "add", s(&other.pool), "G2", "--path", fsdev.s(), "--force"]);

@@ -225,8 +225,14 @@ pub fn parse(line: &str) -> Result<Command, String> {
                     _ => return Err(format!("add: unknown option {w:?} (size=N, path=IMAGE|DEVICE, force=yes)")),
                 }
             }
-            // No size: a device's own (less its label); an image file needs one.
-            Ok(Command::Add { volume: v.clone(), size_bytes: size_bytes.unwrap_or(0), path, force })
+            // Without size=, a block device brings its own (less its label): check_new_volume
+            // takes 0 so; an image in the pool's directory needs one.
+            let size_bytes = match (size_bytes, &path) {
+                (Some(n), _) => n,
+                (None, Some(_)) => 0,
+                (None, None) => return Err("add: missing size=N".into()),
+            };
+            Ok(Command::Add { volume: v.clone(), size_bytes, path, force })
         }
         "retire" => {
             let [v] = rest else { return Err("retire: expected one volume".into()) };
