@@ -360,8 +360,15 @@ pub fn check_new_volume(
         return Err(PoolError::VolumeExists { name: name.to_string() });
     }
     let g = cat.geometry;
-    if let Some(dev) = path.filter(|p| crate::device::is_block_device(p)) {
-        return check_new_device(cat, dir, name, size_bytes, dev, force);
+    if let Some(p) = path {
+        // Before anything stats the path: a stat inside the pool's own mount is a request to
+        // the daemon that is asking, which holds the catalog while it checks.
+        let lexical =
+            if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map_err(io_err(p))?.join(p) };
+        refuse_inside_own_mount(dir, &lexical)?;
+        if crate::device::is_block_device(p) {
+            return check_new_device(cat, dir, name, size_bytes, p, force);
+        }
     }
     let tracks_total = g.whole_tracks_in(size_bytes);
     if tracks_total == 0 {
@@ -369,11 +376,7 @@ pub fn check_new_volume(
     }
     let path = match path {
         Some(p) => {
-            // Before anything resolves the path (a stat inside the pool's own mount is a
-            // request to the daemon that is asking), then again once it is resolved.
-            let lexical =
-                if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().map_err(io_err(p))?.join(p) };
-            refuse_inside_own_mount(dir, &lexical)?;
+            // Checked above as written; again once it is resolved.
             let resolved = absolute(p)?;
             refuse_inside_own_mount(dir, &resolved)?;
             resolved
