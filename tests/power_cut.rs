@@ -409,7 +409,7 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
                 return true;
             }
             let ino = e.catalog.lock().catalog.next_ino;
-            let r = e.make(ROOT_INO, name.as_bytes(), 0o644, NewKind::File, 0, 0);
+            let r = e.make(ROOT_INO, name.as_bytes(), 0o644, 0, NewKind::File, 0, 0);
             if r.is_ok() || disk.is_cut() {
                 let mut ns = names.clone();
                 ns.insert(name.to_string(), ino);
@@ -661,7 +661,7 @@ fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Re
     let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
     let mut sim = mount(&disk)?;
     let e = sim.engine.clone();
-    let ino = e.make(ROOT_INO, b"a", 0o644, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
+    let ino = e.make(ROOT_INO, b"a", 0o644, 0, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
     oracle.push_ns(BTreeMap::from([("a".to_string(), ino)]));
     let h = sim.handle(ino).map_err(|x| x.to_string())?;
     let data = fill(1, 20 * TRACK_BYTES as usize);

@@ -4,12 +4,21 @@
 //! - every extent lies inside its volume;
 //! - every data set's size lies inside its allocation;
 //! - every directory entry resolves, link counts match the entries, and every inode with
-//!   links is reachable from the root.
+//!   links is reachable from the root;
+//! - a special file holds no tracks (its body has none), and only a device has a device
+//!   number;
+//! - extended attributes belong to inodes that exist, have valid names (a stored namespace,
+//!   at most 255 bytes) and values (at most 64 KiB), stay within the per-node caps, and an
+//!   ACL decodes; an access ACL says the same as the node's permission bits.
 
 use std::collections::{HashMap, HashSet};
 
+use super::acl;
 use super::model::CONTROL_DIR_NAME;
-use super::model::{Body, Catalog, Ino, ROOT_INO};
+use super::model::{
+    xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
+    XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
+};
 use crate::space::VolumeId;
 
 #[derive(Debug, Default)]
@@ -20,6 +29,8 @@ pub struct CheckReport {
     pub notes: Vec<String>,
     pub data_sets: usize,
     pub directories: usize,
+    /// Fifos, sockets and device nodes.
+    pub special_files: usize,
 }
 
 pub fn check(c: &Catalog) -> CheckReport {
@@ -60,6 +71,7 @@ pub fn check(c: &Catalog) -> CheckReport {
             }
         }
     }
+    check_special_and_xattrs(c, &mut r);
     for j in c.jobs.values() {
         if !c.inodes.get(&j.ino).is_some_and(|i| matches!(i.body, Body::File { .. })) {
             r.problems.push(format!("job {}: data set {} is missing", j.id, j.ino));
@@ -197,4 +209,62 @@ pub fn check(c: &Catalog) -> CheckReport {
         }
     }
     r
+}
+
+/// Special files and extended attributes.
+fn check_special_and_xattrs(c: &Catalog, r: &mut CheckReport) {
+    let mut special: Vec<(&Ino, String)> = Vec::new();
+    for i in c.inodes.values() {
+        if let Body::Special { kind, rdev } = i.body {
+            r.special_files += 1;
+            if !kind.is_device() && rdev != 0 {
+                special
+                    .push((&i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
+            }
+        }
+    }
+    special.sort();
+    r.problems.extend(special.into_iter().map(|(_, p)| p));
+    let mut inos: Vec<&Ino> = c.xattrs.keys().collect();
+    inos.sort_unstable();
+    for ino in inos {
+        let x = &c.xattrs[ino];
+        let Some(i) = c.inodes.get(ino) else {
+            r.problems.push(format!("extended attributes of inode {ino}, which does not exist"));
+            continue;
+        };
+        if x.is_empty() {
+            r.problems.push(format!("inode {ino}: an empty attribute table is kept"));
+        }
+        for (name, value) in x {
+            let shown = String::from_utf8_lossy(name);
+            if !xattr_name_valid(name) {
+                r.problems.push(format!("inode {ino}: attribute name {shown:?} is not valid"));
+            }
+            if value.len() > XATTR_VALUE_MAX_BYTES {
+                r.problems.push(format!("inode {ino}: attribute {shown:?} holds {} bytes", value.len()));
+            }
+            if XATTR_SYSTEM_NAMES.iter().any(|n| n.as_bytes() == &name[..]) && !acl::valid(value) {
+                r.problems.push(format!("inode {ino}: {shown} is not a valid ACL"));
+            }
+        }
+        let (bytes, list) = (xattr_bytes(x), xattr_list_bytes(x));
+        if bytes > XATTR_NODE_MAX_BYTES || list > XATTR_LIST_MAX_BYTES {
+            r.problems.push(format!(
+                "inode {ino}: attributes take {bytes} bytes ({list} of names); the cap is {XATTR_NODE_MAX_BYTES} \
+                 ({XATTR_LIST_MAX_BYTES})"
+            ));
+        }
+        if let Some(mode) = x.get(acl::ACL_ACCESS).and_then(|a| acl::mode_of(a)) {
+            if mode != i.meta.perm & 0o777 {
+                r.problems.push(format!(
+                    "inode {ino}: its access ACL says {mode:o}, its permission bits {:o}",
+                    i.meta.perm & 0o777
+                ));
+            }
+        }
+        if x.contains_key(acl::ACL_DEFAULT) && !i.is_dir() {
+            r.problems.push(format!("inode {ino}: a default ACL on something that is not a directory"));
+        }
+    }
 }
