@@ -2,7 +2,7 @@
 # Install what ferryfs and its tests need on a Debian machine (as root), if missing:
 # fuse3 (the kernel side is in every Debian kernel), and the real clients the tests drive.
 set -euo pipefail
-want=(fuse3 sqlite3 git rsync tar bsdutils)  # bsdutils: `script`, a terminal for the CLI tests
+want=(fuse3 sqlite3 git rsync tar bsdutils attr acl libcap2-bin)  # bsdutils: `script`, a terminal for the CLI tests; attr, acl, libcap2-bin: getfattr, setfacl, setcap
 if [[ "${1:-}" == "--bench" ]]; then want+=(fio bindfs); fi
 if [[ "${1:-}" == "--postgres" ]]; then want+=(postgresql-15); fi
 missing=()

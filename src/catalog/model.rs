@@ -34,9 +34,10 @@ pub const XATTR_NAME_MAX_BYTES: usize = 255;
 /// Largest extended attribute value (Linux's XATTR_SIZE_MAX): no setxattr(2) passes more.
 pub const XATTR_VALUE_MAX_BYTES: usize = 65536;
 /// Most bytes of extended attributes one node holds: the sum, over its attributes, of the
-/// name, its NUL and the value. Four largest values fit (ext4 holds one 4 KiB block, XFS
-/// and btrfs about a value each); the cap bounds what one node adds to the snapshot and to
-/// every compaction, and it is what ENOSPC means for a setxattr.
+/// name, its NUL and the value. Three of the largest values fit, with room beside them for
+/// small ones (ext4 holds one 4 KiB block, XFS and btrfs about one largest value); the cap
+/// bounds what one node adds to the snapshot and to every compaction, and it is what ENOSPC
+/// means for a setxattr.
 pub const XATTR_NODE_MAX_BYTES: usize = 256 << 10;
 /// Longest list of a node's attribute names (each with its NUL): listxattr(2) can't return
 /// more than Linux's XATTR_LIST_MAX, so a node holds no more names than that.
