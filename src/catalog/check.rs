@@ -213,13 +213,13 @@ pub fn check(c: &Catalog) -> CheckReport {
 
 /// Special files and extended attributes.
 fn check_special_and_xattrs(c: &Catalog, r: &mut CheckReport) {
-    let mut special: Vec<(&Ino, String)> = Vec::new();
+    let mut special: Vec<(Ino, String)> = Vec::new();
     for i in c.inodes.values() {
         if let Body::Special { kind, rdev } = i.body {
             r.special_files += 1;
             if !kind.is_device() && rdev != 0 {
                 special
-                    .push((&i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
+                    .push((i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
             }
         }
     }
@@ -265,6 +265,57 @@ fn check_special_and_xattrs(c: &Catalog, r: &mut CheckReport) {
         }
         if x.contains_key(acl::ACL_DEFAULT) && !i.is_dir() {
             r.problems.push(format!("inode {ino}: a default ACL on something that is not a directory"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::model::{Meta, NewKind, Op, SpecialKind};
+    use crate::geometry::Geometry;
+
+    fn meta(perm: u32) -> Meta {
+        Meta { perm, uid: 0, gid: 0, nlink: 0, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
+    }
+
+    fn special(c: &mut Catalog, ino: Ino, kind: SpecialKind, rdev: u32) {
+        let name = format!("n{ino}").into_bytes();
+        c.apply(&Op::MakeNode {
+            ino,
+            parent: ROOT_INO,
+            name,
+            meta: meta(0o644),
+            kind: NewKind::Special { kind, rdev },
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn special_files_and_attributes_are_checked() {
+        let mut c = Catalog::new(Geometry::new(4096).unwrap(), meta(0o755));
+        special(&mut c, 2, SpecialKind::CharDev, 0x103);
+        special(&mut c, 3, SpecialKind::Fifo, 0);
+        c.apply(&Op::SetXattr { ino: 2, name: b"user.a".to_vec(), value: b"v".to_vec(), ctime_ns: 1 }).unwrap();
+        let r = check(&c);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.special_files, 2);
+
+        let mut bad = c.clone();
+        bad.inodes.get_mut(&3).unwrap().body = Body::Special { kind: SpecialKind::Fifo, rdev: 7 };
+        bad.xattrs.insert(99, [(b"user.x".to_vec(), vec![])].into());
+        bad.xattrs.get_mut(&2).unwrap().insert(b"os2.x".to_vec(), vec![]);
+        bad.xattrs.get_mut(&2).unwrap().insert(b"user.big".to_vec(), vec![0; XATTR_VALUE_MAX_BYTES + 1]);
+        bad.xattrs.insert(3, [(acl::ACL_ACCESS.to_vec(), b"not an acl".to_vec())].into());
+        let problems = check(&bad).problems.join("\n");
+        for want in [
+            "a fifo with device number 0x7",
+            "inode 99, which does not exist",
+            "\"os2.x\" is not valid",
+            "\"user.big\" holds 65537 bytes",
+            "system.posix_acl_access is not a valid ACL",
+        ] {
+            assert!(problems.contains(want), "{want:?} missing from:\n{problems}");
         }
     }
 }
