@@ -2,7 +2,10 @@
 # Install what ferryfs and its tests need on a Debian machine (as root), if missing:
 # fuse3 (the kernel side is in every Debian kernel), and the real clients the tests drive.
 set -euo pipefail
-want=(fuse3 sqlite3 git rsync tar bsdutils util-linux mount e2fsprogs python3)  # bsdutils: `script`; util-linux: losetup, blkid, findmnt, unshare, setpriv; e2fsprogs: mkfs.ext4 for the device tests
+# bsdutils: `script` (a terminal for the CLI tests); util-linux and mount: losetup, blkid,
+# findmnt, unshare, setpriv; e2fsprogs: mkfs.ext4 (device tests); attr, acl, libcap2-bin:
+# getfattr, setfacl, setcap (attribute tests).
+want=(fuse3 sqlite3 git rsync tar bsdutils util-linux mount e2fsprogs python3 attr acl libcap2-bin)
 if [[ "${1:-}" == "--bench" ]]; then want+=(fio bindfs); fi
 if [[ "${1:-}" == "--postgres" ]]; then want+=(postgresql-15); fi
 missing=()

@@ -815,6 +815,13 @@ fn print_listing(l: &report::Listing, extents: bool) {
             }
         }
     }
+    for f in &l.special_files {
+        let what = match &f.device {
+            Some(dev) => format!("({} {dev})", f.kind),
+            None => format!("({})", f.kind),
+        };
+        println!("{:<40} {:>12} {:>8} {:>7}  {what}", f.path, 0, 0, 0);
+    }
 }
 
 fn check_fsck_target(pool: &Path) -> CliResult {
@@ -935,9 +942,10 @@ fn fsck(pool: &Path) -> CliResult {
     }
     if r.problems.is_empty() {
         println!(
-            "clean: {} data sets, {} directories, {} volumes, catalog generation {} + {} logged ops",
+            "clean: {} data sets, {} directories, {}{} volumes, catalog generation {} + {} logged ops",
             r.data_sets,
             r.directories,
+            if r.special_files > 0 { format!("{} special files, ", r.special_files) } else { String::new() },
             c.volumes.len(),
             report.generation,
             report.ops_replayed

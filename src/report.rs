@@ -43,10 +43,25 @@ pub struct DataSetReport {
     pub extents: Vec<ExtentReport>,
 }
 
+/// A fifo, socket or device node: no tracks, nothing for a migration to move.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SpecialReport {
+    pub path: String,
+    pub ino: Ino,
+    /// `fifo`, `socket`, `char-device` or `block-device`.
+    pub kind: String,
+    /// A device's number, as `major:minor`; absent for a fifo or a socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Listing {
     pub track_size_bytes: u64,
     pub data_sets: Vec<DataSetReport>,
+    /// The special files at or below the path (since they exist).
+    #[serde(default)]
+    pub special_files: Vec<SpecialReport>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -173,6 +188,7 @@ pub fn list(c: &Catalog, path: &str) -> Option<Listing> {
         format!("/{}", parts.join("/"))
     };
     let mut out = Vec::new();
+    let mut special_files = Vec::new();
     let mut stack = vec![(start, base)];
     while let Some((ino, p)) = stack.pop() {
         let Some(i) = c.get(ino) else { continue };
@@ -210,7 +226,16 @@ pub fn list(c: &Catalog, path: &str) -> Option<Listing> {
                 });
             }
             Body::Symlink { .. } => {}
+            Body::Special { kind, rdev } => special_files.push(SpecialReport {
+                path: p,
+                ino,
+                kind: kind.name().to_string(),
+                // The kernel's 32-bit device number encoding (new_encode_dev).
+                device: kind
+                    .is_device()
+                    .then(|| format!("{}:{}", (rdev >> 8) & 0xfff, (rdev & 0xff) | ((rdev >> 12) & 0xfff00))),
+            }),
         }
     }
-    Some(Listing { track_size_bytes: c.geometry.track_size_bytes(), data_sets: out })
+    Some(Listing { track_size_bytes: c.geometry.track_size_bytes(), data_sets: out, special_files })
 }

@@ -15,12 +15,20 @@
 //! cancelled, or failed for a reason that is legitimate (the target filled up, the data set
 //! was removed); those and the refusals are printed. No volume may then hold a track that
 //! no data set holds.
+//!
+//! Special files and extended attributes are steps too: fifos and device nodes come and go
+//! at their own paths (they hold no bytes, and no migration touches them), and `user.*`
+//! attributes are set (plain, create-only, replace-only) and removed on the data sets. The
+//! oracle keeps the attributes with the inode, so they follow renames and links, survive
+//! an O_TRUNC and a remount, and go with the file.
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use proptest::prelude::*;
@@ -32,6 +40,11 @@ use common::{fsck_clean, ls_json, ls_json_at, volume_list_json, Mounted, TestPoo
 /// The paths the script works on; `d` and `d/e` exist from the start.
 const NAMES: [&str; 6] = ["a", "b", "c", "d/x", "d/y", "d/e/z"];
 const DIRS: [&str; 2] = ["d", "d/e"];
+/// The paths of special files: apart from the data sets', so that no step opens a fifo.
+const SPECIALS: [&str; 2] = ["p", "d/s"];
+/// The attribute names the script sets on data sets.
+const XATTR_KEYS: [&str; 3] = ["user.k0", "user.k1", "user.a-longer-name"];
+const XATTR_LEN_MAX_BYTES: usize = 3000;
 /// Largest write offset and length: files stay below ~300 KiB.
 const WRITE_OFFSET_MAX_BYTES: u64 = 256 * 1024;
 const WRITE_LEN_MAX_BYTES: usize = 48 * 1024;
@@ -106,6 +119,26 @@ enum Op {
     Release(usize),
     /// close every handle, clean unmount, mount again
     Remount,
+    /// mkfifo (or, `device`, mknod of /dev/null's twin) at a special-file path
+    Mknod {
+        special: usize,
+        device: bool,
+    },
+    /// unlink of a special-file path
+    UnlinkSpecial(usize),
+    /// setxattr of `XATTR_KEYS[key]` on a data set's path, with `flags` 0, XATTR_CREATE or
+    /// XATTR_REPLACE
+    SetXattr {
+        name: usize,
+        key: usize,
+        len: usize,
+        seed: u64,
+        flags: i32,
+    },
+    RemoveXattr {
+        name: usize,
+        key: usize,
+    },
     /// `migrate /PATH to VOL cutover=.. rate=..` through `.ferry/control`, PATH an existing
     /// data set picked by `name`; the data the oracle knows does not change
     Migrate {
@@ -186,12 +219,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => name.clone().prop_map(Op::Unlink),
         1 => name.clone().prop_map(Op::Fsync),
         3 => migrate_strategy(),
-        2 => (slot.clone(), name).prop_map(|(slot, name)| Op::Hold { slot, name }),
+        2 => (slot.clone(), name.clone()).prop_map(|(slot, name)| Op::Hold { slot, name }),
         3 => (slot.clone(), offset_strategy(), len_strategy(), any::<u64>())
             .prop_map(|(slot, offset, len, seed)| Op::HeldWrite { slot, offset, len, seed }),
         1 => (slot.clone(), size_strategy()).prop_map(|(slot, size_bytes)| Op::HeldTruncate { slot, size_bytes }),
         1 => slot.prop_map(Op::Release),
         1 => Just(Op::Remount),
+        1 => (0..SPECIALS.len(), any::<bool>()).prop_map(|(special, device)| Op::Mknod { special, device }),
+        1 => (0..SPECIALS.len()).prop_map(Op::UnlinkSpecial),
+        3 => (name.clone(), 0..XATTR_KEYS.len(), 0..XATTR_LEN_MAX_BYTES, any::<u64>(),
+              prop_oneof![Just(0), Just(libc::XATTR_CREATE), Just(libc::XATTR_REPLACE)])
+            .prop_map(|(name, key, len, seed, flags)| Op::SetXattr { name, key, len, seed, flags }),
+        1 => (name, 0..XATTR_KEYS.len()).prop_map(|(name, key)| Op::RemoveXattr { name, key }),
     ]
 }
 
@@ -203,6 +242,10 @@ struct Oracle {
     data: BTreeMap<u64, Vec<u8>>,
     held: [Option<u64>; HELD_SLOTS],
     next_ino: u64,
+    /// Special-file path -> is it a device (else a fifo).
+    specials: BTreeMap<String, bool>,
+    /// Inode -> its attributes.
+    xattrs: BTreeMap<u64, BTreeMap<String, Vec<u8>>>,
 }
 
 impl Oracle {
@@ -215,6 +258,7 @@ impl Oracle {
     fn collect(&mut self) {
         let live: BTreeSet<u64> = self.names.values().copied().chain(self.held.iter().flatten().copied()).collect();
         self.data.retain(|ino, _| live.contains(ino));
+        self.xattrs.retain(|ino, x| live.contains(ino) && !x.is_empty());
     }
 
     fn ino(&self, i: &usize) -> Result<u64, i32> {
@@ -311,6 +355,31 @@ impl Oracle {
             }
             // Moving a data set changes where its bytes are, not what they are.
             Op::Migrate { .. } => Ok(()),
+            Op::Mknod { special, device } => {
+                if self.specials.contains_key(SPECIALS[*special]) {
+                    return Err(libc::EEXIST);
+                }
+                self.specials.insert(SPECIALS[*special].to_string(), *device);
+                Ok(())
+            }
+            Op::UnlinkSpecial(i) => self.specials.remove(SPECIALS[*i]).map(drop).ok_or(libc::ENOENT),
+            Op::SetXattr { name, key, len, seed, flags } => {
+                let ino = self.ino(name)?;
+                let x = self.xattrs.entry(ino).or_default();
+                match (x.contains_key(XATTR_KEYS[*key]), *flags) {
+                    (true, libc::XATTR_CREATE) => Err(libc::EEXIST),
+                    (false, libc::XATTR_REPLACE) => Err(libc::ENODATA),
+                    _ => {
+                        x.insert(XATTR_KEYS[*key].to_string(), common::pattern(*len, *seed));
+                        Ok(())
+                    }
+                }
+            }
+            Op::RemoveXattr { name, key } => {
+                let ino = self.ino(name)?;
+                let x = self.xattrs.entry(ino).or_default();
+                x.remove(XATTR_KEYS[*key]).map(drop).ok_or(libc::ENODATA)
+            }
         };
         self.collect();
         r
@@ -369,7 +438,62 @@ fn apply_mount(m: &Mounted, held: &mut [Option<fs::File>; HELD_SLOTS], op: &Op) 
             Ok(())
         }
         Op::Remount | Op::Migrate { .. } => unreachable!("remount and migrate are handled by the runner"),
+        Op::Mknod { special, device } => {
+            let c = cpath(&m.p(SPECIALS[*special]));
+            let (mode, dev) =
+                if *device { (libc::S_IFCHR | 0o644, libc::makedev(1, 3)) } else { (libc::S_IFIFO | 0o644, 0) };
+            // SAFETY: a valid C string.
+            last_os_error_if(unsafe { libc::mknod(c.as_ptr(), mode, dev) } != 0)
+        }
+        Op::UnlinkSpecial(i) => fs::remove_file(m.p(SPECIALS[*i])),
+        Op::SetXattr { name, key, len, seed, flags } => {
+            let (c, k, v) = (cpath(&p(name)), CString::new(XATTR_KEYS[*key]).unwrap(), common::pattern(*len, *seed));
+            // SAFETY: valid C strings and a buffer of the length passed.
+            last_os_error_if(unsafe { libc::setxattr(c.as_ptr(), k.as_ptr(), v.as_ptr().cast(), v.len(), *flags) } != 0)
+        }
+        Op::RemoveXattr { name, key } => {
+            let (c, k) = (cpath(&p(name)), CString::new(XATTR_KEYS[*key]).unwrap());
+            // SAFETY: valid C strings.
+            last_os_error_if(unsafe { libc::removexattr(c.as_ptr(), k.as_ptr()) } != 0)
+        }
     })
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn last_os_error_if(failed: bool) -> io::Result<()> {
+    if failed {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A data set's `user.*` attributes, read back through listxattr and getxattr.
+fn read_xattrs(p: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
+    let c = cpath(p);
+    let mut names = vec![0u8; 65536];
+    // SAFETY: a valid C string and a buffer of the length passed.
+    let n = unsafe { libc::listxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    names.truncate(n as usize);
+    let mut out = BTreeMap::new();
+    for name in names.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+        let k = CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        // SAFETY: valid C strings and a buffer of the length passed.
+        let n = unsafe { libc::getxattr(c.as_ptr(), k.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        v.truncate(n as usize);
+        out.insert(String::from_utf8_lossy(name).into_owned(), v);
+    }
+    Ok(out)
 }
 
 /// Reads a held file through its handle: fstat size and every byte.
@@ -448,8 +572,16 @@ fn compare(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> {
         prop_assert!(m.p(d).is_dir(), "{when}: directory {d} is missing");
     }
     let names = list_files(&m.mnt).map_err(|e| TestCaseError::fail(format!("{when}: walk: {e}")))?;
-    let want: BTreeSet<String> = o.names.keys().cloned().collect();
+    let want: BTreeSet<String> = o.names.keys().chain(o.specials.keys()).cloned().collect();
     prop_assert_eq!(&names, &want, "{}: file names differ from the oracle", when);
+    for (name, &device) in &o.specials {
+        let md =
+            fs::symlink_metadata(m.p(name)).map_err(|e| TestCaseError::fail(format!("{when}: stat {name}: {e}")))?;
+        let ft = md.file_type();
+        prop_assert!(if device { ft.is_char_device() } else { ft.is_fifo() }, "{}: {} is a {:?}", when, name, ft);
+        prop_assert_eq!(md.rdev(), if device { libc::makedev(1, 3) } else { 0 }, "{}: rdev of {}", when, name);
+        prop_assert_eq!((md.len(), md.blocks()), (0, 0), "{}: {} holds nothing", when, name);
+    }
     let mut ino_of_oracle_ino: BTreeMap<u64, u64> = BTreeMap::new();
     for (name, data) in o.files() {
         let md = fs::metadata(m.p(&name)).map_err(|e| TestCaseError::fail(format!("{when}: stat {name}: {e}")))?;
@@ -461,6 +593,10 @@ fn compare(m: &Mounted, o: &Oracle, when: &str) -> Result<(), TestCaseError> {
         prop_assert_eq!(real, md.ino(), "{}: {} is not the same file as its other names", when, name);
         let got = fs::read(m.p(&name)).map_err(|e| TestCaseError::fail(format!("{when}: read {name}: {e}")))?;
         check_bytes(&got, data, &format!("{when}: {name}"))?;
+        let got =
+            read_xattrs(&m.p(&name)).map_err(|e| TestCaseError::fail(format!("{when}: xattrs of {name}: {e}")))?;
+        let want = o.xattrs.get(&o.names[&name]).cloned().unwrap_or_default();
+        prop_assert_eq!(got, want, "{}: the attributes of {}", when, name);
     }
     let distinct: BTreeSet<u64> = ino_of_oracle_ino.values().copied().collect();
     prop_assert_eq!(distinct.len(), ino_of_oracle_ino.len(), "{}: different files share an inode number", when);

@@ -18,6 +18,10 @@
 //!   prefix of its frames): every file whose create and directory fsync returned exists;
 //! - each size is one the data set had since its last sync;
 //! - fsck is clean (no track leaked, owned twice, or both free and owned);
+//! - special files (fifos, device nodes, made beside the data sets) come back of the kind
+//!   and device number they were made with, and the extended attributes of every node are
+//!   those of some moment at or after the last sync: a synced attribute survives, an
+//!   unsynced one holds a value it had (or is absent if it was never synced);
 //! - every job record left is a queued restart (switched jobs freed their source, the others
 //!   rolled back), and the restarted jobs run on.
 //!
@@ -34,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferryfs::catalog::check::check;
-use ferryfs::catalog::model::{Body, Catalog, Ino, Meta, NewKind, ROOT_INO};
+use ferryfs::catalog::model::{Body, Catalog, Ino, Meta, NewKind, SpecialKind, Xattrs, ROOT_INO};
 use ferryfs::catalog::store::Store;
 use ferryfs::engine::{read_pieces, Engine, FileNode};
 use ferryfs::extent_map::ExtentMap;
@@ -54,6 +58,8 @@ const NEW_VOLUMES: [&str; 2] = ["V4", "V5"];
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
 /// Largest offset an application writes at: data sets of up to 24 tracks.
 const FILE_MAX_BYTES: u64 = 24 * TRACK_BYTES;
+/// The attributes the applications set.
+const XATTR_KEYS: [&[u8]; 2] = [b"user.k", b"security.s"];
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
@@ -166,6 +172,12 @@ struct Oracle {
     /// recovery may find.
     ns: Vec<BTreeMap<String, Ino>>,
     synced: usize,
+    /// Every node's attributes after each attribute change; `xs[xsynced..]` are the states a
+    /// recovery may find (for the nodes it finds).
+    xs: Vec<BTreeMap<Ino, Xattrs>>,
+    xsynced: usize,
+    /// The special files made, with what they were made as.
+    specials: BTreeMap<Ino, (SpecialKind, u32)>,
 }
 
 impl Oracle {
@@ -180,6 +192,11 @@ impl Oracle {
     /// A sync of the log returned: the namespace as it is now is durable.
     fn log_synced(&mut self) {
         self.synced = self.ns.len() - 1;
+        self.xsynced = self.xs.len().saturating_sub(1);
+    }
+
+    fn xattrs(&self) -> BTreeMap<Ino, Xattrs> {
+        self.xs.last().cloned().unwrap_or_default()
     }
 }
 
@@ -265,6 +282,26 @@ fn check_recovered(sim: &Sim, oracle: &mut Oracle) -> Result<u64, String> {
             &oracle.ns[oracle.synced..]
         ));
     }
+    let inos: Vec<Ino> = names.values().copied().collect();
+    let found: BTreeMap<Ino, Xattrs> = inos.iter().filter_map(|i| Some((*i, c.xattrs.get(i)?.clone()))).collect();
+    let of_moment = |x: &BTreeMap<Ino, Xattrs>| -> BTreeMap<Ino, Xattrs> {
+        inos.iter().filter_map(|i| Some((*i, x.get(i).filter(|a| !a.is_empty())?.clone()))).collect()
+    };
+    if !oracle.xs.is_empty() && !oracle.xs[oracle.xsynced..].iter().any(|x| of_moment(x) == found) {
+        return Err(format!(
+            "the attributes {found:?} are none of the states since the last sync: {:?}",
+            oracle.xs[oracle.xsynced..].iter().map(of_moment).collect::<Vec<_>>()
+        ));
+    }
+    let mut specials = BTreeMap::new();
+    for &ino in &inos {
+        if let Some(&(kind, rdev)) = oracle.specials.get(&ino) {
+            if c.get(ino).map(|i| &i.body) != Some(&Body::Special { kind, rdev }) {
+                return Err(format!("special file {ino} came back as {:?}, not a {kind:?} {rdev:#x}", c.get(ino)));
+            }
+            specials.insert(ino, (kind, rdev));
+        }
+    }
     let volumes = sim.engine.volumes();
     let mut files = BTreeMap::new();
     for (name, &ino) in &names {
@@ -279,7 +316,7 @@ fn check_recovered(sim: &Sim, oracle: &mut Oracle) -> Result<u64, String> {
         files.insert(ino, fresh);
     }
     let checked = files.values().map(|m| m.cur.len() as u64).sum();
-    *oracle = Oracle { files, ns: vec![names], synced: 0 };
+    *oracle = Oracle { files, ns: vec![names], synced: 0, xs: vec![found], xsynced: 0, specials };
     Ok(checked)
 }
 
@@ -402,19 +439,32 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
                 }
             }
         }
-        // Create, then (mostly) fsync the directory.
+        // Create (one in six a fifo or a device node), then (mostly) fsync the directory.
         70..=75 => {
             let name = pick_name(rng);
             if names.contains_key(name) {
                 return true;
             }
             let ino = e.catalog.lock().catalog.next_ino;
-            let r = e.make(ROOT_INO, name.as_bytes(), 0o644, NewKind::File, 0, 0);
+            let special = match rng.below(12) {
+                0 => Some((SpecialKind::Fifo, 0)),
+                1 => Some((SpecialKind::CharDev, 0x103)),
+                _ => None,
+            };
+            let kind = special.map_or(NewKind::File, |(kind, rdev)| NewKind::Special { kind, rdev });
+            let r = e.make(ROOT_INO, name.as_bytes(), 0o644, 0, kind, 0, 0);
             if r.is_ok() || disk.is_cut() {
                 let mut ns = names.clone();
                 ns.insert(name.to_string(), ino);
                 oracle.push_ns(ns);
-                oracle.files.insert(ino, Model { sizes: vec![0], ..Model::default() });
+                match special {
+                    Some(s) => {
+                        oracle.specials.insert(ino, s);
+                    }
+                    None => {
+                        oracle.files.insert(ino, Model { sizes: vec![0], ..Model::default() });
+                    }
+                }
             }
             if r.is_ok() && rng.chance(3, 4) && e.sync_log().is_ok() {
                 oracle.log_synced();
@@ -453,8 +503,25 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
                 tally.acked_syncs.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Set or remove an extended attribute (of a data set or a special file).
+        83..=85 => {
+            let Some((_, ino)) = existing(rng) else { return true };
+            let key = XATTR_KEYS[rng.below(XATTR_KEYS.len() as u64) as usize];
+            let mut x = oracle.xattrs();
+            let r = if rng.chance(1, 4) {
+                x.entry(ino).or_default().remove(key);
+                e.removexattr(ino, key)
+            } else {
+                let value = fill(n, rng.below(3000) as usize);
+                x.entry(ino).or_default().insert(key.to_vec(), value.clone());
+                e.setxattr(ino, key, &value, 0)
+            };
+            if r.is_ok() || disk.is_cut() {
+                oracle.xs.push(x);
+            }
+        }
         // Close a handle (a close-mode job waits for it).
-        83..=88 => {
+        86..=88 => {
             let open: Vec<Ino> = sim.handles.keys().copied().collect();
             if !open.is_empty() {
                 let ino = open[rng.below(open.len() as u64) as usize];
@@ -509,7 +576,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
     let mut rng = SimRng::new(seed);
     let mut disk = SimDisk::new();
     create_pool(&disk);
-    let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
+    let mut oracle = Oracle { ns: vec![BTreeMap::new()], xs: vec![BTreeMap::new()], ..Oracle::default() };
     let mut n = 0u64;
     for cut in 0..cuts {
         // Sometimes the power goes again during the recovery itself.
@@ -661,7 +728,7 @@ fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Re
     let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
     let mut sim = mount(&disk)?;
     let e = sim.engine.clone();
-    let ino = e.make(ROOT_INO, b"a", 0o644, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
+    let ino = e.make(ROOT_INO, b"a", 0o644, 0, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
     oracle.push_ns(BTreeMap::from([("a".to_string(), ino)]));
     let h = sim.handle(ino).map_err(|x| x.to_string())?;
     let data = fill(1, 20 * TRACK_BYTES as usize);

@@ -4,12 +4,21 @@
 //! - every extent lies inside its volume;
 //! - every data set's size lies inside its allocation;
 //! - every directory entry resolves, link counts match the entries, and every inode with
-//!   links is reachable from the root.
+//!   links is reachable from the root;
+//! - a special file holds no tracks (its body has none), and only a device has a device
+//!   number;
+//! - extended attributes belong to inodes that exist, have valid names (a stored namespace,
+//!   at most 255 bytes) and values (at most 64 KiB), stay within the per-node caps, and an
+//!   ACL decodes; an access ACL says the same as the node's permission bits.
 
 use std::collections::{HashMap, HashSet};
 
+use super::acl;
 use super::model::CONTROL_DIR_NAME;
-use super::model::{Body, Catalog, Ino, ROOT_INO};
+use super::model::{
+    xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
+    XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
+};
 use crate::space::VolumeId;
 
 #[derive(Debug, Default)]
@@ -20,6 +29,8 @@ pub struct CheckReport {
     pub notes: Vec<String>,
     pub data_sets: usize,
     pub directories: usize,
+    /// Fifos, sockets and device nodes.
+    pub special_files: usize,
 }
 
 pub fn check(c: &Catalog) -> CheckReport {
@@ -60,6 +71,7 @@ pub fn check(c: &Catalog) -> CheckReport {
             }
         }
     }
+    check_special_and_xattrs(c, &mut r);
     for j in c.jobs.values() {
         if !c.inodes.get(&j.ino).is_some_and(|i| matches!(i.body, Body::File { .. })) {
             r.problems.push(format!("job {}: data set {} is missing", j.id, j.ino));
@@ -197,4 +209,113 @@ pub fn check(c: &Catalog) -> CheckReport {
         }
     }
     r
+}
+
+/// Special files and extended attributes.
+fn check_special_and_xattrs(c: &Catalog, r: &mut CheckReport) {
+    let mut special: Vec<(Ino, String)> = Vec::new();
+    for i in c.inodes.values() {
+        if let Body::Special { kind, rdev } = i.body {
+            r.special_files += 1;
+            if !kind.is_device() && rdev != 0 {
+                special
+                    .push((i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
+            }
+        }
+    }
+    special.sort();
+    r.problems.extend(special.into_iter().map(|(_, p)| p));
+    let mut inos: Vec<&Ino> = c.xattrs.keys().collect();
+    inos.sort_unstable();
+    for ino in inos {
+        let x = &c.xattrs[ino];
+        let Some(i) = c.inodes.get(ino) else {
+            r.problems.push(format!("extended attributes of inode {ino}, which does not exist"));
+            continue;
+        };
+        if x.is_empty() {
+            r.problems.push(format!("inode {ino}: an empty attribute table is kept"));
+        }
+        for (name, value) in x {
+            let shown = String::from_utf8_lossy(name);
+            if !xattr_name_valid(name) {
+                r.problems.push(format!("inode {ino}: attribute name {shown:?} is not valid"));
+            }
+            if value.len() > XATTR_VALUE_MAX_BYTES {
+                r.problems.push(format!("inode {ino}: attribute {shown:?} holds {} bytes", value.len()));
+            }
+            if XATTR_SYSTEM_NAMES.iter().any(|n| n.as_bytes() == &name[..]) && !acl::valid(value) {
+                r.problems.push(format!("inode {ino}: {shown} is not a valid ACL"));
+            }
+        }
+        let (bytes, list) = (xattr_bytes(x), xattr_list_bytes(x));
+        if bytes > XATTR_NODE_MAX_BYTES || list > XATTR_LIST_MAX_BYTES {
+            r.problems.push(format!(
+                "inode {ino}: attributes take {bytes} bytes ({list} of names); the cap is {XATTR_NODE_MAX_BYTES} \
+                 ({XATTR_LIST_MAX_BYTES})"
+            ));
+        }
+        if let Some(mode) = x.get(acl::ACL_ACCESS).and_then(|a| acl::mode_of(a)) {
+            if mode != i.meta.perm & 0o777 {
+                r.problems.push(format!(
+                    "inode {ino}: its access ACL says {mode:o}, its permission bits {:o}",
+                    i.meta.perm & 0o777
+                ));
+            }
+        }
+        if x.contains_key(acl::ACL_DEFAULT) && !i.is_dir() {
+            r.problems.push(format!("inode {ino}: a default ACL on something that is not a directory"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::model::{Meta, NewKind, Op, SpecialKind};
+    use crate::geometry::Geometry;
+
+    fn meta(perm: u32) -> Meta {
+        Meta { perm, uid: 0, gid: 0, nlink: 0, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
+    }
+
+    fn special(c: &mut Catalog, ino: Ino, kind: SpecialKind, rdev: u32) {
+        let name = format!("n{ino}").into_bytes();
+        c.apply(&Op::MakeNode {
+            ino,
+            parent: ROOT_INO,
+            name,
+            meta: meta(0o644),
+            kind: NewKind::Special { kind, rdev },
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn special_files_and_attributes_are_checked() {
+        let mut c = Catalog::new(Geometry::new(4096).unwrap(), meta(0o755));
+        special(&mut c, 2, SpecialKind::CharDev, 0x103);
+        special(&mut c, 3, SpecialKind::Fifo, 0);
+        c.apply(&Op::SetXattr { ino: 2, name: b"user.a".to_vec(), value: b"v".to_vec(), ctime_ns: 1 }).unwrap();
+        let r = check(&c);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.special_files, 2);
+
+        let mut bad = c.clone();
+        bad.inodes.get_mut(&3).unwrap().body = Body::Special { kind: SpecialKind::Fifo, rdev: 7 };
+        bad.xattrs.insert(99, [(b"user.x".to_vec(), vec![])].into());
+        bad.xattrs.get_mut(&2).unwrap().insert(b"os2.x".to_vec(), vec![]);
+        bad.xattrs.get_mut(&2).unwrap().insert(b"user.big".to_vec(), vec![0; XATTR_VALUE_MAX_BYTES + 1]);
+        bad.xattrs.insert(3, [(acl::ACL_ACCESS.to_vec(), b"not an acl".to_vec())].into());
+        let problems = check(&bad).problems.join("\n");
+        for want in [
+            "a fifo with device number 0x7",
+            "inode 99, which does not exist",
+            "\"os2.x\" is not valid",
+            "\"user.big\" holds 65537 bytes",
+            "system.posix_acl_access is not a valid ACL",
+        ] {
+            assert!(problems.contains(want), "{want:?} missing from:\n{problems}");
+        }
+    }
 }

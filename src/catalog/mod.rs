@@ -2,6 +2,7 @@
 //! plus each volume's free space. `model` is the state and its one mutation function,
 //! `store` makes it durable, `check` verifies every invariant (fsck).
 
+pub mod acl;
 pub mod check;
 pub mod model;
 pub mod store;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::acl;
 use crate::geometry::{Geometry, TrackNo};
 use crate::space::{Extent, FreeMap, SpaceError, VolumeId};
 
@@ -28,6 +29,83 @@ pub const CONTROL_DIR_NAME: &str = ".ferry";
 pub const NAME_MAX_BYTES: usize = 255;
 /// Longest symlink target (PATH_MAX - 1).
 pub const SYMLINK_MAX_BYTES: usize = 4095;
+/// Longest extended attribute name, prefix included (Linux's XATTR_NAME_MAX).
+pub const XATTR_NAME_MAX_BYTES: usize = 255;
+/// Largest extended attribute value (Linux's XATTR_SIZE_MAX): no setxattr(2) passes more.
+pub const XATTR_VALUE_MAX_BYTES: usize = 65536;
+/// Most bytes of extended attributes one node holds: the sum, over its attributes, of the
+/// name, its NUL and the value. Three of the largest values fit, with room beside them for
+/// small ones (ext4 holds one 4 KiB block, XFS and btrfs about one largest value); the cap
+/// bounds what one node adds to the snapshot and to every compaction, and it is what ENOSPC
+/// means for a setxattr.
+pub const XATTR_NODE_MAX_BYTES: usize = 256 << 10;
+/// Longest list of a node's attribute names (each with its NUL): listxattr(2) can't return
+/// more than Linux's XATTR_LIST_MAX, so a node holds no more names than that.
+pub const XATTR_LIST_MAX_BYTES: usize = 65536;
+/// The attribute namespaces a node may hold: a name starts with one of these prefixes, or
+/// is one of [`XATTR_SYSTEM_NAMES`]. Everything else is EOPNOTSUPP.
+pub const XATTR_PREFIXES: [&str; 3] = ["user.", "trusted.", "security."];
+/// The `system.` attributes stored: the POSIX ACLs, which the kernel enforces.
+pub const XATTR_SYSTEM_NAMES: [&str; 2] = ["system.posix_acl_access", "system.posix_acl_default"];
+
+/// Is `name` an attribute name the catalog stores (a known namespace, a non-empty rest, no
+/// NUL, at most [`XATTR_NAME_MAX_BYTES`])?
+pub fn xattr_name_valid(name: &[u8]) -> bool {
+    name.len() <= XATTR_NAME_MAX_BYTES
+        && !name.contains(&0)
+        && (XATTR_SYSTEM_NAMES.iter().any(|n| n.as_bytes() == name)
+            || XATTR_PREFIXES.iter().any(|p| name.len() > p.len() && name.starts_with(p.as_bytes())))
+}
+
+/// The bytes a node's attributes count against [`XATTR_NODE_MAX_BYTES`].
+pub fn xattr_bytes(xattrs: &Xattrs) -> usize {
+    xattrs.iter().map(|(n, v)| n.len() + 1 + v.len()).sum()
+}
+
+/// The bytes of a node's name list (each name with its NUL), as listxattr(2) returns it.
+pub fn xattr_list_bytes(xattrs: &Xattrs) -> usize {
+    xattrs.keys().map(|n| n.len() + 1).sum()
+}
+
+/// One node's extended attributes: name -> value, both raw bytes.
+pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A file that holds no bytes of its own: the kernel serves its opens (a fifo's pipe, a
+/// socket's listener, a device's driver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpecialKind {
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl SpecialKind {
+    /// The kind of a mknod(2) mode (its S_IFMT bits); `None` for a regular file, a
+    /// directory or a symlink.
+    pub fn of_mode(mode: u32) -> Option<SpecialKind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFIFO => Some(SpecialKind::Fifo),
+            libc::S_IFSOCK => Some(SpecialKind::Socket),
+            libc::S_IFCHR => Some(SpecialKind::CharDev),
+            libc::S_IFBLK => Some(SpecialKind::BlockDev),
+            _ => None,
+        }
+    }
+
+    pub fn is_device(self) -> bool {
+        matches!(self, SpecialKind::CharDev | SpecialKind::BlockDev)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SpecialKind::Fifo => "fifo",
+            SpecialKind::Socket => "socket",
+            SpecialKind::CharDev => "char-device",
+            SpecialKind::BlockDev => "block-device",
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
@@ -56,6 +134,12 @@ pub enum Body {
     Symlink {
         target: Vec<u8>,
     },
+    /// A fifo, a socket or a device node: no tracks. `rdev` is the device number (the
+    /// kernel's encoding, as stat(2) shows it) of a device, 0 for a fifo or a socket.
+    Special {
+        kind: SpecialKind,
+        rdev: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +164,7 @@ impl Inode {
             Body::File { size_bytes, .. } => *size_bytes,
             Body::Symlink { target } => target.len() as u64,
             Body::Dir { entries, .. } => entries.len() as u64,
+            Body::Special { .. } => 0,
         }
     }
 }
@@ -99,6 +184,7 @@ pub enum NewKind {
     Dir,
     File,
     Symlink { target: Vec<u8> },
+    Special { kind: SpecialKind, rdev: u32 },
 }
 
 /// How a migration ends: `Live` holds writes for the switch; `Close` waits for the data set
@@ -280,6 +366,29 @@ pub enum Op {
     ReopenVolume {
         id: VolumeId,
     },
+    /// Set an extended attribute of a node (created or replaced).
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        ctime_ns: i64,
+    },
+    /// Remove an extended attribute of a node.
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        ctime_ns: i64,
+    },
+    /// [`Op::MakeNode`] with the node's first attributes (the ACLs it inherits from its
+    /// directory's default ACL), in one frame: a power cut keeps both or neither.
+    MakeNodeXattrs {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        meta: Meta,
+        kind: NewKind,
+        xattrs: Xattrs,
+    },
 }
 
 impl Op {
@@ -337,6 +446,8 @@ pub enum ApplyError {
     NotReopenable(String),
     #[error("data set {ino}: {size_bytes} bytes would lie beyond its allocation of {tracks} tracks")]
     BeyondAllocation { ino: Ino, size_bytes: u64, tracks: u64 },
+    #[error("inode {ino} has no extended attribute {name:?}")]
+    NoXattr { ino: Ino, name: String },
     #[error(transparent)]
     Space(#[from] SpaceError),
 }
@@ -359,6 +470,9 @@ pub struct Catalog {
     pub plans: BTreeMap<u64, PlanRec>,
     /// Volumes that take no new allocation (the sources of a plan, running or finished).
     pub closed_volumes: BTreeSet<VolumeId>,
+    /// Extended attributes, by inode; a node with none has no entry. (Beside the inodes
+    /// rather than in them, so that an inode's encoding is the same as in version 2.)
+    pub xattrs: HashMap<Ino, Xattrs>,
 }
 
 /// What an applied op released, for the caller to punch after the op is durable.
@@ -382,6 +496,7 @@ impl Catalog {
             jobs: BTreeMap::new(),
             plans: BTreeMap::new(),
             closed_volumes: BTreeSet::new(),
+            xattrs: HashMap::new(),
         }
     }
 
@@ -457,7 +572,7 @@ impl Catalog {
                     return Err(ApplyError::VolumeExists(name.clone()));
                 }
             }
-            Op::MakeNode { ino, parent, name, .. } => {
+            Op::MakeNode { ino, parent, name, .. } | Op::MakeNodeXattrs { ino, parent, name, .. } => {
                 if self.inodes.contains_key(ino) {
                     return Err(ApplyError::InoInUse(*ino));
                 }
@@ -499,8 +614,14 @@ impl Catalog {
                     _ => {}
                 }
             }
-            Op::SetMeta { ino, .. } => {
+            Op::SetMeta { ino, .. } | Op::SetXattr { ino, .. } => {
                 self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
+            }
+            Op::RemoveXattr { ino, name, .. } => {
+                self.inodes.get(ino).ok_or(ApplyError::NoInode(*ino))?;
+                if !self.xattrs.get(ino).is_some_and(|x| x.contains_key(name)) {
+                    return Err(ApplyError::NoXattr { ino: *ino, name: name_str(name) });
+                }
             }
             // A data set is dense: its size lies inside its allocation. (Checked for new ops
             // only; replay takes the log as it is, and fsck says what is wrong.)
@@ -651,6 +772,10 @@ impl Catalog {
                         meta.nlink = 1;
                         Body::Symlink { target }
                     }
+                    NewKind::Special { kind, rdev } => {
+                        meta.nlink = 1;
+                        Body::Special { kind, rdev }
+                    }
                 };
                 self.entries_mut(parent)?.insert(name, ino);
                 self.inodes.insert(ino, Inode { ino, meta, body });
@@ -693,6 +818,12 @@ impl Catalog {
                 self.touch_dir(new_parent, time_ns);
             }
             Op::SetMeta { ino, perm, uid, gid, atime_ns, mtime_ns, ctime_ns } => {
+                // A chmod rewrites the access ACL to say the same as the new bits.
+                if let (Some(p), Some(x)) = (perm, self.xattrs.get_mut(&ino)) {
+                    if let Some(a) = x.get_mut(acl::ACL_ACCESS) {
+                        *a = acl::chmod(a, p);
+                    }
+                }
                 let m = &mut self.inode_mut(ino)?.meta;
                 if let Some(p) = perm {
                     m.perm = p & 0o7777;
@@ -733,6 +864,7 @@ impl Catalog {
             }
             Op::Destroy { ino } => {
                 let i = self.inodes.remove(&ino).expect("checked");
+                self.xattrs.remove(&ino);
                 if let Body::File { extents, .. } = i.body {
                     self.free_extents(&extents)?;
                     freed = extents;
@@ -794,6 +926,32 @@ impl Catalog {
             Op::ReopenVolume { id } => {
                 self.closed_volumes.remove(&id);
             }
+            Op::MakeNodeXattrs { ino, parent, name, meta, kind, xattrs } => {
+                self.apply(&Op::MakeNode { ino, parent, name, meta, kind })?;
+                if !xattrs.is_empty() {
+                    self.xattrs.insert(ino, xattrs);
+                }
+            }
+            Op::SetXattr { ino, name, value, ctime_ns } => {
+                let meta = &mut self.inode_mut(ino)?.meta;
+                meta.ctime_ns = ctime_ns;
+                // An access ACL sets the permission bits (the group bits are its mask).
+                if name == acl::ACL_ACCESS {
+                    if let Some(mode) = acl::mode_of(&value) {
+                        meta.perm = (meta.perm & !0o777) | mode;
+                    }
+                }
+                self.xattrs.entry(ino).or_default().insert(name, value);
+            }
+            Op::RemoveXattr { ino, name, ctime_ns } => {
+                self.inode_mut(ino)?.meta.ctime_ns = ctime_ns;
+                if let Some(x) = self.xattrs.get_mut(&ino) {
+                    x.remove(&name);
+                    if x.is_empty() {
+                        self.xattrs.remove(&ino);
+                    }
+                }
+            }
         }
         Ok(freed)
     }
@@ -816,6 +974,7 @@ impl Catalog {
         if i.is_dir() {
             i.meta.nlink = 0;
             self.inodes.remove(&ino);
+            self.xattrs.remove(&ino);
             self.inode_mut(parent)?.meta.nlink -= 1;
         } else {
             i.meta.nlink = i.meta.nlink.saturating_sub(1);

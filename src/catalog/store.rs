@@ -53,9 +53,12 @@ const LOG_MAGIC: &[u8; 4] = b"FYLG";
 const FRAME_MAGIC: &[u8; 4] = b"FYOP";
 /// Version of every record of the store; bumped on any incompatible change. Version 2 added
 /// the migration journal (jobs, plans, closed volumes) to the snapshot and its ops to the log;
-/// version 1 stores are read (their ops are a subset) and rewritten as version 2.
-pub const FORMAT_VERSION: u16 = 2;
-const FORMAT_VERSIONS_READ: [u16; 2] = [1, 2];
+/// version 1 stores are read (their ops are a subset) and rewritten as version 2. Version 3
+/// added special files (a `Body` and a `NewKind` variant), extended attributes (the
+/// snapshot's `xattrs`, after `closed_volumes`) and their ops; version 1 and 2 stores are
+/// read the same way and rewritten as version 3.
+pub const FORMAT_VERSION: u16 = 3;
+const FORMAT_VERSIONS_READ: [u16; 3] = [1, 2, 3];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
 /// magic, version, durable_sectors, payload length, and a checksum of those 12 bytes: a
@@ -551,6 +554,38 @@ impl From<CatalogV1> for Catalog {
             jobs: Default::default(),
             plans: Default::default(),
             closed_volumes: Default::default(),
+            xattrs: Default::default(),
+        }
+    }
+}
+
+/// A version 2 snapshot: the catalog before extended attributes.
+#[derive(serde::Deserialize)]
+struct CatalogV2 {
+    geometry: crate::geometry::Geometry,
+    next_ino: super::model::Ino,
+    next_volume: u32,
+    volumes: std::collections::BTreeMap<crate::space::VolumeId, super::model::VolumeRec>,
+    inodes: std::collections::HashMap<super::model::Ino, super::model::Inode>,
+    next_job: u64,
+    jobs: std::collections::BTreeMap<u64, super::model::JobRec>,
+    plans: std::collections::BTreeMap<u64, super::model::PlanRec>,
+    closed_volumes: std::collections::BTreeSet<crate::space::VolumeId>,
+}
+
+impl From<CatalogV2> for Catalog {
+    fn from(v: CatalogV2) -> Catalog {
+        Catalog {
+            geometry: v.geometry,
+            next_ino: v.next_ino,
+            next_volume: v.next_volume,
+            volumes: v.volumes,
+            inodes: v.inodes,
+            next_job: v.next_job,
+            jobs: v.jobs,
+            plans: v.plans,
+            closed_volumes: v.closed_volumes,
+            xattrs: Default::default(),
         }
     }
 }
@@ -583,10 +618,10 @@ fn decode_snapshot(path: &Path, b: &[u8]) -> Result<(u64, Catalog), StoreError> 
         return Err(corrupt(path, format!("snapshot checksum mismatch (stored {crc:#010x}, computed {actual:#010x})")));
     }
     let body = &b[SNAP_HEADER_BYTES..body_end];
-    let decoded = if version == 1 {
-        postcard::from_bytes::<CatalogV1>(body).map(Catalog::from)
-    } else {
-        postcard::from_bytes::<Catalog>(body)
+    let decoded = match version {
+        1 => postcard::from_bytes::<CatalogV1>(body).map(Catalog::from),
+        2 => postcard::from_bytes::<CatalogV2>(body).map(Catalog::from),
+        _ => postcard::from_bytes::<Catalog>(body),
     };
     let catalog = decoded.map_err(|e| corrupt(path, format!("snapshot does not decode: {e}")))?;
     Ok((generation, catalog))
@@ -775,7 +810,7 @@ fn decode_frames(path: &Path, b: &[u8]) -> Result<Frames, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::model::{Meta, NewKind, ROOT_INO};
+    use crate::catalog::model::{Body, Meta, NewKind, ROOT_INO};
     use crate::geometry::Geometry;
     use crate::storage::RealDisk;
     use std::fs;
@@ -918,6 +953,79 @@ mod tests {
         let (s2, r) = Store::open(dir.path(), false).unwrap();
         assert_eq!(r.ops_replayed, 1);
         assert_eq!(s2.catalog, want);
+    }
+
+    /// A pool written by the previous version (2) must mount: its snapshot has no `xattrs`
+    /// and its frames say version 2. This builds one byte for byte with the version 2
+    /// encoding (a version 3 catalog with no attributes, minus the empty map's one byte).
+    #[test]
+    fn a_version_2_pool_opens_and_is_rewritten_as_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_catalog();
+        c.apply(&mk_op(2, "old")).unwrap();
+        let mut payload = postcard::to_stdvec(&c).unwrap();
+        assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte at the end");
+        let mut snap = Vec::new();
+        snap.extend_from_slice(SNAP_MAGIC);
+        snap.extend_from_slice(&2u16.to_le_bytes());
+        snap.extend_from_slice(&0u16.to_le_bytes());
+        snap.extend_from_slice(&7u64.to_le_bytes());
+        snap.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        snap.extend_from_slice(&payload);
+        let crc = crc32c::crc32c(&snap);
+        snap.extend_from_slice(&crc.to_le_bytes());
+        fs::write(dir.path().join(SNAP_FILE), &snap).unwrap();
+        let mut log = Vec::new();
+        log.extend_from_slice(LOG_MAGIC);
+        log.extend_from_slice(&2u16.to_le_bytes());
+        log.extend_from_slice(&0u16.to_le_bytes());
+        log.extend_from_slice(&7u64.to_le_bytes());
+        let crc = crc32c::crc32c(&log);
+        log.extend_from_slice(&crc.to_le_bytes());
+        let mut frame = encode_frame(&mk_op(3, "logged"), 0);
+        frame[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let header_crc = crc32c::crc32c(&frame[..12]);
+        frame[12..16].copy_from_slice(&header_crc.to_le_bytes());
+        let end = frame.len() - 4;
+        let payload_crc = crc32c::crc32c(&frame[4..end]);
+        frame[end..].copy_from_slice(&payload_crc.to_le_bytes());
+        log.extend_from_slice(&frame);
+        fs::write(dir.path().join(LOG_FILE), &log).unwrap();
+
+        let (mut s, _) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(s.catalog.lookup(ROOT_INO, b"old"), Some(2));
+        assert_eq!(s.catalog.lookup(ROOT_INO, b"logged"), Some(3));
+        assert!(s.catalog.xattrs.is_empty());
+        s.commit(Op::SetXattr { ino: 3, name: b"user.k".to_vec(), value: b"v".to_vec(), ctime_ns: 5 }).unwrap();
+        s.compact().unwrap();
+        drop(s);
+        let snap = fs::read(dir.path().join(SNAP_FILE)).unwrap();
+        assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), 3, "rewritten as version 3");
+        let (s, _) = Store::open(dir.path(), false).unwrap();
+        assert_eq!(s.catalog.xattrs[&3][&b"user.k"[..]], b"v");
+    }
+
+    #[test]
+    fn special_files_and_xattrs_replay_and_compact() {
+        use crate::catalog::model::SpecialKind;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        let kind = NewKind::Special { kind: SpecialKind::CharDev, rdev: 0x103 };
+        s.commit(Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"null".to_vec(), meta: meta(), kind }).unwrap();
+        s.commit(Op::SetXattr { ino: 2, name: b"user.a".to_vec(), value: vec![0, 1, 2], ctime_ns: 1 }).unwrap();
+        s.commit(Op::SetXattr { ino: 2, name: b"user.b".to_vec(), value: vec![], ctime_ns: 2 }).unwrap();
+        s.commit(Op::RemoveXattr { ino: 2, name: b"user.b".to_vec(), ctime_ns: 3 }).unwrap();
+        assert!(s.commit(Op::RemoveXattr { ino: 2, name: b"user.b".to_vec(), ctime_ns: 4 }).is_err());
+        let want = s.catalog.clone();
+        drop(s);
+        let (mut s, _) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(s.catalog, want, "replay");
+        s.compact().unwrap();
+        drop(s);
+        let (s, _) = Store::open(dir.path(), false).unwrap();
+        assert_eq!(s.catalog, want, "snapshot");
+        assert_eq!(s.catalog.get(2).unwrap().body, Body::Special { kind: SpecialKind::CharDev, rdev: 0x103 });
+        assert_eq!(s.catalog.get(2).unwrap().meta.ctime_ns, 3);
     }
 
     #[test]

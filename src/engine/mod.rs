@@ -53,6 +53,7 @@ mod io;
 mod namespace;
 mod node;
 mod recovery;
+mod xattr;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -76,6 +77,7 @@ pub use io::{read_pieces, write_pieces};
 pub use namespace::{check_name, Attr, FsStats, Kind, SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
 pub use node::FileNode;
 pub use recovery::RecoveryReport;
+pub use xattr::{is_acl_name, XATTR_CREATE, XATTR_REPLACE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -101,6 +103,14 @@ pub enum Error {
     NotSupported,
     #[error("bad file handle")]
     BadHandle,
+    #[error("no such attribute")]
+    NoData,
+    #[error("attribute value too large")]
+    TooBig,
+    #[error("result out of range")]
+    OutOfRange,
+    #[error("the node's extended attributes are full")]
+    XattrFull,
     #[error("volume I/O: {0}")]
     Io(#[from] stdio::Error),
     #[error("catalog: {0}")]
@@ -122,6 +132,10 @@ impl Error {
             Error::NotPermitted => libc::EPERM,
             Error::NotSupported => libc::EOPNOTSUPP,
             Error::BadHandle => libc::EBADF,
+            Error::NoData => libc::ENODATA,
+            Error::TooBig => libc::E2BIG,
+            Error::OutOfRange => libc::ERANGE,
+            Error::XattrFull => libc::ENOSPC,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(StoreError::Io { source, .. }) => {
                 source.raw_os_error().filter(|&e| e == libc::ENOSPC).unwrap_or(libc::EIO)

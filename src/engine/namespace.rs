@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Engine, Error, Result};
 use crate::catalog::model::now_ns;
-use crate::catalog::model::{Body, Ino, Inode, Meta, NewKind, Op, NAME_MAX_BYTES};
+use crate::catalog::model::{Body, Ino, Inode, Meta, NewKind, Op, SpecialKind, NAME_MAX_BYTES};
 
 /// rename(2) flags, as the kernel passes them.
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
@@ -17,6 +17,8 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// A fifo, a socket or a device node.
+    Special(SpecialKind),
 }
 
 /// A node's attributes, as stat(2) shows them.
@@ -27,14 +29,17 @@ pub struct Attr {
     pub size_bytes: u64,
     pub allocated_tracks: u64,
     pub meta: Meta,
+    /// A device node's device number; 0 for everything else.
+    pub rdev: u32,
 }
 
 impl Attr {
     pub fn of(i: &Inode) -> Attr {
-        let kind = match i.body {
-            Body::Dir { .. } => Kind::Dir,
-            Body::File { .. } => Kind::File,
-            Body::Symlink { .. } => Kind::Symlink,
+        let (kind, rdev) = match i.body {
+            Body::Dir { .. } => (Kind::Dir, 0),
+            Body::File { .. } => (Kind::File, 0),
+            Body::Symlink { .. } => (Kind::Symlink, 0),
+            Body::Special { kind, rdev } => (Kind::Special(kind), rdev),
         };
         Attr {
             ino: i.ino,
@@ -42,6 +47,7 @@ impl Attr {
             size_bytes: i.size_bytes(),
             allocated_tracks: i.allocated_tracks(),
             meta: i.meta.clone(),
+            rdev,
         }
     }
 }
@@ -96,8 +102,20 @@ impl Engine {
         }
     }
 
-    /// Create a node (file, dir, symlink) in `parent`, owned by `uid`/`gid`.
-    pub fn make(&self, parent: Ino, name: &[u8], perm: u32, kind: NewKind, uid: u32, gid: u32) -> Result<Ino> {
+    /// Create a node (file, dir, symlink, special file) in `parent`, owned by `uid`/`gid`.
+    /// The `umask` applies unless `parent` has a default ACL, which the node inherits
+    /// instead ([`super::xattr::inherit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn make(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        perm: u32,
+        umask: u32,
+        kind: NewKind,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Ino> {
         let name = check_name(name)?;
         let now = now_ns();
         let mut cat = self.catalog.lock();
@@ -112,9 +130,16 @@ impl Engine {
         } else {
             (gid, perm)
         };
+        let (perm, xattrs) = super::xattr::inherit(cat.catalog.xattrs.get(&parent), perm & 0o7777, umask, &kind);
         let ino = cat.catalog.next_ino;
-        let meta = Meta { perm: perm & 0o7777, uid, gid, nlink: 1, atime_ns: now, mtime_ns: now, ctime_ns: now };
-        self.commit(&mut cat, Op::MakeNode { ino, parent, name: name.to_vec(), meta, kind })?;
+        let meta = Meta { perm, uid, gid, nlink: 1, atime_ns: now, mtime_ns: now, ctime_ns: now };
+        let name = name.to_vec();
+        let op = if xattrs.is_empty() {
+            Op::MakeNode { ino, parent, name, meta, kind }
+        } else {
+            Op::MakeNodeXattrs { ino, parent, name, meta, kind, xattrs }
+        };
+        self.commit(&mut cat, op)?;
         Ok(ino)
     }
 

@@ -3,6 +3,7 @@
 use fuser::{FileAttr, FileType, INodeNo};
 
 use super::ts;
+use crate::catalog::model::SpecialKind;
 use crate::engine::{Attr, Kind};
 use crate::geometry::Geometry;
 
@@ -14,6 +15,10 @@ pub fn file_type(k: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Special(SpecialKind::Fifo) => FileType::NamedPipe,
+        Kind::Special(SpecialKind::Socket) => FileType::Socket,
+        Kind::Special(SpecialKind::CharDev) => FileType::CharDevice,
+        Kind::Special(SpecialKind::BlockDev) => FileType::BlockDevice,
     }
 }
 
@@ -32,7 +37,7 @@ pub fn attr(g: Geometry, a: &Attr) -> FileAttr {
         nlink: a.meta.nlink,
         uid: a.meta.uid,
         gid: a.meta.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: g.track_size_bytes().min(PREFERRED_IO_MAX_BYTES) as u32,
         flags: 0,
     }

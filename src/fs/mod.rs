@@ -24,7 +24,7 @@ use log::{error, info};
 use parking_lot::{Mutex, RwLock};
 
 use crate::catalog::model::now_ns;
-use crate::catalog::model::{Ino, NewKind, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
+use crate::catalog::model::{Ino, NewKind, SpecialKind, NAME_MAX_BYTES, ROOT_INO, SYMLINK_MAX_BYTES};
 use crate::engine::{Engine, Error as FsError, FileNode, SetAttr};
 use crate::metrics::{AppIo, AppOp};
 use crate::migrate::Migrations;
@@ -173,13 +173,22 @@ impl FerryFs {
         self.attr_of(ino)
     }
 
-    /// Create a node (file, dir, symlink) in `parent`.
-    fn make(&self, req: &Request, parent: Ino, name: &OsStr, perm: u32, kind: NewKind) -> FsResult<fuser::FileAttr> {
+    /// Create a node (file, dir, symlink, special file) in `parent`. The kernel leaves the
+    /// `umask` to us (FUSE_DONT_MASK): the engine applies it, or the parent's default ACL.
+    fn make(
+        &self,
+        req: &Request,
+        parent: Ino,
+        name: &OsStr,
+        perm: u32,
+        umask: u32,
+        kind: NewKind,
+    ) -> FsResult<fuser::FileAttr> {
         let name = crate::engine::check_name(name.as_bytes())?;
         if control::is_reserved(parent, name) {
             return Err(if parent == ROOT_INO { FsError::Exists } else { FsError::NotPermitted });
         }
-        let ino = self.engine.make(parent, name, perm, kind, req.uid(), req.gid())?;
+        let ino = self.engine.make(parent, name, perm, umask, kind, req.uid(), req.gid())?;
         self.attr_of(ino)
     }
 
@@ -358,6 +367,20 @@ macro_rules! reply_result {
     };
 }
 
+/// Reply to getxattr or listxattr: a `size` of 0 asks how big the answer is; a buffer too
+/// small for it is ERANGE.
+fn reply_xattr(reply: fuser::ReplyXattr, res: FsResult<Vec<u8>>, size: u32) {
+    match res {
+        Ok(bytes) if size == 0 => reply.size(bytes.len() as u32),
+        Ok(bytes) if bytes.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(bytes) => reply.data(&bytes),
+        Err(e) => {
+            log_err(&e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
 fn log_err(e: &FsError) {
     match e {
         FsError::Io(_) | FsError::Catalog(_) => error!("{e}"),
@@ -373,6 +396,10 @@ impl Filesystem for FerryFs {
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
             fuser::InitFlags::FUSE_DO_READDIRPLUS,
             fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+            // The kernel enforces POSIX ACLs (stored as system.posix_acl_* attributes) along
+            // with the modes; creating nodes, we apply the umask or the parent's default ACL.
+            fuser::InitFlags::FUSE_POSIX_ACL,
+            fuser::InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -438,27 +465,20 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Data sets are regular files; device nodes, fifos and sockets have no extents.
-            reply.error(Errno::EPERM);
-            return;
-        }
-        let res = self.make(req, parent.0, name, mode, NewKind::File);
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        // A fifo, a socket or a device node holds no tracks: the kernel serves its opens
+        // (and refuses a device's in a nodev mount). A regular file is an empty data set.
+        let kind = match SpecialKind::of_mode(mode) {
+            Some(kind) => NewKind::Special { kind, rdev: if kind.is_device() { rdev } else { 0 } },
+            None if mode & libc::S_IFMT == libc::S_IFREG => NewKind::File,
+            None => return reply.error(Errno::EINVAL),
+        };
+        let res = self.make(req, parent.0, name, mode, umask, kind);
         reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let res = self.make(req, parent.0, name, mode, NewKind::Dir);
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let res = self.make(req, parent.0, name, mode, umask, NewKind::Dir);
         reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
     }
 
@@ -476,7 +496,7 @@ impl Filesystem for FerryFs {
             reply.error(Errno::ENAMETOOLONG);
             return;
         }
-        let res = self.make(req, parent.0, link_name, 0o777, NewKind::Symlink { target: t.to_vec() });
+        let res = self.make(req, parent.0, link_name, 0o777, 0, NewKind::Symlink { target: t.to_vec() });
         reply_result!(reply, res, |r: ReplyEntry, a| r.entry(&ATTR_TTL, &a, fuser::Generation(0)))
     }
 
@@ -709,11 +729,12 @@ impl Filesystem for FerryFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let res = self.make(req, parent.0, name, mode, NewKind::File).and_then(|a| Ok((a, self.open_file(a.ino.0)?)));
+        let res =
+            self.make(req, parent.0, name, mode, umask, NewKind::File).and_then(|a| Ok((a, self.open_file(a.ino.0)?)));
         match res {
             Ok((a, fh)) => reply.created(&ATTR_TTL, &a, fuser::Generation(0), FileHandle(fh), open_flags(flags)),
             Err(e) => {
@@ -723,31 +744,50 @@ impl Filesystem for FerryFs {
         }
     }
 
-    // No extended attributes: ENOSYS tells the kernel once, and it stops asking (the
-    // security.capability lookup before every write included).
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        // The kernel asks for security.capability before every buffered write (FUSE mounts
+        // never mark an inode "no security attributes"): one map lookup under the catalog
+        // lock. 4 KiB in-place writes through a read-write handle measured the same with and
+        // without these lookups (about 19 us each).
+        // The control files hold no attributes (and answer the kernel's ACL lookups so).
+        let res = if control::attr(self, ino.0).is_some() {
+            Err(FsError::NoData)
+        } else {
+            self.engine.getxattr(ino.0, name.as_bytes())
+        };
+        reply_xattr(reply, res, size)
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let res = if control::attr(self, ino.0).is_some() { Ok(Vec::new()) } else { self.engine.listxattr(ino.0) };
+        reply_xattr(reply, res, size)
     }
 
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        let res = if control::attr(self, ino.0).is_some() {
+            Err(FsError::NotPermitted)
+        } else {
+            self.engine.setxattr(ino.0, name.as_bytes(), value, flags)
+        };
+        reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = if control::attr(self, ino.0).is_some() {
+            Err(FsError::NotPermitted)
+        } else {
+            self.engine.removexattr(ino.0, name.as_bytes())
+        };
+        reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
     }
 
     fn fallocate(

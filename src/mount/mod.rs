@@ -323,7 +323,7 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
         // only to fusermount3, and a mount by root would be of type plain fuse).
         MountOption::CUSTOM("subtype=ferryfs".into()),
         MountOption::DefaultPermissions,
-        MountOption::NoDev,
+        if opts.dev { MountOption::Dev } else { MountOption::NoDev },
         MountOption::NoSuid,
     ];
     for (on, flag) in

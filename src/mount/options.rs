@@ -24,6 +24,9 @@ pub struct MountOptions {
     pub no_exec: bool,
     /// `noatime`: reads never update access times.
     pub no_atime: bool,
+    /// `dev`: device nodes of the mount open their devices (root only). By default a mount
+    /// is `nodev`: the kernel refuses to open them (EACCES), though they can be made.
+    pub dev: bool,
 }
 
 impl Default for MountOptions {
@@ -35,6 +38,7 @@ impl Default for MountOptions {
             read_only: false,
             no_exec: false,
             no_atime: false,
+            dev: false,
         }
     }
 }
@@ -49,7 +53,7 @@ fn is_not_ours(name: &str) -> bool {
 
 /// The options a user can give, for the error that names an unknown one.
 pub const KNOWN: &str = "ro, rw, threads=N, max_jobs=N, copy_rate=SIZE, noexec, exec, noatime, atime, nosuid, \
-                         nodev, default_permissions, allow_other (root), and mount(8)'s and systemd's own \
+                         nodev, dev (root), default_permissions, allow_other (root), and mount(8)'s and systemd's own \
                          (defaults, auto, noauto, nofail, _netdev, user, users, x-*)";
 
 impl MountOptions {
@@ -79,11 +83,19 @@ impl MountOptions {
                     let v = need()?;
                     self.copy_rate = parse_size(v).map_err(|e| format!("mount option {name}={v}: {e}"))?;
                 }
-                // Always so: set-user-id bits and device nodes take no effect in a ferryfs mount,
-                // and the kernel checks permissions.
-                "nosuid" | "nodev" | "default_permissions" if value.is_none() => {}
-                "suid" | "dev" if value.is_none() => {
+                // Always so: set-user-id bits take no effect in a ferryfs mount, and the kernel
+                // checks permissions.
+                "nosuid" | "default_permissions" if value.is_none() => {}
+                "suid" if value.is_none() => {
                     return Err(format!("mount option {name}: ferryfs mounts are always no{name}"))
+                }
+                // Device nodes open their devices only if root asks for it.
+                "dev" | "nodev" if value.is_none() => {
+                    // SAFETY: geteuid can't fail.
+                    if name == "dev" && unsafe { libc::geteuid() } != 0 {
+                        return Err("mount option dev: only a mount by root opens device nodes".into());
+                    }
+                    self.dev = name == "dev";
                 }
                 // A mount by root serves every user (the kernel checks their permissions); a
                 // mount by another user serves only that user.
@@ -134,6 +146,9 @@ impl MountOptions {
         if self.no_atime {
             o.push("noatime".into());
         }
+        if self.dev {
+            o.push("dev".into());
+        }
         o.join(",")
     }
 }
@@ -175,6 +190,14 @@ mod tests {
         assert!(parsed("copy_rate=fast").unwrap_err().starts_with("mount option copy_rate=fast:"));
         assert!(parsed("ro=1").unwrap_err().contains("unknown mount option ro=1"));
         assert!(parsed("suid").unwrap_err().contains("always nosuid"));
+        assert!(!parsed("nodev").unwrap().dev, "nodev is the default, and accepted");
+        // SAFETY: geteuid can't fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(parsed("dev").unwrap().dev);
+            assert!(!parsed("dev,nodev").unwrap().dev, "the last wins");
+        } else {
+            assert!(parsed("dev").unwrap_err().contains("only a mount by root"));
+        }
         let mut o = MountOptions::default();
         o.apply("bogus,ro", true).expect("sloppy skips what it does not know");
         assert!(o.read_only);
