@@ -548,6 +548,99 @@ fn growth_and_truncation_during_a_job() {
     m.unmount();
 }
 
+/// The story: punch-hole and zero-range always marked their tracks dirty, and a truncate
+/// marked every track past the cut, even with mirrored writes on; an application that mixed
+/// them with its writes kept the dirty set from shrinking, and the job spun through its
+/// re-sync passes. Now every call that changes bytes or the size keeps the source and the
+/// target equal once mirrored writes are on, so the job converges in a few passes while the
+/// application goes on: no stop is needed for the switch.
+#[test]
+fn punch_zero_range_and_truncate_mirror_and_converge() {
+    const SIZE: u64 = 4 << 20;
+    let seed = seed_from_env("punch_zero_range_and_truncate_mirror_and_converge");
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let path = m.p("mixed");
+    write_whole(&path, &pattern(SIZE as usize, 51));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let app = {
+        let (path, stop, ops) = (path.clone(), stop.clone(), ops.clone());
+        thread::spawn(move || {
+            let mut model = pattern(SIZE as usize, 51);
+            let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut rng = Rng::new(seed);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let at = rng.below(SIZE);
+                let len = 1 + rng.below((SIZE - at).min(300_000));
+                match rng.below(5) {
+                    0 | 1 => {
+                        let data = pattern(len as usize, seed ^ n);
+                        f.write_all_at(&data, at).unwrap();
+                        if model.len() < (at + len) as usize {
+                            model.resize((at + len) as usize, 0);
+                        }
+                        model[at as usize..(at + len) as usize].copy_from_slice(&data);
+                    }
+                    2 => {
+                        // Down or up, never past the data set's first size.
+                        f.set_len(at).unwrap();
+                        model.resize(at as usize, 0);
+                    }
+                    3 => {
+                        let r = unsafe_fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, at, len);
+                        r.unwrap_or_else(|e| panic!("zero range {at}+{len}: {e}"));
+                        if model.len() < (at + len) as usize {
+                            model.resize((at + len) as usize, 0);
+                        }
+                        model[at as usize..(at + len) as usize].fill(0);
+                    }
+                    _ => {
+                        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                        let r = unsafe_fallocate(&f, mode, at, len);
+                        r.unwrap_or_else(|e| panic!("punch {at}+{len}: {e}"));
+                        let end = ((at + len) as usize).min(model.len());
+                        if end > at as usize {
+                            model[at as usize..end].fill(0);
+                        }
+                    }
+                }
+                ops.fetch_add(1, Ordering::Release);
+            }
+            model
+        })
+    };
+    wait_for("the application to start", || ops.load(Ordering::Acquire) >= 50);
+    let id = one_job(&control(&m.mnt, "migrate /mixed to V2").unwrap());
+    let at_start = ops.load(Ordering::Acquire);
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    let at_switch = ops.load(Ordering::Acquire);
+    stop.store(true, Ordering::Release);
+    let model = app.join().expect("the application thread");
+    assert_eq!(j["phase"], "switched", "the job switched while the application ran: {j:#}\n{}", events(&m.mnt));
+    assert!(at_switch > at_start + 20, "test setup: the application ran {} calls during the job", at_switch - at_start);
+    assert!(u(&j["passes"]) <= 8, "the job converged in a few re-sync passes: {j:#}\n{}", events(&m.mnt));
+    // (No placement check: after the switch the application's growth may land anywhere.)
+    assert_bytes_eq(&read_fresh(&path), &model, "after the switch");
+    m.unmount();
+    let m = tp.mount();
+    assert_bytes_eq(&fs::read(m.p("mixed")).unwrap(), &model, "after a remount");
+    m.unmount();
+}
+
+/// fallocate(2) on an open file.
+fn unsafe_fallocate(f: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a file descriptor this test owns.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A data set removed while its job runs, and one removed while its job is queued: at the
 /// unmount neither record outlives its data set (fsck is clean, nothing is left to start
 /// again, no reservation leaks), and the other data sets are intact.

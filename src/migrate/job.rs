@@ -311,6 +311,12 @@ impl Runner<'_> {
 
     /// Steps f and k: copy the tracks past the copied mark, up to the data set's allocation,
     /// growing the target as needed. `paced` is false while writes are held.
+    ///
+    /// The copied mark goes on to the end of the target's reservation even when the data set
+    /// is smaller now (a truncate cut it): the reserved tracks past the source's bytes are
+    /// zeroed on the target, as they read on the source. Otherwise writes that grow the data
+    /// set back into them would be marked, not mirrored, and a data set that shrinks and
+    /// grows would keep its dirty set from ever shrinking.
     fn copy_growth(&mut self, paced: bool) -> JobResult<()> {
         loop {
             if paced {
@@ -319,12 +325,15 @@ impl Runner<'_> {
             let a = self.source_tracks();
             self.job.bytes_total.store(self.g.bytes_of(a), Ordering::Relaxed);
             let c = self.link().copied_tracks();
-            if c >= a {
+            let end = a.max(self.link().target.load().allocated_tracks());
+            if c >= end {
                 return Ok(());
             }
-            self.ensure_target(a)?;
+            if c < a {
+                self.ensure_target(a)?;
+            }
             let active = paced && self.apps_active();
-            let n = self.chunk_tracks(active).min(a - c);
+            let n = self.chunk_tracks(active).min(end - c);
             if paced {
                 self.wait_for_caps(self.g.bytes_of(n), active);
                 self.check()?;
@@ -335,7 +344,8 @@ impl Runner<'_> {
                 self.wait_writeback()?;
             }
             self.link().set_copied(c + n);
-            self.job.bytes_copied.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
+            // Only the data set's bytes count as copied, not the zeroed tail past them.
+            self.job.bytes_copied.fetch_add(self.g.bytes_of((c + n).min(a).saturating_sub(c)), Ordering::Relaxed);
             self.note_rate();
             if paced {
                 self.rest(t0.elapsed(), active);
