@@ -675,6 +675,75 @@ fn data_sets_removed_during_their_jobs_leave_no_record() {
     m.unmount();
 }
 
+/// The story: a merge failed with "job 805 failed: the data set no longer exists" though its
+/// volumes ended empty: a data set deleted while its job was queued (or copying) failed the
+/// job, and the plan with it. A deleted data set needs no move: its job ends `gone`, the
+/// plan goes on, ends done and says so, and `--wait` exits 0.
+#[test]
+fn data_sets_deleted_during_a_merge_end_gone_and_the_plan_succeeds() {
+    let tp = TestPool::new("16K", &[("V1", "8M"), ("V2", "8M")]);
+    let m = tp.mount();
+    let names = ["a", "b", "c", "d"];
+    for (i, n) in names.iter().enumerate() {
+        write_whole(&m.p(n), &pattern(1 << 20, 60 + i as u64));
+    }
+    // Added after the writes, so that every data set is on a source.
+    control(&m.mnt, "add V3 size=16M").unwrap();
+    control(&m.mnt, "set max-jobs=1").unwrap();
+    let mnt = s(&m.mnt).to_string();
+    let mut child = Command::new(bin())
+        .args(["merge", &mnt, "V1", "V2", "--into", "V3", "--rate", "1M", "--wait", "--interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut plan_jobs = Vec::new();
+    wait_for("the plan's jobs", || {
+        plan_jobs = status(&m.mnt)["plans"]
+            .as_array()
+            .unwrap()
+            .first()
+            .map(|p| p["jobs"].as_array().unwrap().iter().map(u).collect())
+            .unwrap_or_default();
+        plan_jobs.len() == names.len()
+    });
+    let copying = plan_jobs[0];
+    let queued = plan_jobs[names.len() - 1];
+    wait_running(&m.mnt, copying);
+    assert_eq!(job(&m.mnt, queued)["phase"], "queued", "test setup: max-jobs=1 keeps the last job queued");
+    let path_of = |id: u64| job(&m.mnt, id)["path"].as_str().unwrap().to_string();
+    let (copying_path, queued_path) = (path_of(copying), path_of(queued));
+    fs::remove_file(m.p(copying_path.trim_start_matches('/'))).unwrap();
+    fs::remove_file(m.p(queued_path.trim_start_matches('/'))).unwrap();
+    let status_code = wait_child(&mut child, "merge --wait");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let ev = events(&m.mnt);
+    assert!(status_code.success(), "merge --wait exits 0 ({status_code}):\n{out}\nevents:\n{ev}");
+    let st = status(&m.mnt);
+    let plan = &st["plans"][0];
+    assert_eq!(plan["phase"], "done", "{plan:#}\n{ev}");
+    for (id, path) in [(copying, &copying_path), (queued, &queued_path)] {
+        assert_eq!(job(&m.mnt, id)["phase"], "gone", "job {id} of the deleted {path}");
+        assert!(
+            ev.contains(&format!("job {id} gone path={path} (the data set was deleted; nothing to move)")),
+            "the events say job {id} had nothing to move:\n{ev}"
+        );
+        assert!(out.contains(&format!("job {id} {path}: the data set was deleted; nothing to move")), "{out}");
+    }
+    assert!(ev.contains("2 data sets were deleted before they were moved; nothing to move"), "{ev}");
+    assert!(ev.contains("merge-done"), "{ev}");
+    for id in plan_jobs.iter().filter(|id| ![copying, queued].contains(id)) {
+        assert_eq!(job(&m.mnt, *id)["phase"], "switched");
+    }
+    assert_eq!(usage(&m.mnt, "V1"), (0, 0), "V1 is empty");
+    assert_eq!(usage(&m.mnt, "V2"), (0, 0), "V2 is empty");
+    let (held, ls) = held_tracks(&m.mnt);
+    assert_eq!(usage(&m.mnt, "V3").0, held.get("V3").copied().unwrap_or(0), "no reservation leaked\n{ls:#}");
+    m.unmount();
+    fsck_clean(&tp.pool);
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Cancel
 

@@ -37,6 +37,8 @@ pub enum End {
     /// starts it again.
     Stopped,
     Cancelled,
+    /// The data set was deleted: nothing to move.
+    Gone,
     Failed(String),
 }
 
@@ -125,6 +127,19 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
                 Err(e) => job.fail(m, format!("cancelling: {e}")),
             }
         }
+        Err(End::Gone) => {
+            r.detach();
+            match r.drop_record() {
+                Ok(()) => {
+                    job.set_phase(Phase::Gone);
+                    m.event(format!(
+                        "job {} gone path={} (the data set was deleted; nothing to move)",
+                        job.id, job.path
+                    ));
+                }
+                Err(e) => job.fail(m, format!("rolling back the job of a deleted data set: {e}")),
+            }
+        }
         Err(End::Failed(why)) => {
             r.detach();
             let why = match r.drop_record() {
@@ -148,10 +163,20 @@ impl Runner<'_> {
         if self.job.cancel_requested() {
             return Err(End::Cancelled);
         }
+        if self.data_set_gone() {
+            return Err(End::Gone);
+        }
         if let Some(why) = self.link.as_ref().and_then(|l| l.target_error()) {
             return Err(End::Failed(why));
         }
         Ok(())
+    }
+
+    /// The data set was deleted (no name reaches it; an open handle may still write it, but
+    /// it is destroyed at its last close): there is nothing to move.
+    fn data_set_gone(&self) -> bool {
+        let cat = self.engine.catalog.lock();
+        !cat.catalog.get(self.job.ino).is_some_and(|i| matches!(i.body, Body::File { .. }) && i.meta.nlink > 0)
     }
 
     fn node(&self) -> &Arc<FileNode> {
@@ -172,9 +197,9 @@ impl Runner<'_> {
         let (tracks, pool_tracks) = {
             let cat = self.engine.catalog.lock();
             let c = &cat.catalog;
-            let i = c.get(job.ino).ok_or_else(|| End::Failed("the data set no longer exists".into()))?;
+            let i = c.get(job.ino).ok_or(End::Gone)?;
             if !matches!(i.body, Body::File { .. }) || i.meta.nlink == 0 {
-                return Err(End::Failed("the data set no longer exists".into()));
+                return Err(End::Gone);
             }
             // The bytes end at the size: the over-provisioned tail past it is not moved (the
             // cutover trims it from the source).

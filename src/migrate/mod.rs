@@ -55,6 +55,9 @@ pub enum Phase {
     AwaitingClose,
     Cutover,
     Switched,
+    /// The data set was deleted while the job was queued or ran: nothing to move. The job's
+    /// record is rolled back (its target freed); a plan goes on.
+    Gone,
     Cancelled,
     Failed,
     Stopped,
@@ -62,7 +65,7 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order a job goes through them (the final ones last).
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 12] = [
         Phase::Queued,
         Phase::Assessing,
         Phase::Allocating,
@@ -71,6 +74,7 @@ impl Phase {
         Phase::AwaitingClose,
         Phase::Cutover,
         Phase::Switched,
+        Phase::Gone,
         Phase::Cancelled,
         Phase::Failed,
         Phase::Stopped,
@@ -86,6 +90,7 @@ impl Phase {
             Phase::AwaitingClose => "awaiting-close",
             Phase::Cutover => "cutover",
             Phase::Switched => "switched",
+            Phase::Gone => "gone",
             Phase::Cancelled => "cancelled",
             Phase::Failed => "failed",
             Phase::Stopped => "stopped",
@@ -93,7 +98,7 @@ impl Phase {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Phase::Switched | Phase::Cancelled | Phase::Failed | Phase::Stopped)
+        matches!(self, Phase::Switched | Phase::Gone | Phase::Cancelled | Phase::Failed | Phase::Stopped)
     }
 }
 
@@ -574,6 +579,13 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
         }
     };
     if left.is_empty() {
+        let gone = states.iter().filter(|j| j.phase() == Phase::Gone).count();
+        if gone > 0 {
+            m.event(format!(
+                "plan {} {gone} data sets were deleted before they were moved; nothing to move",
+                plan.rec.id
+            ));
+        }
         end(&mut cat, PlanPhase::Done, None);
         return;
     }
