@@ -820,7 +820,7 @@ fn cancel_rolls_back_and_keeps_every_write() {
     wait_switched(&m.mnt, &[idc]);
     let (code, err) = ferry_err(&["cancel", &mnt, &idc.to_string()]);
     assert_eq!(code, exit::REFUSED, "{err}");
-    assert_one_clear_line(&err, &format!("job {idc} has already switched"));
+    assert_one_clear_line(&err, &format!("job {idc} already switched"));
     let (code, err) = ferry_err(&["cancel", &mnt, "9999"]);
     assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "no job or plan 9999");
@@ -832,6 +832,59 @@ fn cancel_rolls_back_and_keeps_every_write() {
     verify_log(&a, &m.p("a"), "a after a remount");
     verify_log(&b, &m.p("b"), "b after a remount");
     m.unmount();
+}
+
+/// The story: `ok cancelling` was sent and the job switched anyway. The cancel flag was read
+/// before the cutover and not after the writes were held, so a cancel that came in between
+/// was acknowledged and ignored. The flag is now read at the point of no return, in the
+/// hold, under the lock the cancel takes: a cancel acknowledged before it wins (the job ends
+/// cancelled, the source untouched, the target freed), and one after it is refused as too
+/// late. The pause points put the cancel at each side of that point every time.
+#[test]
+fn a_cancel_at_the_cutover_wins_or_is_refused_as_too_late() {
+    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "8M")]);
+    let data = pattern(1 << 20, 71);
+    {
+        let m = tp.mount();
+        write_whole(&m.p("f"), &data);
+        m.unmount();
+    }
+    let source = |m: &Mounted| placement(&m.mnt, "/f").0[0].clone();
+    let target = |m: &Mounted| if source(m) == "V1" { "V2" } else { "V1" };
+    let wait_pause = |m: &Mounted, id: u64, point: &str| {
+        let needle = format!("job {id} pause point={point}");
+        wait_for(&needle, || events(&m.mnt).contains(&needle));
+    };
+
+    // In the hold, before the point of no return: the cancel wins.
+    let m = tp.mount_env(&[("FERRYFS_PAUSE", "live-hold=2s")]);
+    let (from, to) = (source(&m), target(&m));
+    let id = one_job(&control(&m.mnt, &format!("migrate /f to {to}")).unwrap());
+    wait_pause(&m, id, "live-hold");
+    assert_eq!(control(&m.mnt, &format!("cancel {id}")).unwrap(), format!("ok cancelling job {id}"));
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["phase"], "cancelled", "an acknowledged cancel wins: {j:#}\n{}", events(&m.mnt));
+    assert_eq!(placement(&m.mnt, "/f").0, vec![from.clone()], "the source is untouched");
+    assert_eq!(usage(&m.mnt, to).0, 0, "the target is freed");
+    assert_bytes_eq(&read_fresh(&m.p("f")), &data, "after the cancel");
+    m.unmount();
+    fsck_clean(&tp.pool);
+
+    // Past it: the cancel is refused, and the job switches.
+    let m = tp.mount_env(&[("FERRYFS_PAUSE", "live-switch=2s")]);
+    let id = one_job(&control(&m.mnt, &format!("migrate /f to {to}")).unwrap());
+    wait_pause(&m, id, "live-switch");
+    let why = control(&m.mnt, &format!("cancel {id}")).unwrap_err();
+    assert_eq!(why, format!("job {id}: too late: the switch is under way"));
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["phase"], "switched", "{j:#}");
+    assert_eq!(placement(&m.mnt, "/f").0, vec![to.to_string()]);
+    assert_eq!(usage(&m.mnt, &from).0, 0, "the source is freed");
+    assert_bytes_eq(&read_fresh(&m.p("f")), &data, "after the switch");
+    let why = control(&m.mnt, &format!("cancel {id}")).unwrap_err();
+    assert_eq!(why, format!("job {id} already switched"));
+    m.unmount();
+    fsck_clean(&tp.pool);
 }
 
 #[test]

@@ -725,6 +725,11 @@ impl Runner<'_> {
         let t0 = Instant::now();
         let hold = node.write_hold.write();
         self.pause("live-hold");
+        if !self.job.begin_switch() {
+            drop(hold);
+            return Err(End::Cancelled);
+        }
+        self.pause("live-switch");
         self.final_sync_and_switch()?;
         node.job.store(None);
         drop(hold);
@@ -761,6 +766,10 @@ impl Runner<'_> {
         self.job.set_phase(Phase::Cutover);
         let hold = node.write_hold.write();
         self.pause("close-window");
+        if !self.job.begin_switch() {
+            drop(hold);
+            return Err(End::Cancelled);
+        }
         if let Err(e) = self.final_sync_and_switch() {
             drop(hold);
             return Err(e);

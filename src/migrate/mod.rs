@@ -117,6 +117,9 @@ pub struct JobState {
     error: Mutex<Option<String>>,
     failed_in: Mutex<Option<Phase>>,
     cancel: AtomicBool,
+    /// Set at the cutover's point of no return, under the `phase` lock, where the cancel
+    /// flag is read: a cancel that was acknowledged before it wins, one after it is refused.
+    switching: AtomicBool,
     pub bytes_copied: AtomicU64,
     pub bytes_resynced: AtomicU64,
     pub bytes_total: AtomicU64,
@@ -148,6 +151,7 @@ impl JobState {
             error: Mutex::new(None),
             failed_in: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
             bytes_copied: AtomicU64::new(0),
             bytes_resynced: AtomicU64::new(0),
             bytes_total: AtomicU64::new(0),
@@ -172,6 +176,19 @@ impl JobState {
 
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// The cutover's point of no return, with writes held: false if a cancel came first (the
+    /// job must roll back), else the switch goes on and every later cancel is refused. The
+    /// `phase` lock makes this and [`cancel`]'s check-and-set one order: no cancel is
+    /// acknowledged that the switch does not see.
+    fn begin_switch(&self) -> bool {
+        let _phase = self.phase.lock();
+        if self.cancel_requested() {
+            return false;
+        }
+        self.switching.store(true, Ordering::Release);
+        true
     }
 
     /// The job is done with its link: keep what the report needs from it.
@@ -834,32 +851,41 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
         return Ok(format!("ok cancelling plan {id}"));
     }
     let Some(job) = job else { return refuse(libc::ENOENT, format!("no job or plan {id}")) };
-    match job.phase() {
-        Phase::Switched => return refuse(libc::EINVAL, format!("job {id} has already switched")),
-        p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
-        Phase::Cutover => return refuse(libc::EBUSY, format!("job {id} is switching; too late to cancel")),
-        Phase::Queued => {
-            job.cancel.store(true, Ordering::Release);
-            let removed = {
-                let mut inner = m.inner.lock();
-                let before = inner.queue.len();
-                inner.queue.retain(|j| j.id != id);
-                before != inner.queue.len()
-            };
-            if removed {
-                m.drop_record(id)?;
-                job.set_phase(Phase::Cancelled);
-                job.ended_ns.store(now_ns(), Ordering::Relaxed);
-                m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
-                if let Some(p) = job.plan {
-                    let plan = m.inner.lock().plans.get(&p).cloned();
-                    if let Some(plan) = plan {
-                        plan_progress(m, &plan);
-                    }
+    // Checked and set under the phase lock, as the job's point of no return is
+    // (`JobState::begin_switch`): an acknowledged cancel always wins.
+    let queued = {
+        let phase = job.phase.lock();
+        match *phase {
+            Phase::Switched => return refuse(libc::EINVAL, format!("job {id} already switched")),
+            p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
+            _ if job.switching.load(Ordering::Acquire) => {
+                return refuse(libc::EBUSY, format!("job {id}: too late: the switch is under way"))
+            }
+            p => {
+                job.cancel.store(true, Ordering::Release);
+                p == Phase::Queued
+            }
+        }
+    };
+    if queued {
+        let removed = {
+            let mut inner = m.inner.lock();
+            let before = inner.queue.len();
+            inner.queue.retain(|j| j.id != id);
+            before != inner.queue.len()
+        };
+        if removed {
+            m.drop_record(id)?;
+            job.set_phase(Phase::Cancelled);
+            job.ended_ns.store(now_ns(), Ordering::Relaxed);
+            m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
+            if let Some(p) = job.plan {
+                let plan = m.inner.lock().plans.get(&p).cloned();
+                if let Some(plan) = plan {
+                    plan_progress(m, &plan);
                 }
             }
         }
-        _ => job.cancel.store(true, Ordering::Release),
     }
     Ok(format!("ok cancelling job {id}"))
 }
