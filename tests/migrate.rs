@@ -1357,6 +1357,69 @@ fn refused_plans_and_migrations_change_nothing() {
     m.unmount();
 }
 
+/// The story: plans could work against each other. A running plan's target could become
+/// another plan's source (the second plan drained what the first was filling), and a volume
+/// being drained could be named a target. Both are refused now (exit 3, one clear line), as
+/// is a plan whose source a running job is filling; and while a plan drains a volume, no new
+/// data set and no growth lands on it.
+#[test]
+fn plans_do_not_work_against_each_other() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let a = pattern(1 << 20, 81);
+    write_whole(&m.p("a"), &a);
+    write_whole(&m.p("b"), &pattern(1 << 20, 82));
+    for v in ["V2", "V3"] {
+        control(&m.mnt, &format!("add {v} size=8M")).unwrap();
+    }
+    control(&m.mnt, "set max-jobs=1").unwrap();
+    let plan = reply_plan(&control(&m.mnt, "merge V1 into V2 rate=128K").unwrap()).unwrap();
+    let v1_used = usage(&m.mnt, "V1").0;
+
+    // A running plan's target is no other plan's source; its sources are no plan's target.
+    let refusals: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["merge", &mnt, "V2", "--into", "V3"], "volume V2 is the target of plan"),
+        (vec!["drain", &mnt, "V2", "--to", "V3"], "volume V2 is the target of plan"),
+        (vec!["merge", &mnt, "V3", "--into", "V1"], "volume V1 is being emptied"),
+        (vec!["drain", &mnt, "V3", "--to", "V1"], "volume V1 is being emptied"),
+    ];
+    let before = state_of(&m.mnt);
+    for (args, says) in &refusals {
+        let (code, err) = ferry_err(args);
+        assert_eq!(code, exit::REFUSED, "`ferryfs {}`: {err}", args.join(" "));
+        assert_one_clear_line(&err, says);
+        assert_eq!(state_of(&m.mnt), before, "`ferryfs {}` was refused but changed something", args.join(" "));
+    }
+
+    // New data sets and growth go around the volume being drained.
+    fs::write(m.p("c"), pattern(1 << 20, 83)).unwrap();
+    let mut f = OpenOptions::new().append(true).open(m.p("a")).unwrap();
+    f.write_all(&pattern(512 << 10, 84)).unwrap();
+    drop(f);
+    assert!(!placement(&m.mnt, "/c").0.contains(&"V1".to_string()), "a new data set on a closed volume");
+    assert!(usage(&m.mnt, "V1").0 <= v1_used, "growth landed on the volume being drained");
+
+    // A running job's target is no plan's source either.
+    control(&m.mnt, "add V4 size=8M").unwrap();
+    let c_to = "V4";
+    let job = one_job(&control(&m.mnt, &format!("migrate /c to {c_to} rate=64K")).unwrap());
+    let (code, err) = ferry_err(&["drain", &mnt, c_to]);
+    assert_eq!(code, exit::REFUSED, "{err}");
+    assert_one_clear_line(&err, &format!("volume {c_to} is the target of job {job}"));
+
+    for id in [job, plan] {
+        control(&m.mnt, &format!("cancel {id}")).unwrap();
+    }
+    wait_plan(&m.mnt, plan);
+    wait_jobs(&m.mnt, &[job]);
+    let mut want_a = a.clone();
+    want_a.extend_from_slice(&pattern(512 << 10, 84));
+    assert_bytes_eq(&read_fresh(&m.p("a")), &want_a, "a");
+    m.unmount();
+    fsck_clean(&tp.pool);
+}
+
 #[test]
 fn drain_of_the_only_volume_is_refused() {
     let tp = TestPool::new("64K", &[("V1", "4M")]);

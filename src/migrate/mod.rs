@@ -791,8 +791,33 @@ fn start_plan(
     if let Some(t) = targets.iter().find(|t| sources.contains(t)) {
         return refuse(libc::EINVAL, format!("volume {} is both a source and a target", plan::volume_name(c, *t)));
     }
+    // Plans must not work against each other: a volume that a running plan empties takes
+    // nothing new, and one that a running plan (or job) fills is not emptied under it.
     if let Some(p) = c.plans.values().find(|p| p.sources.iter().any(|s| sources.contains(s) || targets.contains(s))) {
         return refuse(libc::EBUSY, format!("plan {} is already emptying {}", p.id, names(c, &p.sources)));
+    }
+    if let Some((p, v)) = c.plans.values().find_map(|p| p.targets.iter().find(|t| sources.contains(t)).map(|v| (p, *v)))
+    {
+        return refuse(
+            libc::EBUSY,
+            format!("volume {} is the target of plan {}, which is still filling it", plan::volume_name(c, v), p.id),
+        );
+    }
+    if let Some((j, v)) = inner
+        .jobs
+        .values()
+        .filter(|j| !j.phase().is_final())
+        .find_map(|j| j.targets.iter().find(|t| sources.contains(t)).map(|v| (j, *v)))
+    {
+        return refuse(
+            libc::EBUSY,
+            format!(
+                "volume {} is the target of job {}, which is still moving {}",
+                plan::volume_name(c, v),
+                j.id,
+                j.path
+            ),
+        );
     }
     let id = Migrations::next_id(&mut inner, c);
     let rec = PlanRec {
