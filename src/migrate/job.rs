@@ -29,6 +29,21 @@ pub const CONVERGED_BYTES: u64 = 1 << 20;
 /// A simulated job copies this many tracks between yield points, so that application
 /// operations interleave with every part of the copy.
 const SIMULATED_CHUNK_TRACKS: u64 = 2;
+/// The copier's buffer, per job, whatever the track size: a chunk or a dirty run (up to 64
+/// tracks of up to 64 MiB each, with writes held) is read and written in pieces of at most
+/// this many bytes. 1 MiB is as large as the mount's own writes, so a piece costs the disk
+/// no more round trips than an application's write; the buffer held it whole before, and a
+/// pool of 8 MiB tracks took the daemon from 5 MB to 275 MB.
+pub const COPY_PIECE_BYTES_MAX: u64 = 1 << 20;
+
+/// The pieces (offset, length) in which `len` bytes at `off` are copied: at most
+/// [`COPY_PIECE_BYTES_MAX`] each, in order, covering the range exactly.
+fn copy_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(COPY_PIECE_BYTES_MAX)).map(move |i| {
+        let at = i * COPY_PIECE_BYTES_MAX;
+        (off + at, (len - at).min(COPY_PIECE_BYTES_MAX))
+    })
+}
 
 /// Why a job stopped before its switch.
 #[derive(Debug)]
@@ -402,14 +417,16 @@ impl Runner<'_> {
         let copy_end = end.min(src.allocated_tracks()).max(first);
         let volumes = self.engine.volumes();
         if copy_end > first {
-            let len = g.bytes_of(copy_end - first) as usize;
-            if self.buf.len() < len {
-                self.buf.resize(len, 0);
+            let (off, len) = (g.bytes_of(first), g.bytes_of(copy_end - first));
+            for (at, n) in copy_pieces(off, len) {
+                let n = n as usize;
+                if self.buf.len() < n {
+                    self.buf.resize(n, 0);
+                }
+                read_pieces(&volumes, &src, at, &mut self.buf[..n])?;
+                write_pieces(&volumes, &dst, at, &self.buf[..n])?;
             }
-            let off = g.bytes_of(first);
-            read_pieces(&volumes, &src, off, &mut self.buf[..len])?;
-            write_pieces(&volumes, &dst, off, &self.buf[..len])?;
-            self.writeback(&volumes, &dst, off, len as u64)?;
+            self.writeback(&volumes, &dst, off, len)?;
         }
         if end > copy_end {
             let off = g.bytes_of(copy_end);
@@ -807,5 +824,30 @@ impl Runner<'_> {
     /// Roll back: free the target; the source was never changed.
     fn drop_record(&self) -> Result<(), FsError> {
         self.m.drop_record(self.job.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_pieces_cover_the_range_in_bounded_pieces() {
+        let mib = COPY_PIECE_BYTES_MAX;
+        assert_eq!(copy_pieces(0, 0).count(), 0);
+        assert_eq!(copy_pieces(5, 10).collect::<Vec<_>>(), [(5, 10)]);
+        assert_eq!(copy_pieces(0, mib).collect::<Vec<_>>(), [(0, mib)]);
+        assert_eq!(copy_pieces(7, mib + 1).collect::<Vec<_>>(), [(7, mib), (7 + mib, 1)]);
+        // A dirty run of 64 tracks of 8 MiB: 512 pieces of 1 MiB, none larger, in order.
+        let (off, len) = (3 * (8 << 20), 64 * (8 << 20));
+        let pieces: Vec<(u64, u64)> = copy_pieces(off, len).collect();
+        assert_eq!(pieces.len(), 512);
+        assert!(pieces.iter().all(|&(_, n)| n > 0 && n <= mib));
+        let mut at = off;
+        for (o, n) in pieces {
+            assert_eq!(o, at, "pieces are contiguous");
+            at += n;
+        }
+        assert_eq!(at, off + len, "and cover the range exactly");
     }
 }
