@@ -345,7 +345,10 @@ impl Exit {
     /// One line each, word for word the table in docs/cli.md.
     pub fn meaning(self) -> &'static str {
         match self {
-            Exit::Ok => "success; with --wait or `wait`, every job switched and every plan finished",
+            Exit::Ok => {
+                "success; with --wait or `wait`, every job switched (or found its data set deleted: nothing to \
+                 move) and every plan finished"
+            }
             Exit::Error => "an error: I/O, not a pool or a mount, a damaged catalog, problems found by fsck",
             Exit::Usage => "a usage error: an unknown flag, a missing argument, a malformed value",
             Exit::Refused => "refused: the mount or the pool understood the request and declined it; nothing changed",

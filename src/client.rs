@@ -121,6 +121,7 @@ fn summary(j: &JobReport) -> String {
             if j.mirrored { "on" } else { "off" },
             mib(j.copy_rate_bytes_per_s)
         ),
+        "gone" => format!("job {} {}: the data set was deleted; nothing to move", j.id, j.path),
         "failed" => format!("job {} {}: failed: {}", j.id, j.path, j.error.clone().unwrap_or_default()),
         "stopped" => format!("job {} {}: stopped (the mount is unmounting; its next mount starts it again)", j.id, j.path),
         p => format!("job {} {}: {p}", j.id, j.path),
@@ -306,7 +307,8 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
         if jobs_done && plans_done {
             let mut ending = Ending::Switched;
             let mut why = Vec::new();
-            for j in jobs.iter().filter(|j| j.phase != "switched") {
+            // A job whose data set was deleted had nothing to move: it ended well.
+            for j in jobs.iter().filter(|j| j.phase != "switched" && j.phase != "gone") {
                 ending = ending.max(ending_of_job(&j.phase));
                 why.push(summary(j));
             }
@@ -324,7 +326,7 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
 }
 
 fn is_final(phase: &str) -> bool {
-    matches!(phase, "switched" | "cancelled" | "failed" | "stopped")
+    matches!(phase, "switched" | "gone" | "cancelled" | "failed" | "stopped")
 }
 
 /// What `ferryfs wait` follows: the ids given (each a job or a plan of this mount; job and

@@ -7,8 +7,9 @@
 //! holding whatever it holds there, and writes a `pause` event so that a test knows it is
 //! in. Without the variable a pause point costs one load of an initialised `OnceLock`.
 //!
-//! The points: `close-window` (the downtime window is open, opens wait, nothing copied yet)
-//! and `live-hold` (live mode, writes held, nothing copied yet).
+//! The points: `close-window` (the downtime window is open, opens wait, nothing copied yet),
+//! `live-hold` (live mode, writes held, nothing copied yet; a cancel now still wins) and
+//! `live-switch` (just after: the switch is decided, a cancel now is refused as too late).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -18,7 +19,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRYFS_PAUSE";
 
 /// The names a pause can be set for.
-pub const POINTS: &[&str] = &["close-window", "live-hold"];
+pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch"];
 
 static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
 

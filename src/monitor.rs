@@ -18,7 +18,7 @@
 //!
 //! [`JobLink`] adds mirrored writes: once a job turns them on, a write to a track below the
 //! copied mark goes to the source *and* the target, under the track's stripe lock, and is
-//! not marked. The copier holds the same stripe locks while it re-copies a track, so a
+//! not marked; so do a punch, a zero range and a truncate's cut (they zero both). The copier holds the same stripe locks while it re-copies a track, so a
 //! mirrored write and a copy of the same track never interleave; the dirty set then only
 //! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
 //! before.

@@ -548,6 +548,163 @@ fn growth_and_truncation_during_a_job() {
     m.unmount();
 }
 
+/// The story: punch-hole and zero-range always marked their tracks dirty, and a truncate
+/// marked every track past the cut, even with mirrored writes on; an application that mixed
+/// them with its writes kept the dirty set from shrinking, and the job spun through its
+/// re-sync passes. Now every call that changes bytes or the size keeps the source and the
+/// target equal once mirrored writes are on, so the job converges in a few passes while the
+/// application goes on: no stop is needed for the switch.
+#[test]
+fn punch_zero_range_and_truncate_mirror_and_converge() {
+    const SIZE: u64 = 4 << 20;
+    let seed = seed_from_env("punch_zero_range_and_truncate_mirror_and_converge");
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "16M")]);
+    let m = tp.mount();
+    let path = m.p("mixed");
+    write_whole(&path, &pattern(SIZE as usize, 51));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let app = {
+        let (path, stop, ops) = (path.clone(), stop.clone(), ops.clone());
+        thread::spawn(move || {
+            let mut model = pattern(SIZE as usize, 51);
+            let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut rng = Rng::new(seed);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let at = rng.below(SIZE);
+                let len = 1 + rng.below((SIZE - at).min(300_000));
+                match rng.below(5) {
+                    0 | 1 => {
+                        let data = pattern(len as usize, seed ^ n);
+                        f.write_all_at(&data, at).unwrap();
+                        if model.len() < (at + len) as usize {
+                            model.resize((at + len) as usize, 0);
+                        }
+                        model[at as usize..(at + len) as usize].copy_from_slice(&data);
+                    }
+                    2 => {
+                        // Down or up, never past the data set's first size.
+                        f.set_len(at).unwrap();
+                        model.resize(at as usize, 0);
+                    }
+                    3 => {
+                        let r = unsafe_fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, at, len);
+                        r.unwrap_or_else(|e| panic!("zero range {at}+{len}: {e}"));
+                        if model.len() < (at + len) as usize {
+                            model.resize((at + len) as usize, 0);
+                        }
+                        model[at as usize..(at + len) as usize].fill(0);
+                    }
+                    _ => {
+                        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                        let r = unsafe_fallocate(&f, mode, at, len);
+                        r.unwrap_or_else(|e| panic!("punch {at}+{len}: {e}"));
+                        let end = ((at + len) as usize).min(model.len());
+                        if end > at as usize {
+                            model[at as usize..end].fill(0);
+                        }
+                    }
+                }
+                ops.fetch_add(1, Ordering::Release);
+            }
+            model
+        })
+    };
+    wait_for("the application to start", || ops.load(Ordering::Acquire) >= 50);
+    let id = one_job(&control(&m.mnt, "migrate /mixed to V2").unwrap());
+    let at_start = ops.load(Ordering::Acquire);
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    let at_switch = ops.load(Ordering::Acquire);
+    stop.store(true, Ordering::Release);
+    let model = app.join().expect("the application thread");
+    assert_eq!(j["phase"], "switched", "the job switched while the application ran: {j:#}\n{}", events(&m.mnt));
+    assert!(at_switch > at_start + 20, "test setup: the application ran {} calls during the job", at_switch - at_start);
+    assert!(u(&j["passes"]) <= 8, "the job converged in a few re-sync passes: {j:#}\n{}", events(&m.mnt));
+    // (No placement check: after the switch the application's growth may land anywhere.)
+    assert_bytes_eq(&read_fresh(&path), &model, "after the switch");
+    m.unmount();
+    let m = tp.mount();
+    assert_bytes_eq(&fs::read(m.p("mixed")).unwrap(), &model, "after a remount");
+    m.unmount();
+}
+
+/// fallocate(2) on an open file.
+fn unsafe_fallocate(f: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a file descriptor this test owns.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The daemon's peak resident memory (VmHWM), bytes.
+fn peak_rss_bytes(pid: i32) -> u64 {
+    let st = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = st.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+/// The story: the copier's buffer grew to the whole run it copied: a chunk (at least one
+/// track) or a dirty run (up to 64 tracks, with writes held); with 8 MiB tracks the daemon
+/// went from 5 MB to 275 MB. The copier now reads and writes in pieces of at most 1 MiB
+/// whatever the track size. A data set is migrated while a writer dirties every track over
+/// and over, so that runs of dirty tracks are re-synced: with 8 MiB tracks (16 of them),
+/// and with 64 MiB tracks (2 of them: the old buffer held a whole track even for the bulk
+/// copy). The daemon's peak memory must grow by less than 32 MiB: half a 64 MiB track, and
+/// 32 pieces, room for the allocator and the kernel's requests in flight.
+#[test]
+fn copy_memory_is_bounded_whatever_the_track_size() {
+    for (track_size, track_bytes, tracks) in [("8M", 8usize << 20, 16u64), ("64M", 64 << 20, 2)] {
+        let tp = TestPool::new(track_size, &[("V1", "256M"), ("V2", "256M")]);
+        let m = tp.mount();
+        let path = m.p("big");
+        write_whole(&path, &pattern(track_bytes * tracks as usize, 91));
+        let from = placement(&m.mnt, "/big").0[0].clone();
+        let to = if from == "V1" { "V2" } else { "V1" };
+        let pid = m.daemon_pid();
+        let before = peak_rss_bytes(pid);
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (path, stop, rounds) = (path.clone(), stop.clone(), rounds.clone());
+            thread::spawn(move || {
+                let f = OpenOptions::new().write(true).open(&path).unwrap();
+                let chunk = pattern(1 << 20, 92);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    // One write in every track, so that every track is dirty again.
+                    for t in 0..tracks {
+                        f.write_all_at(&chunk, t * track_bytes as u64 + (n % 8) * (1 << 20)).unwrap();
+                    }
+                    n += 1;
+                    rounds.store(n, Ordering::Release);
+                }
+            })
+        };
+        wait_for("the writer to start", || rounds.load(Ordering::Acquire) >= 1);
+        let id = one_job(&control(&m.mnt, &format!("migrate /big to {to}")).unwrap());
+        let j = wait_jobs(&m.mnt, &[id]).remove(0);
+        stop.store(true, Ordering::Release);
+        writer.join().unwrap();
+        let after = peak_rss_bytes(pid);
+        assert_eq!(j["phase"], "switched", "{j:#}");
+        assert!(u(&j["bytes_resynced"]) > 0, "test setup: the job re-synced nothing: {j:#}");
+        let grew = after.saturating_sub(before);
+        eprintln!("{track_size} tracks: peak memory {} MiB before the job, +{} KiB", before >> 20, grew >> 10);
+        assert!(
+            grew < 32 << 20,
+            "{track_size} tracks: the daemon's peak memory grew by {} MiB during the job ({} MiB before): {j:#}",
+            grew >> 20,
+            before >> 20
+        );
+        m.unmount();
+    }
+}
+
 /// A data set removed while its job runs, and one removed while its job is queued: at the
 /// unmount neither record outlives its data set (fsck is clean, nothing is left to start
 /// again, no reservation leaks), and the other data sets are intact.
@@ -580,6 +737,75 @@ fn data_sets_removed_during_their_jobs_leave_no_record() {
     }
     assert_bytes_eq(&fs::read(m.p("keep")).unwrap(), &keep, "keep");
     m.unmount();
+}
+
+/// The story: a merge failed with "job 805 failed: the data set no longer exists" though its
+/// volumes ended empty: a data set deleted while its job was queued (or copying) failed the
+/// job, and the plan with it. A deleted data set needs no move: its job ends `gone`, the
+/// plan goes on, ends done and says so, and `--wait` exits 0.
+#[test]
+fn data_sets_deleted_during_a_merge_end_gone_and_the_plan_succeeds() {
+    let tp = TestPool::new("16K", &[("V1", "8M"), ("V2", "8M")]);
+    let m = tp.mount();
+    let names = ["a", "b", "c", "d"];
+    for (i, n) in names.iter().enumerate() {
+        write_whole(&m.p(n), &pattern(1 << 20, 60 + i as u64));
+    }
+    // Added after the writes, so that every data set is on a source.
+    control(&m.mnt, "add V3 size=16M").unwrap();
+    control(&m.mnt, "set max-jobs=1").unwrap();
+    let mnt = s(&m.mnt).to_string();
+    let mut child = Command::new(bin())
+        .args(["merge", &mnt, "V1", "V2", "--into", "V3", "--rate", "1M", "--wait", "--interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut plan_jobs = Vec::new();
+    wait_for("the plan's jobs", || {
+        plan_jobs = status(&m.mnt)["plans"]
+            .as_array()
+            .unwrap()
+            .first()
+            .map(|p| p["jobs"].as_array().unwrap().iter().map(u).collect())
+            .unwrap_or_default();
+        plan_jobs.len() == names.len()
+    });
+    let copying = plan_jobs[0];
+    let queued = plan_jobs[names.len() - 1];
+    wait_running(&m.mnt, copying);
+    assert_eq!(job(&m.mnt, queued)["phase"], "queued", "test setup: max-jobs=1 keeps the last job queued");
+    let path_of = |id: u64| job(&m.mnt, id)["path"].as_str().unwrap().to_string();
+    let (copying_path, queued_path) = (path_of(copying), path_of(queued));
+    fs::remove_file(m.p(copying_path.trim_start_matches('/'))).unwrap();
+    fs::remove_file(m.p(queued_path.trim_start_matches('/'))).unwrap();
+    let status_code = wait_child(&mut child, "merge --wait");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let ev = events(&m.mnt);
+    assert!(status_code.success(), "merge --wait exits 0 ({status_code}):\n{out}\nevents:\n{ev}");
+    let st = status(&m.mnt);
+    let plan = &st["plans"][0];
+    assert_eq!(plan["phase"], "done", "{plan:#}\n{ev}");
+    for (id, path) in [(copying, &copying_path), (queued, &queued_path)] {
+        assert_eq!(job(&m.mnt, id)["phase"], "gone", "job {id} of the deleted {path}");
+        assert!(
+            ev.contains(&format!("job {id} gone path={path} (the data set was deleted; nothing to move)")),
+            "the events say job {id} had nothing to move:\n{ev}"
+        );
+        assert!(out.contains(&format!("job {id} {path}: the data set was deleted; nothing to move")), "{out}");
+    }
+    assert!(ev.contains("2 data sets were deleted before they were moved; nothing to move"), "{ev}");
+    assert!(ev.contains("merge-done"), "{ev}");
+    for id in plan_jobs.iter().filter(|id| ![copying, queued].contains(id)) {
+        assert_eq!(job(&m.mnt, *id)["phase"], "switched");
+    }
+    assert_eq!(usage(&m.mnt, "V1"), (0, 0), "V1 is empty");
+    assert_eq!(usage(&m.mnt, "V2"), (0, 0), "V2 is empty");
+    let (held, ls) = held_tracks(&m.mnt);
+    assert_eq!(usage(&m.mnt, "V3").0, held.get("V3").copied().unwrap_or(0), "no reservation leaked\n{ls:#}");
+    m.unmount();
+    fsck_clean(&tp.pool);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -658,7 +884,7 @@ fn cancel_rolls_back_and_keeps_every_write() {
     wait_switched(&m.mnt, &[idc]);
     let (code, err) = ferry_err(&["cancel", &mnt, &idc.to_string()]);
     assert_eq!(code, exit::REFUSED, "{err}");
-    assert_one_clear_line(&err, &format!("job {idc} has already switched"));
+    assert_one_clear_line(&err, &format!("job {idc} already switched"));
     let (code, err) = ferry_err(&["cancel", &mnt, "9999"]);
     assert_eq!(code, exit::REFUSED, "{err}");
     assert_one_clear_line(&err, "no job or plan 9999");
@@ -670,6 +896,59 @@ fn cancel_rolls_back_and_keeps_every_write() {
     verify_log(&a, &m.p("a"), "a after a remount");
     verify_log(&b, &m.p("b"), "b after a remount");
     m.unmount();
+}
+
+/// The story: `ok cancelling` was sent and the job switched anyway. The cancel flag was read
+/// before the cutover and not after the writes were held, so a cancel that came in between
+/// was acknowledged and ignored. The flag is now read at the point of no return, in the
+/// hold, under the lock the cancel takes: a cancel acknowledged before it wins (the job ends
+/// cancelled, the source untouched, the target freed), and one after it is refused as too
+/// late. The pause points put the cancel at each side of that point every time.
+#[test]
+fn a_cancel_at_the_cutover_wins_or_is_refused_as_too_late() {
+    let tp = TestPool::new("64K", &[("V1", "8M"), ("V2", "8M")]);
+    let data = pattern(1 << 20, 71);
+    {
+        let m = tp.mount();
+        write_whole(&m.p("f"), &data);
+        m.unmount();
+    }
+    let source = |m: &Mounted| placement(&m.mnt, "/f").0[0].clone();
+    let target = |m: &Mounted| if source(m) == "V1" { "V2" } else { "V1" };
+    let wait_pause = |m: &Mounted, id: u64, point: &str| {
+        let needle = format!("job {id} pause point={point}");
+        wait_for(&needle, || events(&m.mnt).contains(&needle));
+    };
+
+    // In the hold, before the point of no return: the cancel wins.
+    let m = tp.mount_env(&[("FERRYFS_PAUSE", "live-hold=2s")]);
+    let (from, to) = (source(&m), target(&m));
+    let id = one_job(&control(&m.mnt, &format!("migrate /f to {to}")).unwrap());
+    wait_pause(&m, id, "live-hold");
+    assert_eq!(control(&m.mnt, &format!("cancel {id}")).unwrap(), format!("ok cancelling job {id}"));
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["phase"], "cancelled", "an acknowledged cancel wins: {j:#}\n{}", events(&m.mnt));
+    assert_eq!(placement(&m.mnt, "/f").0, vec![from.clone()], "the source is untouched");
+    assert_eq!(usage(&m.mnt, to).0, 0, "the target is freed");
+    assert_bytes_eq(&read_fresh(&m.p("f")), &data, "after the cancel");
+    m.unmount();
+    fsck_clean(&tp.pool);
+
+    // Past it: the cancel is refused, and the job switches.
+    let m = tp.mount_env(&[("FERRYFS_PAUSE", "live-switch=2s")]);
+    let id = one_job(&control(&m.mnt, &format!("migrate /f to {to}")).unwrap());
+    wait_pause(&m, id, "live-switch");
+    let why = control(&m.mnt, &format!("cancel {id}")).unwrap_err();
+    assert_eq!(why, format!("job {id}: too late: the switch is under way"));
+    let j = wait_jobs(&m.mnt, &[id]).remove(0);
+    assert_eq!(j["phase"], "switched", "{j:#}");
+    assert_eq!(placement(&m.mnt, "/f").0, vec![to.to_string()]);
+    assert_eq!(usage(&m.mnt, &from).0, 0, "the source is freed");
+    assert_bytes_eq(&read_fresh(&m.p("f")), &data, "after the switch");
+    let why = control(&m.mnt, &format!("cancel {id}")).unwrap_err();
+    assert_eq!(why, format!("job {id} already switched"));
+    m.unmount();
+    fsck_clean(&tp.pool);
 }
 
 #[test]
@@ -1140,6 +1419,69 @@ fn refused_plans_and_migrations_change_nothing() {
     assert_bytes_eq(&read_fresh(&m.p("big")), &big, "big");
     assert_bytes_eq(&read_fresh(&m.p("small")), &small, "small");
     m.unmount();
+}
+
+/// The story: plans could work against each other. A running plan's target could become
+/// another plan's source (the second plan drained what the first was filling), and a volume
+/// being drained could be named a target. Both are refused now (exit 3, one clear line), as
+/// is a plan whose source a running job is filling; and while a plan drains a volume, no new
+/// data set and no growth lands on it.
+#[test]
+fn plans_do_not_work_against_each_other() {
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let m = tp.mount();
+    let mnt = s(&m.mnt).to_string();
+    let a = pattern(1 << 20, 81);
+    write_whole(&m.p("a"), &a);
+    write_whole(&m.p("b"), &pattern(1 << 20, 82));
+    for v in ["V2", "V3"] {
+        control(&m.mnt, &format!("add {v} size=8M")).unwrap();
+    }
+    control(&m.mnt, "set max-jobs=1").unwrap();
+    let plan = reply_plan(&control(&m.mnt, "merge V1 into V2 rate=128K").unwrap()).unwrap();
+    let v1_used = usage(&m.mnt, "V1").0;
+
+    // A running plan's target is no other plan's source; its sources are no plan's target.
+    let refusals: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["merge", &mnt, "V2", "--into", "V3"], "volume V2 is the target of plan"),
+        (vec!["drain", &mnt, "V2", "--to", "V3"], "volume V2 is the target of plan"),
+        (vec!["merge", &mnt, "V3", "--into", "V1"], "volume V1 is being emptied"),
+        (vec!["drain", &mnt, "V3", "--to", "V1"], "volume V1 is being emptied"),
+    ];
+    let before = state_of(&m.mnt);
+    for (args, says) in &refusals {
+        let (code, err) = ferry_err(args);
+        assert_eq!(code, exit::REFUSED, "`ferryfs {}`: {err}", args.join(" "));
+        assert_one_clear_line(&err, says);
+        assert_eq!(state_of(&m.mnt), before, "`ferryfs {}` was refused but changed something", args.join(" "));
+    }
+
+    // New data sets and growth go around the volume being drained.
+    fs::write(m.p("c"), pattern(1 << 20, 83)).unwrap();
+    let mut f = OpenOptions::new().append(true).open(m.p("a")).unwrap();
+    f.write_all(&pattern(512 << 10, 84)).unwrap();
+    drop(f);
+    assert!(!placement(&m.mnt, "/c").0.contains(&"V1".to_string()), "a new data set on a closed volume");
+    assert!(usage(&m.mnt, "V1").0 <= v1_used, "growth landed on the volume being drained");
+
+    // A running job's target is no plan's source either.
+    control(&m.mnt, "add V4 size=8M").unwrap();
+    let c_to = "V4";
+    let job = one_job(&control(&m.mnt, &format!("migrate /c to {c_to} rate=64K")).unwrap());
+    let (code, err) = ferry_err(&["drain", &mnt, c_to]);
+    assert_eq!(code, exit::REFUSED, "{err}");
+    assert_one_clear_line(&err, &format!("volume {c_to} is the target of job {job}"));
+
+    for id in [job, plan] {
+        control(&m.mnt, &format!("cancel {id}")).unwrap();
+    }
+    wait_plan(&m.mnt, plan);
+    wait_jobs(&m.mnt, &[job]);
+    let mut want_a = a.clone();
+    want_a.extend_from_slice(&pattern(512 << 10, 84));
+    assert_bytes_eq(&read_fresh(&m.p("a")), &want_a, "a");
+    m.unmount();
+    fsck_clean(&tp.pool);
 }
 
 #[test]

@@ -679,7 +679,7 @@ struct Migrations {
 /// Job failures that are not bugs: the target (or the pool) filled up, or the data set was
 /// removed before the job could start.
 fn legitimate_failure(why: &str) -> bool {
-    why.contains("target full") || why.contains("no longer exists") || why.contains("grew past the pool")
+    why.contains("target full") || why.contains("grew past the pool")
 }
 
 /// Judges a job that has ended: switched and cancelled are fine, a failure must be
@@ -694,6 +694,7 @@ fn judge(mig: &mut Migrations, j: &serde_json::Value, when: &str) -> Result<(), 
     match phase {
         "switched" => mig.switched += 1,
         "cancelled" => mig.notes.push(format!("{when}: {what} cancelled")),
+        "gone" => mig.notes.push(format!("{when}: {what} gone (the data set was deleted)")),
         "failed" => {
             let why = j["error"].as_str().unwrap_or("");
             prop_assert!(legitimate_failure(why), "{}: {} failed for no good reason: {}", when, what, j);

@@ -635,7 +635,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
                 ("failed", Some(p)) if r.error.as_deref().is_some_and(|e| e.contains("os error 5")) => {
                     Tally::count(&tally.cut_in_phase, p)
                 }
-                ("switched" | "failed" | "cancelled" | "stopped", _) => {}
+                ("switched" | "gone" | "failed" | "cancelled" | "stopped", _) => {}
                 (p, _) => Tally::count(&tally.cut_in_phase, p),
             }
         }

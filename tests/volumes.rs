@@ -704,3 +704,53 @@ fn freed_tracks_are_never_zeroed_under_a_new_owner() {
     m.unmount();
     fsck_clean(&tp.pool);
 }
+
+/// The story: on a full pool of 16 tracks, X held 5 tracks and one byte (6 tracks, and the
+/// surplus its growth was given), Y held 6; `truncate X` to 12 tracks by path left X with a
+/// size of 786432 bytes on an allocation of 8 tracks, and fsck refused the catalog. (A
+/// truncate by path builds a node of its own, and the reclaim of surplus tails that the
+/// allocation falls back on trims X itself under that node.) A truncate up that the pool
+/// can't hold must fail with ENOSPC and change nothing; one that fits succeeds whole.
+#[test]
+fn truncate_up_by_path_on_a_full_pool_fails_whole() {
+    for vols in [&[("V1", "1M")][..], &[("V1", "512K"), ("V2", "512K")][..]] {
+        let tp = TestPool::new("64K", vols);
+        let m = tp.mount();
+        let x = pattern(5 * K64 as usize, 41);
+        fs::write(m.p("X"), &x).unwrap();
+        OpenOptions::new().append(true).open(m.p("X")).unwrap().write_all(b"!").unwrap();
+        let y = pattern(6 * K64 as usize, 42);
+        fs::write(m.p("Y"), &y).unwrap();
+        let r = nix_truncate(&m.p("X"), 12 * K64);
+        assert_errno(r, libc::ENOSPC, &format!("{vols:?}: truncate X up past the pool's free space"));
+        let mut want_x = x.clone();
+        want_x.push(b'!');
+        assert_eq!(fs::metadata(m.p("X")).unwrap().len(), want_x.len() as u64, "X keeps its size");
+        assert_bytes_eq(&fs::read(m.p("X")).unwrap(), &want_x, "X intact");
+        assert_bytes_eq(&fs::read(m.p("Y")).unwrap(), &y, "Y intact");
+        check_catalog_views(&m.mnt);
+        m.unmount();
+        fsck_clean(&tp.pool);
+        let m = tp.mount();
+        // Once Y is gone, the same truncate fits, and succeeds whole.
+        fs::remove_file(m.p("Y")).unwrap();
+        nix_truncate(&m.p("X"), 12 * K64).unwrap();
+        assert_eq!(fs::metadata(m.p("X")).unwrap().len(), 12 * K64);
+        want_x.resize(12 * K64 as usize, 0);
+        assert_bytes_eq(&fs::read(m.p("X")).unwrap(), &want_x, "X after the truncate up");
+        check_catalog_views(&m.mnt);
+        m.unmount();
+        fsck_clean(&tp.pool);
+    }
+}
+
+/// truncate(2) by path, as `os.truncate` does (no open handle).
+fn nix_truncate(path: &Path, len: u64) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; truncate(2) reads it only.
+    if unsafe { libc::truncate(c.as_ptr(), len as libc::off_t) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -2,6 +2,7 @@
 //! hooks (marks and mirrored writes) in one place.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -38,16 +39,67 @@ pub fn read_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, buf: &mut [u
     Ok(())
 }
 
-impl FileNode {
-    /// The monitor (steps d and e): record that bytes `offset..end` of the source changed
-    /// other than through [`FileNode::write_monitored`] (zeroing, truncation). Called after
-    /// the change reached the source.
-    fn mark_changed(&self, g: Geometry, offset: u64, end: u64) {
-        if end > offset {
-            if let Some(link) = self.job.load().as_ref() {
-                link.dirty.mark(g.track_of(offset), g.track_of(end - 1));
-            }
+/// Make logical bytes `range` of a data set mapped by `map` read as zeros (punched; the
+/// part past its allocation reads as zeros already).
+pub fn zero_pieces(volumes: &Volumes, map: &ExtentMap, range: Range<u64>) -> Result<()> {
+    let end = range.end.min(map.allocated_bytes());
+    if end <= range.start {
+        return Ok(());
+    }
+    for p in map.pieces(range.start, (end - range.start) as usize) {
+        if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
+            volume_of(volumes, volume)?.punch(offset_bytes, len as u64)?;
         }
+    }
+    Ok(())
+}
+
+impl FileNode {
+    /// Bytes `changed` of the data set now read as zeros (a punch, a zero range, a truncate's
+    /// cut), under the monitor. `zero` (inside `changed` and the source's allocation) is
+    /// zeroed on the source here; the rest of `changed` reads as zeros already, or lies past
+    /// the size and is about to be cut.
+    ///
+    /// With no job, or no mirrored writes, the source is zeroed and then the tracks are
+    /// marked (after the change reached the source, as for a write: monitor.rs). With
+    /// mirrored writes on, the part below the copied mark is changed like a mirrored write:
+    /// under the tracks' stripe locks, on the source and on the target alike, and not marked;
+    /// only the part past the copied mark is marked. So a job whose applications punch, zero
+    /// and truncate converges like one whose applications only write: once mirrored writes
+    /// are on, its dirty set only shrinks.
+    fn zero_monitored(&self, g: Geometry, volumes: &Volumes, zero: Range<u64>, changed: Range<u64>) -> Result<()> {
+        let link = self.job.load();
+        let Some(l) = link.as_ref().filter(|_| changed.end > changed.start) else {
+            return zero_pieces(volumes, &self.map.load(), zero);
+        };
+        // Tracks below the copied mark stay below it: the mark never goes down.
+        let split = if l.mirroring() { changed.end.min(g.bytes_of(l.copied_tracks())) } else { changed.start };
+        if split > changed.start {
+            let _stripes = l.lock_tracks(g.track_of(changed.start).0, g.track_of(split - 1).0);
+            zero_pieces(volumes, &self.map.load(), zero)?;
+            let target = l.target.load();
+            let end = split.min(target.allocated_bytes());
+            if end > changed.start {
+                if let Err(e) = zero_pieces(volumes, &target, changed.start..end) {
+                    // The source has the change; the job fails, not the application's call.
+                    l.fail_target(format!("mirrored zeroing of the target: {e}"));
+                    l.dirty.mark(g.track_of(changed.start), g.track_of(split - 1));
+                }
+            }
+            l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            zero_pieces(volumes, &self.map.load(), zero)?;
+        }
+        // Tracks past the target's reservation were never copied (the copier writes only
+        // inside it), and are copied afresh when the target grows to them: no mark. (Read
+        // after the source changed: a copy that read the old bytes had reserved its tracks
+        // before that.) A truncate's cut reaches into the over-provisioned tail, which no
+        // target reserves.
+        let mark_end = changed.end.min(l.target.load().allocated_bytes());
+        if mark_end > split {
+            l.dirty.mark(g.track_of(split), g.track_of(mark_end - 1));
+        }
+        Ok(())
     }
 
     /// Write `data` at `offset` of the source, under the monitor: if a job mirrors the
@@ -174,19 +226,6 @@ impl Engine {
         Ok(buf)
     }
 
-    /// Zero `offset..offset+len` of a data set, inside its allocation.
-    pub(super) fn zero_range(&self, map: &ExtentMap, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        for p in map.pieces(offset, len as usize) {
-            if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
-                self.volume(volume)?.punch(offset_bytes, len as u64)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Set a data set's size (open or not).
     pub fn truncate(&self, ino: Ino, new_size: u64, now: i64) -> Result<()> {
         let nodes = self.nodes.lock();
@@ -211,14 +250,17 @@ impl Engine {
         };
         if new_size < old_size {
             let keep_tracks = g.tracks_for(new_size);
-            let map = node.map.load();
-            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(map.allocated_bytes());
-            if zero_end > new_size {
-                self.zero_range(&map, new_size, zero_end - new_size)?;
-            }
-            // A migration re-copies the cut track, and drops (or re-copies, if the data set
-            // grows back) every track past it.
-            node.mark_changed(g, new_size, map.allocated_bytes().max(new_size + 1));
+            let allocated_bytes = node.map.load().allocated_bytes();
+            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(allocated_bytes);
+            // The cut part of the last kept track is zeroed; a migration re-copies it, and
+            // drops (or re-copies, if the data set grows back) every track past it, unless
+            // mirrored writes are on: then the target is cut alike (zeroed) at once.
+            node.zero_monitored(
+                g,
+                &self.volumes.read(),
+                new_size..zero_end.max(new_size),
+                new_size..allocated_bytes.max(new_size + 1),
+            )?;
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             if allocated > keep_tracks {
                 self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
@@ -260,11 +302,9 @@ impl Engine {
         if punch {
             // Only inside the size: past it the bytes are zero already.
             let size = node.size_bytes.load(Ordering::Acquire);
-            let map = node.map.load();
-            let stop = end.min(size).min(map.allocated_bytes());
+            let stop = end.min(size).min(node.map.load().allocated_bytes());
             if stop > offset {
-                self.zero_range(&map, offset, stop - offset)?;
-                node.mark_changed(g, offset, stop);
+                node.zero_monitored(g, &self.volumes.read(), offset..stop, offset..stop)?;
             }
             return Ok(());
         }
@@ -272,9 +312,7 @@ impl Engine {
             self.grow(node, end)?;
         }
         if zero {
-            let map = node.map.load();
-            self.zero_range(&map, offset, length)?;
-            node.mark_changed(g, offset, end);
+            node.zero_monitored(g, &self.volumes.read(), offset..end, offset..end)?;
         }
         if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
             self.raise_size(node, end, now_ns())?;

@@ -120,7 +120,7 @@ impl Engine {
                 let map = ExtentMap::new(g, extents);
                 let end = map.allocated_bytes();
                 if end > *size_bytes {
-                    self.zero_range(&map, *size_bytes, end - size_bytes)?;
+                    super::io::zero_pieces(&self.volumes.read(), &map, *size_bytes..end)?;
                     n += 1;
                 }
             }

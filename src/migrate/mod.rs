@@ -55,6 +55,9 @@ pub enum Phase {
     AwaitingClose,
     Cutover,
     Switched,
+    /// The data set was deleted while the job was queued or ran: nothing to move. The job's
+    /// record is rolled back (its target freed); a plan goes on.
+    Gone,
     Cancelled,
     Failed,
     Stopped,
@@ -62,7 +65,7 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order a job goes through them (the final ones last).
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 12] = [
         Phase::Queued,
         Phase::Assessing,
         Phase::Allocating,
@@ -71,6 +74,7 @@ impl Phase {
         Phase::AwaitingClose,
         Phase::Cutover,
         Phase::Switched,
+        Phase::Gone,
         Phase::Cancelled,
         Phase::Failed,
         Phase::Stopped,
@@ -86,6 +90,7 @@ impl Phase {
             Phase::AwaitingClose => "awaiting-close",
             Phase::Cutover => "cutover",
             Phase::Switched => "switched",
+            Phase::Gone => "gone",
             Phase::Cancelled => "cancelled",
             Phase::Failed => "failed",
             Phase::Stopped => "stopped",
@@ -93,7 +98,7 @@ impl Phase {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Phase::Switched | Phase::Cancelled | Phase::Failed | Phase::Stopped)
+        matches!(self, Phase::Switched | Phase::Gone | Phase::Cancelled | Phase::Failed | Phase::Stopped)
     }
 }
 
@@ -112,6 +117,9 @@ pub struct JobState {
     error: Mutex<Option<String>>,
     failed_in: Mutex<Option<Phase>>,
     cancel: AtomicBool,
+    /// Set at the cutover's point of no return, under the `phase` lock, where the cancel
+    /// flag is read: a cancel that was acknowledged before it wins, one after it is refused.
+    switching: AtomicBool,
     pub bytes_copied: AtomicU64,
     pub bytes_resynced: AtomicU64,
     pub bytes_total: AtomicU64,
@@ -143,6 +151,7 @@ impl JobState {
             error: Mutex::new(None),
             failed_in: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
             bytes_copied: AtomicU64::new(0),
             bytes_resynced: AtomicU64::new(0),
             bytes_total: AtomicU64::new(0),
@@ -167,6 +176,19 @@ impl JobState {
 
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// The cutover's point of no return, with writes held: false if a cancel came first (the
+    /// job must roll back), else the switch goes on and every later cancel is refused. The
+    /// `phase` lock makes this and [`cancel`]'s check-and-set one order: no cancel is
+    /// acknowledged that the switch does not see.
+    fn begin_switch(&self) -> bool {
+        let _phase = self.phase.lock();
+        if self.cancel_requested() {
+            return false;
+        }
+        self.switching.store(true, Ordering::Release);
+        true
     }
 
     /// The job is done with its link: keep what the report needs from it.
@@ -574,6 +596,13 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
         }
     };
     if left.is_empty() {
+        let gone = states.iter().filter(|j| j.phase() == Phase::Gone).count();
+        if gone > 0 {
+            m.event(format!(
+                "plan {} {gone} data sets were deleted before they were moved; nothing to move",
+                plan.rec.id
+            ));
+        }
         end(&mut cat, PlanPhase::Done, None);
         return;
     }
@@ -762,8 +791,33 @@ fn start_plan(
     if let Some(t) = targets.iter().find(|t| sources.contains(t)) {
         return refuse(libc::EINVAL, format!("volume {} is both a source and a target", plan::volume_name(c, *t)));
     }
+    // Plans must not work against each other: a volume that a running plan empties takes
+    // nothing new, and one that a running plan (or job) fills is not emptied under it.
     if let Some(p) = c.plans.values().find(|p| p.sources.iter().any(|s| sources.contains(s) || targets.contains(s))) {
         return refuse(libc::EBUSY, format!("plan {} is already emptying {}", p.id, names(c, &p.sources)));
+    }
+    if let Some((p, v)) = c.plans.values().find_map(|p| p.targets.iter().find(|t| sources.contains(t)).map(|v| (p, *v)))
+    {
+        return refuse(
+            libc::EBUSY,
+            format!("volume {} is the target of plan {}, which is still filling it", plan::volume_name(c, v), p.id),
+        );
+    }
+    if let Some((j, v)) = inner
+        .jobs
+        .values()
+        .filter(|j| !j.phase().is_final())
+        .find_map(|j| j.targets.iter().find(|t| sources.contains(t)).map(|v| (j, *v)))
+    {
+        return refuse(
+            libc::EBUSY,
+            format!(
+                "volume {} is the target of job {}, which is still moving {}",
+                plan::volume_name(c, v),
+                j.id,
+                j.path
+            ),
+        );
     }
     let id = Migrations::next_id(&mut inner, c);
     let rec = PlanRec {
@@ -822,32 +876,41 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
         return Ok(format!("ok cancelling plan {id}"));
     }
     let Some(job) = job else { return refuse(libc::ENOENT, format!("no job or plan {id}")) };
-    match job.phase() {
-        Phase::Switched => return refuse(libc::EINVAL, format!("job {id} has already switched")),
-        p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
-        Phase::Cutover => return refuse(libc::EBUSY, format!("job {id} is switching; too late to cancel")),
-        Phase::Queued => {
-            job.cancel.store(true, Ordering::Release);
-            let removed = {
-                let mut inner = m.inner.lock();
-                let before = inner.queue.len();
-                inner.queue.retain(|j| j.id != id);
-                before != inner.queue.len()
-            };
-            if removed {
-                m.drop_record(id)?;
-                job.set_phase(Phase::Cancelled);
-                job.ended_ns.store(now_ns(), Ordering::Relaxed);
-                m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
-                if let Some(p) = job.plan {
-                    let plan = m.inner.lock().plans.get(&p).cloned();
-                    if let Some(plan) = plan {
-                        plan_progress(m, &plan);
-                    }
+    // Checked and set under the phase lock, as the job's point of no return is
+    // (`JobState::begin_switch`): an acknowledged cancel always wins.
+    let queued = {
+        let phase = job.phase.lock();
+        match *phase {
+            Phase::Switched => return refuse(libc::EINVAL, format!("job {id} already switched")),
+            p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
+            _ if job.switching.load(Ordering::Acquire) => {
+                return refuse(libc::EBUSY, format!("job {id}: too late: the switch is under way"))
+            }
+            p => {
+                job.cancel.store(true, Ordering::Release);
+                p == Phase::Queued
+            }
+        }
+    };
+    if queued {
+        let removed = {
+            let mut inner = m.inner.lock();
+            let before = inner.queue.len();
+            inner.queue.retain(|j| j.id != id);
+            before != inner.queue.len()
+        };
+        if removed {
+            m.drop_record(id)?;
+            job.set_phase(Phase::Cancelled);
+            job.ended_ns.store(now_ns(), Ordering::Relaxed);
+            m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
+            if let Some(p) = job.plan {
+                let plan = m.inner.lock().plans.get(&p).cloned();
+                if let Some(plan) = plan {
+                    plan_progress(m, &plan);
                 }
             }
         }
-        _ => job.cancel.store(true, Ordering::Release),
     }
     Ok(format!("ok cancelling job {id}"))
 }

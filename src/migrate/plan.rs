@@ -19,16 +19,16 @@ pub struct PlannedJob {
 /// Steps b and c: the target of `tracks` tracks on `targets`, as one request: one contiguous
 /// run if a target volume has one that holds it (the volume with the most free tracks
 /// first), else the fewest extents (the largest runs first). `None` if the targets don't
-/// hold it.
+/// hold it. A closed volume (a plan's source) is never a target, as it takes no growth.
 pub fn place_target(c: &Catalog, targets: &[VolumeId], tracks: u64) -> Option<Vec<Extent>> {
-    let frees = c.volumes.values().filter(|v| targets.contains(&v.id)).map(|v| &v.free);
+    let frees = c.open_volumes().filter(|v| targets.contains(&v.id)).map(|v| &v.free);
     plan_growth(frees, None, 0, tracks)
 }
 
 /// More target tracks for a job whose data set grew: in place after the target's last
 /// extent when possible, over-provisioned like any growth.
 pub fn grow_target(c: &Catalog, targets: &[VolumeId], have: &[Extent], more: u64) -> Option<Vec<Extent>> {
-    let frees = c.volumes.values().filter(|v| targets.contains(&v.id)).map(|v| &v.free);
+    let frees = c.open_volumes().filter(|v| targets.contains(&v.id)).map(|v| &v.free);
     plan_growth(frees, have.last().copied(), have.iter().map(|e| e.count_tracks).sum(), more)
 }
 

@@ -63,7 +63,7 @@ pub fn job(mnt: &Path, id: u64) -> Value {
 }
 
 pub fn is_final(phase: &str) -> bool {
-    matches!(phase, "switched" | "cancelled" | "failed" | "stopped")
+    matches!(phase, "switched" | "gone" | "cancelled" | "failed" | "stopped")
 }
 
 /// Wait until every job in `ids` has ended; their final reports.
