@@ -359,7 +359,6 @@ pub fn check_new_volume(
     if cat.volume_by_name(name).is_some() {
         return Err(PoolError::VolumeExists { name: name.to_string() });
     }
-    let g = cat.geometry;
     if let Some(p) = path {
         // Before anything stats the path: a stat inside the pool's own mount is a request to
         // the daemon that is asking, which holds the catalog while it checks.
@@ -369,10 +368,6 @@ pub fn check_new_volume(
         if crate::device::is_block_device(p) {
             return check_new_device(cat, dir, name, size_bytes, p, force);
         }
-    }
-    let tracks_total = g.whole_tracks_in(size_bytes);
-    if tracks_total == 0 {
-        return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
     }
     let path = match path {
         Some(p) => {
@@ -390,14 +385,7 @@ pub fn check_new_volume(
         }
         return Err(PoolError::ImageExists { path });
     }
-    Ok(NewVolume {
-        id: VolumeId(cat.next_volume),
-        name: name.to_string(),
-        path,
-        size_bytes: g.bytes_of(tracks_total),
-        tracks_total,
-        device: false,
-    })
+    NewVolume::sized(cat, name, path, size_bytes, false)
 }
 
 fn check_new_device(
@@ -443,22 +431,27 @@ fn check_new_device(
     if want > usable {
         return Err(refused(format!("it holds {usable} bytes for a volume (less its label), not {want}")));
     }
-    let g = cat.geometry;
-    let tracks_total = g.whole_tracks_in(want);
-    if tracks_total == 0 {
-        return Err(PoolError::VolumeTooSmall { size_bytes: want, track_bytes: g.track_size_bytes() });
-    }
-    Ok(NewVolume {
-        id: VolumeId(cat.next_volume),
-        name: name.to_string(),
-        path,
-        size_bytes: g.bytes_of(tracks_total),
-        tracks_total,
-        device: true,
-    })
+    NewVolume::sized(cat, name, path, want, true)
 }
 
 impl NewVolume {
+    /// The next volume of `cat`, of `size_bytes` rounded down to whole tracks (at least one).
+    fn sized(cat: &Catalog, name: &str, path: PathBuf, size_bytes: u64, device: bool) -> Result<NewVolume, PoolError> {
+        let g = cat.geometry;
+        let tracks_total = g.whole_tracks_in(size_bytes);
+        if tracks_total == 0 {
+            return Err(PoolError::VolumeTooSmall { size_bytes, track_bytes: g.track_size_bytes() });
+        }
+        Ok(NewVolume {
+            id: VolumeId(cat.next_volume),
+            name: name.to_string(),
+            path,
+            size_bytes: g.bytes_of(tracks_total),
+            tracks_total,
+            device,
+        })
+    }
+
     /// Creates the sparse image (synced, and its directory too) and returns it open, with
     /// the op that records the volume. The caller commits the op, or removes the image if
     /// it can't. Used offline (`Pool::add_volume`) and by a mount (the `add` control verb).

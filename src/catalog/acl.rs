@@ -123,10 +123,11 @@ pub fn create_masq(acl: &mut [u8], perm: u32) -> (u32, bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    /// An ACL's xattr bytes from (tag, perm, id) entries.
+    pub(crate) fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
         let mut b = ACL_VERSION.to_le_bytes().to_vec();
         for (tag, perm, id) in entries {
             b.extend_from_slice(&tag.to_le_bytes());

@@ -132,17 +132,8 @@ pub fn inherit(parent: Option<&Xattrs>, perm: u32, umask: u32, kind: &NewKind) -
 mod tests {
     use super::*;
 
-    use crate::catalog::acl::{ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_USER, ACL_USER_OBJ, ACL_VERSION};
-
-    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-        let mut b = ACL_VERSION.to_le_bytes().to_vec();
-        for (tag, perm, id) in entries {
-            b.extend_from_slice(&tag.to_le_bytes());
-            b.extend_from_slice(&perm.to_le_bytes());
-            b.extend_from_slice(&id.to_le_bytes());
-        }
-        b
-    }
+    use crate::catalog::acl::tests::acl;
+    use crate::catalog::acl::{ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_USER, ACL_USER_OBJ};
 
     #[test]
     fn a_default_acl_is_inherited_masked_by_the_mode() {
