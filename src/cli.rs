@@ -814,7 +814,10 @@ fn print_listing(l: &report::Listing, extents: bool) {
         );
         if extents {
             for e in &d.extents {
-                println!("    {:<10} first track {:>8}  tracks {:>8}", e.volume, e.first_track, e.track_count);
+                println!(
+                    "    at {:>8}  {:<10} first track {:>8}  tracks {:>8}",
+                    e.logical_track, e.volume, e.first_track, e.track_count
+                );
             }
         }
     }

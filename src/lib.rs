@@ -43,5 +43,6 @@ pub mod catalog;
 pub mod device;
 pub mod extent_map;
 pub mod geometry;
+pub mod layout;
 pub mod space;
 pub mod storage;

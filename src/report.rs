@@ -27,6 +27,8 @@ pub struct VolumeList {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ExtentReport {
+    /// The data set's logical track the extent starts at (holes lie between extents).
+    pub logical_track: u64,
     pub volume: String,
     pub first_track: u64,
     pub track_count: u64,
@@ -145,8 +147,8 @@ pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
 pub fn volumes_by_id(c: &Catalog) -> Vec<(VolumeId, VolumeReport)> {
     let mut sets: HashMap<VolumeId, u64> = HashMap::new();
     for i in c.inodes.values() {
-        if let Body::File { extents, .. } = &i.body {
-            let mut seen: Vec<VolumeId> = extents.iter().map(|e| e.volume).collect();
+        if let Body::File { layout, .. } = &i.body {
+            let mut seen: Vec<VolumeId> = layout.extents().map(|e| e.volume).collect();
             seen.sort_unstable();
             seen.dedup();
             for v in seen {
@@ -199,10 +201,10 @@ pub fn list(c: &Catalog, path: &str) -> Option<Listing> {
                     stack.push((child, format!("{p}{sep}{}", String::from_utf8_lossy(name))));
                 }
             }
-            Body::File { size_bytes, extents } => {
+            Body::File { size_bytes, layout, .. } => {
                 let name = |id: VolumeId| c.volumes.get(&id).map(|v| v.name.clone()).unwrap_or(format!("#{}", id.0));
                 let mut vols: Vec<String> = Vec::new();
-                for e in extents {
+                for e in layout.extents() {
                     let n = name(e.volume);
                     if !vols.contains(&n) {
                         vols.push(n);
@@ -212,15 +214,17 @@ pub fn list(c: &Catalog, path: &str) -> Option<Listing> {
                     path: p,
                     ino,
                     size_bytes: *size_bytes,
-                    allocated_tracks: extents.iter().map(|e| e.count_tracks).sum(),
-                    extent_count: extents.len(),
+                    allocated_tracks: layout.mapped_tracks(),
+                    extent_count: layout.runs().len(),
                     volumes: vols,
-                    extents: extents
+                    extents: layout
+                        .runs()
                         .iter()
-                        .map(|e| ExtentReport {
-                            volume: name(e.volume),
-                            first_track: e.first.0,
-                            track_count: e.count_tracks,
+                        .map(|r| ExtentReport {
+                            logical_track: r.logical,
+                            volume: name(r.extent.volume),
+                            first_track: r.extent.first.0,
+                            track_count: r.extent.count_tracks,
                         })
                         .collect(),
                 });

@@ -216,10 +216,13 @@ fn a_new_device_reads_as_zeros_where_it_held_old_bytes() {
     ferry_ok(&["volume", "add", s(&tp.pool), "D1", "--path", d.s(), "--force"]);
     let m = tp.mount();
     write_sync(&m.p("f"), b"head");
-    // Growing by truncate exposes allocated tracks that were never written.
+    // fallocate maps tracks that were never written (a truncate up would only make a hole).
     let f = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
-    f.set_len(4 << 20).unwrap();
+    use std::os::unix::{fs::MetadataExt, io::AsRawFd};
+    // SAFETY: fallocate on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 4 << 20) }, 0, "fallocate");
     f.sync_all().unwrap();
+    assert!(fs::metadata(m.p("f")).unwrap().blocks() >= (4 << 20) / 512, "the tracks are mapped");
     drop(f);
     let got = fs::read(m.p("f")).unwrap();
     assert_eq!(&got[..4], b"head");

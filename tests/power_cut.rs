@@ -305,9 +305,9 @@ fn check_recovered(sim: &Sim, oracle: &mut Oracle) -> Result<u64, String> {
     let volumes = sim.engine.volumes();
     let mut files = BTreeMap::new();
     for (name, &ino) in &names {
-        let Some(Body::File { size_bytes, extents }) = c.get(ino).map(|i| &i.body) else { continue };
+        let Some(Body::File { size_bytes, layout, .. }) = c.get(ino).map(|i| &i.body) else { continue };
         let mut got = vec![0u8; *size_bytes as usize];
-        let map = ExtentMap::new(c.geometry, extents);
+        let map = ExtentMap::new(c.geometry, layout);
         read_pieces(&volumes, &map, 0, &mut got).map_err(|e| format!("{name}: read: {e}"))?;
         let model = oracle.files.get(&ino).cloned().unwrap_or_default();
         model.allows(&got).map_err(|e| format!("{name} (inode {ino}): {e}"))?;

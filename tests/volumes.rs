@@ -41,8 +41,10 @@ fn check_catalog_views(target: &Path) {
         assert_eq!(exts.len() as u64, u(&d["extent_count"]), "{path}: extent_count");
         let sum: u64 = exts.iter().map(|e| u(&e["track_count"])).sum();
         assert_eq!(sum, u(&d["allocated_tracks"]), "{path}: extents add up to allocated_tracks");
-        // a data set is dense: its size lies inside its allocation
-        assert!(sum * ts >= u(&d["size_bytes"]), "{path}: {} tracks cannot hold {} bytes", sum, u(&d["size_bytes"]));
+        // a data set is sparse: its extents lie at logical tracks, in order, not overlapping
+        let runs: Vec<(u64, u64)> =
+            exts.iter().map(|e| (u(&e["logical_track"]), u(&e["logical_track"]) + u(&e["track_count"]))).collect();
+        assert!(runs.windows(2).all(|w| w[0].1 <= w[1].0), "{path}: extents overlap or are out of order: {d}");
         let mut order = Vec::new();
         for e in exts {
             let name = e["volume"].as_str().unwrap().to_string();
@@ -317,9 +319,13 @@ fn remount_keeps_everything() {
     let after = ls_json(&tp.pool);
     assert_eq!(without_allocation(&after), without_allocation(&ls_before), "ls of the pool equals ls of the mount");
     for (a, b) in after["data_sets"].as_array().unwrap().iter().zip(ls_before["data_sets"].as_array().unwrap()) {
+        // Nothing mapped past the size is left; "sparse" keeps its hole (one track mapped).
         let need = u(&a["size_bytes"]).div_ceil(K64);
-        assert_eq!(u(&a["allocated_tracks"]), need, "unmount trims {} to its size", a["path"]);
-        assert!(u(&b["allocated_tracks"]) >= need);
+        let end = a["extents"].as_array().unwrap().last().map_or(0, |e| u(&e["logical_track"]) + u(&e["track_count"]));
+        assert!(end <= need, "unmount trims {} to its size: {a}", a["path"]);
+        let want = if a["path"] == "/sparse" { 1 } else { need };
+        assert_eq!(u(&a["allocated_tracks"]), want, "{}: {a}", a["path"]);
+        assert!(u(&b["allocated_tracks"]) >= want);
     }
 
     let m = tp.mount();
@@ -712,7 +718,7 @@ fn freed_tracks_are_never_zeroed_under_a_new_owner() {
 /// allocation falls back on trims X itself under that node.) A truncate up that the pool
 /// can't hold must fail with ENOSPC and change nothing; one that fits succeeds whole.
 #[test]
-fn truncate_up_by_path_on_a_full_pool_fails_whole() {
+fn truncate_up_by_path_on_a_full_pool_is_a_hole() {
     for vols in [&[("V1", "1M")][..], &[("V1", "512K"), ("V2", "512K")][..]] {
         let tp = TestPool::new("64K", vols);
         let m = tp.mount();
@@ -721,23 +727,31 @@ fn truncate_up_by_path_on_a_full_pool_fails_whole() {
         OpenOptions::new().append(true).open(m.p("X")).unwrap().write_all(b"!").unwrap();
         let y = pattern(6 * K64 as usize, 42);
         fs::write(m.p("Y"), &y).unwrap();
-        let r = nix_truncate(&m.p("X"), 12 * K64);
-        assert_errno(r, libc::ENOSPC, &format!("{vols:?}: truncate X up past the pool's free space"));
+        // Data sets are sparse: the new size is a hole, which takes no track.
+        nix_truncate(&m.p("X"), 12 * K64).unwrap();
         let mut want_x = x.clone();
         want_x.push(b'!');
-        assert_eq!(fs::metadata(m.p("X")).unwrap().len(), want_x.len() as u64, "X keeps its size");
-        assert_bytes_eq(&fs::read(m.p("X")).unwrap(), &want_x, "X intact");
+        want_x.resize(12 * K64 as usize, 0);
+        assert_eq!(fs::metadata(m.p("X")).unwrap().len(), 12 * K64);
+        assert_bytes_eq(&fs::read(m.p("X")).unwrap(), &want_x, "X reads zeros past its old end");
         assert_bytes_eq(&fs::read(m.p("Y")).unwrap(), &y, "Y intact");
+        // Filling the hole needs tracks the pool no longer has: a clear ENOSPC, nothing lost.
+        let f = OpenOptions::new().write(true).open(m.p("X")).unwrap();
+        let r = f.write_all_at(&pattern(5 * K64 as usize, 43), 7 * K64);
+        assert_errno(r, libc::ENOSPC, &format!("{vols:?}: filling X's hole past the pool's free space"));
+        drop(f);
+        assert_bytes_eq(&fs::read(m.p("Y")).unwrap(), &y, "Y intact after the refused write");
         check_catalog_views(&m.mnt);
         m.unmount();
         fsck_clean(&tp.pool);
         let m = tp.mount();
-        // Once Y is gone, the same truncate fits, and succeeds whole.
+        // Once Y is gone, the same write fits.
         fs::remove_file(m.p("Y")).unwrap();
-        nix_truncate(&m.p("X"), 12 * K64).unwrap();
-        assert_eq!(fs::metadata(m.p("X")).unwrap().len(), 12 * K64);
-        want_x.resize(12 * K64 as usize, 0);
-        assert_bytes_eq(&fs::read(m.p("X")).unwrap(), &want_x, "X after the truncate up");
+        let fill = pattern(5 * K64 as usize, 43);
+        OpenOptions::new().write(true).open(m.p("X")).unwrap().write_all_at(&fill, 7 * K64).unwrap();
+        let got = fs::read(m.p("X")).unwrap();
+        assert_bytes_eq(&got[7 * K64 as usize..], &fill, "X's hole, filled");
+        assert_bytes_eq(&got[..5 * K64 as usize + 1], &want_x[..5 * K64 as usize + 1], "X's data before the hole");
         check_catalog_views(&m.mnt);
         m.unmount();
         fsck_clean(&tp.pool);

@@ -19,7 +19,7 @@ use super::model::{
     xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
     XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
 };
-use crate::space::VolumeId;
+use crate::space::{Extent, VolumeId};
 
 #[derive(Debug, Default)]
 pub struct CheckReport {
@@ -35,23 +35,28 @@ pub struct CheckReport {
 
 pub fn check(c: &Catalog) -> CheckReport {
     let mut r = CheckReport::default();
-    let track_bytes = c.geometry.track_size_bytes();
     let vol_name = |id: VolumeId| c.volumes.get(&id).map(|v| v.name.clone()).unwrap_or(format!("#{}", id.0));
 
     // Extents, per volume.
     // (first, end, owner): a data set, or a job's reservation or set-aside tracks.
     let mut owned: HashMap<VolumeId, Vec<(u64, u64, String)>> = HashMap::new();
     for i in c.inodes.values() {
-        if let Body::File { size_bytes, extents } = &i.body {
+        if let Body::File { layout, prealloc_end, .. } = &i.body {
             r.data_sets += 1;
-            let alloc: u64 = extents.iter().map(|e| e.count_tracks).sum();
-            if *size_bytes > alloc * track_bytes {
+            // Holes: the runs in logical order, none overlapping another (a logical track
+            // mapped twice), none empty.
+            if let Err(e) = layout.check() {
+                r.problems.push(format!("data set {}: {e}", i.ino));
+            }
+            // Preallocation claims only mapped tracks.
+            if *prealloc_end > layout.end() {
                 r.problems.push(format!(
-                    "data set {}: size {} bytes is beyond its allocation of {} tracks",
-                    i.ino, size_bytes, alloc
+                    "data set {}: preallocated to logical track {prealloc_end}, but mapped only to {}",
+                    i.ino,
+                    layout.end()
                 ));
             }
-            for e in extents {
+            for e in layout.extents() {
                 if e.count_tracks == 0 {
                     r.problems.push(format!("data set {}: empty extent on {}", i.ino, vol_name(e.volume)));
                 }
@@ -79,7 +84,11 @@ pub fn check(c: &Catalog) -> CheckReport {
         if j.switched && !j.target.is_empty() {
             r.problems.push(format!("job {}: switched but still holds a target reservation", j.id));
         }
-        for (what, list) in [("reservation", &j.target), ("set-aside tracks", &j.release)] {
+        if let Err(e) = j.target.check() {
+            r.problems.push(format!("job {}: reservation: {e}", j.id));
+        }
+        let target: Vec<Extent> = j.target.extents().collect();
+        for (what, list) in [("reservation", &target), ("set-aside tracks", &j.release)] {
             for e in list {
                 if c.volumes.get(&e.volume).is_none_or(|v| e.end().0 > v.free.tracks_total()) {
                     r.problems.push(format!(

@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod check;
+mod legacy;
 pub mod model;
 pub mod store;
 

@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::acl;
-use crate::geometry::{Geometry, TrackNo};
+use crate::geometry::Geometry;
+use crate::layout::{Layout, LayoutError, Run};
 use crate::space::{Extent, FreeMap, SpaceError, VolumeId};
 
 pub type Ino = u64;
@@ -125,11 +126,16 @@ pub enum Body {
         parent: Ino,
         entries: BTreeMap<Vec<u8>, Ino>,
     },
-    /// A data set: its bytes are its extents laid end to end; bytes at and past `size_bytes`
-    /// are zero (the allocation may run past the size).
+    /// A data set: its logical tracks are mapped by `layout` or are holes (zeros); bytes at
+    /// and past `size_bytes` are zero (the mapping may run past the size).
     File {
         size_bytes: u64,
-        extents: Vec<Extent>,
+        layout: Layout,
+        /// Explicit preallocation (fallocate): the tracks below this logical track stay
+        /// mapped past the size; only the implicit surplus of growth past
+        /// `max(tracks of the size, prealloc_end)` is ever taken back. Never past the last
+        /// mapped track: a truncate or a punch that unmaps the end lowers it.
+        prealloc_end: u64,
     },
     Symlink {
         target: Vec<u8>,
@@ -155,8 +161,22 @@ impl Inode {
     }
     pub fn allocated_tracks(&self) -> u64 {
         match &self.body {
-            Body::File { extents, .. } => extents.iter().map(|e| e.count_tracks).sum(),
+            Body::File { layout, .. } => layout.mapped_tracks(),
             _ => 0,
+        }
+    }
+    /// Mapped tracks that hold the data set's bytes (below its size): what a migration moves.
+    pub fn data_tracks(&self, g: Geometry) -> u64 {
+        match &self.body {
+            Body::File { layout, size_bytes, .. } => layout.mapped_in(0..g.tracks_for(*size_bytes)),
+            _ => 0,
+        }
+    }
+    /// The volume extents of a data set, in logical order (none for any other node).
+    pub fn extents(&self) -> Vec<Extent> {
+        match &self.body {
+            Body::File { layout, .. } => layout.extents().collect(),
+            _ => Vec::new(),
         }
     }
     pub fn size_bytes(&self) -> u64 {
@@ -214,9 +234,9 @@ pub struct JobRec {
     pub path: String,
     /// The volumes the job may place the data set on.
     pub targets: Vec<VolumeId>,
-    /// The reserved target tracks, in logical order. No data set owns them; no allocation
-    /// can hand them out.
-    pub target: Vec<Extent>,
+    /// The reserved target tracks, at the logical tracks of the data set they will map. No
+    /// data set owns them; no allocation can hand them out.
+    pub target: Layout,
     /// After the switch: the tracks (source and unneeded target tail) to free once the
     /// switch is durable.
     pub release: Vec<Extent>,
@@ -311,12 +331,14 @@ pub enum Op {
         size_bytes: u64,
         mtime_ns: i64,
     },
-    /// Extents appended to a data set (an extent contiguous with the last one merges).
+    /// Extents appended after a data set's last mapped track (an extent contiguous with the
+    /// last one merges).
     Grow {
         ino: Ino,
         extents: Vec<Extent>,
     },
-    /// Keep the first `keep_tracks` logical tracks of a data set, free the rest.
+    /// Keep the first `keep_tracks` logical tracks of a data set, free the rest (and lower
+    /// its preallocation to what stays mapped).
     Trim {
         ino: Ino,
         keep_tracks: u64,
@@ -329,7 +351,8 @@ pub enum Op {
     JobStart {
         job: JobRec,
     },
-    /// More target tracks for a job whose data set grew.
+    /// More target tracks for a job whose data set grew, appended after the target's last
+    /// mapped track. (Logs of format version 3 and before; new jobs map with [`Op::JobMap`].)
     JobGrow {
         job: u64,
         extents: Vec<Extent>,
@@ -389,6 +412,24 @@ pub enum Op {
         kind: NewKind,
         xattrs: Xattrs,
     },
+    /// Map holes of a data set (a write or fallocate into them, or growth past its end), and
+    /// raise its explicit preallocation to `prealloc_end` (0: unchanged).
+    Map {
+        ino: Ino,
+        runs: Vec<Run>,
+        prealloc_end: u64,
+    },
+    /// Unmap logical tracks `first..end` of a data set (a punched hole): their tracks are freed.
+    Unmap {
+        ino: Ino,
+        first: u64,
+        end: u64,
+    },
+    /// Reserve target tracks for a job at the given logical tracks of its data set.
+    JobMap {
+        job: u64,
+        runs: Vec<Run>,
+    },
 }
 
 impl Op {
@@ -434,8 +475,6 @@ pub enum ApplyError {
     JobExists(u64),
     #[error("job {0} has already switched")]
     JobSwitched(u64),
-    #[error("job {job}: the target holds {target} tracks, the data set {have}")]
-    TargetShort { job: u64, target: u64, have: u64 },
     #[error("no plan {0}")]
     NoPlan(u64),
     #[error("plan {0} already exists")]
@@ -444,8 +483,12 @@ pub enum ApplyError {
     VolumeInUse(String),
     #[error("volume {0} can't be reopened: it is not closed, or a plan is emptying it")]
     NotReopenable(String),
-    #[error("data set {ino}: {size_bytes} bytes would lie beyond its allocation of {tracks} tracks")]
+    #[error("data set {ino}: a trim to {tracks} tracks would cut into its {size_bytes} bytes")]
     BeyondAllocation { ino: Ino, size_bytes: u64, tracks: u64 },
+    #[error("data set {ino}: {source}")]
+    Layout { ino: Ino, source: LayoutError },
+    #[error("job {job}: the target does not map logical tracks {first}..{end} of the data set")]
+    TargetMissing { job: u64, first: u64, end: u64 },
     #[error("inode {ino} has no extended attribute {name:?}")]
     NoXattr { ino: Ino, name: String },
     #[error(transparent)]
@@ -623,21 +666,29 @@ impl Catalog {
                     return Err(ApplyError::NoXattr { ino: *ino, name: name_str(name) });
                 }
             }
-            // A data set is dense: its size lies inside its allocation. (Checked for new ops
+            Op::SetSize { ino, .. } => file_checked(self, *ino)?,
+            // A trim takes back tracks past the bytes, never the bytes. (Checked for new ops
             // only; replay takes the log as it is, and fsck says what is wrong.)
-            Op::SetSize { ino, size_bytes, .. } => {
-                file_checked(self, *ino)?;
-                let tracks = self.inodes[ino].allocated_tracks();
-                if *size_bytes > self.geometry.bytes_of(tracks) {
-                    return Err(ApplyError::BeyondAllocation { ino: *ino, size_bytes: *size_bytes, tracks });
-                }
-            }
             Op::Trim { ino, keep_tracks } => {
                 file_checked(self, *ino)?;
                 let size_bytes = self.inodes[ino].size_bytes();
                 if size_bytes > self.geometry.bytes_of(*keep_tracks) {
                     return Err(ApplyError::BeyondAllocation { ino: *ino, size_bytes, tracks: *keep_tracks });
                 }
+            }
+            Op::Map { ino, runs, .. } => {
+                let layout = layout_of(self, *ino)?;
+                layout.check_insert(runs).map_err(|source| ApplyError::Layout { ino: *ino, source })?;
+                self.check_free(&runs.iter().map(|r| r.extent).collect::<Vec<_>>())?;
+            }
+            Op::Unmap { ino, .. } => file_checked(self, *ino)?,
+            Op::JobMap { job, runs } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                j.target.check_insert(runs).map_err(|source| ApplyError::Layout { ino: j.ino, source })?;
+                self.check_free(&runs.iter().map(|r| r.extent).collect::<Vec<_>>())?;
             }
             Op::Grow { ino, extents } => {
                 file_checked(self, *ino)?;
@@ -654,7 +705,8 @@ impl Catalog {
                     return Err(ApplyError::JobExists(job.id));
                 }
                 file_checked(self, job.ino)?;
-                self.check_free(&job.target)?;
+                job.target.check().map_err(|source| ApplyError::Layout { ino: job.ino, source })?;
+                self.check_free(&job.target.extents().collect::<Vec<_>>())?;
             }
             Op::JobGrow { job, extents } => {
                 let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
@@ -668,11 +720,11 @@ impl Catalog {
                 if j.switched {
                     return Err(ApplyError::JobSwitched(*job));
                 }
-                file_checked(self, j.ino)?;
-                let have = self.inodes[&j.ino].allocated_tracks();
-                let target: u64 = j.target.iter().map(|e| e.count_tracks).sum();
-                if target < have {
-                    return Err(ApplyError::TargetShort { job: *job, target, have });
+                // Every mapped track of the data set has its target track.
+                for r in layout_of(self, j.ino)?.runs() {
+                    if let Some(h) = j.target.holes_in(r.logical..r.end()).first() {
+                        return Err(ApplyError::TargetMissing { job: *job, first: h.start, end: h.end });
+                    }
                 }
             }
             Op::JobRelease { job } => {
@@ -766,7 +818,7 @@ impl Catalog {
                     }
                     NewKind::File => {
                         meta.nlink = 1;
-                        Body::File { size_bytes: 0, extents: Vec::new() }
+                        Body::File { size_bytes: 0, layout: Layout::default(), prealloc_end: 0 }
                     }
                     NewKind::Symlink { target } => {
                         meta.nlink = 1;
@@ -852,44 +904,63 @@ impl Catalog {
             }
             Op::Grow { ino, extents } => {
                 self.take_extents(&extents)?;
-                if let Body::File { extents: have, .. } = &mut self.inode_mut(ino)?.body {
-                    append_extents(have, extents);
+                if let Body::File { layout, .. } = &mut self.inode_mut(ino)?.body {
+                    layout.append(&extents);
                 }
             }
             Op::Trim { ino, keep_tracks } => {
-                if let Body::File { extents, .. } = &mut self.inode_mut(ino)?.body {
-                    freed = trim_extents(extents, keep_tracks);
+                if let Body::File { layout, prealloc_end, .. } = &mut self.inode_mut(ino)?.body {
+                    freed = layout.trim(keep_tracks);
+                    *prealloc_end = (*prealloc_end).min(layout.end());
+                }
+                self.free_extents(&freed)?;
+            }
+            Op::Map { ino, runs, prealloc_end: p } => {
+                self.take_extents(&runs.iter().map(|r| r.extent).collect::<Vec<_>>())?;
+                if let Body::File { layout, prealloc_end, .. } = &mut self.inode_mut(ino)?.body {
+                    layout.insert(&runs);
+                    *prealloc_end = (*prealloc_end).max(p);
+                }
+            }
+            Op::Unmap { ino, first, end } => {
+                if let Body::File { layout, prealloc_end, .. } = &mut self.inode_mut(ino)?.body {
+                    freed = layout.unmap(first..end);
+                    *prealloc_end = (*prealloc_end).min(layout.end());
                 }
                 self.free_extents(&freed)?;
             }
             Op::Destroy { ino } => {
                 let i = self.inodes.remove(&ino).expect("checked");
                 self.xattrs.remove(&ino);
-                if let Body::File { extents, .. } = i.body {
-                    self.free_extents(&extents)?;
-                    freed = extents;
+                if let Body::File { layout, .. } = i.body {
+                    freed = layout.extents().collect();
+                    self.free_extents(&freed)?;
                 }
             }
             Op::JobStart { job } => {
-                self.take_extents(&job.target)?;
+                self.take_extents(&job.target.extents().collect::<Vec<_>>())?;
                 self.next_job = self.next_job.max(job.id + 1);
                 self.jobs.insert(job.id, job);
             }
             Op::JobGrow { job, extents } => {
                 self.take_extents(&extents)?;
-                append_extents(&mut self.jobs.get_mut(&job).expect("checked").target, extents);
+                self.jobs.get_mut(&job).expect("checked").target.append(&extents);
+            }
+            Op::JobMap { job, runs } => {
+                self.take_extents(&runs.iter().map(|r| r.extent).collect::<Vec<_>>())?;
+                self.jobs.get_mut(&job).expect("checked").target.insert(&runs);
             }
             Op::JobSwitch { job } => {
                 let j = self.jobs.get_mut(&job).expect("checked");
                 let ino = j.ino;
-                let mut target = std::mem::take(&mut j.target);
-                let Some(Inode { body: Body::File { extents, .. }, .. }) = self.inodes.get_mut(&ino) else {
+                let target = std::mem::take(&mut j.target);
+                let Some(Inode { body: Body::File { layout, .. }, .. }) = self.inodes.get_mut(&ino) else {
                     unreachable!("checked")
                 };
-                let have: u64 = extents.iter().map(|e| e.count_tracks).sum();
-                let mut release = trim_extents(&mut target, have);
-                let old = std::mem::replace(extents, target);
-                release.extend(old);
+                // The data set's mapped tracks now live where the target maps them; its holes
+                // stay holes. Set aside: its old tracks, and the target's tracks at its holes.
+                let (switched, mut release) = switch_layout(layout, &target);
+                release.extend(std::mem::replace(layout, switched).extents());
                 let j = self.jobs.get_mut(&job).expect("checked");
                 j.release = release;
                 j.switched = true;
@@ -901,8 +972,8 @@ impl Catalog {
             }
             Op::JobCancel { job } => {
                 let j = self.jobs.remove(&job).expect("checked");
-                self.free_extents(&j.target)?;
-                freed = j.target;
+                freed = j.target.extents().collect();
+                self.free_extents(&freed)?;
             }
             Op::PlanStart { plan } => {
                 self.next_job = self.next_job.max(plan.id + 1);
@@ -1007,45 +1078,35 @@ fn file_checked(c: &Catalog, ino: Ino) -> Result<(), ApplyError> {
     }
 }
 
-/// Append extents in order; one contiguous with the last merges into it.
-pub fn append_extents(have: &mut Vec<Extent>, more: Vec<Extent>) {
-    for e in more {
-        match have.last_mut() {
-            Some(last) if last.volume == e.volume && last.end() == e.first => last.count_tracks += e.count_tracks,
-            _ => have.push(e),
-        }
+fn layout_of(c: &Catalog, ino: Ino) -> Result<&Layout, ApplyError> {
+    match c.inodes.get(&ino) {
+        Some(Inode { body: Body::File { layout, .. }, .. }) => Ok(layout),
+        Some(_) => Err(ApplyError::NotFile(ino)),
+        None => Err(ApplyError::NoInode(ino)),
     }
 }
 
-/// Cut `extents` to their first `keep_tracks` tracks; returns what was cut.
-pub fn trim_extents(extents: &mut Vec<Extent>, keep_tracks: u64) -> Vec<Extent> {
-    let mut freed = Vec::new();
-    let mut base = 0u64;
-    let mut keep_len = 0;
-    for (i, e) in extents.iter_mut().enumerate() {
-        if base >= keep_tracks {
-            freed.push(*e);
-            continue;
+/// A job's switch: the layout that maps `source`'s mapped tracks where `target` maps them,
+/// and the target's extents that map `source`'s holes (no longer needed).
+pub fn switch_layout(source: &Layout, target: &Layout) -> (Layout, Vec<Extent>) {
+    let mut switched = Layout::default();
+    let mut unneeded = Vec::new();
+    for t in target.runs() {
+        let mut at = t.logical;
+        for s in source.slice(t.logical..t.end()) {
+            unneeded.extend(t.slice(at..s.logical).map(|r| r.extent));
+            switched.push(t.slice(s.logical..s.end()).expect("inside the target run"));
+            at = s.end();
         }
-        keep_len = i + 1;
-        if base + e.count_tracks > keep_tracks {
-            let keep = keep_tracks - base;
-            freed.push(Extent {
-                volume: e.volume,
-                first: TrackNo(e.first.0 + keep),
-                count_tracks: e.count_tracks - keep,
-            });
-            e.count_tracks = keep;
-        }
-        base += e.count_tracks;
+        unneeded.extend(t.slice(at..t.end()).map(|r| r.extent));
     }
-    extents.truncate(keep_len);
-    freed
+    (switched, unneeded)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geometry::TrackNo;
 
     fn meta() -> Meta {
         Meta { perm: 0o755, uid: 0, gid: 0, nlink: 0, atime_ns: 0, mtime_ns: 0, ctime_ns: 0 }
@@ -1074,7 +1135,7 @@ mod tests {
         c.apply(&Op::Grow { ino: 2, extents: vec![e(4, 2)] }).unwrap();
         assert_eq!(
             c.get(2).unwrap().body,
-            Body::File { size_bytes: 0, extents: vec![e(0, 6)] },
+            Body::File { size_bytes: 0, layout: Layout::dense(&[e(0, 6)]), prealloc_end: 0 },
             "contiguous grow merges"
         );
         assert!(c.apply(&Op::Grow { ino: 2, extents: vec![e(5, 2)] }).is_err(), "owned tracks can't be taken twice");
@@ -1120,12 +1181,73 @@ mod tests {
     }
 
     #[test]
-    fn trim_extents_cuts_in_the_middle() {
+    fn holes_map_unmap_and_a_switch_keep_them() {
+        let mut c = cat();
+        c.apply(&Op::AddVolume {
+            id: VolumeId(2),
+            name: "V2".into(),
+            path: "/y".into(),
+            size_bytes: 40960,
+            tracks_total: 10,
+        })
+        .unwrap();
+        c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"f".to_vec(), meta: meta(), kind: NewKind::File })
+            .unwrap();
         let e = |v, first, n| Extent { volume: VolumeId(v), first: TrackNo(first), count_tracks: n };
-        let mut x = vec![e(1, 0, 4), e(2, 10, 4)];
-        assert_eq!(trim_extents(&mut x, 6), vec![e(2, 12, 2)]);
-        assert_eq!(x, vec![e(1, 0, 4), e(2, 10, 2)]);
-        assert_eq!(trim_extents(&mut x, 0), vec![e(1, 0, 4), e(2, 10, 2)]);
-        assert!(x.is_empty());
+        let run = |logical, v, first, n| Run { logical, extent: e(v, first, n) };
+        // Tracks 0 and 100..102 mapped; 1..100 a hole that takes nothing.
+        c.apply(&Op::SetSize { ino: 2, size_bytes: 102 * 4096, mtime_ns: 1 }).unwrap();
+        c.apply(&Op::Map { ino: 2, runs: vec![run(100, 1, 3, 2), run(0, 1, 0, 1)], prealloc_end: 0 }).unwrap();
+        assert_eq!(c.get(2).unwrap().allocated_tracks(), 3);
+        assert_eq!(c.volumes[&VolumeId(1)].free.free_tracks(), 7);
+        assert!(
+            matches!(
+                c.apply(&Op::Map { ino: 2, runs: vec![run(101, 1, 6, 1)], prealloc_end: 0 }),
+                Err(ApplyError::Layout { .. })
+            ),
+            "a mapped track can't be mapped again"
+        );
+        // A job maps the target at the same logical tracks, and one more (filled, then punched).
+        let job = JobRec {
+            id: 7,
+            ino: 2,
+            path: "/f".into(),
+            targets: vec![VolumeId(2)],
+            target: Layout::default(),
+            release: vec![],
+            switched: false,
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 0,
+            plan: None,
+            started_ns: 0,
+        };
+        c.apply(&Op::JobStart { job }).unwrap();
+        c.apply(&Op::JobMap { job: 7, runs: vec![run(0, 2, 0, 1), run(100, 2, 1, 2)] }).unwrap();
+        c.apply(&Op::Map { ino: 2, runs: vec![run(50, 1, 9, 1)], prealloc_end: 0 }).unwrap();
+        assert_eq!(
+            c.check(&Op::JobSwitch { job: 7 }),
+            Err(ApplyError::TargetMissing { job: 7, first: 50, end: 51 }),
+            "a switch needs a target track for every mapped track"
+        );
+        c.apply(&Op::JobMap { job: 7, runs: vec![run(50, 2, 5, 1)] }).unwrap();
+        assert_eq!(c.apply(&Op::Unmap { ino: 2, first: 100, end: 101 }).unwrap(), vec![e(1, 3, 1)]);
+        c.apply(&Op::JobSwitch { job: 7 }).unwrap();
+        let Body::File { layout, .. } = &c.get(2).unwrap().body else { panic!() };
+        assert_eq!(layout.runs(), &[run(0, 2, 0, 1), run(50, 2, 5, 1), run(101, 2, 2, 1)]);
+        c.apply(&Op::JobRelease { job: 7 }).unwrap();
+        assert_eq!(c.volumes[&VolumeId(1)].free.free_tracks(), 10, "the source is free again");
+        assert_eq!(c.volumes[&VolumeId(2)].free.free_tracks(), 7, "the punched track's target was freed too");
+    }
+
+    #[test]
+    fn trim_keeps_explicit_preallocation_only_above_the_cut() {
+        let mut c = cat();
+        c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"f".to_vec(), meta: meta(), kind: NewKind::File })
+            .unwrap();
+        let e = |first, n| Extent { volume: VolumeId(1), first: TrackNo(first), count_tracks: n };
+        c.apply(&Op::Map { ino: 2, runs: vec![Run { logical: 0, extent: e(0, 4) }], prealloc_end: 4 }).unwrap();
+        assert!(matches!(c.get(2).unwrap().body, Body::File { prealloc_end: 4, .. }));
+        c.apply(&Op::Trim { ino: 2, keep_tracks: 2 }).unwrap();
+        assert!(matches!(c.get(2).unwrap().body, Body::File { prealloc_end: 2, .. }));
     }
 }

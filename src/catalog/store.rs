@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::legacy;
 use super::model::{ApplyError, Catalog, Freed, Op};
 use crate::storage::{self, Disk, Latch, StorageFile};
 
@@ -56,9 +57,11 @@ const FRAME_MAGIC: &[u8; 4] = b"FYOP";
 /// version 1 stores are read (their ops are a subset) and rewritten as version 2. Version 3
 /// added special files (a `Body` and a `NewKind` variant), extended attributes (the
 /// snapshot's `xattrs`, after `closed_volumes`) and their ops; version 1 and 2 stores are
-/// read the same way and rewritten as version 3.
-pub const FORMAT_VERSION: u16 = 3;
-const FORMAT_VERSIONS_READ: [u16; 3] = [1, 2, 3];
+/// read the same way and rewritten as version 3. Version 4 made data sets sparse: a file's
+/// `extents` became a `layout` of runs at logical tracks, with its explicit preallocation,
+/// and a job's target likewise; older stores are converted on read (legacy.rs).
+pub const FORMAT_VERSION: u16 = 4;
+const FORMAT_VERSIONS_READ: [u16; 4] = [1, 2, 3, 4];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
 /// magic, version, durable_sectors, payload length, and a checksum of those 12 bytes: a
@@ -532,64 +535,6 @@ pub fn repair_log(dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
     repair_log_on(&storage::RealDisk, dir, now_secs)
 }
 
-/// A version 1 snapshot: the catalog before the migration journal.
-#[derive(serde::Deserialize)]
-struct CatalogV1 {
-    geometry: crate::geometry::Geometry,
-    next_ino: super::model::Ino,
-    next_volume: u32,
-    volumes: std::collections::BTreeMap<crate::space::VolumeId, super::model::VolumeRec>,
-    inodes: std::collections::HashMap<super::model::Ino, super::model::Inode>,
-}
-
-impl From<CatalogV1> for Catalog {
-    fn from(v: CatalogV1) -> Catalog {
-        Catalog {
-            geometry: v.geometry,
-            next_ino: v.next_ino,
-            next_volume: v.next_volume,
-            volumes: v.volumes,
-            inodes: v.inodes,
-            next_job: 1,
-            jobs: Default::default(),
-            plans: Default::default(),
-            closed_volumes: Default::default(),
-            xattrs: Default::default(),
-        }
-    }
-}
-
-/// A version 2 snapshot: the catalog before extended attributes.
-#[derive(serde::Deserialize)]
-struct CatalogV2 {
-    geometry: crate::geometry::Geometry,
-    next_ino: super::model::Ino,
-    next_volume: u32,
-    volumes: std::collections::BTreeMap<crate::space::VolumeId, super::model::VolumeRec>,
-    inodes: std::collections::HashMap<super::model::Ino, super::model::Inode>,
-    next_job: u64,
-    jobs: std::collections::BTreeMap<u64, super::model::JobRec>,
-    plans: std::collections::BTreeMap<u64, super::model::PlanRec>,
-    closed_volumes: std::collections::BTreeSet<crate::space::VolumeId>,
-}
-
-impl From<CatalogV2> for Catalog {
-    fn from(v: CatalogV2) -> Catalog {
-        Catalog {
-            geometry: v.geometry,
-            next_ino: v.next_ino,
-            next_volume: v.next_volume,
-            volumes: v.volumes,
-            inodes: v.inodes,
-            next_job: v.next_job,
-            jobs: v.jobs,
-            plans: v.plans,
-            closed_volumes: v.closed_volumes,
-            xattrs: Default::default(),
-        }
-    }
-}
-
 fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
     StoreError::Corrupt { path: path.to_path_buf(), what: what.into() }
 }
@@ -619,8 +564,7 @@ fn decode_snapshot(path: &Path, b: &[u8]) -> Result<(u64, Catalog), StoreError> 
     }
     let body = &b[SNAP_HEADER_BYTES..body_end];
     let decoded = match version {
-        1 => postcard::from_bytes::<CatalogV1>(body).map(Catalog::from),
-        2 => postcard::from_bytes::<CatalogV2>(body).map(Catalog::from),
+        1..=3 => legacy::decode_snapshot(version, body),
         _ => postcard::from_bytes::<Catalog>(body),
     };
     let catalog = decoded.map_err(|e| corrupt(path, format!("snapshot does not decode: {e}")))?;
@@ -783,7 +727,7 @@ fn decode_frames(path: &Path, b: &[u8]) -> Result<Frames, StoreError> {
         if !FORMAT_VERSIONS_READ.contains(&f.version) {
             return Err(corrupt(path, format!("frame at byte {at} has format version {}", f.version)));
         }
-        let op: Op = postcard::from_bytes(&b[at + FRAME_HEADER_BYTES..at + f.total - 4])
+        let op = legacy::decode_op(f.version, &b[at + FRAME_HEADER_BYTES..at + f.total - 4])
             .map_err(|e| corrupt(path, format!("frame at byte {at} does not decode: {e}")))?;
         ops.push((at as u64, op));
         Ok(())
@@ -955,14 +899,16 @@ mod tests {
         assert_eq!(s2.catalog, want);
     }
 
-    /// A pool written by the previous version (2) must mount: its snapshot has no `xattrs`
-    /// and its frames say version 2. This builds one byte for byte with the version 2
-    /// encoding (a version 3 catalog with no attributes, minus the empty map's one byte).
+    /// A pool written by version 2 must mount: its snapshot has no `xattrs` and its frames
+    /// say version 2. This builds one byte for byte with the version 2 encoding (a catalog
+    /// whose only node is a directory, with no attributes, minus the empty map's one byte).
+    /// legacy.rs tests the data sets and jobs of older versions.
     #[test]
-    fn a_version_2_pool_opens_and_is_rewritten_as_version_3() {
+    fn a_version_2_pool_opens_and_is_rewritten_as_the_current_version() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_catalog();
-        c.apply(&mk_op(2, "old")).unwrap();
+        c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"old".to_vec(), meta: meta(), kind: NewKind::Dir })
+            .unwrap();
         let mut payload = postcard::to_stdvec(&c).unwrap();
         assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte at the end");
         let mut snap = Vec::new();
@@ -1000,7 +946,7 @@ mod tests {
         s.compact().unwrap();
         drop(s);
         let snap = fs::read(dir.path().join(SNAP_FILE)).unwrap();
-        assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), 3, "rewritten as version 3");
+        assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), FORMAT_VERSION, "rewritten as the current version");
         let (s, _) = Store::open(dir.path(), false).unwrap();
         assert_eq!(s.catalog.xattrs[&3][&b"user.k"[..]], b"v");
     }

@@ -11,6 +11,7 @@ use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Op};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
+use crate::layout::lay_out;
 use crate::space::{plan_growth, FreeMap, VolumeId};
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.
@@ -39,10 +40,25 @@ pub fn read_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, buf: &mut [u
     Ok(())
 }
 
-/// Make logical bytes `range` of a data set mapped by `map` read as zeros (punched; the
-/// part past its allocation reads as zeros already).
+/// Write the parts of `data` at logical `offset` that `map` maps; returns whether any part
+/// fell in a hole (a mirrored write to a target that does not map the track yet).
+pub fn write_mapped_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, data: &[u8]) -> Result<bool> {
+    let mut missed = false;
+    for p in map.pieces(offset, data.len()) {
+        match p {
+            Piece::Mapped { volume, offset_bytes, buf_start, len } => {
+                volume_of(volumes, volume)?.write_at(&data[buf_start..buf_start + len], offset_bytes)?
+            }
+            Piece::Unallocated { .. } => missed = true,
+        }
+    }
+    Ok(missed)
+}
+
+/// Make logical bytes `range` of a data set mapped by `map` read as zeros (punched; holes
+/// read as zeros already).
 pub fn zero_pieces(volumes: &Volumes, map: &ExtentMap, range: Range<u64>) -> Result<()> {
-    let end = range.end.min(map.allocated_bytes());
+    let end = range.end.min(map.end_bytes());
     if end <= range.start {
         return Ok(());
     }
@@ -78,7 +94,7 @@ impl FileNode {
             let _stripes = l.lock_tracks(g.track_of(changed.start).0, g.track_of(split - 1).0);
             zero_pieces(volumes, &self.map.load(), zero)?;
             let target = l.target.load();
-            let end = split.min(target.allocated_bytes());
+            let end = split.min(target.end_bytes());
             if end > changed.start {
                 if let Err(e) = zero_pieces(volumes, &target, changed.start..end) {
                     // The source has the change; the job fails, not the application's call.
@@ -90,12 +106,12 @@ impl FileNode {
         } else {
             zero_pieces(volumes, &self.map.load(), zero)?;
         }
-        // Tracks past the target's reservation were never copied (the copier writes only
-        // inside it), and are copied afresh when the target grows to them: no mark. (Read
-        // after the source changed: a copy that read the old bytes had reserved its tracks
-        // before that.) A truncate's cut reaches into the over-provisioned tail, which no
-        // target reserves.
-        let mark_end = changed.end.min(l.target.load().allocated_bytes());
+        // Tracks past the target's last reserved track were never copied (the copier writes
+        // only where the target maps), and are copied afresh when the target grows to them:
+        // no mark. (Read after the source changed: a copy that read the old bytes had reserved
+        // its tracks before that.) A truncate's cut reaches into the over-provisioned tail,
+        // which no target reserves.
+        let mark_end = changed.end.min(l.target.load().end_bytes());
         if mark_end > split {
             l.dirty.mark(g.track_of(split), g.track_of(mark_end - 1));
         }
@@ -103,8 +119,10 @@ impl FileNode {
     }
 
     /// Write `data` at `offset` of the source, under the monitor: if a job mirrors the
-    /// tracks, to the source and the target under their stripe locks, with no mark;
-    /// otherwise to the source, then the mark (after the bytes landed: see monitor.rs).
+    /// tracks, to the source and the target under their stripe locks, with no mark (unless
+    /// the target does not map a track yet: a write that filled a hole of the source, whose
+    /// tracks the copier reserves and copies at its next pass); otherwise to the source, then
+    /// the mark (after the bytes landed: see monitor.rs).
     fn write_monitored(&self, g: Geometry, volumes: &Volumes, offset: u64, data: &[u8]) -> Result<()> {
         let map = self.map.load();
         let link = self.job.load();
@@ -115,10 +133,11 @@ impl FileNode {
         match l.mirror_guard(first.0, last.0) {
             Some(_guard) => {
                 write_pieces(volumes, &map, offset, data)?;
-                match write_pieces(volumes, &l.target.load(), offset, data) {
-                    Ok(()) => {
+                match write_mapped_pieces(volumes, &l.target.load(), offset, data) {
+                    Ok(false) => {
                         l.mirrored_writes.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(true) => l.dirty.mark(first, last),
                     // The source has the bytes; the job fails, not the application's write.
                     Err(e) => {
                         l.fail_target(format!("mirrored write to the target: {e}"));
@@ -136,42 +155,64 @@ impl FileNode {
 }
 
 impl Engine {
-    /// Allocate tracks so that the data set holds at least `end_bytes`. Called with the gate
-    /// held shared (allocation only adds tracks).
-    fn grow(&self, node: &FileNode, end_bytes: u64) -> Result<()> {
+    /// Map the holes among the tracks of bytes `offset..end_bytes` of a data set. Growth
+    /// past its last mapped track is over-provisioned (space.rs), unless `explicit` (a
+    /// fallocate: exactly the range, and kept past the size as preallocation). Called with
+    /// the gate held shared (mapping only adds tracks).
+    fn grow(&self, node: &FileNode, offset: u64, end_bytes: u64, explicit: bool) -> Result<()> {
         let g = self.geometry;
+        let (t0, t1) = (g.track_of(offset).0, g.tracks_for(end_bytes));
+        let prealloc_end = if explicit { t1 } else { 0 };
         let mut cat = self.catalog.lock();
         let mut reclaimed = false;
-        let plan = loop {
+        let runs = loop {
             // Read again after a reclaim: it may have trimmed this very data set (a truncate by
             // path builds a node that is not in the table of open ones).
-            let (last, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
-                Some(Body::File { extents, .. }) => {
-                    (extents.last().copied(), extents.iter().map(|e| e.count_tracks).sum())
-                }
+            let (layout, kept) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+                Some(Body::File { layout, prealloc_end, .. }) => (layout, *prealloc_end),
                 _ => return Err(Error::NotFound),
             };
-            let needed = g.tracks_for(end_bytes).saturating_sub(allocated);
+            let mut holes = layout.holes_in(t0..t1);
+            let needed: u64 = holes.iter().map(|h| h.end - h.start).sum();
             if needed == 0 {
+                if prealloc_end > kept {
+                    self.commit(&mut cat, Op::Map { ino: node.ino, runs: Vec::new(), prealloc_end })?;
+                }
                 self.refresh_map(&cat, node);
                 return Ok(());
             }
+            // Appending (the range starts at or before the last mapped track and reaches past
+            // it) is over-provisioned like any growth; filling a hole, or a write far past
+            // the end, takes exactly the tracks it needs.
+            let appending = !explicit && t0 <= layout.end() && t1 > layout.end();
+            let (last, allocated) = match holes.first() {
+                Some(h) => (layout.slice(0..h.start).last().map(|r| r.extent), layout.tail_span()),
+                None => (None, 0),
+            };
             // Volumes that a merge or drain is emptying take nothing new. Quarantined tracks
             // are taken only when nothing else fits (they cost a sync of the log first).
             let open: Vec<&FreeMap> = cat.catalog.open_volumes().map(|v| &v.free).collect();
             let around = self.free_outside_quarantine(&open);
+            let allocated = if appending { allocated } else { 0 };
             let found = around
                 .as_ref()
                 .and_then(|maps| plan_growth(maps.iter().map(|m| m.as_ref()), last, allocated, needed))
                 .or_else(|| plan_growth(open.iter().copied(), last, allocated, needed));
             match found {
-                Some(plan) => break plan,
+                Some(plan) => {
+                    let surplus = plan.iter().map(|e| e.count_tracks).sum::<u64>() - needed;
+                    if surplus > 0 {
+                        holes.push(t1..t1 + surplus);
+                    }
+                    break lay_out(&plan, &holes);
+                }
                 None if !reclaimed && self.reclaim_surplus(&mut cat)? > 0 => reclaimed = true,
                 None => return Err(Error::NoSpace),
             }
         };
-        self.settle_quarantine(&mut cat, &plan)?;
-        self.commit(&mut cat, Op::Grow { ino: node.ino, extents: plan })?;
+        let extents: Vec<_> = runs.iter().map(|r| r.extent).collect();
+        self.settle_quarantine(&mut cat, &extents)?;
+        self.commit(&mut cat, Op::Map { ino: node.ino, runs, prealloc_end })?;
         self.refresh_map(&cat, node);
         Ok(())
     }
@@ -198,8 +239,8 @@ impl Engine {
         let end = offset.checked_add(data.len() as u64).ok_or(Error::Invalid)?;
         let _hold = node.write_hold.read();
         let _io = node.gate.read();
-        if end > node.map.load().allocated_bytes() {
-            self.grow(node, end)?;
+        if !node.map.load().is_mapped_bytes(offset, data.len() as u64) {
+            self.grow(node, offset, end, false)?;
         }
         node.write_monitored(self.geometry, &self.volumes.read(), offset, data)?;
         let now = now_ns();
@@ -234,7 +275,8 @@ impl Engine {
     }
 
     /// Set a data set's size. Shrinking zeroes the cut part of the last kept track and frees
-    /// the tracks past it. The caller holds the `nodes` lock.
+    /// the tracks past it (explicit preallocation too, as on Linux file systems). Growing maps
+    /// nothing: the new bytes are a hole. The caller holds the `nodes` lock.
     pub(super) fn truncate_locked(&self, node: &FileNode, new_size: u64, now: i64) -> Result<()> {
         let g = self.geometry;
         let _hold = node.write_hold.read();
@@ -242,16 +284,14 @@ impl Engine {
         let mut cat = self.catalog.lock();
         // A node built for this truncate alone may predate a reclaim of its surplus.
         self.refresh_map(&cat, node);
-        let (old_size, allocated) = match cat.catalog.get(node.ino).map(|i| &i.body) {
-            Some(Body::File { size_bytes, extents }) => {
-                (*size_bytes, extents.iter().map(|e| e.count_tracks).sum::<u64>())
-            }
+        let (old_size, mapped_end) = match cat.catalog.get(node.ino).map(|i| &i.body) {
+            Some(Body::File { size_bytes, layout, .. }) => (*size_bytes, layout.end()),
             _ => return Err(Error::NotFound),
         };
         if new_size < old_size {
             let keep_tracks = g.tracks_for(new_size);
-            let allocated_bytes = node.map.load().allocated_bytes();
-            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(allocated_bytes);
+            let end_bytes = node.map.load().end_bytes();
+            let zero_end = old_size.min(g.bytes_of(keep_tracks)).min(end_bytes);
             // The cut part of the last kept track is zeroed; a migration re-copies it, and
             // drops (or re-copies, if the data set grows back) every track past it, unless
             // mirrored writes are on: then the target is cut alike (zeroed) at once.
@@ -259,21 +299,14 @@ impl Engine {
                 g,
                 &self.volumes.read(),
                 new_size..zero_end.max(new_size),
-                new_size..allocated_bytes.max(new_size + 1),
+                new_size..end_bytes.max(new_size + 1),
             )?;
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
-            if allocated > keep_tracks {
+            if mapped_end > keep_tracks {
                 self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
             }
             self.refresh_map(&cat, node);
         } else if new_size > old_size {
-            // A data set is dense: its size lies inside its allocation. The new tracks are
-            // punched, so they cost no disk on the sparse image and read as zeros.
-            if g.tracks_for(new_size) > allocated {
-                drop(cat);
-                self.grow(node, new_size)?;
-                cat = self.catalog.lock();
-            }
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             self.refresh_map(&cat, node);
         } else {
@@ -283,8 +316,9 @@ impl Engine {
         Ok(())
     }
 
-    /// fallocate(2) on an open data set: allocate (mode 0, KEEP_SIZE), punch a hole
-    /// (PUNCH_HOLE|KEEP_SIZE: the range reads as zeros) or zero a range (ZERO_RANGE).
+    /// fallocate(2) on an open data set: allocate (mode 0, KEEP_SIZE: kept past the size as
+    /// preallocation), punch a hole (PUNCH_HOLE|KEEP_SIZE: the range reads as zeros, and its
+    /// whole tracks are unmapped and freed) or zero a range (ZERO_RANGE: allocated, zeros).
     pub fn fallocate(&self, node: &FileNode, offset: u64, length: u64, mode: i32) -> Result<()> {
         let end = offset.checked_add(length).ok_or(Error::Invalid)?;
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
@@ -298,19 +332,11 @@ impl Engine {
         }
         let g = self.geometry;
         let _hold = node.write_hold.read();
-        let _io = node.gate.read();
         if punch {
-            // Only inside the size: past it the bytes are zero already.
-            let size = node.size_bytes.load(Ordering::Acquire);
-            let stop = end.min(size).min(node.map.load().allocated_bytes());
-            if stop > offset {
-                node.zero_monitored(g, &self.volumes.read(), offset..stop, offset..stop)?;
-            }
-            return Ok(());
+            return self.punch_hole(node, offset, end);
         }
-        if end > node.map.load().allocated_bytes() {
-            self.grow(node, end)?;
-        }
+        let _io = node.gate.read();
+        self.grow(node, offset, end, true)?;
         if zero {
             node.zero_monitored(g, &self.volumes.read(), offset..end, offset..end)?;
         }
@@ -320,10 +346,49 @@ impl Engine {
         Ok(())
     }
 
+    /// Punch bytes `offset..end`: they read as zeros, and the whole tracks among them are
+    /// unmapped, their tracks freed (a hole). With the gate held exclusive, as every free of
+    /// a data set's tracks: no read or copy is inside them.
+    fn punch_hole(&self, node: &FileNode, offset: u64, end: u64) -> Result<()> {
+        let g = self.geometry;
+        let _excl = node.gate.write();
+        // Only inside the size: past it the bytes are zero already.
+        let size = node.size_bytes.load(Ordering::Acquire);
+        let map = node.map.load_full();
+        let stop = end.min(size).min(map.end_bytes());
+        if stop > offset {
+            node.zero_monitored(g, &self.volumes.read(), offset..stop, offset..stop)?;
+        }
+        // Whole tracks, also past the size (preallocation is punched like on Linux).
+        let (first, last) = (offset.div_ceil(g.track_size_bytes()), g.whole_tracks_in(end));
+        if last > first && map.layout().mapped_in(first..last) > 0 {
+            let mut cat = self.catalog.lock();
+            self.commit(&mut cat, Op::Unmap { ino: node.ino, first, end: last })?;
+            self.refresh_map(&cat, node);
+        }
+        Ok(())
+    }
+
+    /// lseek(2)'s SEEK_DATA and SEEK_HOLE on an open data set: data is every mapped track
+    /// below the size; holes are the unmapped tracks and the end of the data set. Past the
+    /// size, ENXIO, as on every Linux file system.
+    pub fn seek_data_or_hole(&self, node: &FileNode, offset: u64, whence: i32) -> Result<u64> {
+        let size = node.size_bytes.load(Ordering::Acquire);
+        if offset >= size {
+            return Err(Error::NoSuchOffset);
+        }
+        let map = node.map.load();
+        match whence {
+            libc::SEEK_DATA => map.next_data(offset).filter(|&at| at < size).ok_or(Error::NoSuchOffset),
+            libc::SEEK_HOLE => Ok(map.next_hole(offset).min(size)),
+            _ => Err(Error::Invalid),
+        }
+    }
+
     /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, then the log.
     pub fn fsync(&self, node: &FileNode, datasync: bool) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let volumes: BTreeSet<VolumeId> = node.map.load().extents().iter().map(|e| e.volume).collect();
+        let volumes: BTreeSet<VolumeId> = node.map.load().extents().map(|e| e.volume).collect();
         for v in volumes {
             self.volume(v)?.flush()?;
         }

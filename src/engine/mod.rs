@@ -111,6 +111,8 @@ pub enum Error {
     OutOfRange,
     #[error("the node's extended attributes are full")]
     XattrFull,
+    #[error("no data (or hole) at or after the offset")]
+    NoSuchOffset,
     #[error("volume I/O: {0}")]
     Io(#[from] stdio::Error),
     #[error("catalog: {0}")]
@@ -136,6 +138,7 @@ impl Error {
             Error::TooBig => libc::E2BIG,
             Error::OutOfRange => libc::ERANGE,
             Error::XattrFull => libc::ENOSPC,
+            Error::NoSuchOffset => libc::ENXIO,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(StoreError::Io { source, .. }) => {
                 source.raw_os_error().filter(|&e| e == libc::ENOSPC).unwrap_or(libc::EIO)

@@ -20,6 +20,8 @@ pub struct FileNode {
     pub ino: Ino,
     pub map: ArcSwap<ExtentMap>,
     pub size_bytes: AtomicU64,
+    /// The catalog's explicit preallocation mark (logical tracks kept past the size).
+    pub prealloc_end: AtomicU64,
     /// Shared by whatever changes the bytes or the size; exclusive while a cutover holds writes.
     pub write_hold: RwLock<()>,
     /// Shared for I/O, exclusive to free tracks.
@@ -36,11 +38,12 @@ pub struct FileNode {
 impl Engine {
     fn make_node(&self, cat: &Store, ino: Ino) -> Result<Arc<FileNode>> {
         let i = cat.catalog.get(ino).ok_or(Error::NotFound)?;
-        let Body::File { size_bytes, extents } = &i.body else { return Err(Error::IsDir) };
+        let Body::File { size_bytes, layout, prealloc_end } = &i.body else { return Err(Error::IsDir) };
         Ok(Arc::new(FileNode {
             ino,
-            map: ArcSwap::from_pointee(ExtentMap::new(self.geometry, extents)),
+            map: ArcSwap::from_pointee(ExtentMap::new(self.geometry, layout)),
             size_bytes: AtomicU64::new(*size_bytes),
+            prealloc_end: AtomicU64::new(*prealloc_end),
             gate: RwLock::new(()),
             open_handles: AtomicU32::new(0),
             mtime_ns: AtomicI64::new(i.meta.mtime_ns),
@@ -156,8 +159,9 @@ impl Engine {
 
     /// Re-read a data set's extents from the catalog into its node (after grow or trim).
     pub fn refresh_map(&self, cat: &Store, node: &FileNode) {
-        if let Some(Body::File { extents, size_bytes }) = cat.catalog.get(node.ino).map(|i| &i.body) {
-            node.map.store(Arc::new(ExtentMap::new(self.geometry, extents)));
+        if let Some(Body::File { layout, size_bytes, prealloc_end }) = cat.catalog.get(node.ino).map(|i| &i.body) {
+            node.map.store(Arc::new(ExtentMap::new(self.geometry, layout)));
+            node.prealloc_end.store(*prealloc_end, Ordering::Release);
             node.size_bytes.store(*size_bytes, Ordering::Release);
         }
     }
@@ -200,8 +204,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Trim the over-provisioned tails of every data set that is not open. Returns the tracks
-    /// freed. Called with the catalog lock held; `open_inodes` is only changed under it too,
+    /// Trim the over-provisioned tails of every data set that is not open: the tracks past
+    /// its size and past its explicit preallocation. Returns the tracks freed. Called with the catalog lock held; `open_inodes` is only changed under it too,
     /// so no data set opens (and builds its extent map) halfway through.
     pub(super) fn reclaim_surplus(&self, cat: &mut Store) -> Result<u64> {
         let g = self.geometry;
@@ -212,8 +216,9 @@ impl Engine {
             .values()
             .filter(|i| !open.contains(&i.ino))
             .filter_map(|i| match &i.body {
-                Body::File { size_bytes, .. } if i.allocated_tracks() > g.tracks_for(*size_bytes) => {
-                    Some((i.ino, g.tracks_for(*size_bytes)))
+                Body::File { size_bytes, layout, prealloc_end } => {
+                    let keep = g.tracks_for(*size_bytes).max(*prealloc_end);
+                    (layout.end() > keep).then_some((i.ino, keep))
                 }
                 _ => None,
             })

@@ -8,6 +8,7 @@ use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, JobRec, Op};
 use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
+use crate::layout::Layout;
 
 /// What recovery did.
 #[derive(Debug, Default, Clone)]
@@ -84,7 +85,7 @@ impl Engine {
             let id = cat.catalog.next_job;
             let again = JobRec {
                 id,
-                target: Vec::new(),
+                target: Layout::default(),
                 release: Vec::new(),
                 switched: false,
                 started_ns: now_ns(),
@@ -116,9 +117,9 @@ impl Engine {
         let mut inodes: Vec<_> = cat.catalog.inodes.values().collect();
         inodes.sort_unstable_by_key(|i| i.ino);
         for i in inodes {
-            if let Body::File { size_bytes, extents } = &i.body {
-                let map = ExtentMap::new(g, extents);
-                let end = map.allocated_bytes();
+            if let Body::File { size_bytes, layout, .. } = &i.body {
+                let map = ExtentMap::new(g, layout);
+                let end = map.end_bytes();
                 if end > *size_bytes {
                     super::io::zero_pieces(&self.volumes.read(), &map, *size_bytes..end)?;
                     n += 1;

@@ -154,7 +154,7 @@ fn queued_job(id: u64) -> crate::catalog::model::JobRec {
         ino: 2,
         path: "/f".into(),
         targets: vec![VolumeId(1)],
-        target: Vec::new(),
+        target: crate::layout::Layout::default(),
         release: Vec::new(),
         switched: false,
         cutover: crate::catalog::model::Cutover::Live,

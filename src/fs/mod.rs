@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use log::{error, info};
 use parking_lot::{Mutex, RwLock};
@@ -788,6 +788,13 @@ impl Filesystem for FerryFs {
             self.engine.removexattr(ino.0, name.as_bytes())
         };
         reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let res = u64::try_from(offset)
+            .map_err(|_| FsError::Invalid)
+            .and_then(|offset| self.engine.seek_data_or_hole(&*self.file_handle(fh)?, offset, whence));
+        reply_result!(reply, res, |r: ReplyLseek, at: u64| r.offset(at as i64))
     }
 
     fn fallocate(

@@ -1,6 +1,7 @@
 //! One job: the method's steps a to m for one data set, run by its own thread (the copier).
 //! docs/design.md maps each step to the functions here.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,9 +11,10 @@ use super::plan::{grow_target, names, place_target, tracks_text};
 use super::{JobState, Migrations, Phase};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Cutover, Op};
-use crate::engine::{read_pieces, volume_of, write_pieces, Engine, Error as FsError, FileNode, Volumes};
+use crate::engine::{volume_of, Engine, Error as FsError, FileNode, Volumes};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
+use crate::layout::lay_out;
 use crate::monitor::{JobLink, WORD_BITS};
 use crate::space::VolumeId;
 use crate::storage::StorageFile;
@@ -207,24 +209,32 @@ impl Runner<'_> {
         let job = self.job;
         self.check()?;
 
-        // a. Assess: the source extents and the total space.
+        // a. Assess: the source's mapped tracks (its holes take no target) and the space.
         job.set_phase(Phase::Assessing);
-        let (tracks, pool_tracks) = {
+        let (tracks, ranges, bitmap_tracks) = {
             let cat = self.engine.catalog.lock();
             let c = &cat.catalog;
             let i = c.get(job.ino).ok_or(End::Gone)?;
             if !matches!(i.body, Body::File { .. }) || i.meta.nlink == 0 {
                 return Err(End::Gone);
             }
-            // The bytes end at the size: the over-provisioned tail past it is not moved (the
-            // cutover trims it from the source).
-            let tracks = i.allocated_tracks().min(self.g.tracks_for(i.size_bytes()));
-            (tracks, c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>())
+            // The bytes end at the size (or the explicit preallocation past it): the
+            // over-provisioned tail past that is not moved (the cutover trims it from the
+            // source).
+            let Body::File { layout, prealloc_end, .. } = &i.body else { return Err(End::Gone) };
+            let keep = self.g.tracks_for(i.size_bytes()).max(*prealloc_end);
+            let ranges: Vec<Range<u64>> = layout.slice(0..keep).map(|r| r.logical..r.end()).collect();
+            let tracks = ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            // The bitmap covers the data set's logical tracks and as many again as the
+            // pool holds, so that no growth the pool can hold outruns it.
+            let pool_tracks = c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>();
+            (tracks, ranges, layout.end().max(keep) + pool_tracks)
         };
         job.bytes_total.store(self.g.bytes_of(tracks), Ordering::Relaxed);
 
-        // b, c. Allocate the target as one request and map every source track onto it, in
-        // order: logical track t of the data set goes to track t of the target map.
+        // b, c. Allocate the target as one request and map every mapped source track onto
+        // it, in order: logical track t of the data set goes to logical track t of the
+        // target map; holes stay holes.
         job.set_phase(Phase::Allocating);
         let target = {
             let mut cat = self.engine.catalog.lock();
@@ -241,14 +251,14 @@ impl Runner<'_> {
             })?;
             if !plan.is_empty() {
                 self.engine.settle_quarantine(&mut cat, &plan)?;
-                self.engine.commit(&mut cat, Op::JobGrow { job: job.id, extents: plan })?;
+                let runs = lay_out(&plan, &ranges);
+                self.engine.commit(&mut cat, Op::JobMap { job: job.id, runs })?;
             }
             cat.catalog.jobs.get(&job.id).map(|j| j.target.clone()).unwrap_or_default()
         };
 
-        // d. Start the monitor: from here every write of the data set marks its tracks. The
-        // bitmap covers the whole pool, so no growth can outrun it.
-        let link = Arc::new(JobLink::new(job.id, pool_tracks, ExtentMap::new(self.g, &target)));
+        // d. Start the monitor: from here every write of the data set marks its tracks.
+        let link = Arc::new(JobLink::new(job.id, bitmap_tracks, ExtentMap::new(self.g, &target)));
         let node = self.engine.pin_node(job.ino, link.clone())?;
         job.link.store(Some(link.clone()));
         self.node = Some(node);
@@ -293,38 +303,52 @@ impl Runner<'_> {
         names(&cat.catalog, &self.job.targets)
     }
 
-    /// The tracks that hold the data set's bytes: up to its size (dense: inside the
-    /// allocation), not the over-provisioned tail.
-    fn source_tracks(&self) -> u64 {
+    /// The logical tracks a migration moves: up to the size, or the explicit preallocation
+    /// past it. (The over-provisioned tail past them is trimmed at the cutover.)
+    fn keep_tracks(&self) -> u64 {
         let node = self.node();
-        node.map.load().allocated_tracks().min(self.g.tracks_for(node.size_bytes.load(Ordering::Acquire)))
+        self.g.tracks_for(node.size_bytes.load(Ordering::Acquire)).max(node.prealloc_end.load(Ordering::Acquire))
     }
 
-    /// Step k: the target holds at least `tracks` tracks (the data set grew).
-    fn ensure_target(&self, tracks: u64) -> JobResult<()> {
+    /// The logical end of the data set's moved tracks: past it, only holes (and the tail).
+    fn source_tracks(&self) -> u64 {
+        self.node().map.load().end_tracks().min(self.keep_tracks())
+    }
+
+    /// Steps c and k: the target maps every mapped source track of logical tracks `range`
+    /// (the data set grew, or a write filled one of its holes). The tracks it lacks are
+    /// reserved in one request, laid over the logical tracks that need them.
+    fn ensure_target(&self, range: Range<u64>) -> JobResult<()> {
         let link = self.link();
-        let have = link.target.load().allocated_tracks();
-        if have >= tracks {
+        let range = range.start..range.end.min(self.source_tracks());
+        if range.is_empty() {
             return Ok(());
         }
-        if tracks > link.dirty.tracks() {
-            return Err(End::Failed("the data set grew past the pool's size at the start of the job".into()));
+        let src = self.node().map.load();
+        let target = link.target.load();
+        let missing: Vec<Range<u64>> =
+            src.layout().slice(range).flat_map(|r| target.layout().holes_in(r.logical..r.end())).collect();
+        let Some(last) = missing.last() else { return Ok(()) };
+        if last.end > link.dirty.tracks() {
+            return Err(End::Failed("the data set grew past what the job's bitmap covers; start it again".into()));
         }
+        let needed: u64 = missing.iter().map(|r| r.end - r.start).sum();
         let mut cat = self.engine.catalog.lock();
         let c = &cat.catalog;
         let current = c.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
-        let more = grow_target(c, &self.job.targets, &current, tracks - have).ok_or_else(|| {
+        let more = grow_target(c, &self.job.targets, &current, needed).ok_or_else(|| {
             End::Failed(format!(
-                "target full: {} grew to {}; {} can't hold it",
+                "target full: {} grew by {}; {} can't hold it",
                 self.job.path,
-                tracks_text(c, tracks),
+                tracks_text(c, needed),
                 names(c, &self.job.targets)
             ))
         })?;
-        self.engine.settle_quarantine(&mut cat, &more)?;
-        self.engine.commit(&mut cat, Op::JobGrow { job: self.job.id, extents: more })?;
-        let extents = cat.catalog.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
-        link.target.store(Arc::new(ExtentMap::new(self.g, &extents)));
+        let runs = lay_out(&more, &missing);
+        self.engine.settle_quarantine(&mut cat, &runs.iter().map(|r| r.extent).collect::<Vec<_>>())?;
+        self.engine.commit(&mut cat, Op::JobMap { job: self.job.id, runs })?;
+        let layout = cat.catalog.jobs.get(&self.job.id).map(|j| j.target.clone()).unwrap_or_default();
+        link.target.store(Arc::new(ExtentMap::new(self.g, &layout)));
         Ok(())
     }
 
@@ -349,8 +373,9 @@ impl Runner<'_> {
             && now_ns() - self.engine.last_app_io_ns.load(Ordering::Relaxed) < APP_ACTIVE_WINDOW.as_nanos() as i64
     }
 
-    /// Steps f and k: copy the tracks past the copied mark, up to the data set's allocation,
-    /// growing the target as needed. `paced` is false while writes are held.
+    /// Steps f and k: copy the tracks past the copied mark, up to the data set's last moved
+    /// track, reserving target tracks as needed. Holes cost nothing: the mark jumps over
+    /// tracks that neither side maps. `paced` is false while writes are held.
     ///
     /// The copied mark goes on to the end of the target's reservation even when the data set
     /// is smaller now (a truncate cut it): the reserved tracks past the source's bytes are
@@ -363,19 +388,25 @@ impl Runner<'_> {
                 self.check()?;
             }
             let a = self.source_tracks();
-            self.job.bytes_total.store(self.g.bytes_of(a), Ordering::Relaxed);
-            let c = self.link().copied_tracks();
-            let end = a.max(self.link().target.load().allocated_tracks());
-            if c >= end {
+            let src = self.node().map.load_full();
+            let dst = self.link().target.load_full();
+            let keep = self.keep_tracks();
+            self.job.bytes_total.store(self.g.bytes_of(src.layout().mapped_in(0..keep)), Ordering::Relaxed);
+            let end = a.max(dst.end_tracks());
+            // Over holes on both sides, straight to the next mapped track of either.
+            let mapped_from = |t: u64| {
+                let next = |m: &ExtentMap| m.layout().slice(t..end).next().map(|r| r.logical);
+                next(&src).into_iter().chain(next(&dst)).min()
+            };
+            let Some(c) = mapped_from(self.link().copied_tracks()) else {
+                self.link().set_copied(self.link().copied_tracks().max(end));
                 return Ok(());
-            }
-            if c < a {
-                self.ensure_target(a)?;
-            }
+            };
             let active = paced && self.apps_active();
             let n = self.chunk_tracks(active).min(end - c);
+            let data = self.g.bytes_of(src.layout().mapped_in(c..(c + n).min(a)));
             if paced {
-                self.wait_for_caps(self.g.bytes_of(n), active);
+                self.wait_for_caps(data, active);
                 self.check()?;
             }
             let t0 = Instant::now();
@@ -384,8 +415,8 @@ impl Runner<'_> {
                 self.wait_writeback()?;
             }
             self.link().set_copied(c + n);
-            // Only the data set's bytes count as copied, not the zeroed tail past them.
-            self.job.bytes_copied.fetch_add(self.g.bytes_of((c + n).min(a).saturating_sub(c)), Ordering::Relaxed);
+            // Only the data set's mapped bytes count as copied, not holes or the zeroed tail.
+            self.job.bytes_copied.fetch_add(data, Ordering::Relaxed);
             self.note_rate();
             if paced {
                 self.rest(t0.elapsed(), active);
@@ -393,16 +424,18 @@ impl Runner<'_> {
         }
     }
 
-    /// Copy logical tracks `first..first+n` from the source to the target. Tracks past the
-    /// source's allocation (cut by a truncate) are zeroed on the target.
+    /// Copy logical tracks `first..first+n` from the source to the target, where the target
+    /// maps them (reserving first what it lacks for the source's mapped tracks). Where the
+    /// source has a hole (a punch, or a truncate's cut), the target is zeroed.
     ///
-    /// The data set's gate is held shared, so no truncate frees source tracks under the
-    /// copy; with mirrored writes on, the tracks' stripes are held too, so no mirrored write
-    /// interleaves with the copy (monitor.rs).
+    /// The data set's gate is held shared, so no truncate or punch frees source tracks under
+    /// the copy; with mirrored writes on, the tracks' stripes are held too, so no mirrored
+    /// write interleaves with the copy (monitor.rs).
     fn copy(&mut self, first: u64, n: u64) -> JobResult<()> {
         if n == 0 {
             return Ok(());
         }
+        self.ensure_target(first..first + n)?;
         let g = self.g;
         let node = self.node.clone().expect("pinned");
         let link = self.link.clone().expect("pinned");
@@ -410,32 +443,29 @@ impl Runner<'_> {
         let _stripes = link.mirroring().then(|| link.lock_tracks(first, first + n - 1));
         let src = node.map.load();
         let dst = link.target.load();
-        let end = (first + n).min(dst.allocated_tracks());
-        if first >= end {
-            return Ok(());
-        }
-        let copy_end = end.min(src.allocated_tracks()).max(first);
         let volumes = self.engine.volumes();
-        if copy_end > first {
-            let (off, len) = (g.bytes_of(first), g.bytes_of(copy_end - first));
-            for (at, n) in copy_pieces(off, len) {
-                let n = n as usize;
-                if self.buf.len() < n {
-                    self.buf.resize(n, 0);
+        let (off, len) = (g.bytes_of(first), g.bytes_of(n));
+        for p in dst.pieces(off, len as usize) {
+            let Piece::Mapped { volume, offset_bytes: to, buf_start, len } = p else { continue };
+            let target = volume_of(&volumes, volume)?;
+            for sp in src.pieces(off + buf_start as u64, len) {
+                match sp {
+                    Piece::Mapped { volume, offset_bytes: from, buf_start: b, len } => {
+                        let source = volume_of(&volumes, volume)?;
+                        for (at, n) in copy_pieces(b as u64, len as u64) {
+                            let n = n as usize;
+                            if self.buf.len() < n {
+                                self.buf.resize(n, 0);
+                            }
+                            source.read_at(&mut self.buf[..n], from + at - b as u64)?;
+                            target.write_at(&self.buf[..n], to + at)?;
+                        }
+                    }
+                    Piece::Unallocated { buf_start: b, len } => target.punch(to + b as u64, len as u64)?,
                 }
-                read_pieces(&volumes, &src, at, &mut self.buf[..n])?;
-                write_pieces(&volumes, &dst, at, &self.buf[..n])?;
-            }
-            self.writeback(&volumes, &dst, off, len)?;
-        }
-        if end > copy_end {
-            let off = g.bytes_of(copy_end);
-            for p in dst.pieces(off, g.bytes_of(end - copy_end) as usize) {
-                if let Piece::Mapped { volume, offset_bytes, len, .. } = p {
-                    volume_of(&volumes, volume)?.punch(offset_bytes, len as u64)?;
-                }
             }
         }
+        self.writeback(&volumes, &dst, off, len)?;
         Ok(())
     }
 
@@ -591,7 +621,7 @@ impl Runner<'_> {
 
     fn flush_target(&self) -> JobResult<()> {
         let vols: std::collections::BTreeSet<VolumeId> =
-            self.link().target.load().extents().iter().map(|e| e.volume).collect();
+            self.link().target.load().extents().map(|e| e.volume).collect();
         for v in vols {
             self.engine.volume(v)?.flush().map_err(FsError::from)?;
         }
@@ -622,8 +652,8 @@ impl Runner<'_> {
         let mut cat = self.engine.catalog.lock();
         // The source's over-provisioned tail goes first (writes and truncates are held, and
         // no read goes past the size), so the switch needs no target for it.
-        let keep_tracks = self.source_tracks();
-        if node.map.load().allocated_tracks() > keep_tracks {
+        let keep_tracks = self.keep_tracks();
+        if node.map.load().end_tracks() > keep_tracks {
             self.engine.commit(&mut cat, Op::Trim { ino: self.job.ino, keep_tracks })?;
             self.engine.refresh_map(&cat, &node);
         }
@@ -694,7 +724,7 @@ impl Runner<'_> {
         let extents = {
             let cat = self.engine.catalog.lock();
             match cat.catalog.get(self.job.ino).map(|i| &i.body) {
-                Some(Body::File { extents, .. }) => extents.len(),
+                Some(Body::File { layout, .. }) => layout.runs().len(),
                 _ => 0,
             }
         };

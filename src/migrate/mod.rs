@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Catalog, Cutover, Ino, JobRec, Op, PlanKind, PlanRec};
 use crate::engine::{Engine, Error as FsError};
+use crate::layout::Layout;
 use crate::monitor::JobLink;
 use crate::report::{self, JobReport, PlanReport};
 use crate::space::VolumeId;
@@ -478,7 +479,7 @@ fn enqueue(
         ino: p.ino,
         path: p.path.clone(),
         targets: p.targets.clone(),
-        target: Vec::new(),
+        target: Layout::default(),
         release: Vec::new(),
         switched: false,
         cutover: opts.cutover,
@@ -660,7 +661,7 @@ fn data_sets_at(c: &Catalog, path: &str) -> Result<Vec<PlannedJob>, Refusal> {
         .map(|d| PlannedJob {
             ino: d.ino,
             path: d.path,
-            tracks: d.allocated_tracks.min(c.geometry.tracks_for(d.size_bytes)),
+            tracks: c.get(d.ino).map_or(0, |i| i.data_tracks(c.geometry)),
             targets: Vec::new(),
         })
         .collect())
@@ -717,8 +718,8 @@ fn migrate(m: &Arc<Migrations>, paths: &[String], to: &[String], opts: &JobOptio
             }
             // Already where it is asked to go, in one extent: nothing to move. (One in
             // several extents on its own volume is combined: that is a move too.)
-            if let Some(Body::File { extents, .. }) = c.get(d.ino).map(|i| &i.body) {
-                if extents.len() <= 1 && extents.iter().all(|e| targets.contains(&e.volume)) {
+            if let Some(Body::File { layout, .. }) = c.get(d.ino).map(|i| &i.body) {
+                if layout.runs().len() <= 1 && layout.extents().all(|e| targets.contains(&e.volume)) {
                     in_place += 1;
                     continue;
                 }
@@ -855,7 +856,7 @@ fn start_plan(
 }
 
 fn on_any(c: &Catalog, ino: Ino, vols: &[VolumeId]) -> bool {
-    matches!(c.get(ino).map(|i| &i.body), Some(Body::File { extents, .. }) if extents.iter().any(|e| vols.contains(&e.volume)))
+    matches!(c.get(ino).map(|i| &i.body), Some(Body::File { layout, .. }) if layout.extents().any(|e| vols.contains(&e.volume)))
 }
 
 fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {

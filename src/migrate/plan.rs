@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::catalog::model::{Body, Catalog, Ino};
+use crate::layout::Layout;
 use crate::report;
 use crate::space::{plan_growth, Extent, VolumeId};
 
@@ -27,9 +28,9 @@ pub fn place_target(c: &Catalog, targets: &[VolumeId], tracks: u64) -> Option<Ve
 
 /// More target tracks for a job whose data set grew: in place after the target's last
 /// extent when possible, over-provisioned like any growth.
-pub fn grow_target(c: &Catalog, targets: &[VolumeId], have: &[Extent], more: u64) -> Option<Vec<Extent>> {
+pub fn grow_target(c: &Catalog, targets: &[VolumeId], have: &Layout, more: u64) -> Option<Vec<Extent>> {
     let frees = c.open_volumes().filter(|v| targets.contains(&v.id)).map(|v| &v.free);
-    plan_growth(frees, have.last().copied(), have.iter().map(|e| e.count_tracks).sum(), more)
+    plan_growth(frees, have.last_extent(), have.mapped_tracks(), more)
 }
 
 /// Free tracks on `targets`.
@@ -63,12 +64,12 @@ pub fn on_volumes(c: &Catalog, sources: &[VolumeId], busy: &HashSet<Ino>) -> Vec
     let mut out = Vec::new();
     for d in listing {
         let Some(i) = c.get(d.ino) else { continue };
-        let Body::File { extents, .. } = &i.body else { continue };
+        let Body::File { layout, .. } = &i.body else { continue };
         if busy.contains(&d.ino) || !seen.insert(d.ino) {
             continue;
         }
-        if extents.iter().any(|e| sources.contains(&e.volume)) {
-            let tracks = i.allocated_tracks().min(c.geometry.tracks_for(i.size_bytes()));
+        if layout.extents().any(|e| sources.contains(&e.volume)) {
+            let tracks = i.data_tracks(c.geometry);
             out.push(PlannedJob { ino: d.ino, path: d.path, tracks, targets: Vec::new() });
         }
     }

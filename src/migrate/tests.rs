@@ -80,7 +80,7 @@ fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport
     // To the big volume it is not on. Capped, so that passes take long enough for the
     // writers to outrun them.
     let on_v2 = matches!(sh.catalog.lock().catalog.get(2).map(|i| &i.body),
-        Some(Body::File { extents, .. }) if extents.iter().any(|e| e.volume == VolumeId(2)));
+        Some(Body::File { layout, .. }) if layout.extents().any(|e| e.volume == VolumeId(2)));
     let (to, to_id) = if on_v2 { ("V3", VolumeId(3)) } else { ("V2", VolumeId(2)) };
     let reply = execute(&m, &format!("migrate /f to {to} cutover={cutover} rate=4M")).unwrap();
     assert_eq!(reply, "ok jobs 1");
@@ -105,9 +105,9 @@ fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport
     let report = m.reports().0[0].clone();
     assert_eq!(report.phase, "switched", "{report:?}");
     let cat = sh.catalog.lock();
-    let Some(Body::File { extents, .. }) = cat.catalog.get(2).map(|i| &i.body) else { panic!() };
-    assert!(extents.iter().all(|e| e.volume == to_id), "all on the target: {extents:?}");
-    let map = ExtentMap::new(sh.geometry, extents);
+    let Some(Body::File { layout, .. }) = cat.catalog.get(2).map(|i| &i.body) else { panic!() };
+    assert!(layout.extents().all(|e| e.volume == to_id), "all on the target: {layout:?}");
+    let map = ExtentMap::new(sh.geometry, layout);
     drop(cat);
     let mut got = vec![0u8; (BLOCKS * 1024) as usize];
     read_pieces(&sh.volumes(), &map, 0, &mut got).unwrap();
