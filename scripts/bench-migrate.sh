@@ -19,6 +19,9 @@
 #      several runs under a steady writer: median and max.
 #   5. write throughput on a data set while a job tracks its writes (a job held in its copy
 #      phase by a very low --rate) against the same with no job.
+#   7. a sparse data set of 100 times the size holding the size in data (64 runs spread over
+#      it) migrates against the dense data set of line 1, interleaved, each cold: holes cost
+#      the copier nothing, so it should take about as long.
 #   6. qemu-storage-daemon's blockdev-mirror of a raw image of the same size to another raw
 #      image on the same disk, side by side with lines 1 and 2 (no load, and under the same
 #      fio job through an NBD export).
@@ -38,7 +41,7 @@
 #   BENCH_DIR=DIR          where to build the temporary directories (default: under /var/tmp);
 #                          this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
-#   BENCH_LINES="1 2 3 4 5 6"  run only these lines (line 6 runs with 1 and 2)
+#   BENCH_LINES="1 2 3 4 5 6 7"  run only these lines (line 6 runs with 1 and 2)
 #   BENCH_FERRYFS=PATH     measure this ferryfs binary instead of building the checkout's
 #
 # Needs root (drop_caches, FUSE mounts).
@@ -131,7 +134,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-LINES=" ${BENCH_LINES:-1 2 3 4 5 6} "
+LINES=" ${BENCH_LINES:-1 2 3 4 5 6 7} "
 want() { # LINE... -> whether any of them is to run
     local l
     for l in "$@"; do [[ "$LINES" == *" $l "* ]] && return 0; done
@@ -566,6 +569,13 @@ def report(results_path, meta_json):
             f = (lambda x: f"{x:.0f} {unit}") if unit == "IOPS" else (lambda x: f"{x:.1f} {unit}")
             rows.append((f"5. write {label}, job tracking it", f(med(list(on.values()))), f"no job {f(med(list(off.values())))}",
                          f"{ratio:.3f}x (pairs {min(pairs):.2f}-{max(pairs):.2f})", ">= 0.97x", "yes" if ratio >= 0.97 else "NO"))
+    # 7, sparse.
+    sd, sp = [r["s"] for r in by("l7.nl")], [r["s"] for r in by("l7.sp")]
+    if sd and sp:
+        ratio = med(sp) / med(sd)
+        rows.append((f"7. migrate a sparse {m['size']} x 100 holding {m['size']} of data", fmt_s(med(sp)),
+                     f"dense {m['size']} {fmt_s(med(sd))}", f"{ratio:.2f}x", "about 1x (<= 1.2x)",
+                     "yes" if ratio <= 1.2 else "NO"))
     # 6, qemu.
     if qe and fe and cp:
         rows.append((f"6. qemu blockdev-mirror {m['size']}, no load", fmt_s(med(qe)),
@@ -728,6 +738,57 @@ rm -f "$B/plain/cp-dst.dat" "$B/qemu/dst.raw"
 cmp "$SRC" "$MNT/nl" || { echo "bench-migrate: /nl differs from its source after the migrations" >&2; exit 1; }
 log "1. /nl verified after $REPEAT migrations"
 
+fi
+# ---------------------------------------------------------------------------------------
+if want 7; then
+# Line 7: a sparse data set (100 x SIZE, SIZE of data in 64 runs) against the dense one of
+# line 1, interleaved, each from a cold page cache; bytes checked at the end.
+log "7. writing /sp: $((SIZE_BYTES * 100 >> 20)) MiB with $((SIZE_BYTES >> 20)) MiB of data"
+python3 - "$SRC" "$MNT/sp" "$SIZE_BYTES" <<'PYEOF'
+import os, sys
+src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runs, logical = 64, size * 100
+piece = size // runs
+with open(src, "rb") as f, open(dst, "wb") as g:
+    for k in range(runs):
+        f.seek(k * piece)
+        g.seek(k * (logical // runs))
+        g.write(f.read(piece))
+    g.truncate(logical)
+    os.fsync(g.fileno())
+PYEOF
+place /sp V1
+for ((rep = 1; rep <= REPEAT; rep++)); do
+    for ds in nl sp; do
+        to=$(other "/$ds")
+        drop_caches
+        t0ms=$(now_ms)
+        "$FERRY" migrate "$MNT" "/$ds" --to "$to" --wait >"$B/l7-$ds-$rep.out"
+        jid=$(awk '/^ok jobs/{print $3; exit}' "$B/l7-$ds-$rep.out")
+        res=$(python3 "$PY" wait "$MNT" "$jid" 10)
+        s=$(python3 -c "
+import json,sys; j=json.loads(sys.argv[1]); t0=int(sys.argv[2])
+assert j['phase']=='switched', j['phase']
+print((j['ended_ns']/1e6-t0)/1e3)" "$res" "$t0ms")
+        record "l7.$ds" "{\"s\":$s}"
+        log "7. migrate /$ds #$rep (to $to): $(printf %.2f "$s") s"
+    done
+done
+python3 - "$SRC" "$MNT/sp" "$SIZE_BYTES" <<'PYEOF'
+import sys
+src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runs, logical = 64, size * 100
+piece = size // runs
+with open(src, "rb") as f, open(dst, "rb") as g:
+    for k in range(runs):
+        f.seek(k * piece)
+        g.seek(k * (logical // runs))
+        assert g.read(piece) == f.read(piece), f"/sp run {k} differs after the migrations"
+        if k + 1 < runs:
+            assert g.read(1 << 20) == bytes(1 << 20), f"/sp hole after run {k} is not zeros"
+PYEOF
+log "7. /sp verified after $((REPEAT * 1)) migrations"
+rm -f "$MNT/sp"
 fi
 # ---------------------------------------------------------------------------------------
 if want 5; then

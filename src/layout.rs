@@ -189,14 +189,24 @@ impl Layout {
         Ok(())
     }
 
-    /// Map holes: `more` lands in logical order among the runs. The caller checked it
-    /// ([`Layout::check_insert`]).
+    /// Map holes: `more` lands in logical order among the runs, merging with a neighbour
+    /// that continues it on its volume. The caller checked it ([`Layout::check_insert`]).
     pub fn insert(&mut self, more: &[Run]) {
-        let mut all: Vec<Run> = std::mem::take(&mut self.runs);
-        all.extend_from_slice(more);
-        all.sort_by_key(|r| r.logical);
-        for r in all {
-            self.push_merged(r);
+        let continues = |a: &Run, b: &Run| {
+            a.end() == b.logical && a.extent.volume == b.extent.volume && a.extent.end() == b.extent.first
+        };
+        for r in more {
+            let mut i = self.runs.partition_point(|x| x.logical < r.logical);
+            self.runs.insert(i, *r);
+            if i > 0 && continues(&self.runs[i - 1], &self.runs[i]) {
+                self.runs[i - 1].extent.count_tracks += r.extent.count_tracks;
+                self.runs.remove(i);
+                i -= 1;
+            }
+            if i + 1 < self.runs.len() && continues(&self.runs[i], &self.runs[i + 1]) {
+                self.runs[i].extent.count_tracks += self.runs[i + 1].extent.count_tracks;
+                self.runs.remove(i + 1);
+            }
         }
     }
 
