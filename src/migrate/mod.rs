@@ -716,10 +716,13 @@ fn migrate(m: &Arc<Migrations>, paths: &[String], to: &[String], opts: &JobOptio
             if !seen.insert(d.ino) {
                 continue;
             }
-            // Already where it is asked to go, in one extent: nothing to move. (One in
-            // several extents on its own volume is combined: that is a move too.)
+            // Already where it is asked to go, in one extent (its runs, holes between them,
+            // one after another on one target volume): nothing to move. (One in several
+            // extents on its own volume is combined: that is a move too.)
             if let Some(Body::File { layout, .. }) = c.get(d.ino).map(|i| &i.body) {
-                if layout.runs().len() <= 1 && layout.extents().all(|e| targets.contains(&e.volume)) {
+                let extents: Vec<_> = layout.extents().collect();
+                let one_run = extents.windows(2).all(|w| w[0].volume == w[1].volume && w[0].end() == w[1].first);
+                if one_run && extents.iter().all(|e| targets.contains(&e.volume)) {
                     in_place += 1;
                     continue;
                 }
