@@ -34,9 +34,28 @@ fn no_write_slips_past_the_copier() {
     }
 }
 
+/// `verify=yes` under writers: the comparison runs in the hold, after the final re-sync, so
+/// it finds the target equal to the source and the job switches; the report says so.
+#[test]
+fn verify_under_writers_finds_the_target_equal() {
+    for cutover in ["live", "close"] {
+        let r = race_a_job(2, cutover, " verify=yes");
+        assert_eq!(r.verify.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.verified_tracks, Some(512), "every track of the data set: {r:?}");
+        assert!(r.verify_us.is_some(), "{r:?}");
+    }
+    let r = race_a_job(1, "live", "");
+    assert_eq!((r.verify.as_deref(), r.verified_tracks), (None, None), "not asked: {r:?}");
+}
+
 /// One race of `no_write_slips_past_the_copier`: checks every block on the target and
 /// returns the job's report.
 fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport {
+    race_a_job(writers, cutover, "")
+}
+
+/// [`writers_race_a_job`], with more options on the control line.
+fn race_a_job(writers: usize, cutover: &str, options: &str) -> crate::report::JobReport {
     let dir = tempfile::tempdir().unwrap();
     let (sh, node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
     for (id, name) in [(2, "V2"), (3, "V3")] {
@@ -82,7 +101,7 @@ fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport
     let on_v2 = matches!(sh.catalog.lock().catalog.get(2).map(|i| &i.body),
         Some(Body::File { extents, .. }) if extents.iter().any(|e| e.volume == VolumeId(2)));
     let (to, to_id) = if on_v2 { ("V3", VolumeId(3)) } else { ("V2", VolumeId(2)) };
-    let reply = execute(&m, &format!("migrate /f to {to} cutover={cutover} rate=4M")).unwrap();
+    let reply = execute(&m, &format!("migrate /f to {to} cutover={cutover} rate=4M{options}")).unwrap();
     assert_eq!(reply, "ok jobs 1");
     let phase = |m: &Arc<Migrations>| m.reports().0[0].phase.clone();
     let t0 = std::time::Instant::now();
