@@ -74,6 +74,12 @@ fn verify_under_a_writer_switches_and_reports_what_it_checked() {
     assert!(ev.contains(&format!("job {id} verified 64 tracks (4.0 MiB) in ")), "{ev}");
     let text = ferry_ok(&["status", &mnt]);
     assert!(text.contains("verify=ok"), "`ferryfs status` shows it:\n{text}");
+    let x = ferry_ok(&["metrics", &mnt]);
+    let verified =
+        x.lines().find(|l| l.starts_with("ferryfs_job_verified_tracks{") && l.contains(&format!("job_id=\"{id}\"")));
+    assert!(verified.is_some_and(|l| l.ends_with(" 64")), "the metrics show it: {verified:?}");
+    let phases = x.lines().filter(|l| l.starts_with("ferryfs_jobs{") && l.contains("phase=\"verifying\"")).count();
+    assert_eq!(phases, 1, "every phase is listed, verifying too");
 
     assert!(w.stop() > 0, "the writer wrote during the job");
     assert_eq!(placement(&m.mnt, "/f"), (vec!["V2".to_string()], 1), "the data set is one extent on V2");

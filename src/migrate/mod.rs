@@ -7,6 +7,10 @@
 //!   ([`Op::PlanStart`]), and its source volumes stop taking allocations.
 //! - At most `max-jobs` jobs run at once, each on its own thread (job.rs); the rest wait in
 //!   the queue.
+//! - A job's state is one enum (state.rs), changed only by [`JobState::transition`], which
+//!   refuses an impossible step; docs/design.md ("The state of a job") draws the table.
+//! - With `verify=yes` a job compares source and target track by track in the cutover's hold,
+//!   before the switch; a mismatch fails it and rolls it back (job.rs, `Runner::verify`).
 //! - [`recover`] runs at mount: a job that switched frees its source; one that did not is
 //!   rolled back (its target freed, the source untouched) and started again from the
 //!   beginning; a plan carries on with whatever is still on its sources.
