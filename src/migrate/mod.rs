@@ -176,10 +176,11 @@ impl JobState {
     /// The job failed (and was rolled back); `verified`: what a verification found.
     fn fail(&self, m: &Migrations, why: String, verified: Option<Verified>) {
         let during = self.phase();
-        m.event(format!("job {} failed path={} phase={} reason={why:?}", self.id, self.path, during.name()));
-        if let Err(e) = self.transition(State::Failed { reason: why, during, verified }) {
-            // Already ended: nothing else to do but say so.
-            error!("job {}: {e}", self.id);
+        let event = format!("job {} failed path={} phase={} reason={why:?}", self.id, self.path, during.name());
+        match self.transition(State::Failed { reason: why, during, verified }) {
+            Ok(()) => m.event(event),
+            // Already ended (a bug): it keeps the end it had; nothing to do but say so.
+            Err(e) => error!("job {}: {e}", self.id),
         }
     }
 

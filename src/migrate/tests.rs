@@ -138,3 +138,54 @@ fn race_a_job(writers: usize, cutover: &str, options: &str) -> crate::report::Jo
     assert!(crate::catalog::check::check(&sh.catalog.lock().catalog).problems.is_empty());
     report
 }
+
+/// A refused step is a bug, and it must not take the mount down: the state stays as it was,
+/// and a job ended through `settle` ends failed, saying why, instead of panicking. Once
+/// final, nothing moves it.
+#[test]
+fn a_refused_transition_fails_the_job_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, _node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
+    let m = Migrations::new(sh);
+    let rec = JobRec {
+        id: 7,
+        ino: 2,
+        path: "/f".into(),
+        targets: Vec::new(),
+        target: Vec::new(),
+        release: Vec::new(),
+        switched: false,
+        cutover: Cutover::Live,
+        rate_bytes_per_s: 0,
+        plan: None,
+        started_ns: 0,
+    };
+    let job = JobState::new(&rec, true);
+    assert_eq!(job.report(&m.engine.catalog.lock().catalog, 4096).verify.as_deref(), Some("pending"));
+    let e = job.transition(State::Copying).unwrap_err();
+    assert_eq!((e.from.name(), e.to.name()), ("queued", "copying"));
+    assert_eq!(job.state(), State::Queued, "a refused step changes nothing");
+    for s in [State::Assessing, State::Allocating, State::Copying, State::Resyncing] {
+        job.transition(s).unwrap();
+    }
+    job.settle(&m, State::Switched { held_us: 1, verified: None });
+    match job.state() {
+        State::Failed { reason, during, verified: None } => {
+            assert!(reason.contains("internal error: refused state transition resyncing -> switched"), "{reason}");
+            assert_eq!(during, Phase::Resyncing);
+        }
+        s => panic!("{s:?}"),
+    }
+    let r = job.report(&m.engine.catalog.lock().catalog, 4096);
+    assert_eq!(
+        (r.phase.as_str(), r.failed_in.as_deref(), r.verify.as_deref()),
+        ("failed", Some("resyncing"), Some("not-run"))
+    );
+    assert!(r.ended_ns.is_some());
+    assert!(String::from_utf8(m.events_text()).unwrap().contains("job 7 failed path=/f phase=resyncing"));
+    // Final: even a failure is refused now, and the state keeps its first reason.
+    job.fail(&m, "again".into(), None);
+    assert!(matches!(job.state(), State::Failed { reason, .. } if reason.contains("internal error")));
+    assert_eq!(String::from_utf8(m.events_text()).unwrap().matches(" failed ").count(), 1, "one end, one event");
+    assert!(job.transition(State::Cancelled).is_err());
+}
