@@ -90,16 +90,23 @@ fn verify_under_a_writer_switches_and_reports_what_it_checked() {
 }
 
 /// A target that differs from its source: the fault point `verify-corrupt-target=5` flips a
-/// byte of logical track 5 on the target after the final re-sync. The job must fail (exit 4
-/// for `--wait`), name the track, roll back its target and leave the data set on its source
-/// with its bytes, still serving reads and writes. Without --verify the fault point does
-/// nothing, and the same move switches.
+/// byte in the middle of logical track 5 on the target after the final re-sync (the last
+/// track if there are fewer). The job must fail (exit 4 for `--wait`), name the track, roll
+/// back its target and leave the data set on its source with its bytes, still serving reads
+/// and writes. Without --verify the fault point does nothing, and the same move switches.
+/// Run with small tracks (many per read) and with tracks larger than one read.
 #[test]
 fn a_target_that_differs_fails_the_job_and_the_source_stays() {
-    let tp = TestPool::new("64K", &[("V1", "24M"), ("V2", "16M")]);
+    for (track_size, size_bytes, bad_track) in [("64K", 2 << 20, 5), ("2M", 8 << 20, 3)] {
+        a_target_that_differs(track_size, size_bytes, bad_track);
+    }
+}
+
+fn a_target_that_differs(track_size: &str, size_bytes: usize, bad_track: u64) {
+    let tp = TestPool::new(track_size, &[("V1", "24M"), ("V2", "16M")]);
     let m = tp.mount_env(&[("FERRYFS_PAUSE", "verify-corrupt-target=5")]);
     let mnt = s(&m.mnt).to_string();
-    let data = pattern(2 << 20, 77);
+    let data = pattern(size_bytes, 77);
     write_whole(&m.p("f"), &data);
     let before = placement(&m.mnt, "/f");
     assert_eq!(before.0, vec!["V1"], "test setup");
@@ -108,19 +115,20 @@ fn a_target_that_differs_fails_the_job_and_the_source_stays() {
     let out = ferry(["migrate", &mnt, "/f", "--to", "V2", "--verify", "--wait"]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(exit::JOB_FAILED), "{stdout}\n{stderr}");
+    assert_eq!(out.status.code(), Some(exit::JOB_FAILED), "{track_size}: {stdout}\n{stderr}");
     assert_one_clear_line(&stderr, "not every job switched");
     let id = reply_jobs(stdout.lines().find(|l| l.starts_with("ok jobs")).unwrap_or_else(|| panic!("{stdout}")))[0];
-    assert!(stdout.contains(&format!("job {id} /f: failed: verify: logical track 5 differs")), "{stdout}");
+    let said = format!("job {id} /f: failed: verify: logical track {bad_track} differs");
+    assert!(stdout.contains(&said), "{track_size}: {stdout}");
 
     let j = job(&m.mnt, id);
     assert_eq!(j["phase"], "failed", "{j:#}");
     assert_eq!(j["failed_in"], "verifying", "{j:#}");
     assert_eq!(j["verify"], "mismatch", "{j:#}");
-    assert_eq!(u(&j["verified_tracks"]), 6, "tracks 0 to 5 compared, the first mismatch ends it: {j:#}");
+    assert_eq!(u(&j["verified_tracks"]), bad_track + 1, "up to the first mismatch, which ends it: {j:#}");
     let ev = events(&m.mnt);
-    assert!(ev.contains(&format!("job {id} fault point=verify-corrupt-target track=5")), "{ev}");
-    assert!(ev.contains(&format!("job {id} verify-mismatch path=/f track=5 ")), "{ev}");
+    assert!(ev.contains(&format!("job {id} fault point=verify-corrupt-target track={bad_track}")), "{ev}");
+    assert!(ev.contains(&format!("job {id} verify-mismatch path=/f track={bad_track} ")), "{ev}");
     assert!(!ev.contains(&format!("job {id} switched")), "{ev}");
 
     // Rolled back: the data set is where it was, the target's reservation is free again.

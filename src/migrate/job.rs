@@ -35,13 +35,23 @@ const SIMULATED_CHUNK_TRACKS: u64 = 2;
 /// no more round trips than an application's write; the buffer held it whole before, and a
 /// pool of 8 MiB tracks took the daemon from 5 MB to 275 MB.
 pub const COPY_PIECE_BYTES_MAX: u64 = 1 << 20;
+/// The verification (`verify=yes`) reads source and target in pieces of this many bytes and
+/// checksums them at once: small enough that both pieces are still in the CPU's cache for
+/// the checksum, large enough that a pool of small tracks costs few reads. A power of two,
+/// so a piece holds whole tracks or whole parts of one.
+pub const VERIFY_PIECE_BYTES: u64 = 128 << 10;
 
 /// The pieces (offset, length) in which `len` bytes at `off` are copied: at most
 /// [`COPY_PIECE_BYTES_MAX`] each, in order, covering the range exactly.
 fn copy_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..len.div_ceil(COPY_PIECE_BYTES_MAX)).map(move |i| {
-        let at = i * COPY_PIECE_BYTES_MAX;
-        (off + at, (len - at).min(COPY_PIECE_BYTES_MAX))
+    pieces(off, len, COPY_PIECE_BYTES_MAX)
+}
+
+/// `len` bytes at `off` in pieces (offset, length) of at most `max` bytes, in order.
+fn pieces(off: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(max)).map(move |i| {
+        let at = i * max;
+        (off + at, (len - at).min(max))
     })
 }
 
@@ -682,25 +692,37 @@ impl Runner<'_> {
             let (src, dst) = (node.map.load(), link.target.load());
             let volumes = self.engine.volumes();
             let mut target_buf = Vec::new();
+            let tb = g.track_size_bytes();
             let mut found = (tracks, None);
-            for t in 0..tracks {
-                let (mut source_crc, mut target_crc) = (0u32, 0u32);
-                for (at, n) in copy_pieces(g.bytes_of(t), g.track_size_bytes()) {
-                    let n = n as usize;
-                    if self.buf.len() < n {
-                        self.buf.resize(n, 0);
-                    }
-                    if target_buf.len() < n {
-                        target_buf.resize(n, 0);
-                    }
-                    read_pieces(&volumes, &src, at, &mut self.buf[..n])?;
-                    read_pieces(&volumes, &dst, at, &mut target_buf[..n])?;
-                    source_crc = crc32c::crc32c_append(source_crc, &self.buf[..n]);
-                    target_crc = crc32c::crc32c_append(target_crc, &target_buf[..n]);
+            let (mut source_crc, mut target_crc) = (0u32, 0u32);
+            // Pieces at multiples of their size: whole tracks when a track is at most that
+            // (tracks are powers of two), else whole parts of one track. Each track's checksum
+            // is built over its slices and compared at its end.
+            'pieces: for (at, n) in pieces(0, g.bytes_of(tracks), VERIFY_PIECE_BYTES) {
+                let n = n as usize;
+                if self.buf.len() < n {
+                    self.buf.resize(n, 0);
                 }
-                if source_crc != target_crc {
-                    found = (t + 1, Some((t, source_crc, target_crc)));
-                    break;
+                if target_buf.len() < n {
+                    target_buf.resize(n, 0);
+                }
+                read_pieces(&volumes, &src, at, &mut self.buf[..n])?;
+                read_pieces(&volumes, &dst, at, &mut target_buf[..n])?;
+                let mut off = at;
+                while off < at + n as u64 {
+                    let t = off / tb;
+                    let end = ((t + 1) * tb).min(at + n as u64);
+                    let slice = (off - at) as usize..(end - at) as usize;
+                    source_crc = crc32c::crc32c_append(source_crc, &self.buf[slice.clone()]);
+                    target_crc = crc32c::crc32c_append(target_crc, &target_buf[slice]);
+                    if end == (t + 1) * tb {
+                        if source_crc != target_crc {
+                            found = (t + 1, Some((t, source_crc, target_crc)));
+                            break 'pieces;
+                        }
+                        (source_crc, target_crc) = (0, 0);
+                    }
+                    off = end;
                 }
             }
             found
@@ -743,7 +765,8 @@ impl Runner<'_> {
             return Ok(());
         }
         let t = track.min(tracks - 1);
-        let at = self.g.bytes_of(t) + 1;
+        // In the middle of the track: past the first piece of a track larger than one.
+        let at = self.g.bytes_of(t) + self.g.track_size_bytes() / 2 + 1;
         let dst = self.link().target.load();
         let volumes = self.engine.volumes();
         let mut byte = [0u8; 1];
