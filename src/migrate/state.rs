@@ -2,18 +2,18 @@
 //! step from one state to another is possible ([`State::allows`]).
 //!
 //! ```text
-//! queued -> assessing -> allocating -> copying -> resyncing -+-> cutover -------+
-//!                                                            |                  |
-//!                                                            +-> awaiting-close +
-//!                                                                               v
-//!          cutover (holding) -> cutover (switching) <-> verifying     (writes held)
-//!                                       |
-//!                                       v
-//!                                    switched
+//! queued -> assessing -> allocating -> copying -> resyncing ------------------> cutover
+//!                                                      |                           ^
+//!                                                      +---> awaiting-close -------+
 //!
-//! any state before the switch is decided  -> stopped | cancelled | gone | failed
-//! cutover (switching), verifying          -> failed (rolled back; never cancelled)
-//! a final state                           -> nothing
+//! cutover -> cutover (switching) -> switched        (switching: writes held, no cancel)
+//!                  |      ^
+//!                  v      |  equal
+//!                verifying             (verify=yes; a mismatch: failed)
+//!
+//! any state before the point of no return  -> stopped | cancelled | gone | failed
+//! cutover (switching), verifying           -> failed (rolled back; never cancelled)
+//! a final state                            -> nothing
 //! ```
 //!
 //! A refused step is a bug in the job's code, never an input to handle: the caller logs it at
