@@ -278,6 +278,11 @@ pub struct JobArgs {
     /// Cap each job's copy rate, bytes per second (a size: 4M, 1.5G).
     #[arg(long, value_parser = size_arg)]
     rate: Option<u64>,
+    /// Before the switch, with writes held, compare a checksum of every track of the source
+    /// and the target; a mismatch fails the job (it rolls back, the source stays). In live
+    /// mode the comparison's time adds to the stall.
+    #[arg(long)]
+    verify: bool,
     /// Follow the jobs to their end; the exit code says how they ended.
     #[arg(long)]
     wait: bool,
@@ -291,6 +296,9 @@ impl JobArgs {
         let mut s = format!("cutover={}", self.cutover);
         if let Some(bytes) = self.rate {
             s.push_str(&format!(" rate={bytes}"));
+        }
+        if self.verify {
+            s.push_str(" verify=yes");
         }
         s
     }

@@ -109,6 +109,10 @@ fn summary(j: &JobReport) -> String {
         (_, Some(us)) => format!("downtime window {:.3} ms", us as f64 / 1000.0),
         _ => String::new(),
     };
+    let how = match (&j.verify, j.verified_tracks, j.verify_us) {
+        (Some(_), Some(n), Some(us)) => format!("{how}; verified {n} tracks in {:.3} ms", us as f64 / 1000.0),
+        _ => how,
+    };
     match j.phase.as_str() {
         "switched" => format!(
             "job {} {}: switched to {} ({how}; {:.1} MiB copied, {:.1} MiB re-synced in {} passes, mirrored writes {}, {:.1} MiB/s)",
@@ -368,6 +372,10 @@ pub fn print_jobs(st: &Status) {
             (Some(us), _) => format!("stall {us} us"),
             (_, Some(us)) => format!("window {us} us"),
             _ => String::new(),
+        };
+        let times = match &j.verify {
+            Some(v) => format!("{times} verify={v}").trim_start().to_string(),
+            None => times,
         };
         println!(
             "{:>5} {:<30} {:<14} {:>6} {:>20} {:>7} {:>6} {:>8}  {times}{}",

@@ -10,6 +10,12 @@
 //! The points: `close-window` (the downtime window is open, opens wait, nothing copied yet),
 //! `live-hold` (live mode, writes held, nothing copied yet; a cancel now still wins) and
 //! `live-switch` (just after: the switch is decided, a cancel now is refused as too late).
+//!
+//! The same variable names fault points, which do something wrong on purpose so that a test
+//! can see the code catch it: `verify-corrupt-target` (or `verify-corrupt-target=TRACK`)
+//! flips one byte of the target at logical track TRACK (0 unless given; the last track if
+//! the data set is shorter) after the final re-sync and before the verification
+//! (`verify=yes`), which must then fail the job.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -20,22 +26,44 @@ pub const ENV: &str = "FERRYFS_PAUSE";
 
 /// The names a pause can be set for.
 pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch"];
+/// The names of the fault points; each takes an optional number (a track).
+pub const FAULTS: &[&str] = &["verify-corrupt-target"];
 
-static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
+/// What `FERRYFS_PAUSE` asks for.
+#[derive(Debug, Default)]
+pub struct Points {
+    pub pauses: HashMap<String, Duration>,
+    pub faults: HashMap<String, u64>,
+}
+
+static POINTS_SET: OnceLock<Points> = OnceLock::new();
 
 /// Parses a `FERRYFS_PAUSE` value. A bad value is an error (a test that asked for a pause
 /// and silently got none would pass for the wrong reason).
-pub fn parse(text: &str) -> Result<HashMap<String, Duration>, String> {
-    let mut out = HashMap::new();
+pub fn parse(text: &str) -> Result<Points, String> {
+    let mut out = Points::default();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, dur) = item
-            .split_once('=')
-            .ok_or_else(|| format!("{ENV}: `{item}` is not POINT=DURATION (e.g. close-window=300ms)"))?;
-        let name = name.trim();
-        if !POINTS.contains(&name) {
-            return Err(format!("{ENV}: unknown pause point `{name}` (known: {})", POINTS.join(", ")));
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim())),
+            None => (item, None),
+        };
+        if FAULTS.contains(&name) {
+            let n = match value {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| format!("{ENV}: `{item}`: {name} takes a track number"))?,
+            };
+            out.faults.insert(name.to_string(), n);
+            continue;
         }
-        out.insert(name.to_string(), parse_duration(dur.trim()).ok_or_else(|| format!("{ENV}: bad duration `{dur}`"))?);
+        let dur = value.ok_or_else(|| format!("{ENV}: `{item}` is not POINT=DURATION (e.g. close-window=300ms)"))?;
+        if !POINTS.contains(&name) {
+            return Err(format!(
+                "{ENV}: unknown pause point `{name}` (known: {}; faults: {})",
+                POINTS.join(", "),
+                FAULTS.join(", ")
+            ));
+        }
+        out.pauses.insert(name.to_string(), parse_duration(dur).ok_or_else(|| format!("{ENV}: bad duration `{dur}`"))?);
     }
     Ok(out)
 }
@@ -53,21 +81,30 @@ fn parse_duration(s: &str) -> Option<Duration> {
 
 /// Reads `FERRYFS_PAUSE` (once, at mount). An unset variable means no pauses.
 pub fn init_from_env() -> Result<(), String> {
-    let map = match std::env::var(ENV) {
+    let points = match std::env::var(ENV) {
         Ok(v) => parse(&v)?,
-        Err(_) => HashMap::new(),
+        Err(_) => Points::default(),
     };
-    if !map.is_empty() {
-        log::warn!("{ENV} is set: migrations pause at {map:?}");
+    if !points.pauses.is_empty() {
+        log::warn!("{ENV} is set: migrations pause at {:?}", points.pauses);
     }
-    let _ = PAUSES.set(map);
+    if !points.faults.is_empty() {
+        log::warn!("{ENV} is set: migrations do wrong on purpose at {:?}", points.faults);
+    }
+    let _ = POINTS_SET.set(points);
     Ok(())
 }
 
 /// How long to pause at `point`, if a pause was asked for.
 pub fn pause_at(point: &str) -> Option<Duration> {
     debug_assert!(POINTS.contains(&point), "undeclared pause point {point}");
-    PAUSES.get().and_then(|m| m.get(point)).copied()
+    POINTS_SET.get().and_then(|p| p.pauses.get(point)).copied()
+}
+
+/// The number given to fault point `point`, if the fault was asked for.
+pub fn fault_at(point: &str) -> Option<u64> {
+    debug_assert!(FAULTS.contains(&point), "undeclared fault point {point}");
+    POINTS_SET.get().and_then(|p| p.faults.get(point)).copied()
 }
 
 #[cfg(test)]
@@ -76,10 +113,15 @@ mod tests {
 
     #[test]
     fn parses_points_and_refuses_bad_ones() {
-        let m = parse("close-window=300ms, live-hold=2s").unwrap();
+        let m = parse("close-window=300ms, live-hold=2s").unwrap().pauses;
         assert_eq!(m["close-window"], Duration::from_millis(300));
         assert_eq!(m["live-hold"], Duration::from_secs(2));
-        assert!(parse("").unwrap().is_empty());
+        assert!(parse("").unwrap().pauses.is_empty());
+        let p = parse("verify-corrupt-target, live-hold=1s").unwrap();
+        assert_eq!(p.faults["verify-corrupt-target"], 0);
+        assert_eq!(p.pauses["live-hold"], Duration::from_secs(1));
+        assert_eq!(parse("verify-corrupt-target=7").unwrap().faults["verify-corrupt-target"], 7);
+        assert!(parse("verify-corrupt-target=x").unwrap_err().contains("takes a track number"));
         assert!(parse("close-window").unwrap_err().contains("POINT=DURATION"));
         assert!(parse("nowhere=1ms").unwrap_err().contains("unknown pause point"));
         assert!(parse("close-window=1h").unwrap_err().contains("bad duration"));

@@ -598,7 +598,7 @@ pub fn render(m: &Mount<'_>) -> String {
         }
     }
     type JobValue = fn(&report::JobReport) -> Option<Value>;
-    let per_job: [(&'static str, Kind, &'static str, JobValue); 12] = [
+    let per_job: [(&'static str, Kind, &'static str, JobValue); 14] = [
         ("ferryfs_job_copied_bytes", Kind::Gauge, "Bytes of the data set the first pass has copied.", |j| {
             Some(j.bytes_copied.into())
         }),
@@ -646,6 +646,18 @@ pub fn render(m: &Mount<'_>) -> String {
             Kind::Gauge,
             "Close cutover: how long opens of the data set were held (the downtime window).",
             |j| j.window_us.map(|us| (us as f64 / 1e6).into()),
+        ),
+        (
+            "ferryfs_job_verified_tracks",
+            Kind::Gauge,
+            "verify=yes: tracks whose checksums were compared before the switch (up to a mismatch).",
+            |j| j.verified_tracks.map(Value::from),
+        ),
+        (
+            "ferryfs_job_verify_seconds",
+            Kind::Gauge,
+            "verify=yes: how long the comparison took, inside the stall or the window.",
+            |j| j.verify_us.map(|us| (us as f64 / 1e6).into()),
         ),
     ];
     for (name, kind, help, value) in per_job {

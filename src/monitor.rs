@@ -89,7 +89,9 @@ pub const STRIPES: u64 = 64;
 pub struct JobLink {
     pub job: u64,
     pub dirty: DirtyBitmap,
-    /// Logical tracks below this were copied to the target at least once.
+    /// Logical tracks below this were copied to the target at least once. An atomic, not
+    /// part of the job's state enum (migrate/state.rs): every write reads it to decide
+    /// whether to mirror, and must not take the state's lock for it.
     copied_tracks: AtomicU64,
     mirror: AtomicBool,
     /// The target's reservation as an extent map (grows with the data set).

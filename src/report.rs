@@ -93,8 +93,8 @@ pub struct JobReport {
     pub id: u64,
     pub path: String,
     pub plan: Option<u64>,
-    /// queued, assessing, allocating, copying, resyncing, awaiting-close, cutover, then one of
-    /// switched, cancelled, failed, stopped.
+    /// queued, assessing, allocating, copying, resyncing, awaiting-close, cutover (verifying,
+    /// with `verify=yes`), then one of switched, gone, cancelled, failed, stopped.
     pub phase: String,
     pub cutover: String,
     pub targets: Vec<String>,
@@ -123,6 +123,16 @@ pub struct JobReport {
     /// A failed job: the phase it was in when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_in: Option<String>,
+    /// Asked to verify before the switch (`verify=yes`): pending, then ok or mismatch (the
+    /// job failed), or not-run (it ended before the cutover). Absent when not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
+    /// Tracks whose checksums the verification compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_tracks: Option<u64>,
+    /// How long the verification took (inside the cutover's hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2,9 +2,9 @@
 //! writes the same lines). docs/cli.md lists the verbs.
 //!
 //! ```text
-//! migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=BYTES_PER_S]
-//! merge VOL[,VOL]... into VOL [cutover=live|close] [rate=BYTES_PER_S]
-//! drain VOL [to VOL[,VOL]] [cutover=live|close] [rate=BYTES_PER_S]
+//! migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=BYTES_PER_S] [verify=yes|no]
+//! merge VOL[,VOL]... into VOL [cutover=live|close] [rate=BYTES_PER_S] [verify=yes|no]
+//! drain VOL [to VOL[,VOL]] [cutover=live|close] [rate=BYTES_PER_S] [verify=yes|no]
 //! cancel ID
 //! add VOL size=BYTES [path=IMAGE]
 //! retire VOL
@@ -24,6 +24,8 @@ pub struct JobOptions {
     pub cutover: Cutover,
     /// Bytes per second; 0 for no cap.
     pub rate_bytes_per_s: u64,
+    /// Compare a checksum of every track of source and target before the switch.
+    pub verify: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,7 +148,7 @@ fn volume_list(word: &str) -> Result<Vec<String>, String> {
 
 /// `key=value` options after the positional words.
 fn options(words: &[String]) -> Result<JobOptions, String> {
-    let mut opts = JobOptions { cutover: Cutover::Live, rate_bytes_per_s: 0 };
+    let mut opts = JobOptions { cutover: Cutover::Live, rate_bytes_per_s: 0, verify: false };
     for w in words {
         let (k, v) = w.split_once('=').ok_or_else(|| format!("unexpected word {w:?} (options are key=value)"))?;
         match k {
@@ -158,18 +160,30 @@ fn options(words: &[String]) -> Result<JobOptions, String> {
                 }
             }
             "rate" => opts.rate_bytes_per_s = parse_size(v).map_err(|e| format!("rate: {e}"))?,
-            _ => return Err(format!("unknown option {k:?} (cutover=, rate=)")),
+            "verify" => {
+                opts.verify = match v {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("verify must be yes or no, not {v:?}")),
+                }
+            }
+            _ => return Err(format!("unknown option {k:?} (cutover=, rate=, verify=)")),
         }
     }
     Ok(opts)
 }
 
-const USAGE: &str = "verbs: migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=N] | merge VOL... into VOL [..] | \
+const USAGE: &str = "verbs: migrate PATH... to VOL[,VOL] [cutover=live|close] [rate=N] [verify=yes] | merge VOL... into VOL [..] | \
                      drain VOL [to VOL,...] [..] | cancel ID | add VOL size=N [path=IMAGE] | retire VOL | reopen VOL | set copy-rate=N | set max-jobs=N";
 
 pub fn parse(line: &str) -> Result<Command, String> {
     let marked = split_marked(line)?;
     let Some((_, after_verb)) = marked.split_first() else { return Err(format!("an empty command ({USAGE})")) };
+    // `verify` alone reads like a flag; say how it is written rather than take it for a path
+    // or a volume (a data set named so is written in quotes).
+    if after_verb.iter().any(|(w, literal)| !literal && w == "verify") {
+        return Err("verify is an option: write verify=yes".into());
+    }
     // Options are the unquoted `key=value` words from the first one on.
     let opt_start = after_verb.iter().position(|(w, literal)| !literal && w.contains('=')).unwrap_or(after_verb.len());
     let words: Vec<String> = marked.into_iter().map(|(w, _)| w).collect();
@@ -270,7 +284,7 @@ mod tests {
             Command::Migrate {
                 paths: vec!["/db/a".into(), "/with space/b".into()],
                 to: vec!["V3".into(), "V4".into()],
-                opts: JobOptions { cutover: Cutover::Close, rate_bytes_per_s: 10 << 20 }
+                opts: JobOptions { cutover: Cutover::Close, rate_bytes_per_s: 10 << 20, verify: false }
             }
         );
         assert_eq!(
@@ -278,9 +292,21 @@ mod tests {
             Command::Merge {
                 sources: vec!["V1".into(), "V2".into(), "V3".into()],
                 into: "V9".into(),
-                opts: JobOptions { cutover: Cutover::Live, rate_bytes_per_s: 0 }
+                opts: JobOptions { cutover: Cutover::Live, rate_bytes_per_s: 0, verify: false }
             }
         );
+        assert_eq!(
+            parse("drain V1 to V2 verify=yes cutover=close").unwrap(),
+            Command::Drain {
+                source: "V1".into(),
+                to: vec!["V2".into()],
+                opts: JobOptions { cutover: Cutover::Close, rate_bytes_per_s: 0, verify: true }
+            }
+        );
+        assert!(matches!(
+            parse("migrate /a to V2 verify=no").unwrap(),
+            Command::Migrate { opts: JobOptions { verify: false, .. }, .. }
+        ));
         assert!(matches!(parse("drain V1").unwrap(), Command::Drain { to, .. } if to.is_empty()));
         assert_eq!(parse("cancel 12").unwrap(), Command::Cancel { id: 12 });
         assert_eq!(parse("set max-jobs=3").unwrap(), Command::SetMaxJobs { jobs: 3 });
@@ -309,6 +335,9 @@ mod tests {
             ("migrate /a to V1 cutover=sometimes", "cutover must be"),
             ("migrate /a to V1 rate=fast", "rate:"),
             ("migrate /a to V1 speed=1", "unknown option"),
+            ("migrate /a to V1 verify=maybe", "verify must be yes or no"),
+            ("migrate /a to V1 verify", "write verify=yes"),
+            ("merge V1 into V2 verify=", "verify must be yes or no"),
             ("merge into V1", "no source"),
             ("drain V1 V2", "expected `drain VOL"),
             ("cancel x", "not a job id"),

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::pace::{rest_after, Governor, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDLE_CHUNK_BYTES};
 use super::plan::{grow_target, names, place_target, tracks_text};
-use super::{JobState, Migrations, Phase};
+use super::{JobState, Migrations, State, Verified};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Cutover, Op};
-use crate::engine::{volume_of, Engine, Error as FsError, FileNode, Volumes};
+use crate::engine::{read_pieces, volume_of, write_pieces, Engine, Error as FsError, FileNode, Volumes};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
 use crate::layout::lay_out;
@@ -37,13 +37,23 @@ const SIMULATED_CHUNK_TRACKS: u64 = 2;
 /// no more round trips than an application's write; the buffer held it whole before, and a
 /// pool of 8 MiB tracks took the daemon from 5 MB to 275 MB.
 pub const COPY_PIECE_BYTES_MAX: u64 = 1 << 20;
+/// The verification (`verify=yes`) reads source and target in pieces of this many bytes and
+/// checksums them at once: small enough that both pieces are still in the CPU's cache for
+/// the checksum, large enough that a pool of small tracks costs few reads. A power of two,
+/// so a piece holds whole tracks or whole parts of one.
+pub const VERIFY_PIECE_BYTES: u64 = 128 << 10;
 
 /// The pieces (offset, length) in which `len` bytes at `off` are copied: at most
 /// [`COPY_PIECE_BYTES_MAX`] each, in order, covering the range exactly.
 fn copy_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..len.div_ceil(COPY_PIECE_BYTES_MAX)).map(move |i| {
-        let at = i * COPY_PIECE_BYTES_MAX;
-        (off + at, (len - at).min(COPY_PIECE_BYTES_MAX))
+    pieces(off, len, COPY_PIECE_BYTES_MAX)
+}
+
+/// `len` bytes at `off` in pieces (offset, length) of at most `max` bytes, in order.
+fn pieces(off: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(max)).map(move |i| {
+        let at = i * max;
+        (off + at, (len - at).min(max))
     })
 }
 
@@ -98,6 +108,8 @@ struct Runner<'a> {
     governor: Governor,
     /// Counted among the running copiers (the fsync baseline excludes their effect).
     copying: bool,
+    /// What the verification before the switch found (`verify=yes`), once it ran.
+    verified: Option<Verified>,
 }
 
 impl Drop for Runner<'_> {
@@ -123,12 +135,13 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
         copy_started: None,
         governor: Governor::default(),
         copying: false,
+        verified: None,
     };
     match r.run() {
         Ok(()) => {}
         Err(End::Stopped) => {
             r.detach();
-            job.set_phase(Phase::Stopped);
+            job.settle(m, State::Stopped);
             m.event(format!(
                 "job {} stopped path={} (the next mount rolls it back and starts it again)",
                 job.id, job.path
@@ -138,23 +151,23 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
             r.detach();
             match r.drop_record() {
                 Ok(()) => {
-                    job.set_phase(Phase::Cancelled);
+                    job.settle(m, State::Cancelled);
                     m.event(format!("job {} cancelled path={} (target freed, source untouched)", job.id, job.path));
                 }
-                Err(e) => job.fail(m, format!("cancelling: {e}")),
+                Err(e) => job.fail(m, format!("cancelling: {e}"), None),
             }
         }
         Err(End::Gone) => {
             r.detach();
             match r.drop_record() {
                 Ok(()) => {
-                    job.set_phase(Phase::Gone);
+                    job.settle(m, State::Gone);
                     m.event(format!(
                         "job {} gone path={} (the data set was deleted; nothing to move)",
                         job.id, job.path
                     ));
                 }
-                Err(e) => job.fail(m, format!("rolling back the job of a deleted data set: {e}")),
+                Err(e) => job.fail(m, format!("rolling back the job of a deleted data set: {e}"), None),
             }
         }
         Err(End::Failed(why)) => {
@@ -163,12 +176,34 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
                 Ok(()) => why,
                 Err(e) => format!("{why}; rolling back: {e}"),
             };
-            job.fail(m, why);
+            job.fail(m, why, r.verified);
         }
     }
 }
 
 impl Runner<'_> {
+    /// Step the job's state to `to`. A refused step is a bug: it is logged, and the job fails
+    /// (and rolls back) rather than go on in a state it should not be in.
+    fn enter(&self, to: State) -> JobResult<()> {
+        self.job.transition(to).map_err(|e| {
+            log::error!("job {}: {e}", self.job.id);
+            End::Failed(format!("internal error: {e}"))
+        })
+    }
+
+    /// The point of no return ([`JobState::begin_switch`]): `Err(Cancelled)` if a cancel
+    /// came first.
+    fn begin_switch(&self) -> JobResult<()> {
+        match self.job.begin_switch() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(End::Cancelled),
+            Err(e) => {
+                log::error!("job {}: {e}", self.job.id);
+                Err(End::Failed(format!("internal error: {e}")))
+            }
+        }
+    }
+
     /// A point where the job may stop, be cancelled, or (simulated) give the turn back.
     fn check(&self) -> JobResult<()> {
         if let Some(t) = &self.m.turns {
@@ -210,7 +245,7 @@ impl Runner<'_> {
         self.check()?;
 
         // a. Assess: the source's mapped tracks (its holes take no target) and the space.
-        job.set_phase(Phase::Assessing);
+        self.enter(State::Assessing)?;
         let (tracks, ranges, bitmap_tracks) = {
             let cat = self.engine.catalog.lock();
             let c = &cat.catalog;
@@ -235,7 +270,7 @@ impl Runner<'_> {
         // b, c. Allocate the target as one request and map every mapped source track onto
         // it, in order: logical track t of the data set goes to logical track t of the
         // target map; holes stay holes.
-        job.set_phase(Phase::Allocating);
+        self.enter(State::Allocating)?;
         let target = {
             let mut cat = self.engine.catalog.lock();
             let c = &cat.catalog;
@@ -273,7 +308,7 @@ impl Runner<'_> {
         ));
 
         // f. Copy, following growth.
-        job.set_phase(Phase::Copying);
+        self.enter(State::Copying)?;
         self.copy_started = Some(Instant::now());
         self.engine.app_syncs.copier_started();
         self.copying = true;
@@ -288,7 +323,7 @@ impl Runner<'_> {
         ));
 
         // g. Re-sync until the dirty set is small (mirrored writes if it won't shrink).
-        job.set_phase(Phase::Resyncing);
+        self.enter(State::Resyncing)?;
         self.converge()?;
 
         // h..m. Cutover.
@@ -648,6 +683,10 @@ impl Runner<'_> {
             return Err(End::Failed(why));
         }
         self.flush_target()?;
+        if self.job.verify {
+            self.corrupt_target_for_test()?;
+            self.verify()?;
+        }
         let node = self.node().clone();
         let mut cat = self.engine.catalog.lock();
         // The source's over-provisioned tail goes first (writes and truncates are held, and
@@ -659,6 +698,132 @@ impl Runner<'_> {
         }
         self.engine.commit(&mut cat, Op::JobSwitch { job: self.job.id })?;
         self.engine.refresh_map(&cat, &node);
+        Ok(())
+    }
+
+    /// Before the switch, writes held, after the final re-sync (`verify=yes`): compare a
+    /// checksum of every logical track that holds the data set's bytes, read from the source
+    /// and from the target. What is not allocated reads as zeros on either side, so tracks
+    /// that neither side maps (holes) are equal without a read. The first
+    /// mismatch ends the comparison and fails the job, which rolls back: the target is freed
+    /// and the source, never written by the job, goes on serving.
+    ///
+    /// It reads the whole data set twice with writes held: in live mode its time adds to the
+    /// stall (docs/design.md, "Verifying before the switch").
+    fn verify(&mut self) -> JobResult<()> {
+        self.enter(State::Verifying)?;
+        let t0 = Instant::now();
+        let g = self.g;
+        let tracks = self.source_tracks();
+        let node = self.node().clone();
+        let link = self.link().clone();
+        let found = {
+            // No truncate frees source tracks under the reads (as in `copy`).
+            let _io = node.gate.read();
+            let (src, dst) = (node.map.load(), link.target.load());
+            let volumes = self.engine.volumes();
+            let mut target_buf = Vec::new();
+            let tb = g.track_size_bytes();
+            let mut found = (0, None);
+            let (mut source_crc, mut target_crc) = (0u32, 0u32);
+            // The logical tracks either side maps, as disjoint ranges in order.
+            let mut ranges: Vec<Range<u64>> = Vec::new();
+            let mut mapped: Vec<Range<u64>> = src
+                .layout()
+                .slice(0..tracks)
+                .chain(dst.layout().slice(0..tracks))
+                .map(|r| r.logical..r.end())
+                .collect();
+            mapped.sort_by_key(|r| r.start);
+            for r in mapped {
+                match ranges.last_mut() {
+                    Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                    _ => ranges.push(r),
+                }
+            }
+            // Pieces at multiples of their size: whole tracks when a track is at most that
+            // (tracks are powers of two), else whole parts of one track. Each track's checksum
+            // is built over its slices and compared at its end.
+            let all = ranges
+                .iter()
+                .flat_map(|r| pieces(g.bytes_of(r.start), g.bytes_of(r.end - r.start), VERIFY_PIECE_BYTES));
+            'pieces: for (at, n) in all {
+                let n = n as usize;
+                if self.buf.len() < n {
+                    self.buf.resize(n, 0);
+                }
+                if target_buf.len() < n {
+                    target_buf.resize(n, 0);
+                }
+                read_pieces(&volumes, &src, at, &mut self.buf[..n])?;
+                read_pieces(&volumes, &dst, at, &mut target_buf[..n])?;
+                let mut off = at;
+                while off < at + n as u64 {
+                    let t = off / tb;
+                    let end = ((t + 1) * tb).min(at + n as u64);
+                    let slice = (off - at) as usize..(end - at) as usize;
+                    source_crc = crc32c::crc32c_append(source_crc, &self.buf[slice.clone()]);
+                    target_crc = crc32c::crc32c_append(target_crc, &target_buf[slice]);
+                    if end == (t + 1) * tb {
+                        found.0 += 1;
+                        if source_crc != target_crc {
+                            found.1 = Some((t, source_crc, target_crc));
+                            break 'pieces;
+                        }
+                        (source_crc, target_crc) = (0, 0);
+                    }
+                    off = end;
+                }
+            }
+            found
+        };
+        let (compared, mismatch) = found;
+        let v = Verified {
+            tracks: compared,
+            bytes: g.bytes_of(compared),
+            elapsed_us: t0.elapsed().as_micros() as u64,
+            first_mismatch: mismatch.map(|(t, ..)| t),
+        };
+        self.verified = Some(v);
+        let ms = v.elapsed_us as f64 / 1000.0;
+        if let Some((t, source_crc, target_crc)) = mismatch {
+            self.m.event(format!(
+                "job {} verify-mismatch path={} track={t} source_crc32c={source_crc:08x} \
+                 target_crc32c={target_crc:08x} (after {compared} tracks in {ms:.3} ms)",
+                self.job.id, self.job.path
+            ));
+            return Err(End::Failed(format!(
+                "verify: logical track {t} differs between source and target (crc32c {source_crc:08x} != \
+                 {target_crc:08x})"
+            )));
+        }
+        self.m.event(format!(
+            "job {} verified {compared} tracks ({:.1} MiB) in {ms:.3} ms path={}",
+            self.job.id,
+            v.bytes as f64 / (1u64 << 20) as f64,
+            self.job.path
+        ));
+        self.enter(State::Cutover { switching: true })
+    }
+
+    /// Fault point `verify-corrupt-target` (failpoint.rs): flip one byte of the target at a
+    /// logical track, so that a test sees the verification catch it.
+    fn corrupt_target_for_test(&mut self) -> JobResult<()> {
+        let Some(track) = crate::failpoint::fault_at("verify-corrupt-target") else { return Ok(()) };
+        let tracks = self.source_tracks();
+        if tracks == 0 {
+            return Ok(());
+        }
+        let t = track.min(tracks - 1);
+        // In the middle of the track: past the first piece of a track larger than one.
+        let at = self.g.bytes_of(t) + self.g.track_size_bytes() / 2 + 1;
+        let dst = self.link().target.load();
+        let volumes = self.engine.volumes();
+        let mut byte = [0u8; 1];
+        read_pieces(&volumes, &dst, at, &mut byte)?;
+        byte[0] ^= 0xA5;
+        write_pieces(&volumes, &dst, at, &byte)?;
+        self.m.event(format!("job {} fault point=verify-corrupt-target track={t}", self.job.id));
         Ok(())
     }
 
@@ -706,14 +871,10 @@ impl Runner<'_> {
         let link = self.link().clone();
         link.set_window(false);
         self.job.unlink();
-        let us = stall.as_micros() as i64;
+        let us = stall.as_micros() as u64;
         let what = match self.job.cutover {
-            Cutover::Live => {
-                self.job.stall_us.store(us, Ordering::Relaxed);
-                format!("stall_us={us}")
-            }
+            Cutover::Live => format!("stall_us={us}"),
             Cutover::Close => {
-                self.job.window_us.store(us, Ordering::Relaxed);
                 self.m.event(format!("job {} downtime-end path={} window_us={us}", self.job.id, self.job.path));
                 format!("window_us={us}")
             }
@@ -741,15 +902,14 @@ impl Runner<'_> {
             // The switch is in the catalog; the next mount frees the source.
             log::warn!("job {}: freeing the source after the switch: {e}", self.job.id);
         }
-        self.job.set_phase(Phase::Switched);
-        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
+        self.job.settle(self.m, State::Switched { held_us: us, verified: self.verified });
         Ok(())
     }
 
     /// Live cutover: hold the writes (waiting for those in flight), final re-sync, switch,
     /// release. Reads go on throughout.
     fn cutover_live(&mut self) -> JobResult<()> {
-        self.job.set_phase(Phase::Cutover);
+        self.enter(State::Cutover { switching: false })?;
         self.flush_target()?;
         // Writes during that flush dirtied tracks again: catch up outside the hold, with
         // mirrored writes if they keep pace, so the hold copies next to nothing.
@@ -773,9 +933,9 @@ impl Runner<'_> {
         let t0 = Instant::now();
         let hold = node.write_hold.write();
         self.pause("live-hold");
-        if !self.job.begin_switch() {
+        if let Err(e) = self.begin_switch() {
             drop(hold);
-            return Err(End::Cancelled);
+            return Err(e);
         }
         self.pause("live-switch");
         self.final_sync_and_switch()?;
@@ -789,7 +949,7 @@ impl Runner<'_> {
     /// (l), and let the opens through (m).
     fn cutover_close(&mut self) -> JobResult<()> {
         let m = self.m;
-        self.job.set_phase(Phase::AwaitingClose);
+        self.enter(State::AwaitingClose)?;
         m.event(format!("job {} close-requested path={}", self.job.id, self.job.path));
         let node = self.node().clone();
         let link = self.link().clone();
@@ -811,12 +971,12 @@ impl Runner<'_> {
         }
         let t0 = Instant::now();
         m.event(format!("job {} downtime-start path={}", self.job.id, self.job.path));
-        self.job.set_phase(Phase::Cutover);
+        self.enter(State::Cutover { switching: false })?;
         let hold = node.write_hold.write();
         self.pause("close-window");
-        if !self.job.begin_switch() {
+        if let Err(e) = self.begin_switch() {
             drop(hold);
-            return Err(End::Cancelled);
+            return Err(e);
         }
         if let Err(e) = self.final_sync_and_switch() {
             drop(hold);
@@ -849,7 +1009,6 @@ impl Runner<'_> {
             link.set_window(false);
         }
         self.job.unlink();
-        self.job.ended_ns.store(now_ns(), Ordering::Relaxed);
     }
 
     /// Roll back: free the target; the source was never changed.

@@ -7,6 +7,10 @@
 //!   ([`Op::PlanStart`]), and its source volumes stop taking allocations.
 //! - At most `max-jobs` jobs run at once, each on its own thread (job.rs); the rest wait in
 //!   the queue.
+//! - A job's state is one enum (state.rs), changed only by [`JobState::transition`], which
+//!   refuses an impossible step; docs/design.md ("The state of a job") draws the table.
+//! - With `verify=yes` a job compares source and target track by track in the cutover's hold,
+//!   before the switch; a mismatch fails it and rolls it back (job.rs, `Runner::verify`).
 //! - [`recover`] runs at mount: a job that switched frees its source; one that did not is
 //!   rolled back (its target freed, the source untouched) and started again from the
 //!   beginning; a plan carries on with whatever is still on its sources.
@@ -15,16 +19,17 @@ pub mod command;
 mod job;
 pub mod pace;
 pub mod plan;
+pub mod state;
 pub mod turns;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use log::{info, warn};
+use log::{error, info, warn};
 use parking_lot::Mutex;
 
 use crate::catalog::model::now_ns;
@@ -37,6 +42,7 @@ use crate::space::VolumeId;
 use command::{Command, JobOptions};
 use pace::RateCap;
 use plan::{names, tracks_text, PlannedJob};
+pub use state::{BadTransition, Phase, State, Verified};
 
 /// Lines of `.ferry/events` kept in memory (the oldest go first).
 pub const EVENTS_KEPT: usize = 10_000;
@@ -46,63 +52,6 @@ pub const DEFAULT_MAX_JOBS: usize = 2;
 /// by growth that raced the plan) before it gives up.
 const PLAN_ROUNDS: u32 = 3;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Queued,
-    Assessing,
-    Allocating,
-    Copying,
-    Resyncing,
-    AwaitingClose,
-    Cutover,
-    Switched,
-    /// The data set was deleted while the job was queued or ran: nothing to move. The job's
-    /// record is rolled back (its target freed); a plan goes on.
-    Gone,
-    Cancelled,
-    Failed,
-    Stopped,
-}
-
-impl Phase {
-    /// Every phase, in the order a job goes through them (the final ones last).
-    pub const ALL: [Phase; 12] = [
-        Phase::Queued,
-        Phase::Assessing,
-        Phase::Allocating,
-        Phase::Copying,
-        Phase::Resyncing,
-        Phase::AwaitingClose,
-        Phase::Cutover,
-        Phase::Switched,
-        Phase::Gone,
-        Phase::Cancelled,
-        Phase::Failed,
-        Phase::Stopped,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Queued => "queued",
-            Phase::Assessing => "assessing",
-            Phase::Allocating => "allocating",
-            Phase::Copying => "copying",
-            Phase::Resyncing => "resyncing",
-            Phase::AwaitingClose => "awaiting-close",
-            Phase::Cutover => "cutover",
-            Phase::Switched => "switched",
-            Phase::Gone => "gone",
-            Phase::Cancelled => "cancelled",
-            Phase::Failed => "failed",
-            Phase::Stopped => "stopped",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(self, Phase::Switched | Phase::Gone | Phase::Cancelled | Phase::Failed | Phase::Stopped)
-    }
-}
-
 /// A job as this mount runs it.
 #[derive(Debug)]
 pub struct JobState {
@@ -111,16 +60,20 @@ pub struct JobState {
     pub path: String,
     pub targets: Vec<VolumeId>,
     pub cutover: Cutover,
+    /// Compare source and target before the switch (`verify=yes`). Not in the catalog: a job
+    /// that a later mount starts again does not verify.
+    pub verify: bool,
     pub plan: Option<u64>,
     pub started_ns: i64,
     pub rate: RateCap,
-    phase: Mutex<Phase>,
-    error: Mutex<Option<String>>,
-    failed_in: Mutex<Option<Phase>>,
+    /// The state, and when it became final. Changed only by [`JobState::transition`].
+    life: Mutex<Life>,
+    /// A cancel was asked for: a request, not a state. The copier reads it between chunks
+    /// and in its sleeps; [`JobState::begin_switch`] reads it under the `life` lock.
     cancel: AtomicBool,
-    /// Set at the cutover's point of no return, under the `phase` lock, where the cancel
-    /// flag is read: a cancel that was acknowledged before it wins, one after it is refused.
-    switching: AtomicBool,
+    // Progress counters: the copier bumps them per chunk and the status reads them without
+    // the state's lock; they outlive the phase that counts them (a switched job still shows
+    // its bytes and passes), so they are not part of [`State`].
     pub bytes_copied: AtomicU64,
     pub bytes_resynced: AtomicU64,
     pub bytes_total: AtomicU64,
@@ -129,67 +82,89 @@ pub struct JobState {
     /// The first copy's (step f) average: bytes copied / time since it started, as of its
     /// latest chunk; it holds still once step f is done. What the CLI shows as the job's rate.
     pub copy_rate: AtomicU64,
-    pub stall_us: AtomicI64,
-    pub window_us: AtomicI64,
-    pub ended_ns: AtomicI64,
     /// Mirrored writes, kept when the link goes.
     pub mirrored_writes: AtomicU64,
     pub link: ArcSwapOption<JobLink>,
 }
 
+#[derive(Debug)]
+struct Life {
+    state: State,
+    ended_ns: Option<i64>,
+}
+
 impl JobState {
-    fn new(rec: &JobRec) -> JobState {
+    fn new(rec: &JobRec, verify: bool) -> JobState {
         JobState {
             id: rec.id,
             ino: rec.ino,
             path: rec.path.clone(),
             targets: rec.targets.clone(),
             cutover: rec.cutover,
+            verify,
             plan: rec.plan,
             started_ns: rec.started_ns,
             rate: RateCap::new(rec.rate_bytes_per_s),
-            phase: Mutex::new(Phase::Queued),
-            error: Mutex::new(None),
-            failed_in: Mutex::new(None),
+            life: Mutex::new(Life { state: State::Queued, ended_ns: None }),
             cancel: AtomicBool::new(false),
-            switching: AtomicBool::new(false),
             bytes_copied: AtomicU64::new(0),
             bytes_resynced: AtomicU64::new(0),
             bytes_total: AtomicU64::new(0),
             passes: AtomicU32::new(0),
             mirrored: AtomicBool::new(false),
             copy_rate: AtomicU64::new(0),
-            stall_us: AtomicI64::new(-1),
-            window_us: AtomicI64::new(-1),
-            ended_ns: AtomicI64::new(0),
             mirrored_writes: AtomicU64::new(0),
             link: ArcSwapOption::empty(),
         }
     }
 
     pub fn phase(&self) -> Phase {
-        *self.phase.lock()
+        self.life.lock().state.phase()
     }
 
-    fn set_phase(&self, p: Phase) {
-        *self.phase.lock() = p;
+    pub fn state(&self) -> State {
+        self.life.lock().state.clone()
+    }
+
+    /// The one place a job's state changes: to `to` if [`State::allows`] the step, stamping
+    /// the end time when `to` is final. A refusal changes nothing; it is a bug, and the
+    /// caller fails the job ([`JobState::settle`], `Runner::enter`).
+    pub fn transition(&self, to: State) -> Result<(), BadTransition> {
+        let mut life = self.life.lock();
+        Self::step(&mut life, to)
+    }
+
+    fn step(life: &mut Life, to: State) -> Result<(), BadTransition> {
+        life.state = life.state.next(to)?;
+        if life.state.is_final() {
+            life.ended_ns = Some(now_ns());
+        }
+        Ok(())
+    }
+
+    /// The job ends in `to`; if that step is refused (a bug), it is logged and the job fails.
+    fn settle(&self, m: &Migrations, to: State) {
+        if let Err(e) = self.transition(to) {
+            error!("job {}: {e}", self.id);
+            self.fail(m, format!("internal error: {e}"), None);
+        }
     }
 
     fn cancel_requested(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
     }
 
-    /// The cutover's point of no return, with writes held: false if a cancel came first (the
-    /// job must roll back), else the switch goes on and every later cancel is refused. The
-    /// `phase` lock makes this and [`cancel`]'s check-and-set one order: no cancel is
-    /// acknowledged that the switch does not see.
-    fn begin_switch(&self) -> bool {
-        let _phase = self.phase.lock();
+    /// The cutover's point of no return, with writes held: `Ok(false)` if a cancel came first
+    /// (the job must roll back), else the state says `switching` and every later cancel is
+    /// refused. The `life` lock makes this and [`cancel`]'s check-and-set one order: no cancel
+    /// is acknowledged that the switch does not see.
+    fn begin_switch(&self) -> Result<bool, BadTransition> {
+        let mut life = self.life.lock();
         if self.cancel_requested() {
-            return false;
+            return Ok(false);
         }
-        self.switching.store(true, Ordering::Release);
-        true
+        Self::step(&mut life, State::Cutover { switching: true })?;
+        Ok(true)
     }
 
     /// The job is done with its link: keep what the report needs from it.
@@ -199,23 +174,49 @@ impl JobState {
         }
     }
 
-    fn fail(&self, m: &Migrations, why: String) {
-        let phase = self.phase();
-        m.event(format!("job {} failed path={} phase={} reason={why:?}", self.id, self.path, phase.name()));
-        *self.failed_in.lock() = Some(phase);
-        *self.error.lock() = Some(why);
-        self.set_phase(Phase::Failed);
-        self.ended_ns.store(now_ns(), Ordering::Relaxed);
+    /// The job failed (and was rolled back); `verified`: what a verification found.
+    fn fail(&self, m: &Migrations, why: String, verified: Option<Verified>) {
+        let during = self.phase();
+        let event = format!("job {} failed path={} phase={} reason={why:?}", self.id, self.path, during.name());
+        match self.transition(State::Failed { reason: why, during, verified }) {
+            Ok(()) => m.event(event),
+            // Already ended (a bug): it keeps the end it had; nothing to do but say so.
+            Err(e) => error!("job {}: {e}", self.id),
+        }
     }
 
     fn report(&self, c: &Catalog, track_bytes: u64) -> JobReport {
         let link = self.link.load();
-        let opt = |v: i64| (v >= 0).then_some(v as u64);
+        let (state, ended_ns) = {
+            let life = self.life.lock();
+            (life.state.clone(), life.ended_ns)
+        };
+        let held_us = match &state {
+            State::Switched { held_us, .. } => Some(*held_us),
+            _ => None,
+        };
+        let (error, failed_in) = match &state {
+            State::Failed { reason, during, .. } => (Some(reason.clone()), Some(during.name().to_string())),
+            _ => (None, None),
+        };
+        let verified = match &state {
+            State::Switched { verified, .. } | State::Failed { verified, .. } => *verified,
+            _ => None,
+        };
+        let verify = self.verify.then(|| {
+            match verified {
+                Some(v) if v.first_mismatch.is_some() => "mismatch",
+                Some(_) => "ok",
+                None if state.is_final() => "not-run",
+                None => "pending",
+            }
+            .to_string()
+        });
         JobReport {
             id: self.id,
             path: self.path.clone(),
             plan: self.plan,
-            phase: self.phase().name().into(),
+            phase: state.name().into(),
             cutover: self.cutover.name().into(),
             targets: self.targets.iter().map(|&v| plan::volume_name(c, v)).collect(),
             bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
@@ -232,11 +233,14 @@ impl JobState {
             copy_rate_bytes_per_s: self.copy_rate.load(Ordering::Relaxed),
             started: rfc3339(self.started_ns),
             started_ns: self.started_ns,
-            ended_ns: Some(self.ended_ns.load(Ordering::Relaxed)).filter(|&t| t > 0),
-            stall_us: opt(self.stall_us.load(Ordering::Relaxed)),
-            window_us: opt(self.window_us.load(Ordering::Relaxed)),
-            error: self.error.lock().clone(),
-            failed_in: self.failed_in.lock().map(|p| p.name().to_string()),
+            ended_ns,
+            stall_us: held_us.filter(|_| self.cutover == Cutover::Live),
+            window_us: held_us.filter(|_| self.cutover == Cutover::Close),
+            error,
+            failed_in,
+            verify,
+            verified_tracks: verified.map(|v| v.tracks),
+            verify_us: verified.map(|v| v.elapsed_us),
         }
     }
 }
@@ -257,12 +261,15 @@ pub struct PlanState {
     error: Mutex<Option<String>>,
     rounds: AtomicU32,
     cancel: AtomicBool,
+    /// The plan's jobs verify before they switch (`verify=yes`; not in the catalog).
+    verify: bool,
 }
 
 impl PlanState {
-    fn new(rec: PlanRec) -> PlanState {
+    fn new(rec: PlanRec, verify: bool) -> PlanState {
         PlanState {
             rec,
+            verify,
             jobs: Mutex::new(Vec::new()),
             phase: Mutex::new(PlanPhase::Running),
             error: Mutex::new(None),
@@ -488,7 +495,7 @@ fn enqueue(
         started_ns: now_ns(),
     };
     m.engine.commit(cat, Op::JobStart { job: rec.clone() })?;
-    let job = Arc::new(JobState::new(&rec));
+    let job = Arc::new(JobState::new(&rec, opts.verify));
     inner.jobs.insert(id, job.clone());
     inner.queue.push_back(job.clone());
     Ok(job)
@@ -581,7 +588,11 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
         return;
     }
     if let Some(f) = failed {
-        let why = format!("job {} failed: {}", f.id, f.error.lock().clone().unwrap_or_default());
+        let reason = match f.state() {
+            State::Failed { reason, .. } => reason,
+            _ => String::new(),
+        };
+        let why = format!("job {} failed: {reason}", f.id);
         end(&mut cat, PlanPhase::Failed, Some(why));
         return;
     }
@@ -611,7 +622,8 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
         end(&mut cat, PlanPhase::Failed, Some(format!("{} data sets are still on the sources", left.len())));
         return;
     }
-    let opts = JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s };
+    let opts =
+        JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s, verify: plan.verify };
     for p in &left {
         match enqueue(m, &mut inner, &mut cat, p, &opts, Some(plan.rec.id)) {
             Ok(j) => plan.jobs.lock().push(j.id),
@@ -835,7 +847,7 @@ fn start_plan(
     };
     let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
     m.engine.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
-    let state = Arc::new(PlanState::new(rec));
+    let state = Arc::new(PlanState::new(rec, opts.verify));
     inner.plans.insert(id, state.clone());
     let mut jobs = Vec::new();
     for p in &planned {
@@ -880,19 +892,19 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
         return Ok(format!("ok cancelling plan {id}"));
     }
     let Some(job) = job else { return refuse(libc::ENOENT, format!("no job or plan {id}")) };
-    // Checked and set under the phase lock, as the job's point of no return is
+    // Checked and set under the state's lock, as the job's point of no return is
     // (`JobState::begin_switch`): an acknowledged cancel always wins.
     let queued = {
-        let phase = job.phase.lock();
-        match *phase {
-            Phase::Switched => return refuse(libc::EINVAL, format!("job {id} already switched")),
-            p if p.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", p.name())),
-            _ if job.switching.load(Ordering::Acquire) => {
+        let life = job.life.lock();
+        match &life.state {
+            State::Switched { .. } => return refuse(libc::EINVAL, format!("job {id} already switched")),
+            s if s.is_final() => return refuse(libc::EINVAL, format!("job {id} has already ended ({})", s.name())),
+            s if s.past_no_return() => {
                 return refuse(libc::EBUSY, format!("job {id}: too late: the switch is under way"))
             }
-            p => {
+            s => {
                 job.cancel.store(true, Ordering::Release);
-                p == Phase::Queued
+                *s == State::Queued
             }
         }
     };
@@ -905,8 +917,7 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
         };
         if removed {
             m.drop_record(id)?;
-            job.set_phase(Phase::Cancelled);
-            job.ended_ns.store(now_ns(), Ordering::Relaxed);
+            job.settle(m, State::Cancelled);
             m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
             if let Some(p) = job.plan {
                 let plan = m.inner.lock().plans.get(&p).cloned();
@@ -1036,7 +1047,7 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
         let mut inner = m.inner.lock();
         let cat = m.engine.catalog.lock();
         for rec in cat.catalog.jobs.values() {
-            let job = Arc::new(JobState::new(rec));
+            let job = Arc::new(JobState::new(rec, false));
             inner.next_id = inner.next_id.max(rec.id + 1);
             inner.jobs.insert(rec.id, job.clone());
             inner.queue.push_back(job);
@@ -1044,7 +1055,7 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
         let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
         for rec in plans {
             let id = rec.id;
-            let state = Arc::new(PlanState::new(rec));
+            let state = Arc::new(PlanState::new(rec, false));
             inner.plans.insert(id, state);
             m.event(format!("plan {id} resumed"));
         }

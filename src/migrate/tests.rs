@@ -34,9 +34,28 @@ fn no_write_slips_past_the_copier() {
     }
 }
 
+/// `verify=yes` under writers: the comparison runs in the hold, after the final re-sync, so
+/// it finds the target equal to the source and the job switches; the report says so.
+#[test]
+fn verify_under_writers_finds_the_target_equal() {
+    for cutover in ["live", "close"] {
+        let r = race_a_job(2, cutover, " verify=yes");
+        assert_eq!(r.verify.as_deref(), Some("ok"), "{r:?}");
+        assert_eq!(r.verified_tracks, Some(512), "every track of the data set: {r:?}");
+        assert!(r.verify_us.is_some(), "{r:?}");
+    }
+    let r = race_a_job(1, "live", "");
+    assert_eq!((r.verify.as_deref(), r.verified_tracks), (None, None), "not asked: {r:?}");
+}
+
 /// One race of `no_write_slips_past_the_copier`: checks every block on the target and
 /// returns the job's report.
 fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport {
+    race_a_job(writers, cutover, "")
+}
+
+/// [`writers_race_a_job`], with more options on the control line.
+fn race_a_job(writers: usize, cutover: &str, options: &str) -> crate::report::JobReport {
     let dir = tempfile::tempdir().unwrap();
     let (sh, node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
     for (id, name) in [(2, "V2"), (3, "V3")] {
@@ -82,7 +101,7 @@ fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport
     let on_v2 = matches!(sh.catalog.lock().catalog.get(2).map(|i| &i.body),
         Some(Body::File { layout, .. }) if layout.extents().any(|e| e.volume == VolumeId(2)));
     let (to, to_id) = if on_v2 { ("V3", VolumeId(3)) } else { ("V2", VolumeId(2)) };
-    let reply = execute(&m, &format!("migrate /f to {to} cutover={cutover} rate=4M")).unwrap();
+    let reply = execute(&m, &format!("migrate /f to {to} cutover={cutover} rate=4M{options}")).unwrap();
     assert_eq!(reply, "ok jobs 1");
     let phase = |m: &Arc<Migrations>| m.reports().0[0].phase.clone();
     let t0 = std::time::Instant::now();
@@ -118,4 +137,55 @@ fn writers_race_a_job(writers: usize, cutover: &str) -> crate::report::JobReport
     }
     assert!(crate::catalog::check::check(&sh.catalog.lock().catalog).problems.is_empty());
     report
+}
+
+/// A refused step is a bug, and it must not take the mount down: the state stays as it was,
+/// and a job ended through `settle` ends failed, saying why, instead of panicking. Once
+/// final, nothing moves it.
+#[test]
+fn a_refused_transition_fails_the_job_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, _node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
+    let m = Migrations::new(sh);
+    let rec = JobRec {
+        id: 7,
+        ino: 2,
+        path: "/f".into(),
+        targets: Vec::new(),
+        target: crate::layout::Layout::default(),
+        release: Vec::new(),
+        switched: false,
+        cutover: Cutover::Live,
+        rate_bytes_per_s: 0,
+        plan: None,
+        started_ns: 0,
+    };
+    let job = JobState::new(&rec, true);
+    assert_eq!(job.report(&m.engine.catalog.lock().catalog, 4096).verify.as_deref(), Some("pending"));
+    let e = job.transition(State::Copying).unwrap_err();
+    assert_eq!((e.from.name(), e.to.name()), ("queued", "copying"));
+    assert_eq!(job.state(), State::Queued, "a refused step changes nothing");
+    for s in [State::Assessing, State::Allocating, State::Copying, State::Resyncing] {
+        job.transition(s).unwrap();
+    }
+    job.settle(&m, State::Switched { held_us: 1, verified: None });
+    match job.state() {
+        State::Failed { reason, during, verified: None } => {
+            assert!(reason.contains("internal error: refused state transition resyncing -> switched"), "{reason}");
+            assert_eq!(during, Phase::Resyncing);
+        }
+        s => panic!("{s:?}"),
+    }
+    let r = job.report(&m.engine.catalog.lock().catalog, 4096);
+    assert_eq!(
+        (r.phase.as_str(), r.failed_in.as_deref(), r.verify.as_deref()),
+        ("failed", Some("resyncing"), Some("not-run"))
+    );
+    assert!(r.ended_ns.is_some());
+    assert!(String::from_utf8(m.events_text()).unwrap().contains("job 7 failed path=/f phase=resyncing"));
+    // Final: even a failure is refused now, and the state keeps its first reason.
+    job.fail(&m, "again".into(), None);
+    assert!(matches!(job.state(), State::Failed { reason, .. } if reason.contains("internal error")));
+    assert_eq!(String::from_utf8(m.events_text()).unwrap().matches(" failed ").count(), 1, "one end, one event");
+    assert!(job.transition(State::Cancelled).is_err());
 }
