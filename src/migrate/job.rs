@@ -351,18 +351,26 @@ impl Runner<'_> {
     }
 
     /// Steps c and k: the target maps every mapped source track of logical tracks `range`
-    /// (the data set grew, or a write filled one of its holes). The tracks it lacks are
-    /// reserved in one request, laid over the logical tracks that need them.
-    fn ensure_target(&self, range: Range<u64>) -> JobResult<()> {
+    /// (the data set grew, or a write filled one of its holes); with `written`, every track
+    /// of `range` (tracks a write marked: an application that punches or truncates and
+    /// writes the same tracks again and again would otherwise find a target hole at every
+    /// mirrored write, and mark it, if the copier came by while the source had the hole).
+    /// The tracks it lacks are reserved in one request, laid over the logical tracks that
+    /// need them; those the source does not map at the switch are set aside with it.
+    fn ensure_target(&self, range: Range<u64>, written: bool) -> JobResult<()> {
         let link = self.link();
-        let range = range.start..range.end.min(self.source_tracks());
+        let end = if written { link.dirty.tracks() } else { self.source_tracks() };
+        let range = range.start..range.end.min(end);
         if range.is_empty() {
             return Ok(());
         }
         let src = self.node().map.load();
         let target = link.target.load();
-        let missing: Vec<Range<u64>> =
-            src.layout().slice(range).flat_map(|r| target.layout().holes_in(r.logical..r.end())).collect();
+        let missing: Vec<Range<u64>> = if written {
+            target.layout().holes_in(range)
+        } else {
+            src.layout().slice(range).flat_map(|r| target.layout().holes_in(r.logical..r.end())).collect()
+        };
         let Some(last) = missing.last() else { return Ok(()) };
         if last.end > link.dirty.tracks() {
             return Err(End::Failed("the data set grew past what the job's bitmap covers; start it again".into()));
@@ -445,7 +453,7 @@ impl Runner<'_> {
                 self.check()?;
             }
             let t0 = Instant::now();
-            self.copy(c, n)?;
+            self.copy(c, n, false)?;
             if active {
                 self.wait_writeback()?;
             }
@@ -460,17 +468,18 @@ impl Runner<'_> {
     }
 
     /// Copy logical tracks `first..first+n` from the source to the target, where the target
-    /// maps them (reserving first what it lacks for the source's mapped tracks). Where the
-    /// source has a hole (a punch, or a truncate's cut), the target is zeroed.
+    /// maps them (reserving first what it lacks for the source's mapped tracks, or for all of
+    /// them if they are `written`: marked dirty). Where the source has a hole (a punch, or a
+    /// truncate's cut), the target is zeroed.
     ///
     /// The data set's gate is held shared, so no truncate or punch frees source tracks under
     /// the copy; with mirrored writes on, the tracks' stripes are held too, so no mirrored
     /// write interleaves with the copy (monitor.rs).
-    fn copy(&mut self, first: u64, n: u64) -> JobResult<()> {
+    fn copy(&mut self, first: u64, n: u64, written: bool) -> JobResult<()> {
         if n == 0 {
             return Ok(());
         }
-        self.ensure_target(first..first + n)?;
+        self.ensure_target(first..first + n, written)?;
         let g = self.g;
         let node = self.node.clone().expect("pinned");
         let link = self.link.clone().expect("pinned");
@@ -608,7 +617,7 @@ impl Runner<'_> {
                         self.wait_for_caps(self.g.bytes_of(n), active);
                     }
                     let t0 = Instant::now();
-                    self.copy(first, n)?;
+                    self.copy(first, n, true)?;
                     copied += n;
                     self.job.bytes_resynced.fetch_add(self.g.bytes_of(n), Ordering::Relaxed);
                     if paced {
