@@ -229,6 +229,21 @@ pub struct JobRec {
     pub started_ns: i64,
 }
 
+/// How far a job's copy is known to be durable on its target, so that a crash resumes it
+/// there instead of from the start (docs/design.md, "Resuming a job"). Kept beside the job
+/// records (`Catalog::checkpoints`), not in [`JobRec`]: a postcard record has no optional
+/// trailing field, and `JobRec` is also the payload of `Op::JobStart`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCheckpoint {
+    /// Logical tracks below this were copied to the target and flushed.
+    pub copied_tracks: u64,
+    /// The size of a write-intent region, in logical tracks.
+    pub region_tracks: u64,
+    /// Regions below `copied_tracks` whose target may differ from the source: written
+    /// since their copy, or about to be (`Op::JobIntent`). Copied again when the job resumes.
+    pub dirty_regions: BTreeSet<u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PlanKind {
     Merge,
@@ -389,6 +404,20 @@ pub enum Op {
         kind: NewKind,
         xattrs: Xattrs,
     },
+    /// A job's copy reached `copied_tracks` and its target was flushed: the checkpoint
+    /// replaces the job's last one, dirty regions and all.
+    JobCheckpoint {
+        job: u64,
+        copied_tracks: u64,
+        region_tracks: u64,
+        dirty_regions: Vec<u64>,
+    },
+    /// Before a write changes tracks below a job's checkpoint, in regions the checkpoint
+    /// holds clean: those regions join its dirty set (synced before the write is made).
+    JobIntent {
+        job: u64,
+        regions: Vec<u64>,
+    },
 }
 
 impl Op {
@@ -434,6 +463,8 @@ pub enum ApplyError {
     JobExists(u64),
     #[error("job {0} has already switched")]
     JobSwitched(u64),
+    #[error("job {0} has no checkpoint (or one with regions of no tracks)")]
+    NoCheckpoint(u64),
     #[error("job {job}: the target holds {target} tracks, the data set {have}")]
     TargetShort { job: u64, target: u64, have: u64 },
     #[error("no plan {0}")]
@@ -473,6 +504,8 @@ pub struct Catalog {
     /// Extended attributes, by inode; a node with none has no entry. (Beside the inodes
     /// rather than in them, so that an inode's encoding is the same as in version 2.)
     pub xattrs: HashMap<Ino, Xattrs>,
+    /// The checkpoints of jobs that have not switched (since version 4), by job id.
+    pub checkpoints: BTreeMap<u64, JobCheckpoint>,
 }
 
 /// What an applied op released, for the caller to punch after the op is durable.
@@ -497,6 +530,7 @@ impl Catalog {
             plans: BTreeMap::new(),
             closed_volumes: BTreeSet::new(),
             xattrs: HashMap::new(),
+            checkpoints: BTreeMap::new(),
         }
     }
 
@@ -685,6 +719,24 @@ impl Catalog {
                 let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
                 if j.switched {
                     return Err(ApplyError::JobSwitched(*job));
+                }
+            }
+            Op::JobCheckpoint { job, region_tracks, .. } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                if *region_tracks == 0 {
+                    return Err(ApplyError::NoCheckpoint(*job));
+                }
+            }
+            Op::JobIntent { job, .. } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                if !self.checkpoints.contains_key(job) {
+                    return Err(ApplyError::NoCheckpoint(*job));
                 }
             }
             Op::PlanStart { plan } => {
@@ -893,14 +945,17 @@ impl Catalog {
                 let j = self.jobs.get_mut(&job).expect("checked");
                 j.release = release;
                 j.switched = true;
+                self.checkpoints.remove(&job);
             }
             Op::JobRelease { job } => {
                 let j = self.jobs.remove(&job).expect("checked");
+                self.checkpoints.remove(&job);
                 self.free_extents(&j.release)?;
                 freed = j.release;
             }
             Op::JobCancel { job } => {
                 let j = self.jobs.remove(&job).expect("checked");
+                self.checkpoints.remove(&job);
                 self.free_extents(&j.target)?;
                 freed = j.target;
             }
@@ -942,6 +997,13 @@ impl Catalog {
                     }
                 }
                 self.xattrs.entry(ino).or_default().insert(name, value);
+            }
+            Op::JobCheckpoint { job, copied_tracks, region_tracks, dirty_regions } => {
+                let dirty_regions = dirty_regions.into_iter().collect();
+                self.checkpoints.insert(job, JobCheckpoint { copied_tracks, region_tracks, dirty_regions });
+            }
+            Op::JobIntent { job, regions } => {
+                self.checkpoints.get_mut(&job).expect("checked").dirty_regions.extend(regions);
             }
             Op::RemoveXattr { ino, name, ctime_ns } => {
                 self.inode_mut(ino)?.meta.ctime_ns = ctime_ns;

@@ -56,9 +56,11 @@ const FRAME_MAGIC: &[u8; 4] = b"FYOP";
 /// version 1 stores are read (their ops are a subset) and rewritten as version 2. Version 3
 /// added special files (a `Body` and a `NewKind` variant), extended attributes (the
 /// snapshot's `xattrs`, after `closed_volumes`) and their ops; version 1 and 2 stores are
-/// read the same way and rewritten as version 3.
-pub const FORMAT_VERSION: u16 = 3;
-const FORMAT_VERSIONS_READ: [u16; 3] = [1, 2, 3];
+/// read the same way and rewritten as version 3. Version 4 added the jobs' checkpoints (the
+/// snapshot's `checkpoints`, after `xattrs`) and their ops; older stores are read the same
+/// way and rewritten as version 4.
+pub const FORMAT_VERSION: u16 = 4;
+const FORMAT_VERSIONS_READ: [u16; 4] = [1, 2, 3, 4];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
 const LOG_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 4;
 /// magic, version, durable_sectors, payload length, and a checksum of those 12 bytes: a
@@ -555,6 +557,7 @@ impl From<CatalogV1> for Catalog {
             plans: Default::default(),
             closed_volumes: Default::default(),
             xattrs: Default::default(),
+            checkpoints: Default::default(),
         }
     }
 }
@@ -586,6 +589,40 @@ impl From<CatalogV2> for Catalog {
             plans: v.plans,
             closed_volumes: v.closed_volumes,
             xattrs: Default::default(),
+            checkpoints: Default::default(),
+        }
+    }
+}
+
+/// A version 3 snapshot: the catalog before the jobs' checkpoints.
+#[derive(serde::Deserialize)]
+struct CatalogV3 {
+    geometry: crate::geometry::Geometry,
+    next_ino: super::model::Ino,
+    next_volume: u32,
+    volumes: std::collections::BTreeMap<crate::space::VolumeId, super::model::VolumeRec>,
+    inodes: std::collections::HashMap<super::model::Ino, super::model::Inode>,
+    next_job: u64,
+    jobs: std::collections::BTreeMap<u64, super::model::JobRec>,
+    plans: std::collections::BTreeMap<u64, super::model::PlanRec>,
+    closed_volumes: std::collections::BTreeSet<crate::space::VolumeId>,
+    xattrs: std::collections::HashMap<super::model::Ino, super::model::Xattrs>,
+}
+
+impl From<CatalogV3> for Catalog {
+    fn from(v: CatalogV3) -> Catalog {
+        Catalog {
+            geometry: v.geometry,
+            next_ino: v.next_ino,
+            next_volume: v.next_volume,
+            volumes: v.volumes,
+            inodes: v.inodes,
+            next_job: v.next_job,
+            jobs: v.jobs,
+            plans: v.plans,
+            closed_volumes: v.closed_volumes,
+            xattrs: v.xattrs,
+            checkpoints: Default::default(),
         }
     }
 }
@@ -621,6 +658,7 @@ fn decode_snapshot(path: &Path, b: &[u8]) -> Result<(u64, Catalog), StoreError> 
     let decoded = match version {
         1 => postcard::from_bytes::<CatalogV1>(body).map(Catalog::from),
         2 => postcard::from_bytes::<CatalogV2>(body).map(Catalog::from),
+        3 => postcard::from_bytes::<CatalogV3>(body).map(Catalog::from),
         _ => postcard::from_bytes::<Catalog>(body),
     };
     let catalog = decoded.map_err(|e| corrupt(path, format!("snapshot does not decode: {e}")))?;
@@ -959,12 +997,13 @@ mod tests {
     /// and its frames say version 2. This builds one byte for byte with the version 2
     /// encoding (a version 3 catalog with no attributes, minus the empty map's one byte).
     #[test]
-    fn a_version_2_pool_opens_and_is_rewritten_as_version_3() {
+    fn a_version_2_pool_opens_and_is_rewritten_as_the_current_version() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_catalog();
         c.apply(&mk_op(2, "old")).unwrap();
         let mut payload = postcard::to_stdvec(&c).unwrap();
-        assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte at the end");
+        assert_eq!(payload.pop(), Some(0), "an empty checkpoints map is one zero byte at the end");
+        assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte before it");
         let mut snap = Vec::new();
         snap.extend_from_slice(SNAP_MAGIC);
         snap.extend_from_slice(&2u16.to_le_bytes());
@@ -1000,7 +1039,7 @@ mod tests {
         s.compact().unwrap();
         drop(s);
         let snap = fs::read(dir.path().join(SNAP_FILE)).unwrap();
-        assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), 3, "rewritten as version 3");
+        assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), FORMAT_VERSION, "rewritten as the current version");
         let (s, _) = Store::open(dir.path(), false).unwrap();
         assert_eq!(s.catalog.xattrs[&3][&b"user.k"[..]], b"v");
     }

@@ -201,7 +201,9 @@ impl Engine {
         if end > node.map.load().allocated_bytes() {
             self.grow(node, end)?;
         }
+        self.intend(node, offset..end)?;
         node.write_monitored(self.geometry, &self.volumes.read(), offset, data)?;
+        self.touched(node, offset..end);
         let now = now_ns();
         self.last_app_io_ns.store(now, Ordering::Relaxed);
         if end > node.size_bytes.load(Ordering::Acquire) {
@@ -239,6 +241,12 @@ impl Engine {
         let g = self.geometry;
         let _hold = node.write_hold.read();
         let _excl = node.gate.write();
+        // A shrink changes the bytes from the new size on (intent is logged before the
+        // catalog lock is taken; it takes that lock itself).
+        let shrinks = self.catalog.lock().catalog.get(node.ino).is_some_and(|i| new_size < i.size_bytes());
+        if shrinks {
+            self.intend(node, new_size..u64::MAX)?;
+        }
         let mut cat = self.catalog.lock();
         // A node built for this truncate alone may predate a reclaim of its surplus.
         self.refresh_map(&cat, node);
@@ -261,6 +269,7 @@ impl Engine {
                 new_size..zero_end.max(new_size),
                 new_size..allocated_bytes.max(new_size + 1),
             )?;
+            self.touched(node, new_size..allocated_bytes.max(new_size + 1));
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             if allocated > keep_tracks {
                 self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
@@ -304,7 +313,9 @@ impl Engine {
             let size = node.size_bytes.load(Ordering::Acquire);
             let stop = end.min(size).min(node.map.load().allocated_bytes());
             if stop > offset {
+                self.intend(node, offset..stop)?;
                 node.zero_monitored(g, &self.volumes.read(), offset..stop, offset..stop)?;
+                self.touched(node, offset..stop);
             }
             return Ok(());
         }
@@ -312,7 +323,9 @@ impl Engine {
             self.grow(node, end)?;
         }
         if zero {
+            self.intend(node, offset..end)?;
             node.zero_monitored(g, &self.volumes.read(), offset..end, offset..end)?;
+            self.touched(node, offset..end);
         }
         if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
             self.raise_size(node, end, now_ns())?;

@@ -900,6 +900,7 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
             before != inner.queue.len()
         };
         if removed {
+            job::detach_queued(m, &job);
             m.drop_record(id)?;
             job.set_phase(Phase::Cancelled);
             job.ended_ns.store(now_ns(), Ordering::Relaxed);
@@ -1030,17 +1031,40 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
     }
     {
         let mut inner = m.inner.lock();
-        let cat = m.engine.catalog.lock();
-        for rec in cat.catalog.jobs.values() {
+        let recs: Vec<JobRec> = m.engine.catalog.lock().catalog.jobs.values().cloned().collect();
+        for rec in &recs {
             let job = Arc::new(JobState::new(rec));
             inner.next_id = inner.next_id.max(rec.id + 1);
+            if recovered.jobs_resumed.contains(&rec.id) {
+                // Its monitor goes on now, before the mount serves (the job may wait its turn).
+                match job::attach_checkpoint(m, &job) {
+                    Ok((copied, tracks)) => m.event(format!(
+                        "job {} resumed at {} % (from checkpoint) path={} copied_tracks={copied} tracks={tracks}",
+                        rec.id,
+                        job::percent(copied, tracks),
+                        rec.path
+                    )),
+                    Err(e) => {
+                        job::detach_queued(m, &job);
+                        if let Err(e) = m.drop_record(rec.id) {
+                            warn!("job {}: rolling back: {e}", rec.id);
+                        }
+                        job.fail(m, format!("resuming from the checkpoint: {e}"));
+                        inner.jobs.insert(rec.id, job);
+                        continue;
+                    }
+                }
+            }
             inner.jobs.insert(rec.id, job.clone());
             inner.queue.push_back(job);
         }
+        let cat = m.engine.catalog.lock();
         let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
         for rec in plans {
             let id = rec.id;
             let state = Arc::new(PlanState::new(rec));
+            // Its jobs that resume from their checkpoints are its own again.
+            *state.jobs.lock() = recs.iter().filter(|j| j.plan == Some(id)).map(|j| j.id).collect();
             inner.plans.insert(id, state);
             m.event(format!("plan {id} resumed"));
         }
