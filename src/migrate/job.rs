@@ -196,8 +196,8 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
 /// At the mount, before it serves: give a job that recovery kept for its checkpoint its
 /// monitor at once, as the checkpoint left it (copied mark, dirty regions, write intent), so
 /// that no write between the mount and the job's start escapes it (the job may wait in the
-/// queue). Returns the checkpoint's copy mark and the data set's tracks.
-pub(super) fn attach_checkpoint(m: &Migrations, job: &JobState) -> Result<(u64, u64), FsError> {
+/// queue). Returns the checkpoint's copy mark, the data set's tracks and the dirty regions.
+pub(super) fn attach_checkpoint(m: &Migrations, job: &JobState) -> Result<(u64, u64, usize), FsError> {
     let g = m.engine.geometry;
     let (cp, target, pool_tracks, tracks) = {
         let cat = m.engine.catalog.lock();
@@ -223,7 +223,7 @@ pub(super) fn attach_checkpoint(m: &Migrations, job: &JobState) -> Result<(u64, 
     job.link.store(Some(link));
     job.bytes_copied.store(g.bytes_of(cp.copied_tracks.min(tracks)), Ordering::Relaxed);
     job.bytes_total.store(g.bytes_of(tracks), Ordering::Relaxed);
-    Ok((cp.copied_tracks, tracks))
+    Ok((cp.copied_tracks, tracks, cp.dirty_regions.len()))
 }
 
 /// A queued job that holds a monitor (one resumed from its checkpoint) lets go of it: it

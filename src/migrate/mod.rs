@@ -1038,8 +1038,9 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
             if recovered.jobs_resumed.contains(&rec.id) {
                 // Its monitor goes on now, before the mount serves (the job may wait its turn).
                 match job::attach_checkpoint(m, &job) {
-                    Ok((copied, tracks)) => m.event(format!(
-                        "job {} resumed at {} % (from checkpoint) path={} copied_tracks={copied} tracks={tracks}",
+                    Ok((copied, tracks, dirty)) => m.event(format!(
+                        "job {} resumed at {} % (from checkpoint) path={} copied_tracks={copied} tracks={tracks} \
+                         dirty_regions={dirty}",
                         rec.id,
                         job::percent(copied, tracks),
                         rec.path
