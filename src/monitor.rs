@@ -22,6 +22,11 @@
 //! mirrored write and a copy of the same track never interleave; the dirty set then only
 //! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
 //! before.
+//!
+//! [`WriteIntent`] is the job's checkpoint as the write path sees it (md's write-intent
+//! bitmap, by regions of tracks): which regions below the checkpointed copy mark the log
+//! holds dirty, and which were changed since the copier last looked. engine/intent.rs logs a
+//! region before a change to it; migrate/job.rs (`Runner::checkpoint`) clears them.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;

@@ -9,9 +9,11 @@
 //!
 //! - every acknowledged write is there (a write in flight at the kill may show its new
 //!   bytes, or some of them);
-//! - a migrate that had not switched was rolled back and started again as a new job (a
-//!   "resumed" event), which ends switched with the data set on the target; one that had
-//!   switched is not started again and its data set is on the target;
+//! - a migrate that had not switched resumed from its checkpoint under its own id (a
+//!   "resumed at P % (from checkpoint)" event) or, with no checkpoint yet, was rolled back
+//!   and started again as a new job (a "resumed as job" event); either ends switched with
+//!   the data set on the target; one that had switched is not started again and its data
+//!   set is on the target;
 //! - a plan carries on and ends done, with its sources empty;
 //! - no reservation leaks: every volume's used tracks are exactly the tracks of the data
 //!   sets' extents on it;
@@ -504,13 +506,22 @@ fn check_outcome(
                 let again: Vec<&Value> = after.iter().filter(|j| j["path"] == path.as_str()).collect();
                 assert!(again.len() <= 1, "{when}: {path} was started again more than once\n{}", ctx());
                 if let Some(j) = again.first() {
-                    // Rolled back and started from the beginning as a new job.
                     let new = j["id"].as_u64().unwrap();
-                    // After a second crash it is the job of the mount between that resumed.
-                    let line = format!("resumed as job {new} path={path}");
-                    let first = format!("job {old} {line}");
-                    let found = if recrashed { ev.contains(&line) } else { ev.contains(&first) };
-                    assert!(found, "{when}: no `{}` event\n{}", if recrashed { &line } else { &first }, ctx());
+                    if ev.contains(&format!("job {new} resumed at ")) {
+                        // Resumed from its checkpoint, under its own id (or, after a second
+                        // crash, that of the job the mount between started again).
+                        let line = format!("job {new} resumed at ");
+                        assert!(recrashed || new == *old, "{when}: {path} resumed as job {new}, not {old}\n{}", ctx());
+                        assert!(ev.contains("(from checkpoint)"), "{when}: no `{line}` event\n{}", ctx());
+                    } else {
+                        // Rolled back (no checkpoint yet) and started from the beginning as
+                        // a new job. After a second crash it is the job of the mount between
+                        // that resumed.
+                        let line = format!("resumed as job {new} path={path}");
+                        let first = format!("job {old} {line}");
+                        let found = if recrashed { ev.contains(&line) } else { ev.contains(&first) };
+                        assert!(found, "{when}: no `{}` event\n{}", if recrashed { &line } else { &first }, ctx());
+                    }
                     assert!(j["plan"].is_null(), "{when}: the resumed job of {path} belongs to a plan: {j:#}");
                 }
                 // Either way the data set ends whole on the target.

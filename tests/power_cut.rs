@@ -22,8 +22,13 @@
 //!   and device number they were made with, and the extended attributes of every node are
 //!   those of some moment at or after the last sync: a synced attribute survives, an
 //!   unsynced one holds a value it had (or is absent if it was never synced);
-//! - every job record left is a queued restart (switched jobs freed their source, the others
-//!   rolled back), and the restarted jobs run on.
+//! - every job record left is a queued restart or a job resumed from its checkpoint (with
+//!   its target; switched jobs freed their source, the others rolled back), and they run
+//!   on: a resumed job re-copies only what its checkpoint and its write intent say may
+//!   differ, and the next check reads its data set through the target once it switched.
+//!
+//! `a_cut_during_a_migration_resumes_from_the_checkpoint` cuts every few I/Os of one
+//! migration under a writer, and runs the resumed job to its switch before the check.
 //!
 //! `a_cut_at_every_io_of_a_cutover` adds the exhaustive case for the moment a switch can get
 //! ahead of its copy: one migration, the power cut at each I/O of its cutover in turn.
@@ -340,6 +345,8 @@ struct Tally {
     bytes_checked: AtomicU64,
     job_steps: AtomicU64,
     switched: AtomicU64,
+    /// Jobs that a mount resumed from their checkpoints.
+    resumed: AtomicU64,
     /// Control lines accepted, by verb.
     verbs: std::sync::Mutex<BTreeMap<String, u64>>,
     /// The phases jobs were in when the power went.
@@ -602,6 +609,8 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
             tally.cuts.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        let resumed = String::from_utf8_lossy(&sim.m.events_text()).matches("(from checkpoint)").count();
+        tally.resumed.fetch_add(resumed as u64, Ordering::Relaxed);
         match check_recovered(&sim, &mut oracle) {
             Ok(bytes) => {
                 tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
@@ -703,7 +712,7 @@ fn power_cuts_keep_every_acknowledged_write() {
         }
     });
     println!(
-        "power cuts: {} seeds, {} cuts, {} acknowledged writes (in {} syncs) held, {} bytes checked, {} job steps, {} jobs switched",
+        "power cuts: {} seeds, {} cuts, {} acknowledged writes (in {} syncs) held, {} bytes checked, {} job steps, {} jobs switched, {} resumed from a checkpoint",
         seeds.len(),
         tally.cuts.load(Ordering::Relaxed),
         tally.acked_writes.load(Ordering::Relaxed),
@@ -711,6 +720,7 @@ fn power_cuts_keep_every_acknowledged_write() {
         tally.bytes_checked.load(Ordering::Relaxed),
         tally.job_steps.load(Ordering::Relaxed),
         tally.switched.load(Ordering::Relaxed),
+        tally.resumed.load(Ordering::Relaxed),
     );
     println!("control lines accepted: {:?}", tally.verbs.lock().unwrap());
     println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
@@ -856,7 +866,10 @@ fn one_resume(writer: u64, cut_after: u64, seed: u64) -> Result<Option<Resumed>,
             let bytes = fill(n, 1 + rng.below(3000) as usize);
             let sync = n % 2 == 0;
             let h = sim.handles.get(&ino).and_then(|v| v.first()).cloned().expect("open");
-            let r = sim.engine.write(&h, offset, &bytes).and_then(|()| if sync { sim.engine.fsync(&h, true) } else { Ok(()) });
+            let r =
+                sim.engine
+                    .write(&h, offset, &bytes)
+                    .and_then(|()| if sync { sim.engine.fsync(&h, true) } else { Ok(()) });
             if r.is_ok() || disk.is_cut() {
                 oracle.files.get_mut(&ino).unwrap().write(offset, &bytes);
             }
@@ -942,7 +955,7 @@ fn one_resume(writer: u64, cut_after: u64, seed: u64) -> Result<Option<Resumed>,
 fn a_cut_during_a_migration_resumes_from_the_checkpoint() {
     let mut from_checkpoint = 0;
     let mut highest = 0;
-    for writer in [7, 8] {
+    for writer in [7, 8, 9, 10] {
         let mut cut_at = 1;
         let mut cuts = 0;
         loop {

@@ -48,6 +48,10 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// before, between and after them.
 const SIMULATED_CHECKPOINT_CHUNKS: u64 = 3;
 
+/// A simulated job's write-intent regions are this many tracks, so that its small data sets
+/// span several, and power cuts find regions both clean and dirty.
+const SIMULATED_REGION_TRACKS: u64 = 4;
+
 /// `part` of `total` in whole per cent, never above 100.
 pub fn percent(part: u64, total: u64) -> u64 {
     (part.min(total) * 100).checked_div(total).unwrap_or(100)
@@ -65,8 +69,8 @@ fn copy_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
 /// Why a job stopped before its switch.
 #[derive(Debug)]
 pub enum End {
-    /// The mount is stopping: the job's record stays; the next mount rolls it back and
-    /// starts it again.
+    /// The mount is stopping: the job's record stays; the next mount resumes it from its
+    /// checkpoint (or, without one, rolls it back and starts it again).
     Stopped,
     Cancelled,
     /// The data set was deleted: nothing to move.
@@ -155,7 +159,7 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
             r.detach();
             job.set_phase(Phase::Stopped);
             m.event(format!(
-                "job {} stopped path={} (the next mount rolls it back and starts it again)",
+                "job {} stopped path={} (the next mount resumes it from its checkpoint, or starts it again)",
                 job.id, job.path
             ));
         }
@@ -335,6 +339,12 @@ impl Runner<'_> {
         // bitmap covers the whole pool, so no growth can outrun it.
         let link = match resumed {
             Some(l) => l,
+            None if m.turns.is_some() => Arc::new(JobLink::with_regions(
+                job.id,
+                pool_tracks,
+                ExtentMap::new(self.g, &target),
+                SIMULATED_REGION_TRACKS,
+            )),
             None => Arc::new(JobLink::new(job.id, pool_tracks, ExtentMap::new(self.g, &target))),
         };
         let node = self.engine.pin_node(job.ino, link.clone())?;
@@ -707,7 +717,8 @@ impl Runner<'_> {
     ///
     /// 1. clear the touched regions: a change that lands after this is touched again, and
     ///    one that landed before it is on the target (copied or mirrored) before step 2;
-    /// 2. flush the target: every copy so far, and those changes, are durable there;
+    /// 2. flush the target and the source: every copy so far, and those changes, are
+    ///    durable on both sides;
     /// 3. with writes held (no change is between its intent and its touch), take the copy
     ///    mark and the dirty regions below it (dirty tracks, touched regions), log the
     ///    checkpoint, and from then require intent below the new mark outside those regions.
@@ -722,6 +733,15 @@ impl Runner<'_> {
         link.intent.take_touched();
         self.wait_writeback()?;
         self.flush_target()?;
+        // The source too: a clean region must read the same on both sides *durably*. A write
+        // the copier carried to the target but that no fsync made durable on the source
+        // could come back on the target alone after a power cut, and the data set would
+        // change under its applications when the resumed job switches.
+        let sources: std::collections::BTreeSet<VolumeId> =
+            node.map.load().extents().iter().map(|e| e.volume).collect();
+        for v in sources {
+            self.engine.volume(v)?.flush().map_err(FsError::from)?;
+        }
         let (mark, dirty) = {
             let _hold = node.write_hold.write();
             let _serial = link.intent.serial.lock();
@@ -729,8 +749,10 @@ impl Runner<'_> {
             let rt = link.intent.region_tracks;
             let mut dirty: std::collections::BTreeSet<u64> = link.intent.take_touched().into_iter().collect();
             for w in 0..(mark.div_ceil(WORD_BITS) as usize).min(link.dirty.word_count()) {
-                if link.dirty.peek_word(w) != 0 {
-                    dirty.insert(w as u64 * WORD_BITS / rt);
+                let mut bits = link.dirty.peek_word(w);
+                while bits != 0 {
+                    dirty.insert((w as u64 * WORD_BITS + bits.trailing_zeros() as u64) / rt);
+                    bits &= bits - 1;
                 }
             }
             dirty.retain(|&r| r * rt < mark);

@@ -7,8 +7,10 @@
 //!   ([`Op::PlanStart`]), and its source volumes stop taking allocations.
 //! - At most `max-jobs` jobs run at once, each on its own thread (job.rs); the rest wait in
 //!   the queue.
-//! - [`recover`] runs at mount: a job that switched frees its source; one that did not is
-//!   rolled back (its target freed, the source untouched) and started again from the
+//! - [`recover`] runs at mount: a job that switched frees its source; one that did not
+//!   resumes from its checkpoint under its own id (its target kept; job.rs,
+//!   `Runner::checkpoint`, and engine/intent.rs keep the checkpoint true), or, without one,
+//!   is rolled back (its target freed, the source untouched) and started again from the
 //!   beginning; a plan carries on with whatever is still on its sources.
 
 pub mod command;
