@@ -426,6 +426,24 @@ mod tests {
     }
 
     #[test]
+    fn intent_is_needed_below_the_mark_in_clean_regions_only() {
+        assert_eq!(region_tracks_for(100), REGION_TRACKS_MIN);
+        assert_eq!(region_tracks_for(REGIONS_MAX * 3000), 4096, "a power of two, at most REGIONS_MAX regions");
+        let w = WriteIntent::new(100, 4);
+        assert!(w.needed(0, 99).is_empty(), "no checkpoint yet: no intent");
+        w.reset(10, &[1].into());
+        assert_eq!(w.needed(0, 99), [0, 2], "regions 0 and 2 lie below the mark, 1 is dirty");
+        assert!(w.needed(10, 50).is_empty(), "at and past the mark the copy will come again");
+        w.logged(&[0]);
+        assert_eq!(w.needed(3, 9), [2]);
+        w.touch(5, 13);
+        assert_eq!(w.take_touched(), [1, 2, 3]);
+        assert!(w.take_touched().is_empty());
+        w.reset(12, &Default::default());
+        assert_eq!(w.needed(0, 11), [0, 1, 2], "a checkpoint clears what it does not name");
+    }
+
+    #[test]
     fn mirror_only_below_the_copied_mark() {
         let l = JobLink::new(1, 100, ExtentMap::default());
         assert!(l.mirror_guard(0, 0).is_none(), "mirroring is off");

@@ -1044,6 +1044,63 @@ mod tests {
         assert_eq!(s.catalog.xattrs[&3][&b"user.k"[..]], b"v");
     }
 
+    /// A job's checkpoint and its intents replay and survive a compaction; a checkpoint
+    /// replaces the last one's dirty set; the end of the job drops it; an intent needs one.
+    #[test]
+    fn job_checkpoints_replay_compact_and_end_with_the_job() {
+        use crate::catalog::model::{Cutover, JobRec};
+        use crate::space::{Extent, VolumeId};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        let v = VolumeId(1);
+        s.commit(Op::AddVolume { id: v, name: "V1".into(), path: "v".into(), size_bytes: 64 * 4096, tracks_total: 64 })
+            .unwrap();
+        mk(&mut s, 2, "f");
+        let job = |id| JobRec {
+            id,
+            ino: 2,
+            path: "/f".into(),
+            targets: vec![v],
+            target: Vec::new(),
+            release: Vec::new(),
+            switched: false,
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 0,
+            plan: None,
+            started_ns: 0,
+        };
+        s.commit(Op::JobStart { job: job(1) }).unwrap();
+        assert!(s.commit(Op::JobIntent { job: 1, regions: vec![0] }).is_err(), "an intent needs a checkpoint");
+        let target = vec![Extent { volume: v, first: crate::geometry::TrackNo(8), count_tracks: 8 }];
+        s.commit(Op::JobGrow { job: 1, extents: target }).unwrap();
+        let cp = |copied_tracks, dirty_regions: Vec<u64>| Op::JobCheckpoint {
+            job: 1,
+            copied_tracks,
+            region_tracks: 2,
+            dirty_regions,
+        };
+        s.commit(cp(4, vec![0, 1])).unwrap();
+        s.commit(cp(6, vec![1])).unwrap();
+        s.commit(Op::JobIntent { job: 1, regions: vec![2] }).unwrap();
+        assert!(s
+            .commit(Op::JobCheckpoint { job: 1, copied_tracks: 6, region_tracks: 0, dirty_regions: vec![] })
+            .is_err());
+        let want = s.catalog.clone();
+        assert_eq!(want.checkpoints[&1].copied_tracks, 6);
+        assert_eq!(want.checkpoints[&1].dirty_regions.iter().copied().collect::<Vec<_>>(), [1, 2]);
+        drop(s);
+        let (mut s, r) = Store::open(dir.path(), true).unwrap();
+        assert!(r.ops_replayed > 0);
+        assert_eq!(s.catalog, want, "replayed");
+        s.compact().unwrap();
+        drop(s);
+        let (mut s, _) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(s.catalog, want, "from the snapshot");
+        assert!(crate::catalog::check::check(&s.catalog).problems.is_empty());
+        s.commit(Op::JobCancel { job: 1 }).unwrap();
+        assert!(s.catalog.checkpoints.is_empty(), "the rollback drops the checkpoint");
+    }
+
     #[test]
     fn special_files_and_xattrs_replay_and_compact() {
         use crate::catalog::model::SpecialKind;
