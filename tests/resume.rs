@@ -42,7 +42,7 @@ fn copied_percent(mnt: &Path, id: u64) -> u64 {
 /// The per cent of the last `job ID checkpoint` event, if any.
 fn last_checkpoint(ev: &str, id: u64) -> Option<u64> {
     let head = format!("job {id} checkpoint ");
-    ev.lines().filter(|l| l.contains(&head)).filter_map(|l| percent_after(l, " at ")).last()
+    ev.lines().rev().filter(|l| l.contains(&head)).find_map(|l| percent_after(l, " at "))
 }
 
 /// The number after `word` and before " %".
