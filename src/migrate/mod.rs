@@ -1033,11 +1033,15 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
     }
     {
         let mut inner = m.inner.lock();
-        let recs: Vec<JobRec> = m.engine.catalog.lock().catalog.jobs.values().cloned().collect();
+        let (recs, checkpointed): (Vec<JobRec>, HashSet<u64>) = {
+            let cat = m.engine.catalog.lock();
+            (cat.catalog.jobs.values().cloned().collect(), cat.catalog.checkpoints.keys().copied().collect())
+        };
         for rec in &recs {
             let job = Arc::new(JobState::new(rec));
             inner.next_id = inner.next_id.max(rec.id + 1);
-            if recovered.jobs_resumed.contains(&rec.id) {
+            // Recovery kept it for its checkpoint (it rolls back those it can't resume).
+            if checkpointed.contains(&rec.id) {
                 // Its monitor goes on now, before the mount serves (the job may wait its turn).
                 match job::attach_checkpoint(m, &job) {
                     Ok((copied, tracks, dirty)) => m.event(format!(
