@@ -10,6 +10,10 @@
 //! The points: `close-window` (the downtime window is open, opens wait, nothing copied yet),
 //! `live-hold` (live mode, writes held, nothing copied yet; a cancel now still wins) and
 //! `live-switch` (just after: the switch is decided, a cancel now is refused as too late).
+//!
+//! One entry is an interval, not a pause: `checkpoint-interval` makes the copiers checkpoint
+//! that often instead of every 2 s (migrate/job.rs), so that a crash test's kills, which
+//! mostly land in a job's first second, find checkpoints to resume from.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -19,7 +23,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRYFS_PAUSE";
 
 /// The names a pause can be set for.
-pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch"];
+pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch", "checkpoint-interval"];
 
 static PAUSES: OnceLock<HashMap<String, Duration>> = OnceLock::new();
 

@@ -584,7 +584,10 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         // Every kind comes up in the first rounds, then at random.
         let kind = if round < 4 { round as u64 } else { rng.below(4) };
         let tp = TestPool::new(TRACK_SIZE, VOLUMES);
-        let m = tp.mount();
+        // Every other round the copiers checkpoint every 50 ms, so that the kills (mostly in
+        // a job's first second) find checkpoints to resume from; the others mostly roll back.
+        let ck: &[(&str, &str)] = if round % 2 == 0 { &[(failpoint::ENV, "checkpoint-interval=50ms")] } else { &[] };
+        let m = tp.mount_env(ck);
         let files = create_files(&m, 16 * round as u32);
         let sc = pick_scenario(&m, kind, &mut rr);
         let kill = pick_kill(sc.close(), &mut rr);
@@ -597,8 +600,16 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         let writes = early + writers.take().map(stop_writers).unwrap_or(0);
         eprintln!("round {round}: `{}` ({started:?}), kill at {kill:?}: {landed}; {writes} writes", sc.line());
 
-        let mut m = tp.mount();
+        let mut m = tp.mount_env(ck);
         fsck_clean(&pool);
+        let resumed: Vec<String> = events(&m.mnt)
+            .lines()
+            .filter(|l| l.contains("(from checkpoint)"))
+            .filter_map(|l| Some(l.split_once(" job ")?.1.split(" path=").next()?.to_string()))
+            .collect();
+        if !resumed.is_empty() {
+            eprintln!("round {round}: resumed from checkpoints: {}", resumed.join("; "));
+        }
         let mut when = format!("round {round} (`{}`, kill at {kill:?}: {landed})", sc.line());
         verify(&m, &files, true, &format!("{when}, after the remount"));
         settle(&files);
@@ -619,7 +630,7 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
                 .collect();
             eprintln!("round {round}: killed again {delay:?} into the recovery, jobs [{}]", phases.join(" "));
             when = format!("{when}, killed again {delay:?} into the recovery (jobs [{}])", phases.join(" "));
-            m = tp.mount();
+            m = tp.mount_env(ck);
             fsck_clean(&pool);
             verify(&m, &files, true, &format!("{when}, after the second remount"));
             settle(&files);

@@ -702,7 +702,8 @@ impl Runner<'_> {
         let due = match self.m.turns {
             Some(_) => self.chunks_since_checkpoint >= SIMULATED_CHECKPOINT_CHUNKS,
             None => {
-                self.bytes_since_checkpoint >= CHECKPOINT_BYTES || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                let interval = crate::failpoint::pause_at("checkpoint-interval").unwrap_or(CHECKPOINT_INTERVAL);
+                self.bytes_since_checkpoint >= CHECKPOINT_BYTES || self.last_checkpoint.elapsed() >= interval
             }
         };
         if due {
