@@ -16,6 +16,9 @@
 //! flips one byte of the target at logical track TRACK (0 unless given; the last track if
 //! the data set is shorter) after the final re-sync and before the verification
 //! (`verify=yes`), which must then fail the job.
+//! One entry is an interval, not a pause: `checkpoint-interval` makes the copiers checkpoint
+//! that often instead of every 2 s (migrate/job.rs), so that a crash test's kills, which
+//! mostly land in a job's first second, find checkpoints to resume from.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -25,7 +28,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRYFS_PAUSE";
 
 /// The names a pause can be set for.
-pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch"];
+pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch", "checkpoint-interval"];
 /// The names of the fault points; each takes an optional number (a track).
 pub const FAULTS: &[&str] = &["verify-corrupt-target"];
 

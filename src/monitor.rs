@@ -22,6 +22,11 @@
 //! mirrored write and a copy of the same track never interleave; the dirty set then only
 //! shrinks. Writes above the copied mark (growth the copier has not reached) are marked as
 //! before.
+//!
+//! [`WriteIntent`] is the job's checkpoint as the write path sees it (md's write-intent
+//! bitmap, by regions of tracks): which regions below the checkpointed copy mark the log
+//! holds dirty, and which were changed since the copier last looked. engine/intent.rs logs a
+//! region before a change to it; migrate/job.rs (`Runner::checkpoint`) clears them.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -79,6 +84,113 @@ impl DirtyBitmap {
     pub fn count_dirty(&self) -> u64 {
         self.words.iter().map(|w| w.load(Ordering::Acquire).count_ones() as u64).sum()
     }
+
+    /// Word `w`, left as it is.
+    pub fn peek_word(&self, w: usize) -> u64 {
+        self.words[w].load(Ordering::Acquire)
+    }
+
+    /// Whether track `t` is marked (a track past the end is not).
+    pub fn is_marked(&self, t: u64) -> bool {
+        t < self.tracks && self.words[(t / WORD_BITS) as usize].load(Ordering::Acquire) & (1 << (t % WORD_BITS)) != 0
+    }
+
+    /// Every marked track, in order, clearing them.
+    pub fn take_all(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for w in 0..self.words.len() {
+            let mut bits = self.take_word(w);
+            while bits != 0 {
+                let lo = bits.trailing_zeros() as u64;
+                out.push(w as u64 * WORD_BITS + lo);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+}
+
+/// A write-intent region is at least this many logical tracks (64 MiB of 64 KiB tracks): a
+/// write below a job's checkpoint costs one log sync per region per checkpoint interval at
+/// most, and a resumed job re-copies whole regions.
+pub const REGION_TRACKS_MIN: u64 = 1024;
+/// At most this many regions per job (larger regions for a larger pool), so that a
+/// checkpoint's dirty set (a varint each) fits one log frame with room to spare.
+pub const REGIONS_MAX: u64 = 1 << 16;
+
+/// The region size for a job whose data set may reach `capacity_tracks`: a power of two, so
+/// a bitmap word of tracks lies in one region.
+pub fn region_tracks_for(capacity_tracks: u64) -> u64 {
+    REGION_TRACKS_MIN.max(capacity_tracks.div_ceil(REGIONS_MAX)).next_power_of_two()
+}
+
+/// The write-intent side of a job's checkpoint (md's write-intent bitmap): below the
+/// checkpointed copy mark, a region the checkpoint holds clean must be logged dirty, and the
+/// log synced, *before* a write changes it. docs/design.md, "Resuming a job", tells why.
+#[derive(Debug)]
+pub struct WriteIntent {
+    pub region_tracks: u64,
+    /// The copy mark of the job's last checkpoint in the log (0: none yet, no intent needed).
+    mark: AtomicU64,
+    /// Regions the log holds dirty (the checkpoint's and the synced intents since).
+    logged: DirtyBitmap,
+    /// Regions written since the copier last cleared this (marked after the write landed).
+    touched: DirtyBitmap,
+    /// Serialises intents (the append and the sync) with each other and with checkpoints.
+    pub serial: Mutex<()>,
+}
+
+impl WriteIntent {
+    pub fn new(capacity_tracks: u64, region_tracks: u64) -> WriteIntent {
+        let regions = capacity_tracks.div_ceil(region_tracks);
+        WriteIntent {
+            region_tracks,
+            mark: AtomicU64::new(0),
+            logged: DirtyBitmap::new(regions),
+            touched: DirtyBitmap::new(regions),
+            serial: Mutex::new(()),
+        }
+    }
+
+    pub fn mark(&self) -> u64 {
+        self.mark.load(Ordering::Acquire)
+    }
+
+    /// The regions a change of tracks `first..=last` must log before it is made.
+    pub fn needed(&self, first: u64, last: u64) -> Vec<u64> {
+        let mark = self.mark();
+        if first >= mark {
+            return Vec::new();
+        }
+        let last = last.min(mark - 1);
+        (first / self.region_tracks..=last / self.region_tracks).filter(|&r| !self.logged.is_marked(r)).collect()
+    }
+
+    /// `regions` are dirty in the log, durably.
+    pub fn logged(&self, regions: &[u64]) {
+        for &r in regions {
+            self.logged.mark(TrackNo(r), TrackNo(r));
+        }
+    }
+
+    /// Tracks `first..=last` were changed (after the change landed).
+    pub fn touch(&self, first: u64, last: u64) {
+        self.touched.mark(TrackNo(first / self.region_tracks), TrackNo(last / self.region_tracks));
+    }
+
+    /// The regions touched since the last call, cleared.
+    pub fn take_touched(&self) -> Vec<u64> {
+        self.touched.take_all()
+    }
+
+    /// A checkpoint at `mark` with `dirty` regions was logged (with writes held).
+    pub fn reset(&self, mark: u64, dirty: &std::collections::BTreeSet<u64>) {
+        self.logged.take_all();
+        for &r in dirty {
+            self.logged.mark(TrackNo(r), TrackNo(r));
+        }
+        self.mark.store(mark, Ordering::Release);
+    }
 }
 
 /// Stripe locks of mirrored tracks: track `t` is guarded by stripe `t % STRIPES`.
@@ -107,6 +219,8 @@ pub struct JobLink {
     /// A mirrored write could not reach the target: the job fails (the application's write,
     /// which reached the source, does not).
     target_error: Mutex<Option<String>>,
+    /// The checkpoint's write intent.
+    pub intent: WriteIntent,
 }
 
 /// The stripe locks of a range of tracks, held.
@@ -116,7 +230,14 @@ pub struct TrackGuard<'a> {
 
 impl JobLink {
     pub fn new(job: u64, capacity_tracks: u64, target: ExtentMap) -> JobLink {
+        Self::with_regions(job, capacity_tracks, target, region_tracks_for(capacity_tracks))
+    }
+
+    /// A link whose write-intent regions are `region_tracks` long (a resumed job keeps its
+    /// checkpoint's).
+    pub fn with_regions(job: u64, capacity_tracks: u64, target: ExtentMap, region_tracks: u64) -> JobLink {
         JobLink {
+            intent: WriteIntent::new(capacity_tracks, region_tracks),
             job,
             dirty: DirtyBitmap::new(capacity_tracks),
             copied_tracks: AtomicU64::new(0),
@@ -304,6 +425,24 @@ mod tests {
         assert_eq!(b.count_dirty(), 0);
         b.mark(TrackNo(199), TrackNo(500));
         assert_eq!(b.count_dirty(), 1);
+    }
+
+    #[test]
+    fn intent_is_needed_below_the_mark_in_clean_regions_only() {
+        assert_eq!(region_tracks_for(100), REGION_TRACKS_MIN);
+        assert_eq!(region_tracks_for(REGIONS_MAX * 3000), 4096, "a power of two, at most REGIONS_MAX regions");
+        let w = WriteIntent::new(100, 4);
+        assert!(w.needed(0, 99).is_empty(), "no checkpoint yet: no intent");
+        w.reset(10, &[1].into());
+        assert_eq!(w.needed(0, 99), [0, 2], "regions 0 and 2 lie below the mark, 1 is dirty");
+        assert!(w.needed(10, 50).is_empty(), "at and past the mark the copy will come again");
+        w.logged(&[0]);
+        assert_eq!(w.needed(3, 9), [2]);
+        w.touch(5, 13);
+        assert_eq!(w.take_touched(), [1, 2, 3]);
+        assert!(w.take_touched().is_empty());
+        w.reset(12, &Default::default());
+        assert_eq!(w.needed(0, 11), [0, 1, 2], "a checkpoint clears what it does not name");
     }
 
     #[test]

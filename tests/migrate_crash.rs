@@ -9,9 +9,11 @@
 //!
 //! - every acknowledged write is there (a write in flight at the kill may show its new
 //!   bytes, or some of them);
-//! - a migrate that had not switched was rolled back and started again as a new job (a
-//!   "resumed" event), which ends switched with the data set on the target; one that had
-//!   switched is not started again and its data set is on the target;
+//! - a migrate that had not switched resumed from its checkpoint under its own id (a
+//!   "resumed at P % (from checkpoint)" event) or, with no checkpoint yet, was rolled back
+//!   and started again as a new job (a "resumed as job" event); either ends switched with
+//!   the data set on the target; one that had switched is not started again and its data
+//!   set is on the target;
 //! - a plan carries on and ends done, with its sources empty;
 //! - no reservation leaks: every volume's used tracks are exactly the tracks of the data
 //!   sets' extents on it;
@@ -504,13 +506,22 @@ fn check_outcome(
                 let again: Vec<&Value> = after.iter().filter(|j| j["path"] == path.as_str()).collect();
                 assert!(again.len() <= 1, "{when}: {path} was started again more than once\n{}", ctx());
                 if let Some(j) = again.first() {
-                    // Rolled back and started from the beginning as a new job.
                     let new = j["id"].as_u64().unwrap();
-                    // After a second crash it is the job of the mount between that resumed.
-                    let line = format!("resumed as job {new} path={path}");
-                    let first = format!("job {old} {line}");
-                    let found = if recrashed { ev.contains(&line) } else { ev.contains(&first) };
-                    assert!(found, "{when}: no `{}` event\n{}", if recrashed { &line } else { &first }, ctx());
+                    if ev.contains(&format!("job {new} resumed at ")) {
+                        // Resumed from its checkpoint, under its own id (or, after a second
+                        // crash, that of the job the mount between started again).
+                        let line = format!("job {new} resumed at ");
+                        assert!(recrashed || new == *old, "{when}: {path} resumed as job {new}, not {old}\n{}", ctx());
+                        assert!(ev.contains("(from checkpoint)"), "{when}: no `{line}` event\n{}", ctx());
+                    } else {
+                        // Rolled back (no checkpoint yet) and started from the beginning as
+                        // a new job. After a second crash it is the job of the mount between
+                        // that resumed.
+                        let line = format!("resumed as job {new} path={path}");
+                        let first = format!("job {old} {line}");
+                        let found = if recrashed { ev.contains(&line) } else { ev.contains(&first) };
+                        assert!(found, "{when}: no `{}` event\n{}", if recrashed { &line } else { &first }, ctx());
+                    }
                     assert!(j["plan"].is_null(), "{when}: the resumed job of {path} belongs to a plan: {j:#}");
                 }
                 // Either way the data set ends whole on the target.
@@ -573,7 +584,10 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         // Every kind comes up in the first rounds, then at random.
         let kind = if round < 4 { round as u64 } else { rng.below(4) };
         let tp = TestPool::new(TRACK_SIZE, VOLUMES);
-        let m = tp.mount();
+        // Every other round the copiers checkpoint every 50 ms, so that the kills (mostly in
+        // a job's first second) find checkpoints to resume from; the others mostly roll back.
+        let ck: &[(&str, &str)] = if round % 2 == 0 { &[(failpoint::ENV, "checkpoint-interval=50ms")] } else { &[] };
+        let m = tp.mount_env(ck);
         let files = create_files(&m, 16 * round as u32);
         let sc = pick_scenario(&m, kind, &mut rr);
         let kill = pick_kill(sc.close(), &mut rr);
@@ -586,8 +600,16 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
         let writes = early + writers.take().map(stop_writers).unwrap_or(0);
         eprintln!("round {round}: `{}` ({started:?}), kill at {kill:?}: {landed}; {writes} writes", sc.line());
 
-        let mut m = tp.mount();
+        let mut m = tp.mount_env(ck);
         fsck_clean(&pool);
+        let resumed: Vec<String> = events(&m.mnt)
+            .lines()
+            .filter(|l| l.contains("(from checkpoint)"))
+            .filter_map(|l| Some(l.split_once(" job ")?.1.split(" path=").next()?.to_string()))
+            .collect();
+        if !resumed.is_empty() {
+            eprintln!("round {round}: resumed from checkpoints: {}", resumed.join("; "));
+        }
         let mut when = format!("round {round} (`{}`, kill at {kill:?}: {landed})", sc.line());
         verify(&m, &files, true, &format!("{when}, after the remount"));
         settle(&files);
@@ -608,7 +630,7 @@ fn kill9_during_migrations_loses_nothing_and_resumes() {
                 .collect();
             eprintln!("round {round}: killed again {delay:?} into the recovery, jobs [{}]", phases.join(" "));
             when = format!("{when}, killed again {delay:?} into the recovery (jobs [{}])", phases.join(" "));
-            m = tp.mount();
+            m = tp.mount_env(ck);
             fsck_clean(&pool);
             verify(&m, &files, true, &format!("{when}, after the second remount"));
             settle(&files);

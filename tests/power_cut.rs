@@ -22,8 +22,13 @@
 //!   and device number they were made with, and the extended attributes of every node are
 //!   those of some moment at or after the last sync: a synced attribute survives, an
 //!   unsynced one holds a value it had (or is absent if it was never synced);
-//! - every job record left is a queued restart (switched jobs freed their source, the others
-//!   rolled back), and the restarted jobs run on.
+//! - every job record left is a queued restart or a job resumed from its checkpoint (with
+//!   its target; switched jobs freed their source, the others rolled back), and they run
+//!   on: a resumed job re-copies only what its checkpoint and its write intent say may
+//!   differ, and the next check reads its data set through the target once it switched.
+//!
+//! `a_cut_during_a_migration_resumes_from_the_checkpoint` cuts every few I/Os of one
+//! migration under a writer, and runs the resumed job to its switch before the check.
 //!
 //! `a_cut_at_every_io_of_a_cutover` adds the exhaustive case for the moment a switch can get
 //! ahead of its copy: one migration, the power cut at each I/O of its cutover in turn.
@@ -269,8 +274,9 @@ fn check_recovered(sim: &Sim, oracle: &mut Oracle) -> Result<u64, String> {
         return Err(format!("fsck: {}", report.problems.join("; ")));
     }
     for j in c.jobs.values() {
-        if j.switched || !j.target.is_empty() {
-            return Err(format!("job {} is neither finished, rolled back nor queued again: {j:?}", j.id));
+        // Queued again (no target), or resumed from its checkpoint (target and checkpoint).
+        if j.switched || (!j.target.is_empty() && !c.checkpoints.contains_key(&j.id)) {
+            return Err(format!("job {} is neither finished, rolled back, resumed nor queued again: {j:?}", j.id));
         }
     }
     let Some(Body::Dir { entries, .. }) = c.get(ROOT_INO).map(|i| &i.body) else { return Err("no root".into()) };
@@ -339,6 +345,8 @@ struct Tally {
     bytes_checked: AtomicU64,
     job_steps: AtomicU64,
     switched: AtomicU64,
+    /// Jobs that a mount resumed from their checkpoints.
+    resumed: AtomicU64,
     /// Control lines accepted, by verb.
     verbs: std::sync::Mutex<BTreeMap<String, u64>>,
     /// The phases jobs were in when the power went.
@@ -601,6 +609,8 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
             tally.cuts.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        let resumed = String::from_utf8_lossy(&sim.m.events_text()).matches("(from checkpoint)").count();
+        tally.resumed.fetch_add(resumed as u64, Ordering::Relaxed);
         match check_recovered(&sim, &mut oracle) {
             Ok(bytes) => {
                 tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
@@ -702,7 +712,7 @@ fn power_cuts_keep_every_acknowledged_write() {
         }
     });
     println!(
-        "power cuts: {} seeds, {} cuts, {} acknowledged writes (in {} syncs) held, {} bytes checked, {} job steps, {} jobs switched",
+        "power cuts: {} seeds, {} cuts, {} acknowledged writes (in {} syncs) held, {} bytes checked, {} job steps, {} jobs switched, {} resumed from a checkpoint",
         seeds.len(),
         tally.cuts.load(Ordering::Relaxed),
         tally.acked_writes.load(Ordering::Relaxed),
@@ -710,6 +720,7 @@ fn power_cuts_keep_every_acknowledged_write() {
         tally.bytes_checked.load(Ordering::Relaxed),
         tally.job_steps.load(Ordering::Relaxed),
         tally.switched.load(Ordering::Relaxed),
+        tally.resumed.load(Ordering::Relaxed),
     );
     println!("control lines accepted: {:?}", tally.verbs.lock().unwrap());
     println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
@@ -818,4 +829,165 @@ fn a_cut_at_every_io_of_a_cutover() {
             println!("{cutover} cutover, writer {writer}: I/O {first}..={last}, {cuts} cuts, every one recovered");
         }
     }
+}
+
+/// What [`one_resume`] saw after the cut.
+struct Resumed {
+    /// The job came back under its own id, from a checkpoint (else it was queued again).
+    from_checkpoint: bool,
+    /// The checkpoint's copy mark, in tracks.
+    copied_tracks: u64,
+}
+
+/// One migration of one data set (20 tracks, to V1) under a writer that fsyncs every other
+/// write, the power cut at the `cut_after`th I/O after the job was queued; the disk restarts with `seed`, the pool mounts, and
+/// the job, resumed from its checkpoint (or queued again without one), runs to its switch
+/// under the same writer. The power then goes once more (at no particular I/O: whatever
+/// was not synced is dropped, kept or torn as `seed` says), and the last recovery is held
+/// against every acknowledged write, the data set read through its switched extents.
+fn one_resume(writer: u64, cut_after: u64, seed: u64) -> Result<Option<Resumed>, String> {
+    let disk = SimDisk::new();
+    create_pool(&disk);
+    let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
+    let mut sim = mount(&disk)?;
+    let e = sim.engine.clone();
+    let ino = e.make(ROOT_INO, b"a", 0o644, 0, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
+    oracle.push_ns(BTreeMap::from([("a".to_string(), ino)]));
+    let h = sim.handle(ino).map_err(|x| x.to_string())?;
+    let data = fill(1, 20 * TRACK_BYTES as usize);
+    e.write(&h, 0, &data).and_then(|()| e.fsync(&h, false)).map_err(|x| x.to_string())?;
+    let model = oracle.files.entry(ino).or_default();
+    model.write(0, &data);
+    model.synced();
+    oracle.log_synced();
+    let reply = migrate::execute(&sim.m, "migrate /a to V1").map_err(|r| r.message)?;
+    let id: u64 = reply.trim_start_matches("ok jobs ").parse().map_err(|_| format!("reply {reply:?}"))?;
+    disk.cut_power_at(disk.ops() + cut_after);
+    let mut rng = SimRng::new(writer);
+    // The writer, between the job's steps; true once the job has ended.
+    let run = |sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, disk: &SimDisk, from: u64| -> bool {
+        for n in from..from + 2000 {
+            if disk.is_cut() {
+                return false;
+            }
+            let Some(&job) = sim.turns.parked().first() else { return true };
+            let offset = rng.below(20 * TRACK_BYTES - 100);
+            let bytes = fill(n, 1 + rng.below(3000) as usize);
+            let sync = n % 2 == 0;
+            let h = sim.handles.get(&ino).and_then(|v| v.first()).cloned().expect("open");
+            let r =
+                sim.engine
+                    .write(&h, offset, &bytes)
+                    .and_then(|()| if sync { sim.engine.fsync(&h, true) } else { Ok(()) });
+            if r.is_ok() || disk.is_cut() {
+                oracle.files.get_mut(&ino).unwrap().write(offset, &bytes);
+            }
+            if r.is_ok() && sync {
+                oracle.files.get_mut(&ino).unwrap().synced();
+                oracle.log_synced();
+            }
+            sim.turns.step(job);
+        }
+        true
+    };
+    if run(&mut sim, &mut oracle, &mut rng, &disk, 2) {
+        // The job ended before the cut: nothing to resume.
+        sim.power_off();
+        return Ok(None);
+    }
+    sim.power_off();
+    let disk = disk.restart(seed);
+    let mut sim = mount(&disk)?;
+    check_recovered(&sim, &mut oracle)?;
+    let resumed = {
+        let cat = sim.engine.catalog.lock();
+        let c = &cat.catalog;
+        match (c.jobs.get(&id), c.checkpoints.get(&id)) {
+            (Some(j), Some(cp)) => {
+                if j.target.is_empty() {
+                    return Err(format!("job {id} resumed without its target: {j:?}"));
+                }
+                Some(Resumed { from_checkpoint: true, copied_tracks: cp.copied_tracks })
+            }
+            (Some(j), None) => return Err(format!("job {id} kept its record without a checkpoint: {j:?}")),
+            // Rolled back and queued again (no checkpoint was durable), or it had switched.
+            (None, _) => c.jobs.values().next().map(|_| Resumed { from_checkpoint: false, copied_tracks: 0 }),
+        }
+    };
+    let Some(resumed) = resumed else {
+        // The job's start was never durable: no job.
+        sim.power_off();
+        return Ok(Some(Resumed { from_checkpoint: false, copied_tracks: 0 }));
+    };
+    if resumed.from_checkpoint {
+        let (jobs, _) = sim.m.reports();
+        if !jobs.iter().any(|j| j.id == id) {
+            return Err(format!("job {id} is not in the status after the mount: {jobs:?}"));
+        }
+    }
+    // The recovered oracle holds the data set as it came back; write on while the job runs.
+    let h = sim.engine.open(ino).map_err(|x| x.to_string())?;
+    sim.handles.entry(ino).or_default().push(h);
+    let mut rng = SimRng::new(writer ^ 0x5A5A);
+    if !run(&mut sim, &mut oracle, &mut rng, &disk, 5000) {
+        return Err("the disk was cut again".into());
+    }
+    let (jobs, _) = sim.m.reports();
+    if !jobs.iter().any(|j| j.phase == "switched") {
+        sim.power_off();
+        return Err(format!("the resumed job did not switch: {jobs:?}"));
+    }
+    {
+        let cat = sim.engine.catalog.lock();
+        let on_target = match cat.catalog.get(ino).map(|i| &i.body) {
+            Some(Body::File { layout, .. }) => layout.extents().all(|x| cat.catalog.volumes[&x.volume].name == "V1"),
+            _ => false,
+        };
+        if !on_target {
+            return Err(format!("the data set is not on V1 after the switch: {:?}", cat.catalog.get(ino)));
+        }
+    }
+    sim.power_off();
+    let disk = disk.restart(seed ^ 0xC0FFEE);
+    let sim = mount(&disk)?;
+    let r = check_recovered(&sim, &mut oracle);
+    sim.power_off();
+    r.map(|_| Some(resumed))
+}
+
+/// The story: a job rolled back by a power cut started again from zero under a new id. It
+/// now resumes from its checkpoint, and what it trusts of its target must hold: a power cut
+/// at every I/O of a migration's copy and re-sync (under a writer, every other write
+/// synced), then the resumed job runs to its switch, and every acknowledged byte is there,
+/// read through the target.
+#[test]
+fn a_cut_during_a_migration_resumes_from_the_checkpoint() {
+    let mut from_checkpoint = 0;
+    let mut highest = 0;
+    for writer in [7, 8, 9, 10] {
+        let mut cut_at = 1;
+        let mut cuts = 0;
+        loop {
+            let mut ended = false;
+            for seed in 0..3 {
+                match one_resume(writer, cut_at, seed) {
+                    Ok(Some(r)) => {
+                        from_checkpoint += r.from_checkpoint as u64;
+                        highest = highest.max(r.copied_tracks);
+                    }
+                    Ok(None) => ended = true,
+                    Err(e) => panic!("writer {writer}, power cut at I/O {cut_at} of the job, restart seed {seed}: {e}"),
+                }
+                cuts += 1;
+            }
+            if ended || cut_at > 3000 {
+                break;
+            }
+            cut_at += 5;
+        }
+        println!("writer {writer}: {cuts} cuts up to I/O {cut_at}");
+    }
+    println!("{from_checkpoint} resumed from a checkpoint, the furthest at track {highest}");
+    assert!(from_checkpoint > 0, "no cut found a checkpoint to resume from");
+    assert!(highest >= 6, "no checkpoint past the first chunks: {highest}");
 }

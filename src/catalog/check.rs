@@ -77,6 +77,14 @@ pub fn check(c: &Catalog) -> CheckReport {
         }
     }
     check_special_and_xattrs(c, &mut r);
+    for (id, cp) in &c.checkpoints {
+        match c.jobs.get(id) {
+            None => r.problems.push(format!("checkpoint of job {id}, which the catalog does not hold")),
+            Some(j) if j.switched => r.problems.push(format!("job {id}: switched but still holds a checkpoint")),
+            Some(_) if cp.region_tracks == 0 => r.problems.push(format!("job {id}: a checkpoint with empty regions")),
+            Some(_) => {}
+        }
+    }
     for j in c.jobs.values() {
         if !c.inodes.get(&j.ino).is_some_and(|i| matches!(i.body, Body::File { .. })) {
             r.problems.push(format!("job {}: data set {} is missing", j.id, j.ino));

@@ -2,9 +2,11 @@
 //!
 //! Version 4 made data sets sparse: a file's body holds a [`Layout`] of runs at logical
 //! tracks (and its explicit preallocation) where it held extents laid end to end, and a
-//! job's target likewise. Everything else of a version 1 to 3 snapshot decodes as it is;
-//! the dense extents become a [`Layout::dense`]. In the log only a job's start carries a
-//! target; every other op of versions 1 to 3 decodes as a version 4 op.
+//! job's target likewise; job and plan records gained `verify`, and the snapshot the jobs'
+//! checkpoints. Everything else of a version 1 to 3 snapshot decodes as it is; the dense
+//! extents become a [`Layout::dense`], `verify` is off, and there are no checkpoints. In
+//! the log only a job's start and a plan's start carry those records; every other op of
+//! versions 1 to 3 decodes as a version 4 op.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -12,7 +14,9 @@ use serde::Deserialize;
 #[cfg(test)]
 use serde::Serialize;
 
-use super::model::{Body, Catalog, Cutover, Ino, Inode, JobRec, Meta, Op, PlanRec, SpecialKind, VolumeRec, Xattrs};
+use super::model::{
+    Body, Catalog, Cutover, Ino, Inode, JobRec, Meta, Op, PlanKind, PlanRec, SpecialKind, VolumeRec, Xattrs,
+};
 use crate::geometry::Geometry;
 use crate::layout::Layout;
 use crate::space::{Extent, VolumeId};
@@ -78,6 +82,34 @@ impl From<JobRecV3> for JobRec {
             rate_bytes_per_s: j.rate_bytes_per_s,
             plan: j.plan,
             started_ns: j.started_ns,
+            verify: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct PlanRecV3 {
+    id: u64,
+    kind: PlanKind,
+    sources: Vec<VolumeId>,
+    targets: Vec<VolumeId>,
+    cutover: Cutover,
+    rate_bytes_per_s: u64,
+    started_ns: i64,
+}
+
+impl From<PlanRecV3> for PlanRec {
+    fn from(p: PlanRecV3) -> PlanRec {
+        PlanRec {
+            id: p.id,
+            kind: p.kind,
+            sources: p.sources,
+            targets: p.targets,
+            cutover: p.cutover,
+            rate_bytes_per_s: p.rate_bytes_per_s,
+            started_ns: p.started_ns,
+            verify: false,
         }
     }
 }
@@ -92,7 +124,7 @@ struct CatalogV3 {
     inodes: HashMap<Ino, InodeV3>,
     next_job: u64,
     jobs: BTreeMap<u64, JobRecV3>,
-    plans: BTreeMap<u64, PlanRec>,
+    plans: BTreeMap<u64, PlanRecV3>,
     closed_volumes: BTreeSet<VolumeId>,
     xattrs: HashMap<Ino, Xattrs>,
 }
@@ -111,11 +143,11 @@ struct Head {
 struct V1(Head);
 
 #[derive(Deserialize)]
-struct V2(Head, u64, BTreeMap<u64, JobRecV3>, BTreeMap<u64, PlanRec>, BTreeSet<VolumeId>);
+struct V2(Head, u64, BTreeMap<u64, JobRecV3>, BTreeMap<u64, PlanRecV3>, BTreeSet<VolumeId>);
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
-struct V3(Head, u64, BTreeMap<u64, JobRecV3>, BTreeMap<u64, PlanRec>, BTreeSet<VolumeId>, HashMap<Ino, Xattrs>);
+struct V3(Head, u64, BTreeMap<u64, JobRecV3>, BTreeMap<u64, PlanRecV3>, BTreeSet<VolumeId>, HashMap<Ino, Xattrs>);
 
 impl CatalogV3 {
     fn new(h: Head) -> CatalogV3 {
@@ -144,9 +176,10 @@ impl From<CatalogV3> for Catalog {
             inodes: v.inodes.into_iter().map(|(ino, i)| (ino, i.into())).collect(),
             next_job: v.next_job,
             jobs: v.jobs.into_iter().map(|(id, j)| (id, j.into())).collect(),
-            plans: v.plans,
+            plans: v.plans.into_iter().map(|(id, p)| (id, p.into())).collect(),
             closed_volumes: v.closed_volumes,
             xattrs: v.xattrs,
+            checkpoints: Default::default(),
         }
     }
 }
@@ -168,9 +201,13 @@ pub fn decode_snapshot(version: u16, body: &[u8]) -> Result<Catalog, postcard::E
     Ok(v.into())
 }
 
-/// The first byte of a postcard-encoded [`Op::JobStart`]: its variant index.
+/// The first byte of a postcard-encoded op: its variant index (small enough for one byte).
+fn tag(op: &Op) -> u8 {
+    postcard::to_stdvec(op).expect("an op serializes")[0]
+}
+
 fn job_start_tag() -> u8 {
-    let probe = Op::JobStart {
+    tag(&Op::JobStart {
         job: JobRec {
             id: 0,
             ino: 0,
@@ -183,16 +220,40 @@ fn job_start_tag() -> u8 {
             rate_bytes_per_s: 0,
             plan: None,
             started_ns: 0,
+            verify: false,
         },
-    };
-    postcard::to_stdvec(&probe).expect("an op serializes")[0]
+    })
+}
+
+fn plan_start_tag() -> u8 {
+    tag(&Op::PlanStart {
+        plan: PlanRec {
+            id: 0,
+            kind: PlanKind::Merge,
+            sources: Vec::new(),
+            targets: Vec::new(),
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 0,
+            started_ns: 0,
+            verify: false,
+        },
+    })
 }
 
 /// Decode one log frame's op, written in format `version`.
 pub fn decode_op(version: u16, payload: &[u8]) -> Result<Op, postcard::Error> {
-    if version < 4 && payload.first() == Some(&job_start_tag()) {
-        let job: JobRecV3 = postcard::from_bytes(&payload[1..])?;
-        return Ok(Op::JobStart { job: job.into() });
+    if version < 4 {
+        match payload.first() {
+            Some(&t) if t == job_start_tag() => {
+                let job: JobRecV3 = postcard::from_bytes(&payload[1..])?;
+                return Ok(Op::JobStart { job: job.into() });
+            }
+            Some(&t) if t == plan_start_tag() => {
+                let plan: PlanRecV3 = postcard::from_bytes(&payload[1..])?;
+                return Ok(Op::PlanStart { plan: plan.into() });
+            }
+            _ => {}
+        }
     }
     postcard::from_bytes(payload)
 }
@@ -263,7 +324,21 @@ mod tests {
         payload.extend(postcard::to_stdvec(&job_v3()).unwrap());
         let Op::JobStart { job } = decode_op(3, &payload).unwrap() else { panic!() };
         assert_eq!((job.id, job.target.mapped_tracks(), job.target.end()), (4, 3, 3));
+        assert!(!job.verify);
         let trim = Op::Trim { ino: 2, keep_tracks: 1 };
         assert_eq!(decode_op(3, &postcard::to_stdvec(&trim).unwrap()).unwrap(), trim);
+        let plan = PlanRecV3 {
+            id: 5,
+            kind: PlanKind::Drain,
+            sources: vec![VolumeId(1)],
+            targets: vec![],
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 3,
+            started_ns: 8,
+        };
+        let mut payload = vec![plan_start_tag()];
+        payload.extend(postcard::to_stdvec(&plan).unwrap());
+        let Op::PlanStart { plan } = decode_op(3, &payload).unwrap() else { panic!() };
+        assert_eq!((plan.id, plan.kind, plan.rate_bytes_per_s, plan.verify), (5, PlanKind::Drain, 3, false));
     }
 }

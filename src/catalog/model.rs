@@ -247,6 +247,23 @@ pub struct JobRec {
     /// The merge or drain plan this job belongs to.
     pub plan: Option<u64>,
     pub started_ns: i64,
+    /// Compare source and target before the switch (`verify=yes`), also after a restart.
+    pub verify: bool,
+}
+
+/// How far a job's copy is known to be durable on its target, so that a crash resumes it
+/// there instead of from the start (docs/design.md, "Resuming a job"). Kept beside the job
+/// records (`Catalog::checkpoints`), not in [`JobRec`]: a postcard record has no optional
+/// trailing field, and `JobRec` is also the payload of `Op::JobStart`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCheckpoint {
+    /// Logical tracks below this were copied to the target and flushed.
+    pub copied_tracks: u64,
+    /// The size of a write-intent region, in logical tracks.
+    pub region_tracks: u64,
+    /// Regions below `copied_tracks` whose target may differ from the source: written
+    /// since their copy, or about to be (`Op::JobIntent`). Copied again when the job resumes.
+    pub dirty_regions: BTreeSet<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +291,8 @@ pub struct PlanRec {
     pub cutover: Cutover,
     pub rate_bytes_per_s: u64,
     pub started_ns: i64,
+    /// Its jobs verify before they switch (`verify=yes`).
+    pub verify: bool,
 }
 
 /// One change to the catalog; the payload of one log frame. docs/format.md draws each.
@@ -430,6 +449,20 @@ pub enum Op {
         job: u64,
         runs: Vec<Run>,
     },
+    /// A job's copy reached `copied_tracks` and its target was flushed: the checkpoint
+    /// replaces the job's last one, dirty regions and all.
+    JobCheckpoint {
+        job: u64,
+        copied_tracks: u64,
+        region_tracks: u64,
+        dirty_regions: Vec<u64>,
+    },
+    /// Before a write changes tracks below a job's checkpoint, in regions the checkpoint
+    /// holds clean: those regions join its dirty set (synced before the write is made).
+    JobIntent {
+        job: u64,
+        regions: Vec<u64>,
+    },
 }
 
 impl Op {
@@ -475,6 +508,8 @@ pub enum ApplyError {
     JobExists(u64),
     #[error("job {0} has already switched")]
     JobSwitched(u64),
+    #[error("job {0} has no checkpoint (or one with regions of no tracks)")]
+    NoCheckpoint(u64),
     #[error("no plan {0}")]
     NoPlan(u64),
     #[error("plan {0} already exists")]
@@ -516,6 +551,8 @@ pub struct Catalog {
     /// Extended attributes, by inode; a node with none has no entry. (Beside the inodes
     /// rather than in them, so that an inode's encoding is the same as in version 2.)
     pub xattrs: HashMap<Ino, Xattrs>,
+    /// The checkpoints of jobs that have not switched (since version 4), by job id.
+    pub checkpoints: BTreeMap<u64, JobCheckpoint>,
 }
 
 /// What an applied op released, for the caller to punch after the op is durable.
@@ -540,6 +577,7 @@ impl Catalog {
             plans: BTreeMap::new(),
             closed_volumes: BTreeSet::new(),
             xattrs: HashMap::new(),
+            checkpoints: BTreeMap::new(),
         }
     }
 
@@ -737,6 +775,24 @@ impl Catalog {
                 let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
                 if j.switched {
                     return Err(ApplyError::JobSwitched(*job));
+                }
+            }
+            Op::JobCheckpoint { job, region_tracks, .. } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                if *region_tracks == 0 {
+                    return Err(ApplyError::NoCheckpoint(*job));
+                }
+            }
+            Op::JobIntent { job, .. } => {
+                let j = self.jobs.get(job).ok_or(ApplyError::NoJob(*job))?;
+                if j.switched {
+                    return Err(ApplyError::JobSwitched(*job));
+                }
+                if !self.checkpoints.contains_key(job) {
+                    return Err(ApplyError::NoCheckpoint(*job));
                 }
             }
             Op::PlanStart { plan } => {
@@ -964,14 +1020,17 @@ impl Catalog {
                 let j = self.jobs.get_mut(&job).expect("checked");
                 j.release = release;
                 j.switched = true;
+                self.checkpoints.remove(&job);
             }
             Op::JobRelease { job } => {
                 let j = self.jobs.remove(&job).expect("checked");
+                self.checkpoints.remove(&job);
                 self.free_extents(&j.release)?;
                 freed = j.release;
             }
             Op::JobCancel { job } => {
                 let j = self.jobs.remove(&job).expect("checked");
+                self.checkpoints.remove(&job);
                 freed = j.target.extents().collect();
                 self.free_extents(&freed)?;
             }
@@ -1013,6 +1072,13 @@ impl Catalog {
                     }
                 }
                 self.xattrs.entry(ino).or_default().insert(name, value);
+            }
+            Op::JobCheckpoint { job, copied_tracks, region_tracks, dirty_regions } => {
+                let dirty_regions = dirty_regions.into_iter().collect();
+                self.checkpoints.insert(job, JobCheckpoint { copied_tracks, region_tracks, dirty_regions });
+            }
+            Op::JobIntent { job, regions } => {
+                self.checkpoints.get_mut(&job).expect("checked").dirty_regions.extend(regions);
             }
             Op::RemoveXattr { ino, name, ctime_ns } => {
                 self.inode_mut(ino)?.meta.ctime_ns = ctime_ns;
@@ -1220,6 +1286,7 @@ mod tests {
             rate_bytes_per_s: 0,
             plan: None,
             started_ns: 0,
+            verify: false,
         };
         c.apply(&Op::JobStart { job }).unwrap();
         c.apply(&Op::JobMap { job: 7, runs: vec![run(0, 2, 0, 1), run(100, 2, 1, 2)] }).unwrap();

@@ -57,9 +57,11 @@ const FRAME_MAGIC: &[u8; 4] = b"FYOP";
 /// version 1 stores are read (their ops are a subset) and rewritten as version 2. Version 3
 /// added special files (a `Body` and a `NewKind` variant), extended attributes (the
 /// snapshot's `xattrs`, after `closed_volumes`) and their ops; version 1 and 2 stores are
-/// read the same way and rewritten as version 3. Version 4 made data sets sparse: a file's
+/// read the same way and rewritten as version 3. Version 4 made data sets sparse (a file's
 /// `extents` became a `layout` of runs at logical tracks, with its explicit preallocation,
-/// and a job's target likewise; older stores are converted on read (legacy.rs).
+/// and a job's target likewise) and added the jobs' checkpoints (the snapshot's
+/// `checkpoints`, after `xattrs`) and their ops; older stores are converted on read
+/// (legacy.rs) and rewritten as version 4.
 pub const FORMAT_VERSION: u16 = 4;
 const FORMAT_VERSIONS_READ: [u16; 4] = [1, 2, 3, 4];
 const SNAP_HEADER_BYTES: usize = 4 + 2 + 2 + 8 + 8;
@@ -910,7 +912,8 @@ mod tests {
         c.apply(&Op::MakeNode { ino: 2, parent: ROOT_INO, name: b"old".to_vec(), meta: meta(), kind: NewKind::Dir })
             .unwrap();
         let mut payload = postcard::to_stdvec(&c).unwrap();
-        assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte at the end");
+        assert_eq!(payload.pop(), Some(0), "an empty checkpoints map is one zero byte at the end");
+        assert_eq!(payload.pop(), Some(0), "an empty xattrs map is one zero byte before it");
         let mut snap = Vec::new();
         snap.extend_from_slice(SNAP_MAGIC);
         snap.extend_from_slice(&2u16.to_le_bytes());
@@ -949,6 +952,64 @@ mod tests {
         assert_eq!(u16::from_le_bytes([snap[4], snap[5]]), FORMAT_VERSION, "rewritten as the current version");
         let (s, _) = Store::open(dir.path(), false).unwrap();
         assert_eq!(s.catalog.xattrs[&3][&b"user.k"[..]], b"v");
+    }
+
+    /// A job's checkpoint and its intents replay and survive a compaction; a checkpoint
+    /// replaces the last one's dirty set; the end of the job drops it; an intent needs one.
+    #[test]
+    fn job_checkpoints_replay_compact_and_end_with_the_job() {
+        use crate::catalog::model::{Cutover, JobRec};
+        use crate::space::{Extent, VolumeId};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::create(dir.path(), new_catalog()).unwrap();
+        let v = VolumeId(1);
+        s.commit(Op::AddVolume { id: v, name: "V1".into(), path: "v".into(), size_bytes: 64 * 4096, tracks_total: 64 })
+            .unwrap();
+        mk(&mut s, 2, "f");
+        let job = |id| JobRec {
+            id,
+            ino: 2,
+            path: "/f".into(),
+            targets: vec![v],
+            target: crate::layout::Layout::default(),
+            release: Vec::new(),
+            switched: false,
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 0,
+            plan: None,
+            started_ns: 0,
+            verify: false,
+        };
+        s.commit(Op::JobStart { job: job(1) }).unwrap();
+        assert!(s.commit(Op::JobIntent { job: 1, regions: vec![0] }).is_err(), "an intent needs a checkpoint");
+        let target = vec![Extent { volume: v, first: crate::geometry::TrackNo(8), count_tracks: 8 }];
+        s.commit(Op::JobGrow { job: 1, extents: target }).unwrap();
+        let cp = |copied_tracks, dirty_regions: Vec<u64>| Op::JobCheckpoint {
+            job: 1,
+            copied_tracks,
+            region_tracks: 2,
+            dirty_regions,
+        };
+        s.commit(cp(4, vec![0, 1])).unwrap();
+        s.commit(cp(6, vec![1])).unwrap();
+        s.commit(Op::JobIntent { job: 1, regions: vec![2] }).unwrap();
+        assert!(s
+            .commit(Op::JobCheckpoint { job: 1, copied_tracks: 6, region_tracks: 0, dirty_regions: vec![] })
+            .is_err());
+        let want = s.catalog.clone();
+        assert_eq!(want.checkpoints[&1].copied_tracks, 6);
+        assert_eq!(want.checkpoints[&1].dirty_regions.iter().copied().collect::<Vec<_>>(), [1, 2]);
+        drop(s);
+        let (mut s, r) = Store::open(dir.path(), true).unwrap();
+        assert!(r.ops_replayed > 0);
+        assert_eq!(s.catalog, want, "replayed");
+        s.compact().unwrap();
+        drop(s);
+        let (mut s, _) = Store::open(dir.path(), true).unwrap();
+        assert_eq!(s.catalog, want, "from the snapshot");
+        assert!(crate::catalog::check::check(&s.catalog).problems.is_empty());
+        s.commit(Op::JobCancel { job: 1 }).unwrap();
+        assert!(s.catalog.checkpoints.is_empty(), "the rollback drops the checkpoint");
     }
 
     #[test]

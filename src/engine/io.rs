@@ -242,7 +242,9 @@ impl Engine {
         if !node.map.load().is_mapped_bytes(offset, data.len() as u64) {
             self.grow(node, offset, end, false)?;
         }
+        self.intend(node, offset..end)?;
         node.write_monitored(self.geometry, &self.volumes.read(), offset, data)?;
+        self.touched(node, offset..end);
         let now = now_ns();
         self.last_app_io_ns.store(now, Ordering::Relaxed);
         if end > node.size_bytes.load(Ordering::Acquire) {
@@ -281,6 +283,12 @@ impl Engine {
         let g = self.geometry;
         let _hold = node.write_hold.read();
         let _excl = node.gate.write();
+        // A shrink changes the bytes from the new size on (intent is logged before the
+        // catalog lock is taken; it takes that lock itself).
+        let shrinks = self.catalog.lock().catalog.get(node.ino).is_some_and(|i| new_size < i.size_bytes());
+        if shrinks {
+            self.intend(node, new_size..u64::MAX)?;
+        }
         let mut cat = self.catalog.lock();
         // A node built for this truncate alone may predate a reclaim of its surplus.
         self.refresh_map(&cat, node);
@@ -301,6 +309,7 @@ impl Engine {
                 new_size..zero_end.max(new_size),
                 new_size..end_bytes.max(new_size + 1),
             )?;
+            self.touched(node, new_size..end_bytes.max(new_size + 1));
             self.commit(&mut cat, Op::SetSize { ino: node.ino, size_bytes: new_size, mtime_ns: now })?;
             if mapped_end > keep_tracks {
                 self.commit(&mut cat, Op::Trim { ino: node.ino, keep_tracks })?;
@@ -338,7 +347,9 @@ impl Engine {
         let _io = node.gate.read();
         self.grow(node, offset, end, true)?;
         if zero {
+            self.intend(node, offset..end)?;
             node.zero_monitored(g, &self.volumes.read(), offset..end, offset..end)?;
+            self.touched(node, offset..end);
         }
         if !keep_size && end > node.size_bytes.load(Ordering::Acquire) {
             self.raise_size(node, end, now_ns())?;
@@ -357,7 +368,9 @@ impl Engine {
         let map = node.map.load_full();
         let stop = end.min(size).min(map.end_bytes());
         if stop > offset {
+            self.intend(node, offset..stop)?;
             node.zero_monitored(g, &self.volumes.read(), offset..stop, offset..stop)?;
+            self.touched(node, offset..stop);
         }
         // Whole tracks, also past the size (preallocation is punched like on Linux).
         let (first, last) = (offset.div_ceil(g.track_size_bytes()), g.whole_tracks_in(end));

@@ -49,6 +49,7 @@
 //! - a migration's switch is committed only after its target is flushed (migrate/job.rs), so
 //!   no surviving switch points at tracks the copy had not made durable.
 
+mod intent;
 mod io;
 mod namespace;
 mod node;

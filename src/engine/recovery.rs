@@ -5,7 +5,7 @@ use log::{error, warn};
 
 use super::{Engine, Result};
 use crate::catalog::model::now_ns;
-use crate::catalog::model::{Body, JobRec, Op};
+use crate::catalog::model::{Body, Catalog, JobRec, Op};
 use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
 use crate::layout::Layout;
@@ -21,6 +21,8 @@ pub struct RecoveryReport {
     pub jobs_requeued: Vec<(u64, u64, String)>,
     /// Rolled-back jobs whose data set is gone (nothing to start again).
     pub jobs_dropped: Vec<(u64, String)>,
+    /// Jobs kept with their target, to resume from their checkpoint under their own id.
+    pub jobs_resumed: Vec<u64>,
     pub orphans_freed: usize,
     /// After an unclean stop: data sets whose bytes past their size were zeroed, and free
     /// runs zeroed.
@@ -56,7 +58,9 @@ impl Engine {
         Ok(r)
     }
 
-    /// Every job the catalog holds: a switched job frees its source; any other is rolled
+    /// Every job the catalog holds: a switched job frees its source; one with a checkpoint
+    /// it can resume from keeps its record and its target (`migrate::resume` starts it again
+    /// under its own id, from the checkpoint); any other is rolled
     /// back (target freed, source untouched: it held every acknowledged write). A rolled-back
     /// job of its own (not a plan's: a plan re-plans) is queued again in the same breath, as
     /// a new record, so that a mount that fails after recovery loses no job: the next one
@@ -69,6 +73,11 @@ impl Engine {
                 self.commit(&mut cat, Op::JobRelease { job: j.id })?;
                 warn!("job {} ({}) had switched; freed its source", j.id, j.path);
                 r.jobs_released.push(j.id);
+                continue;
+            }
+            if resumable(&cat.catalog, &j) {
+                warn!("job {} ({}) had not switched; it resumes from its checkpoint", j.id, j.path);
+                r.jobs_resumed.push(j.id);
                 continue;
             }
             self.commit(&mut cat, Op::JobCancel { job: j.id })?;
@@ -183,4 +192,23 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether an unswitched job can resume from its checkpoint: it has one, its data set is
+/// alive, and every volume of its target reservation is in the pool with the reservation
+/// inside it, covering the checkpoint's copy mark. Any other job is rolled back.
+fn resumable(c: &Catalog, j: &JobRec) -> bool {
+    let Some(cp) = c.checkpoints.get(&j.id) else { return false };
+    let alive = c.get(j.ino).is_some_and(|i| i.meta.nlink > 0 && matches!(i.body, Body::File { .. }));
+    let volumes_there =
+        j.target.extents().all(|e| c.volumes.get(&e.volume).is_some_and(|v| e.end().0 <= v.free.tracks_total()))
+            && j.targets.iter().all(|v| c.volumes.contains_key(v));
+    // The copy mark lies inside the logical tracks the data set or its target reach.
+    let reach = match c.get(j.ino).map(|i| &i.body) {
+        Some(Body::File { layout, prealloc_end, size_bytes }) => {
+            layout.end().max(*prealloc_end).max(c.geometry.tracks_for(*size_bytes)).max(j.target.end())
+        }
+        _ => 0,
+    };
+    alive && volumes_there && cp.region_tracks > 0 && cp.copied_tracks <= reach
 }

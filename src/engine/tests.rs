@@ -161,5 +161,6 @@ fn queued_job(id: u64) -> crate::catalog::model::JobRec {
         rate_bytes_per_s: 0,
         plan: None,
         started_ns: 0,
+        verify: false,
     }
 }

@@ -10,11 +10,11 @@ use super::pace::{rest_after, Governor, APP_ACTIVE_WINDOW, BUSY_CHUNK_BYTES, IDL
 use super::plan::{grow_target, names, place_target, tracks_text};
 use super::{JobState, Migrations, State, Verified};
 use crate::catalog::model::now_ns;
-use crate::catalog::model::{Body, Cutover, Op};
+use crate::catalog::model::{Body, Catalog, Cutover, Inode, Op};
 use crate::engine::{read_pieces, volume_of, write_pieces, Engine, Error as FsError, FileNode, Volumes};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
-use crate::layout::lay_out;
+use crate::layout::{lay_out, Layout};
 use crate::monitor::{JobLink, WORD_BITS};
 use crate::space::VolumeId;
 use crate::storage::StorageFile;
@@ -43,6 +43,27 @@ pub const COPY_PIECE_BYTES_MAX: u64 = 1 << 20;
 /// so a piece holds whole tracks or whole parts of one.
 pub const VERIFY_PIECE_BYTES: u64 = 128 << 10;
 
+/// A checkpoint after this many bytes copied (or [`CHECKPOINT_INTERVAL`]): a crash
+/// re-copies at most this much of the bulk copy. One checkpoint costs a flush of the target
+/// and one log write.
+pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// A checkpoint at least this often while the job copies or re-syncs: a slow (capped) copy
+/// loses at most this much time, and a region's intent costs at most one log sync per
+/// interval.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// A simulated job takes a checkpoint every this many chunks, so that power cuts land
+/// before, between and after them.
+const SIMULATED_CHECKPOINT_CHUNKS: u64 = 3;
+
+/// A simulated job's write-intent regions are this many tracks, so that its small data sets
+/// span several, and power cuts find regions both clean and dirty.
+const SIMULATED_REGION_TRACKS: u64 = 4;
+
+/// `part` of `total` in whole per cent, never above 100.
+pub fn percent(part: u64, total: u64) -> u64 {
+    (part.min(total) * 100).checked_div(total).unwrap_or(100)
+}
+
 /// The pieces (offset, length) in which `len` bytes at `off` are copied: at most
 /// [`COPY_PIECE_BYTES_MAX`] each, in order, covering the range exactly.
 fn copy_pieces(off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -60,8 +81,8 @@ fn pieces(off: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
 /// Why a job stopped before its switch.
 #[derive(Debug)]
 pub enum End {
-    /// The mount is stopping: the job's record stays; the next mount rolls it back and
-    /// starts it again.
+    /// The mount is stopping: the job's record stays; the next mount resumes it from its
+    /// checkpoint (or, without one, rolls it back and starts it again).
     Stopped,
     Cancelled,
     /// The data set was deleted: nothing to move.
@@ -110,6 +131,12 @@ struct Runner<'a> {
     copying: bool,
     /// What the verification before the switch found (`verify=yes`), once it ran.
     verified: Option<Verified>,
+    /// Bytes a resumed job had copied before this mount (its checkpoint): not in the rate.
+    copied_before: u64,
+    /// When the last checkpoint was taken, and the chunks and bytes copied since.
+    last_checkpoint: Instant,
+    chunks_since_checkpoint: u64,
+    bytes_since_checkpoint: u64,
 }
 
 impl Drop for Runner<'_> {
@@ -136,6 +163,10 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
         governor: Governor::default(),
         copying: false,
         verified: None,
+        copied_before: 0,
+        last_checkpoint: Instant::now(),
+        chunks_since_checkpoint: 0,
+        bytes_since_checkpoint: 0,
     };
     match r.run() {
         Ok(()) => {}
@@ -143,7 +174,7 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
             r.detach();
             job.settle(m, State::Stopped);
             m.event(format!(
-                "job {} stopped path={} (the next mount rolls it back and starts it again)",
+                "job {} stopped path={} (the next mount resumes it from its checkpoint, or starts it again)",
                 job.id, job.path
             ));
         }
@@ -179,6 +210,80 @@ pub fn run(m: &Arc<Migrations>, job: &JobState) {
             job.fail(m, why, r.verified);
         }
     }
+}
+
+/// The logical tracks a job's bitmap covers: the data set's (mapped or preallocated) and
+/// its target's, and as many again as the pool holds, so that no growth the pool can hold
+/// outruns it. One bit a track: a 1 TiB sparse data set of 64 KiB tracks costs 2 MiB.
+fn bitmap_tracks(c: &Catalog, i: &Inode, target: &Layout) -> u64 {
+    let own = match &i.body {
+        Body::File { layout, prealloc_end, size_bytes } => {
+            layout.end().max(*prealloc_end).max(c.geometry.tracks_for(*size_bytes))
+        }
+        _ => 0,
+    };
+    let pool_tracks: u64 = c.volumes.values().map(|v| v.free.tracks_total()).sum();
+    own.max(target.end()) + pool_tracks
+}
+
+/// At the mount, before it serves: give a job that recovery kept for its checkpoint its
+/// monitor at once, as the checkpoint left it (copied mark, dirty regions, write intent), so
+/// that no write between the mount and the job's start escapes it (the job may wait in the
+/// queue). Returns the checkpoint's copy mark, the data set's tracks and the dirty regions.
+pub(super) fn attach_checkpoint(m: &Migrations, job: &JobState) -> Result<(u64, u64, usize), FsError> {
+    let g = m.engine.geometry;
+    let (cp, target, bitmap_tracks, tracks) = {
+        let cat = m.engine.catalog.lock();
+        let c = &cat.catalog;
+        let cp = c.checkpoints.get(&job.id).cloned().ok_or(FsError::NotFound)?;
+        let target = c.jobs.get(&job.id).map(|j| j.target.clone()).ok_or(FsError::NotFound)?;
+        let i = c.get(job.ino).ok_or(FsError::NotFound)?;
+        // The copy mark counts logical tracks: its percentage is of the logical end.
+        let end = match &i.body {
+            Body::File { layout, prealloc_end, size_bytes } => {
+                layout.end().min(g.tracks_for(*size_bytes).max(*prealloc_end))
+            }
+            _ => 0,
+        };
+        (cp, target.clone(), bitmap_tracks(c, i, &target), end)
+    };
+    let link = JobLink::with_regions(job.id, bitmap_tracks, ExtentMap::new(g, &target), cp.region_tracks);
+    link.set_copied(cp.copied_tracks);
+    for &r in &cp.dirty_regions {
+        let first = r * cp.region_tracks;
+        let last = ((r + 1) * cp.region_tracks).min(cp.copied_tracks);
+        if last > first {
+            link.dirty.mark(crate::geometry::TrackNo(first), crate::geometry::TrackNo(last - 1));
+        }
+    }
+    link.intent.reset(cp.copied_tracks, &cp.dirty_regions);
+    let link = Arc::new(link);
+    m.engine.pin_node(job.ino, link.clone())?;
+    job.link.store(Some(link));
+    job.bytes_copied.store(g.bytes_of(cp.copied_tracks.min(tracks)), Ordering::Relaxed);
+    job.bytes_total.store(g.bytes_of(tracks), Ordering::Relaxed);
+    Ok((cp.copied_tracks, tracks, cp.dirty_regions.len()))
+}
+
+/// A queued job that holds a monitor (one resumed from its checkpoint) lets go of it: it
+/// was cancelled before it started.
+pub(super) fn detach_queued(m: &Migrations, job: &JobState) {
+    if let Some(link) = job.link.load_full() {
+        match m.engine.pin_node(job.ino, link.clone()) {
+            Ok(node) => {
+                {
+                    let _hold = node.write_hold.write();
+                    node.job.store(None);
+                }
+                if let Err(e) = m.engine.unpin_node(&node) {
+                    log::warn!("job {}: releasing the data set: {e}", job.id);
+                }
+            }
+            Err(e) => log::warn!("job {}: releasing the data set: {e}", job.id),
+        }
+        link.set_window(false);
+    }
+    job.unlink();
 }
 
 impl Runner<'_> {
@@ -260,10 +365,7 @@ impl Runner<'_> {
             let keep = self.g.tracks_for(i.size_bytes()).max(*prealloc_end);
             let ranges: Vec<Range<u64>> = layout.slice(0..keep).map(|r| r.logical..r.end()).collect();
             let tracks = ranges.iter().map(|r| r.end - r.start).sum::<u64>();
-            // The bitmap covers the data set's logical tracks and as many again as the
-            // pool holds, so that no growth the pool can hold outruns it.
-            let pool_tracks = c.volumes.values().map(|v| v.free.tracks_total()).sum::<u64>();
-            (tracks, ranges, layout.end().max(keep) + pool_tracks)
+            (tracks, ranges, bitmap_tracks(c, i, &Layout::default()))
         };
         job.bytes_total.store(self.g.bytes_of(tracks), Ordering::Relaxed);
 
@@ -271,7 +373,11 @@ impl Runner<'_> {
         // it, in order: logical track t of the data set goes to logical track t of the
         // target map; holes stay holes.
         self.enter(State::Allocating)?;
-        let target = {
+        // A job resumed from its checkpoint has its target, and its link since the mount.
+        let resumed = job.link.load_full();
+        let target = if resumed.is_some() {
+            Layout::default()
+        } else {
             let mut cat = self.engine.catalog.lock();
             let c = &cat.catalog;
             let plan = place_target(c, &job.targets, tracks).ok_or_else(|| {
@@ -293,7 +399,16 @@ impl Runner<'_> {
         };
 
         // d. Start the monitor: from here every write of the data set marks its tracks.
-        let link = Arc::new(JobLink::new(job.id, bitmap_tracks, ExtentMap::new(self.g, &target)));
+        let link = match resumed {
+            Some(l) => l,
+            None if m.turns.is_some() => Arc::new(JobLink::with_regions(
+                job.id,
+                bitmap_tracks,
+                ExtentMap::new(self.g, &target),
+                SIMULATED_REGION_TRACKS,
+            )),
+            None => Arc::new(JobLink::new(job.id, bitmap_tracks, ExtentMap::new(self.g, &target))),
+        };
         let node = self.engine.pin_node(job.ino, link.clone())?;
         job.link.store(Some(link.clone()));
         self.node = Some(node);
@@ -310,6 +425,8 @@ impl Runner<'_> {
         // f. Copy, following growth.
         self.enter(State::Copying)?;
         self.copy_started = Some(Instant::now());
+        self.copied_before = job.bytes_copied.load(Ordering::Relaxed);
+        self.last_checkpoint = Instant::now();
         self.engine.app_syncs.copier_started();
         self.copying = true;
         self.copy_growth(true)?;
@@ -463,6 +580,9 @@ impl Runner<'_> {
             self.note_rate();
             if paced {
                 self.rest(t0.elapsed(), active);
+                self.chunks_since_checkpoint += 1;
+                self.bytes_since_checkpoint += self.g.bytes_of(n);
+                self.maybe_checkpoint()?;
             }
         }
     }
@@ -557,7 +677,7 @@ impl Runner<'_> {
         if let Some(t) = self.copy_started {
             let secs = t.elapsed().as_secs_f64();
             if secs > 0.0 {
-                let bytes = self.job.bytes_copied.load(Ordering::Relaxed);
+                let bytes = self.job.bytes_copied.load(Ordering::Relaxed).saturating_sub(self.copied_before);
                 self.job.copy_rate.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
             }
         }
@@ -658,9 +778,95 @@ impl Runner<'_> {
             }
             self.resync_pass(true)?;
             self.job.passes.fetch_add(1, Ordering::Relaxed);
+            self.chunks_since_checkpoint += 1;
+            self.maybe_checkpoint()?;
             stuck = if dirty.saturating_mul(2) > prev { stuck + 1 } else { 0 };
             prev = dirty;
         }
+    }
+
+    /// A checkpoint when one is due: every [`CHECKPOINT_BYTES`] copied or every
+    /// [`CHECKPOINT_INTERVAL`], whichever comes first (in a simulation, every
+    /// [`SIMULATED_CHECKPOINT_CHUNKS`] chunks). Called only between chunks and passes, where
+    /// no dirty bit is taken and not yet copied.
+    fn maybe_checkpoint(&mut self) -> JobResult<()> {
+        let due = match self.m.turns {
+            Some(_) => self.chunks_since_checkpoint >= SIMULATED_CHECKPOINT_CHUNKS,
+            None => {
+                let interval = crate::failpoint::pause_at("checkpoint-interval").unwrap_or(CHECKPOINT_INTERVAL);
+                self.bytes_since_checkpoint >= CHECKPOINT_BYTES || self.last_checkpoint.elapsed() >= interval
+            }
+        };
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Log how far the copy is durable on the target, and which regions below that may
+    /// differ from the source, so that a crash resumes here (docs/design.md, "Resuming a
+    /// job"). In three steps:
+    ///
+    /// 1. clear the touched regions: a change that lands after this is touched again, and
+    ///    one that landed before it is on the target (copied or mirrored) before step 2;
+    /// 2. flush the target and the source: every copy so far, and those changes, are
+    ///    durable on both sides;
+    /// 3. with writes held (no change is between its intent and its touch), take the copy
+    ///    mark and the dirty regions below it (dirty tracks, touched regions), log the
+    ///    checkpoint, and from then require intent below the new mark outside those regions.
+    ///
+    /// Then the log is synced, which costs one log write: no application waits for it.
+    fn checkpoint(&mut self) -> JobResult<()> {
+        self.chunks_since_checkpoint = 0;
+        self.bytes_since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        let link = self.link().clone();
+        let node = self.node().clone();
+        link.intent.take_touched();
+        self.wait_writeback()?;
+        self.flush_target()?;
+        // The source too: a clean region must read the same on both sides *durably*. A write
+        // the copier carried to the target but that no fsync made durable on the source
+        // could come back on the target alone after a power cut, and the data set would
+        // change under its applications when the resumed job switches.
+        let sources: std::collections::BTreeSet<VolumeId> = node.map.load().extents().map(|e| e.volume).collect();
+        for v in sources {
+            self.engine.volume(v)?.flush().map_err(FsError::from)?;
+        }
+        let (mark, dirty) = {
+            let _hold = node.write_hold.write();
+            let _serial = link.intent.serial.lock();
+            let mark = link.copied_tracks();
+            let rt = link.intent.region_tracks;
+            let mut dirty: std::collections::BTreeSet<u64> = link.intent.take_touched().into_iter().collect();
+            for w in 0..(mark.div_ceil(WORD_BITS) as usize).min(link.dirty.word_count()) {
+                let mut bits = link.dirty.peek_word(w);
+                while bits != 0 {
+                    dirty.insert((w as u64 * WORD_BITS + bits.trailing_zeros() as u64) / rt);
+                    bits &= bits - 1;
+                }
+            }
+            dirty.retain(|&r| r * rt < mark);
+            let op = Op::JobCheckpoint {
+                job: self.job.id,
+                copied_tracks: mark,
+                region_tracks: rt,
+                dirty_regions: dirty.iter().copied().collect(),
+            };
+            self.engine.commit(&mut self.engine.catalog.lock(), op)?;
+            link.intent.reset(mark, &dirty);
+            (mark, dirty)
+        };
+        self.engine.sync_log()?;
+        let total = self.source_tracks().max(1);
+        self.m.event(format!(
+            "job {} checkpoint path={} at {} % copied_tracks={mark} dirty_regions={}",
+            self.job.id,
+            self.job.path,
+            percent(mark, total),
+            dirty.len()
+        ));
+        Ok(())
     }
 
     fn flush_target(&self) -> JobResult<()> {

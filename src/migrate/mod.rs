@@ -11,8 +11,10 @@
 //!   refuses an impossible step; docs/design.md ("The state of a job") draws the table.
 //! - With `verify=yes` a job compares source and target track by track in the cutover's hold,
 //!   before the switch; a mismatch fails it and rolls it back (job.rs, `Runner::verify`).
-//! - [`recover`] runs at mount: a job that switched frees its source; one that did not is
-//!   rolled back (its target freed, the source untouched) and started again from the
+//! - [`recover`] runs at mount: a job that switched frees its source; one that did not
+//!   resumes from its checkpoint under its own id (its target kept; job.rs,
+//!   `Runner::checkpoint`, and engine/intent.rs keep the checkpoint true), or, without one,
+//!   is rolled back (its target freed, the source untouched) and started again from the
 //!   beginning; a plan carries on with whatever is still on its sources.
 
 pub mod command;
@@ -60,8 +62,8 @@ pub struct JobState {
     pub path: String,
     pub targets: Vec<VolumeId>,
     pub cutover: Cutover,
-    /// Compare source and target before the switch (`verify=yes`). Not in the catalog: a job
-    /// that a later mount starts again does not verify.
+    /// Compare source and target before the switch (`verify=yes`; in its record, so a job
+    /// that a later mount resumes or starts again verifies too).
     pub verify: bool,
     pub plan: Option<u64>,
     pub started_ns: i64,
@@ -94,14 +96,14 @@ struct Life {
 }
 
 impl JobState {
-    fn new(rec: &JobRec, verify: bool) -> JobState {
+    fn new(rec: &JobRec) -> JobState {
         JobState {
             id: rec.id,
             ino: rec.ino,
             path: rec.path.clone(),
             targets: rec.targets.clone(),
             cutover: rec.cutover,
-            verify,
+            verify: rec.verify,
             plan: rec.plan,
             started_ns: rec.started_ns,
             rate: RateCap::new(rec.rate_bytes_per_s),
@@ -261,15 +263,12 @@ pub struct PlanState {
     error: Mutex<Option<String>>,
     rounds: AtomicU32,
     cancel: AtomicBool,
-    /// The plan's jobs verify before they switch (`verify=yes`; not in the catalog).
-    verify: bool,
 }
 
 impl PlanState {
-    fn new(rec: PlanRec, verify: bool) -> PlanState {
+    fn new(rec: PlanRec) -> PlanState {
         PlanState {
             rec,
-            verify,
             jobs: Mutex::new(Vec::new()),
             phase: Mutex::new(PlanPhase::Running),
             error: Mutex::new(None),
@@ -493,9 +492,10 @@ fn enqueue(
         rate_bytes_per_s: opts.rate_bytes_per_s,
         plan,
         started_ns: now_ns(),
+        verify: opts.verify,
     };
     m.engine.commit(cat, Op::JobStart { job: rec.clone() })?;
-    let job = Arc::new(JobState::new(&rec, opts.verify));
+    let job = Arc::new(JobState::new(&rec));
     inner.jobs.insert(id, job.clone());
     inner.queue.push_back(job.clone());
     Ok(job)
@@ -623,7 +623,7 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
         return;
     }
     let opts =
-        JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s, verify: plan.verify };
+        JobOptions { cutover: plan.rec.cutover, rate_bytes_per_s: plan.rec.rate_bytes_per_s, verify: plan.rec.verify };
     for p in &left {
         match enqueue(m, &mut inner, &mut cat, p, &opts, Some(plan.rec.id)) {
             Ok(j) => plan.jobs.lock().push(j.id),
@@ -844,10 +844,11 @@ fn start_plan(
         cutover: opts.cutover,
         rate_bytes_per_s: opts.rate_bytes_per_s,
         started_ns: now_ns(),
+        verify: opts.verify,
     };
     let planned = replan(c, &rec, &busy).map_err(|e| Refusal { errno: libc::ENOSPC, message: e })?;
     m.engine.commit(&mut cat, Op::PlanStart { plan: rec.clone() })?;
-    let state = Arc::new(PlanState::new(rec, opts.verify));
+    let state = Arc::new(PlanState::new(rec));
     inner.plans.insert(id, state.clone());
     let mut jobs = Vec::new();
     for p in &planned {
@@ -916,6 +917,7 @@ fn cancel(m: &Arc<Migrations>, id: u64) -> Result<String, Refusal> {
             before != inner.queue.len()
         };
         if removed {
+            job::detach_queued(m, &job);
             m.drop_record(id)?;
             job.settle(m, State::Cancelled);
             m.event(format!("job {id} cancelled path={} (it had not started)", job.path));
@@ -1045,17 +1047,45 @@ pub fn resume(m: &Arc<Migrations>, recovered: &crate::engine::RecoveryReport) {
     }
     {
         let mut inner = m.inner.lock();
-        let cat = m.engine.catalog.lock();
-        for rec in cat.catalog.jobs.values() {
-            let job = Arc::new(JobState::new(rec, false));
+        let (recs, checkpointed): (Vec<JobRec>, HashSet<u64>) = {
+            let cat = m.engine.catalog.lock();
+            (cat.catalog.jobs.values().cloned().collect(), cat.catalog.checkpoints.keys().copied().collect())
+        };
+        for rec in &recs {
+            let job = Arc::new(JobState::new(rec));
             inner.next_id = inner.next_id.max(rec.id + 1);
+            // Recovery kept it for its checkpoint (it rolls back those it can't resume).
+            if checkpointed.contains(&rec.id) {
+                // Its monitor goes on now, before the mount serves (the job may wait its turn).
+                match job::attach_checkpoint(m, &job) {
+                    Ok((copied, tracks, dirty)) => m.event(format!(
+                        "job {} resumed at {} % (from checkpoint) path={} copied_tracks={copied} tracks={tracks} \
+                         dirty_regions={dirty}",
+                        rec.id,
+                        job::percent(copied, tracks),
+                        rec.path
+                    )),
+                    Err(e) => {
+                        job::detach_queued(m, &job);
+                        if let Err(e) = m.drop_record(rec.id) {
+                            warn!("job {}: rolling back: {e}", rec.id);
+                        }
+                        job.fail(m, format!("resuming from the checkpoint: {e}"), None);
+                        inner.jobs.insert(rec.id, job);
+                        continue;
+                    }
+                }
+            }
             inner.jobs.insert(rec.id, job.clone());
             inner.queue.push_back(job);
         }
+        let cat = m.engine.catalog.lock();
         let plans: Vec<PlanRec> = cat.catalog.plans.values().cloned().collect();
         for rec in plans {
             let id = rec.id;
-            let state = Arc::new(PlanState::new(rec, false));
+            let state = Arc::new(PlanState::new(rec));
+            // Its jobs that resume from their checkpoints are its own again.
+            *state.jobs.lock() = recs.iter().filter(|j| j.plan == Some(id)).map(|j| j.id).collect();
             inner.plans.insert(id, state);
             m.event(format!("plan {id} resumed"));
         }

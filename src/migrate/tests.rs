@@ -159,8 +159,9 @@ fn a_refused_transition_fails_the_job_instead_of_panicking() {
         rate_bytes_per_s: 0,
         plan: None,
         started_ns: 0,
+        verify: true,
     };
-    let job = JobState::new(&rec, true);
+    let job = JobState::new(&rec);
     assert_eq!(job.report(&m.engine.catalog.lock().catalog, 4096).verify.as_deref(), Some("pending"));
     let e = job.transition(State::Copying).unwrap_err();
     assert_eq!((e.from.name(), e.to.name()), ("queued", "copying"));
