@@ -264,13 +264,20 @@ impl Pool {
         (self.store, self._lock)
     }
 
-    /// Open every volume image of the catalog (a device volume where its label is).
-    pub fn open_volumes(&self) -> Result<OpenVolumes, PoolError> {
+    /// Open every volume image of the catalog (a device volume where its label is). With
+    /// `record_moves`, a device volume found at another path gets that path in the catalog
+    /// (synced), so that `volume list` and the next mount look there first.
+    pub fn open_volumes(&mut self, record_moves: bool) -> Result<OpenVolumes, PoolError> {
         let mut out = Vec::new();
+        let mut moved = Vec::new();
         for v in self.store.catalog.volumes.values() {
             let path = Path::new(&v.path);
             let io = if is_device_volume(v) {
-                open_device_volume(&self.dir, v)?
+                let (io, at) = open_device_volume(&self.dir, v)?;
+                if at != path {
+                    moved.push((v.id, at.display().to_string()));
+                }
+                io
             } else {
                 FileStorage::open_image(path, v.size_bytes).map_err(|source| PoolError::Image {
                     name: v.name.clone(),
@@ -279,6 +286,12 @@ impl Pool {
                 })?
             };
             out.push((v.id, Arc::new(io) as Arc<dyn StorageFile>));
+        }
+        if record_moves && !moved.is_empty() {
+            for (id, path) in moved {
+                self.store.commit(Op::SetVolumePath { id, path })?;
+            }
+            self.store.sync()?;
         }
         Ok(out)
     }
@@ -305,8 +318,8 @@ pub fn locate_device(dir: &Path, v: &VolumeRec) -> Result<PathBuf, PoolError> {
     device::find(&pool, v.id.0).ok_or_else(|| PoolError::DeviceMissing { name: v.name.clone(), path: v.path.clone() })
 }
 
-/// A device volume, found by its label and opened exclusively.
-fn open_device_volume(dir: &Path, v: &VolumeRec) -> Result<FileStorage, PoolError> {
+/// A device volume, found by its label and opened exclusively; and where it was found.
+fn open_device_volume(dir: &Path, v: &VolumeRec) -> Result<(FileStorage, PathBuf), PoolError> {
     let at = locate_device(dir, v)?;
     if at != Path::new(&v.path) {
         log::warn!("volume {}: its device is {} now (it was {})", v.name, at.display(), v.path);
@@ -319,7 +332,7 @@ fn open_device_volume(dir: &Path, v: &VolumeRec) -> Result<FileStorage, PoolErro
             _ => source,
         },
     })?;
-    Ok(FileStorage::from_file(f, v.size_bytes))
+    Ok((FileStorage::from_file(f, v.size_bytes), at))
 }
 
 /// A retired device volume keeps its bytes but no longer claims to be the pool's.

@@ -183,6 +183,9 @@ fn a_pool_finds_its_devices_after_their_names_change() {
     assert_bytes_eq(&fs::read(m.p("two")).unwrap(), &two, "D2's data set");
     let log = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
     assert!(log.contains(&format!("volume D1: its device is {} now", n1.s())), "{log}");
+    // The catalog now records where each device is: `volume list` shows it.
+    assert_eq!(volume_json(tp.mnt(), "D1")["path"], n1.s(), "D1's recorded path follows its device");
+    assert_eq!(volume_json(tp.mnt(), "D2")["path"], n2.s(), "D2's recorded path follows its device");
     // Retiring D2 wipes D2's label, wherever D2 is, never D1's.
     put_on(tp.mnt(), "/two", "F1");
     let out = ferry_ok(&["volume", "retire", s(tp.mnt()), "D2"]);

@@ -463,6 +463,12 @@ pub enum Op {
         job: u64,
         regions: Vec<u64>,
     },
+    /// A device volume was found by its label at another path (device names change): the
+    /// catalog records where it is now.
+    SetVolumePath {
+        id: VolumeId,
+        path: String,
+    },
 }
 
 impl Op {
@@ -806,6 +812,9 @@ impl Catalog {
             Op::PlanEnd { plan, .. } => {
                 self.plans.get(plan).ok_or(ApplyError::NoPlan(*plan))?;
             }
+            Op::SetVolumePath { id, .. } => {
+                self.volumes.get(id).ok_or(ApplyError::NoVolume(id.0))?;
+            }
             Op::RemoveVolume { id } => {
                 let v = self.volumes.get(id).ok_or(ApplyError::NoVolume(id.0))?;
                 if v.free.free_tracks() != v.free.tracks_total() || self.plans.values().any(|p| p.targets.contains(id))
@@ -1048,6 +1057,9 @@ impl Catalog {
                         }
                     }
                 }
+            }
+            Op::SetVolumePath { id, path } => {
+                self.volumes.get_mut(&id).expect("checked").path = path;
             }
             Op::RemoveVolume { id } => {
                 self.volumes.remove(&id);

@@ -277,10 +277,11 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     if status_of_mount(&mnt).is_some() {
         return Err(format!("{} is already a ferryfs mount", mnt.display()));
     }
-    let p = open_pool_after_crash(pool)?;
+    let mut p = open_pool_after_crash(pool)?;
     // The marker outlives a mount that did not stop cleanly.
     let unclean = p.dir.join(MOUNTED_FILE).exists();
-    let volumes = p.open_volumes().map_err(|e| e.to_string())?;
+    // A read-only mount leaves the catalog as it is, even the path of a device that moved.
+    let volumes = p.open_volumes(!opts.read_only).map_err(|e| e.to_string())?;
     let report = p.report.clone();
     let pool_dir = p.dir.clone();
     let (store, lock) = p.into_parts();
