@@ -17,6 +17,7 @@
 #   BENCH_MOUNT_FILES=100000   data sets of the mount-time test
 #   BENCH_MOUNT_REPEAT=5       timed mounts of that pool
 #   BENCH_THREADS=N      pass --threads N to ferryfs mount (default: ferryfs's own default)
+#   BENCH_MOUNT_OPTS=LIST   pass -o LIST to ferryfs mount (e.g. writeback)
 #   BENCH_DIR=DIR        where to build the temporary directories (default: under /var/tmp);
 #                        this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
@@ -56,6 +57,7 @@ SIZE_BYTES=$(numfmt --from=iec "${SIZE%B}")
 VOL_BYTES=$((SIZE_BYTES * 2 + (1 << 30)))
 THREAD_ARGS=()
 [[ -n "${BENCH_THREADS:-}" ]] && THREAD_ARGS=(--threads "$BENCH_THREADS")
+[[ -n "${BENCH_MOUNT_OPTS:-}" ]] && THREAD_ARGS+=(-o "$BENCH_MOUNT_OPTS")
 
 BASE=${BENCH_DIR:-/var/tmp}
 mkdir -p "$BASE"

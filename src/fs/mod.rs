@@ -20,7 +20,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use log::{error, info};
+use log::{error, info, warn};
 use parking_lot::{Mutex, RwLock};
 
 use crate::catalog::model::now_ns;
@@ -90,6 +90,8 @@ pub struct FerryFs {
     /// Mounted `-o ro`: the kernel refuses changes (EROFS) before they reach here; the
     /// control file takes no command, and the unmount leaves the catalog as it was.
     read_only: bool,
+    /// Mounted `-o writeback`: the kernel caches writes (FUSE_WRITEBACK_CACHE).
+    writeback: bool,
     /// Applications' reads, writes and syncs of data sets: latency and bytes (`.ferry/metrics`).
     pub app_io: AppIo,
     /// When this file system was made, just before it serves (Unix nanoseconds).
@@ -129,6 +131,7 @@ impl FerryFs {
             // SAFETY: geteuid can't fail.
             owner_uid: unsafe { libc::geteuid() },
             read_only: false,
+            writeback: false,
             app_io: AppIo::default(),
             started_ns: now_ns(),
             handles: RwLock::new(HashMap::new()),
@@ -138,6 +141,15 @@ impl FerryFs {
 
     pub fn read_only(mut self, read_only: bool) -> FerryFs {
         self.read_only = read_only;
+        self
+    }
+
+    /// `-o writeback`: ask the kernel for its write-back cache. It then owns the size and
+    /// mtime of a data set while it holds cached writes, upgrades write-only opens to
+    /// read-write (to fill partial pages) and sends the writes at fsync, close, unmount or
+    /// when it writes back; every one still reaches the monitor before a volume.
+    pub fn writeback(mut self, writeback: bool) -> FerryFs {
+        self.writeback = writeback;
         self
     }
 
@@ -402,6 +414,12 @@ impl Filesystem for FerryFs {
             fuser::InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(cap);
+        }
+        if self.writeback {
+            match config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => info!("write-back cache on (-o writeback): writes are acknowledged from the page cache"),
+                Err(_) => warn!("-o writeback: the kernel does not offer its write-back cache; writes go through"),
+            }
         }
         Ok(())
     }

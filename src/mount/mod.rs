@@ -340,7 +340,9 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     config.clone_fd = true;
     block_signals_and_unmount_on_them(mnt.clone())?;
     let session = fuser::Session::new(
-        FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone()).read_only(opts.read_only),
+        FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
+            .read_only(opts.read_only)
+            .writeback(opts.writeback),
         &mnt,
         &config,
     )

@@ -27,6 +27,10 @@ pub struct MountOptions {
     /// `dev`: device nodes of the mount open their devices (root only). By default a mount
     /// is `nodev`: the kernel refuses to open them (EACCES), though they can be made.
     pub dev: bool,
+    /// `writeback`: the kernel caches writes and sends them later (FUSE_WRITEBACK_CACHE).
+    /// Off by default: a write acknowledged but not yet fsync'd is lost if the daemon dies
+    /// (as on any file system at a power cut); fsync stays durable.
+    pub writeback: bool,
 }
 
 impl Default for MountOptions {
@@ -39,6 +43,7 @@ impl Default for MountOptions {
             no_exec: false,
             no_atime: false,
             dev: false,
+            writeback: false,
         }
     }
 }
@@ -53,7 +58,8 @@ fn is_not_ours(name: &str) -> bool {
 
 /// The options a user can give, for the error that names an unknown one.
 pub const KNOWN: &str = "ro, rw, threads=N, max_jobs=N, copy_rate=SIZE, noexec, exec, noatime, atime, nosuid, \
-                         nodev, dev (root), default_permissions, allow_other (root), and mount(8)'s and systemd's own \
+                         nodev, dev (root), writeback, nowriteback, default_permissions, allow_other (root), and \
+                         mount(8)'s and systemd's own \
                          (defaults, auto, noauto, nofail, _netdev, user, users, x-*)";
 
 impl MountOptions {
@@ -77,6 +83,7 @@ impl MountOptions {
                 "ro" | "rw" if value.is_none() => self.read_only = name == "ro",
                 "noexec" | "exec" if value.is_none() => self.no_exec = name == "noexec",
                 "noatime" | "atime" | "relatime" if value.is_none() => self.no_atime = name == "noatime",
+                "writeback" | "nowriteback" if value.is_none() => self.writeback = name == "writeback",
                 "threads" => self.threads = number()?,
                 "max_jobs" | "max-jobs" => self.max_jobs = number()?,
                 "copy_rate" | "copy-rate" => {
@@ -149,6 +156,9 @@ impl MountOptions {
         if self.dev {
             o.push("dev".into());
         }
+        if self.writeback {
+            o.push("writeback".into());
+        }
         o.join(",")
     }
 }
@@ -175,7 +185,8 @@ mod tests {
 
     #[test]
     fn the_list_reads_back() {
-        let o = parsed("ro,threads=7,max_jobs=3,copy_rate=1M,noexec,noatime").unwrap();
+        let o = parsed("ro,threads=7,max_jobs=3,copy_rate=1M,noexec,noatime,writeback").unwrap();
+        assert!(o.writeback && !parsed("writeback,nowriteback").unwrap().writeback);
         assert_eq!(parsed(&o.to_list()).unwrap(), o);
         assert_eq!(parsed(&MountOptions::default().to_list()).unwrap(), MountOptions::default());
     }
