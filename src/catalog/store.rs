@@ -134,6 +134,9 @@ pub struct Store {
     log_base_len: u64,
     /// How far the appended bytes are durable (raised by syncs and compactions).
     durable_mark: Arc<AtomicU64>,
+    /// The snapshot on disk is of [`FORMAT_VERSION`] (one of an older version is rewritten
+    /// by the next compaction).
+    snapshot_current: bool,
     /// What `.ferry/metrics` shows of the store since it opened.
     stats: StoreStats,
     pub catalog: Catalog,
@@ -182,6 +185,7 @@ impl Store {
             log_base_mark: 0,
             log_base_len: 0,
             durable_mark: Arc::new(AtomicU64::new(0)),
+            snapshot_current: false,
             stats: StoreStats::default(),
             catalog,
         }
@@ -220,6 +224,7 @@ impl Store {
         };
         let (generation, catalog) = decode_snapshot(&snap_path, &snap)?;
         let mut s = Store::new(disk.clone(), dir, generation, catalog);
+        s.snapshot_current = snap.get(4..6) == Some(&FORMAT_VERSION.to_le_bytes()[..]);
         s.stats.snapshot_size_bytes = snap.len() as u64;
         let mut report = OpenReport { generation, ..Default::default() };
 
@@ -359,6 +364,16 @@ impl Store {
         self.compact()
     }
 
+    /// Is everything already in a durable snapshot of this format version, with not one op
+    /// in the log and no failed log? Then a compaction would write the same catalog again
+    /// (at mount after a clean unmount: half a second at 10^6 data sets).
+    pub fn folded(&self) -> bool {
+        self.snapshot_current
+            && self.log.is_some()
+            && self.log_end_bytes == LOG_HEADER_BYTES as u64
+            && !self.log_failed()
+    }
+
     pub fn needs_compaction(&self) -> bool {
         self.log_end_bytes > LOG_COMPACT_BYTES
     }
@@ -393,6 +408,7 @@ impl Store {
         storage::replace_file(&*self.disk, &self.dir, SNAP_FILE, &snap).map_err(io_err(&snap_path))?;
         self.stats.snapshot_size_bytes = snap.len() as u64;
         self.generation = generation;
+        self.snapshot_current = true;
         // The snapshot holds every committed op.
         self.durable_mark.fetch_max(self.appended_mark, Ordering::AcqRel);
         if let Err(e) = self.start_log() {
