@@ -10,8 +10,10 @@
 #   datasets  a pool of N data sets (one 128-byte write each, 1000 per directory, created
 #             through the mount; the pool grows from one size to the next): creation time,
 #             mount time (command start to serving, page cache dropped), unmount time, the
-#             catalog snapshot and bytes per data set, the compaction time (from mount.log),
-#             and the daemon's memory (VmRSS) after the mount, per data set.
+#             catalog snapshot and bytes per data set, the compaction time (the last one
+#             before the mount, at unmount, from mount.log), a read of .ferry/status (it
+#             walks the catalog), `fsck` (reads and checks the catalog), and the daemon's
+#             memory (VmRSS) after the mount, per data set.
 #   volumes   a pool of V volumes: mount time, and the time to allocate M small data sets
 #             (64 KiB each, written through the mount) spread over them.
 #   plans     a merge of a volume holding N one-track data sets into another: the time from
@@ -25,7 +27,7 @@
 #   BENCH_SCALE_TABLES="datasets volumes plans sparse"   the tables to run
 #   BENCH_SCALE_DATASETS="10000 100000 1000000"          sizes of the datasets table
 #   BENCH_SCALE_VOLUMES="1 10 100 1000"                  sizes of the volumes table
-#   BENCH_SCALE_ALLOC=2000       data sets written in each row of the volumes table
+#   BENCH_SCALE_ALLOC=10000       data sets written in each row of the volumes table
 #   BENCH_SCALE_PLANS="100 1000 10000"                   sizes of the plans table
 #   BENCH_SCALE_SPARSE="1G 100G 1T"                      logical sizes of the sparse table
 #   BENCH_SCALE_MOUNTS=3         timed mounts per row (the median is shown)
@@ -44,7 +46,7 @@ fi
 TABLES=${BENCH_SCALE_TABLES:-datasets volumes plans sparse}
 DATASETS=${BENCH_SCALE_DATASETS:-10000 100000 1000000}
 VOLUMES=${BENCH_SCALE_VOLUMES:-1 10 100 1000}
-ALLOC=${BENCH_SCALE_ALLOC:-2000}
+ALLOC=${BENCH_SCALE_ALLOC:-10000}
 PLANS=${BENCH_SCALE_PLANS:-100 1000 10000}
 SPARSE=${BENCH_SCALE_SPARSE:-1G 100G 1T}
 MOUNTS=${BENCH_SCALE_MOUNTS:-3}
@@ -213,11 +215,15 @@ table_datasets() {
         create_s=$(python3 "$PY" populate "$MNT" "$have" "$n" 128)
         local first_umount_s
         first_umount_s=$(timed_umount)
-        local mounts=() umounts=() rss_kib=0 compact=""
+        local mounts=() umounts=() rss_kib=0 compact="" status_s=0
         for ((i = 1; i <= MOUNTS; i++)); do
             mounts+=("$(timed_mount "$pool")")
             [[ -e "$MNT/d0000/f0000000" ]] || { echo "bench-scale: the pool lost its data sets" >&2; exit 1; }
             compact=$(compact_ms "$pool")
+            local t1
+            t1=$(now)
+            cat "$MNT/.ferry/status" >/dev/null
+            status_s=$(since "$t1")
             local pid
             pid=$(daemon_pid "$pool")
             rss_kib=$(status_kib "$pid" VmRSS)
@@ -229,7 +235,7 @@ table_datasets() {
         t0=$(now)
         "$FERRY" fsck "$pool" >/dev/null
         fsck_s=$(since "$t0")
-        row "datasets|$n|create_s=$(printf %.1f "$create_s")|create_per_ds_us=$(echo "$create_s * 1000000 / ($n - $have)" | bc)|mount_s=$(python3 "$PY" median "${mounts[@]}")|umount_s=$(python3 "$PY" median "${umounts[@]}")|first_umount_s=$(printf %.3f "$first_umount_s")|compact_s=$(printf %.3f "$(echo "${compact:-0} / 1000" | bc -l)")|fsck_s=$(printf %.3f "$fsck_s")|snap_bytes=$snap_bytes|snap_per_ds=$((snap_bytes / n))|rss_mib=$((rss_kib / 1024))|rss_per_ds=$((rss_kib * 1024 / n))"
+        row "datasets|$n|create_s=$(printf %.1f "$create_s")|create_per_ds_us=$(echo "$create_s * 1000000 / ($n - $have)" | bc)|mount_s=$(python3 "$PY" median "${mounts[@]}")|umount_s=$(python3 "$PY" median "${umounts[@]}")|first_umount_s=$(printf %.3f "$first_umount_s")|compact_s=$(printf %.3f "$(echo "${compact:-0} / 1000" | bc -l)")|status_s=$(printf %.3f "$status_s")|fsck_s=$(printf %.3f "$fsck_s")|snap_bytes=$snap_bytes|snap_per_ds=$((snap_bytes / n))|rss_mib=$((rss_kib / 1024))|rss_per_ds=$((rss_kib * 1024 / n))"
         have=$n
     done
     rm -rf --one-file-system "$pool"
