@@ -155,15 +155,25 @@ pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
 
 /// [`volumes`], each with its id (to join with what the engine counts per volume).
 pub fn volumes_by_id(c: &Catalog) -> Vec<(VolumeId, VolumeReport)> {
+    // A walk of every data set, under the catalog lock, at each read of the status: keep it
+    // to one pass with no allocation for the common data set, whose extents all lie on one
+    // volume (10^6 data sets: 0.37 s with a sorted Vec per data set).
     let mut sets: HashMap<VolumeId, u64> = HashMap::new();
+    let mut spread: Vec<VolumeId> = Vec::new();
     for i in c.inodes.values() {
-        if let Body::File { layout, .. } = &i.body {
-            let mut seen: Vec<VolumeId> = layout.extents().map(|e| e.volume).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            for v in seen {
-                *sets.entry(v).or_default() += 1;
-            }
+        let Body::File { layout, .. } = &i.body else { continue };
+        let mut extents = layout.extents();
+        let Some(first) = extents.next() else { continue };
+        if extents.all(|e| e.volume == first.volume) {
+            *sets.entry(first.volume).or_default() += 1;
+            continue;
+        }
+        spread.clear();
+        spread.extend(layout.extents().map(|e| e.volume));
+        spread.sort_unstable();
+        spread.dedup();
+        for &v in &spread {
+            *sets.entry(v).or_default() += 1;
         }
     }
     c.volumes

@@ -17,7 +17,7 @@
 //!    back when the pool runs short and at clean unmount. When the pool is short of space,
 //!    only what is needed is taken.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,21 +62,58 @@ pub enum SpaceError {
 }
 
 /// Free runs of one volume.
+///
+/// The runs are indexed twice: by first track (to take, give and coalesce) and by length (to
+/// find the best fit and the largest run). Without the second index every allocation walked
+/// every free run of every volume, a cost that grows with the pool's fragmentation. The
+/// catalog stores only the first; the second is rebuilt when a catalog is read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "FreeMapRecord")]
 pub struct FreeMap {
+    volume: VolumeId,
+    tracks_total: u64,
+    runs: BTreeMap<u64, u64>,
+    free_tracks: u64,
+    /// (track count, first track) of every run in `runs`.
+    #[serde(skip)]
+    by_len: BTreeSet<(u64, u64)>,
+}
+
+/// A [`FreeMap`] as the catalog stores it (docs/format.md): the fields in this order.
+#[derive(Deserialize)]
+struct FreeMapRecord {
     volume: VolumeId,
     tracks_total: u64,
     runs: BTreeMap<u64, u64>,
     free_tracks: u64,
 }
 
+impl From<FreeMapRecord> for FreeMap {
+    fn from(r: FreeMapRecord) -> FreeMap {
+        let by_len = r.runs.iter().map(|(&s, &n)| (n, s)).collect();
+        FreeMap { volume: r.volume, tracks_total: r.tracks_total, runs: r.runs, free_tracks: r.free_tracks, by_len }
+    }
+}
+
 impl FreeMap {
     pub fn new(volume: VolumeId, tracks_total: u64) -> FreeMap {
-        let mut runs = BTreeMap::new();
+        let mut map =
+            FreeMap { volume, tracks_total, runs: BTreeMap::new(), free_tracks: tracks_total, by_len: BTreeSet::new() };
         if tracks_total > 0 {
-            runs.insert(0, tracks_total);
+            map.insert_run(0, tracks_total);
         }
-        FreeMap { volume, tracks_total, runs, free_tracks: tracks_total }
+        map
+    }
+
+    fn insert_run(&mut self, first: u64, count: u64) {
+        self.runs.insert(first, count);
+        self.by_len.insert((count, first));
+    }
+
+    fn remove_run(&mut self, first: u64) {
+        if let Some(count) = self.runs.remove(&first) {
+            self.by_len.remove(&(count, first));
+        }
     }
 
     pub fn volume(&self) -> VolumeId {
@@ -93,7 +130,7 @@ impl FreeMap {
         self.runs.iter().map(|(&a, &b)| (a, b))
     }
     pub fn largest_run(&self) -> u64 {
-        self.runs.values().copied().max().unwrap_or(0)
+        self.by_len.last().map_or(0, |&(n, _)| n)
     }
 
     /// Free tracks starting exactly at `first` (0 if `first` is owned).
@@ -117,7 +154,7 @@ impl FreeMap {
 
     /// First run, best fitting, that holds `count` tracks.
     pub fn find_fit(&self, count: u64) -> Option<u64> {
-        self.runs.iter().filter(|(_, &n)| n >= count).min_by_key(|(&s, &n)| (n, s)).map(|(&s, _)| s)
+        self.by_len.range((count, 0)..).next().map(|&(_, s)| s)
     }
 
     /// Mark `first..first+count` owned. All of it must be free.
@@ -131,12 +168,12 @@ impl FreeMap {
             Some((&s, &n)) if s + n >= end => (s, n),
             _ => return Err(err),
         };
-        self.runs.remove(&s);
+        self.remove_run(s);
         if first > s {
-            self.runs.insert(s, first - s);
+            self.insert_run(s, first - s);
         }
         if s + n > end {
-            self.runs.insert(end, s + n - end);
+            self.insert_run(end, s + n - end);
         }
         self.free_tracks -= count;
         Ok(())
@@ -158,16 +195,16 @@ impl FreeMap {
         let mut len = count;
         if let Some((&s, &n)) = self.runs.range(..first).next_back() {
             if s + n == first {
-                self.runs.remove(&s);
+                self.remove_run(s);
                 start = s;
                 len += n;
             }
         }
         if let Some(&n) = self.runs.get(&end) {
-            self.runs.remove(&end);
+            self.remove_run(end);
             len += n;
         }
-        self.runs.insert(start, len);
+        self.insert_run(start, len);
         self.free_tracks += count;
         Ok(())
     }
@@ -213,9 +250,19 @@ pub fn plan_growth<'a>(
                 }
             }
         }
-        let mut candidates: Vec<&FreeMap> = volumes.clone().filter(|v| v.largest_run() >= want_now).collect();
-        candidates.sort_by_key(|v| (std::cmp::Reverse(v.free_tracks()), v.volume));
-        if let Some(v) = candidates.first() {
+        // One pass, no sort: this runs on every allocation, over every open volume.
+        let best = volumes
+            .clone()
+            .filter(|v| v.free_tracks() >= want_now)
+            .min_by_key(|v| (std::cmp::Reverse(v.free_tracks()), v.volume))
+            .filter(|v| v.largest_run() >= want_now)
+            .or_else(|| {
+                volumes
+                    .clone()
+                    .filter(|v| v.largest_run() >= want_now)
+                    .min_by_key(|v| (std::cmp::Reverse(v.free_tracks()), v.volume))
+            });
+        if let Some(v) = best {
             let first = v.find_fit(want_now).expect("a run that fits exists");
             return Some(vec![Extent { volume: v.volume, first: TrackNo(first), count_tracks: want_now }]);
         }
@@ -277,5 +324,40 @@ mod tests {
         assert_eq!(plan.len(), 2);
         // More than the pool holds.
         assert!(plan_growth([&a, &b].into_iter(), Some(last), 4, 17).is_none());
+    }
+
+    /// The best fit and the largest run come from an index by length, which every take and
+    /// give must keep equal to the runs, and which a catalog read back must rebuild. A
+    /// linear scan of the runs is the oracle.
+    #[test]
+    fn length_index_follows_takes_and_gives_and_survives_encoding() {
+        let mut f = FreeMap::new(VolumeId(1), 1000);
+        let mut owned = Vec::new();
+        let mut x: u64 = 7;
+        for step in 0..2000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = x >> 33;
+            if step % 3 != 2 || owned.is_empty() {
+                let want = 1 + r % 8;
+                if let Some(first) = f.find_fit(want) {
+                    f.take(first, want).unwrap();
+                    owned.push((first, want));
+                }
+            } else {
+                let (first, n) = owned.swap_remove((r as usize) % owned.len());
+                f.give(first, n).unwrap();
+            }
+            let runs: Vec<(u64, u64)> = f.runs().collect();
+            assert_eq!(f.largest_run(), runs.iter().map(|r| r.1).max().unwrap_or(0), "step {step}");
+            for want in [1, 3, 8, 50] {
+                let scan = runs.iter().filter(|r| r.1 >= want).min_by_key(|r| (r.1, r.0)).map(|r| r.0);
+                assert_eq!(f.find_fit(want), scan, "step {step}, {want} tracks");
+            }
+        }
+        let bytes = postcard::to_stdvec(&f).unwrap();
+        let back: FreeMap = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, f, "the index is rebuilt when read back");
+        let record = postcard::to_stdvec(&(f.volume, f.tracks_total, &f.runs, f.free_tracks)).unwrap();
+        assert_eq!(bytes, record, "the stored form is unchanged (docs/format.md)");
     }
 }

@@ -136,6 +136,9 @@ pub struct Store {
     log_base_len: u64,
     /// How far the appended bytes are durable (raised by syncs and compactions).
     durable_mark: Arc<AtomicU64>,
+    /// The snapshot on disk is of [`FORMAT_VERSION`] (one of an older version is rewritten
+    /// by the next compaction).
+    snapshot_current: bool,
     /// What `.ferry/metrics` shows of the store since it opened.
     stats: StoreStats,
     pub catalog: Catalog,
@@ -184,6 +187,7 @@ impl Store {
             log_base_mark: 0,
             log_base_len: 0,
             durable_mark: Arc::new(AtomicU64::new(0)),
+            snapshot_current: false,
             stats: StoreStats::default(),
             catalog,
         }
@@ -222,6 +226,7 @@ impl Store {
         };
         let (generation, catalog) = decode_snapshot(&snap_path, &snap)?;
         let mut s = Store::new(disk.clone(), dir, generation, catalog);
+        s.snapshot_current = snap.get(4..6) == Some(&FORMAT_VERSION.to_le_bytes()[..]);
         s.stats.snapshot_size_bytes = snap.len() as u64;
         let mut report = OpenReport { generation, ..Default::default() };
 
@@ -361,6 +366,16 @@ impl Store {
         self.compact()
     }
 
+    /// Is everything already in a durable snapshot of this format version, with not one op
+    /// in the log and no failed log? Then a compaction would write the same catalog again
+    /// (at mount after a clean unmount: half a second at 10^6 data sets).
+    pub fn folded(&self) -> bool {
+        self.snapshot_current
+            && self.log.is_some()
+            && self.log_end_bytes == LOG_HEADER_BYTES as u64
+            && !self.log_failed()
+    }
+
     pub fn needs_compaction(&self) -> bool {
         self.log_end_bytes > LOG_COMPACT_BYTES
     }
@@ -379,6 +394,7 @@ impl Store {
     }
 
     fn compact_once(&mut self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let generation = self.generation + 1;
         let payload = postcard::to_stdvec(&self.catalog).expect("the catalog serializes");
         let mut snap = Vec::with_capacity(SNAP_HEADER_BYTES + payload.len() + 4);
@@ -394,6 +410,7 @@ impl Store {
         storage::replace_file(&*self.disk, &self.dir, SNAP_FILE, &snap).map_err(io_err(&snap_path))?;
         self.stats.snapshot_size_bytes = snap.len() as u64;
         self.generation = generation;
+        self.snapshot_current = true;
         // The snapshot holds every committed op.
         self.durable_mark.fetch_max(self.appended_mark, Ordering::AcqRel);
         if let Err(e) = self.start_log() {
@@ -406,6 +423,12 @@ impl Store {
             let _ = self.log_latch.record::<()>(Err(io::Error::from_raw_os_error(errno)));
             return Err(e);
         }
+        // Compaction grows with the catalog (a full encode and write): say what it cost.
+        log::debug!(
+            "catalog compacted: generation {generation}, snapshot {} bytes, in {:.1} ms",
+            snap.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(())
     }
 

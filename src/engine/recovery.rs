@@ -40,8 +40,12 @@ impl Engine {
         self.settle_jobs(&mut r)?;
         r.orphans_freed = self.destroy_orphans()?;
         {
+            // Nothing to fold after a clean unmount that left an empty log (and nothing
+            // settled above): the snapshot already holds it all, durably.
             let mut cat = self.catalog.lock();
-            cat.compact()?;
+            if !cat.folded() {
+                cat.compact()?;
+            }
         }
         // Everything freed so far is durably free now: zero it (a rolled-back job's target
         // holds a copy of its data set) before anything can be handed out.

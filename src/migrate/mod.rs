@@ -554,11 +554,16 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
     if *plan.phase.lock() != PlanPhase::Running {
         return;
     }
-    let ids = plan.jobs.lock().clone();
-    let states: Vec<Arc<JobState>> = ids.iter().filter_map(|id| inner.jobs.get(id).cloned()).collect();
-    if states.iter().any(|j| !j.phase().is_final()) {
+    // Every job that ends calls this for every running plan: look for one still running
+    // from the newest job back (jobs start in queue order, so the newest are the last to
+    // end), which finds one at once until the plan's last round ends, instead of walking
+    // all of a plan's jobs per ended job (quadratic in the plan's size).
+    let open = |id: &u64| inner.jobs.get(id).is_some_and(|j| !j.phase().is_final());
+    if plan.jobs.lock().iter().rev().any(open) {
         return;
     }
+    let ids = plan.jobs.lock().clone();
+    let states: Vec<Arc<JobState>> = ids.iter().filter_map(|id| inner.jobs.get(id).cloned()).collect();
     let busy: HashSet<Ino> = inner.jobs.values().filter(|j| !j.phase().is_final()).map(|j| j.ino).collect();
     let mut cat = m.engine.catalog.lock();
     let failed = states.iter().find(|j| j.phase() == Phase::Failed);
