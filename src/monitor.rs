@@ -13,7 +13,10 @@
 //! - if W's mark happened after C's clear, the bit is set again and a later pass copies T
 //!   again (or the cutover does, with writes held).
 //!
-//! Either way the target ends with W's bytes. The bulk copy reads tracks without clearing
+//! Either way the target ends with W's bytes. C's read is a `read_at` into the copier's
+//! buffer or, between two host files, the read inside a `copy_file_range`
+//! (`StorageFile::copy_from`): both read the source's bytes at the time of the call, after
+//! the clear, which is all the argument needs. The bulk copy reads tracks without clearing
 //! bits first; a write during it just leaves a bit that the next pass re-copies.
 //!
 //! [`JobLink`] adds mirrored writes: once a job turns them on, a write to a track below the

@@ -12,7 +12,9 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::StorageFile;
+use std::os::unix::io::RawFd;
+
+use super::{Copied, StorageFile};
 
 /// The kinds of volume operation an error is counted under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +160,37 @@ impl StorageFile for Counted {
         let r = self.inner.writeback(offset_bytes, len_bytes, wait);
         self.counters.count(IoOp::Writeback, r, |_| {})
     }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.raw_fd()
+    }
+
+    /// Counted as this volume's writes (one for the in-kernel part, one per buffered piece)
+    /// and, for the bytes copied within the kernel, as one read of the source; the buffered
+    /// pieces' reads went through the source's `read_at` and were counted there.
+    fn copy_from(
+        &self,
+        source: &dyn StorageFile,
+        source_offset_bytes: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Copied> {
+        let r = self.inner.copy_from(source, source_offset_bytes, offset_bytes, len_bytes, buf);
+        let copied = *r.as_ref().unwrap_or(&Copied::default());
+        if copied.in_kernel_bytes > 0 {
+            source.note_copied_out(copied.in_kernel_bytes);
+        }
+        self.counters.count(IoOp::Write, r, |c| {
+            add(&c.writes, copied.buffered_writes + u64::from(copied.in_kernel_bytes > 0));
+            add(&c.written_bytes, len_bytes);
+        })
+    }
+
+    fn note_copied_out(&self, len_bytes: u64) {
+        add(&self.counters.reads, 1);
+        add(&self.counters.read_bytes, len_bytes);
+    }
 }
 
 #[cfg(test)]
@@ -191,5 +224,33 @@ mod tests {
         assert_eq!((s.writes, s.written_bytes, s.flushes), (1, 10, 0));
         assert_eq!(s.errors_of(IoOp::Write), 1);
         assert_eq!(s.errors_of(IoOp::Flush), 1);
+    }
+
+    /// A copy counts as the target's writes and the source's reads, whichever way it went:
+    /// in the kernel (one read and one write of the whole range) or through a buffer (a read
+    /// and a write per piece).
+    #[test]
+    fn counts_a_copy_on_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sc, tc) = (Arc::new(IoCounters::default()), Arc::new(IoCounters::default()));
+        let file = |name: &str| -> Arc<dyn StorageFile> {
+            Arc::new(crate::storage::FileStorage::create(&dir.path().join(name), 1 << 20).unwrap())
+        };
+        let source = Counted::new(file("s.img"), sc.clone());
+        let target = Counted::new(file("t.img"), tc.clone());
+        source.write_at(&[3u8; 200 << 10], 0).unwrap();
+        let mut buf = [0u8; 64 << 10];
+        target.copy_from(&source, 0, 0, 200 << 10, &mut buf).unwrap();
+        let (s, t) = (sc.snapshot(), tc.snapshot());
+        assert_eq!((s.reads, s.read_bytes), (1, 200 << 10));
+        assert_eq!((t.writes, t.written_bytes), (1, 200 << 10));
+
+        let (mc, nc) = (Arc::new(IoCounters::default()), Arc::new(IoCounters::default()));
+        let source = Counted::new(Arc::new(MemVolume::new(1 << 20)), mc.clone());
+        let target = Counted::new(Arc::new(MemVolume::new(1 << 20)), nc.clone());
+        target.copy_from(&source, 0, 0, 200 << 10, &mut buf).unwrap();
+        let (s, t) = (mc.snapshot(), nc.snapshot());
+        assert_eq!((s.reads, s.read_bytes), (4, 200 << 10));
+        assert_eq!((t.writes, t.written_bytes), (4, 200 << 10));
     }
 }

@@ -3,12 +3,12 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{write_zeros, Disk, Latch, StorageFile};
+use super::{copy_through, write_zeros, Copied, Disk, Latch, StorageFile};
 
 /// A file of the host: a sparse volume image, the catalog's log, a snapshot.
 #[derive(Debug)]
@@ -134,6 +134,60 @@ impl StorageFile for FileStorage {
         };
         Ok(())
     }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
+    /// From another host file, `copy_file_range`: the bytes stay in the kernel (no copy to
+    /// and from a user buffer; a file system that can share extents may not copy them at
+    /// all). Whatever the kernel refuses or fails (another file system: EXDEV; no support:
+    /// EOPNOTSUPP, ENOSYS; overlapping ranges of one file: EINVAL; a media error) is copied
+    /// through `buf` from where it stopped, so an error is reported, and latched, as the
+    /// buffered path's read or write would report it.
+    fn copy_from(
+        &self,
+        source: &dyn StorageFile,
+        source_offset_bytes: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Copied> {
+        let Some(source_fd) = source.raw_fd() else {
+            return copy_through(source, self, source_offset_bytes, offset_bytes, len_bytes, buf);
+        };
+        self.latch.check()?;
+        let mut done = 0u64;
+        while done < len_bytes {
+            let mut off_in = (source_offset_bytes + done) as libc::loff_t;
+            let mut off_out = (offset_bytes + done) as libc::loff_t;
+            // SAFETY: copy_file_range between two fds that stay open for the call (ours, and
+            // the source's, borrowed through `source`), with offsets in locals it updates.
+            let rc = unsafe {
+                libc::copy_file_range(
+                    source_fd,
+                    &mut off_in,
+                    self.file.as_raw_fd(),
+                    &mut off_out,
+                    (len_bytes - done) as usize,
+                    0,
+                )
+            };
+            if rc > 0 {
+                done += rc as u64;
+                continue;
+            }
+            // 0: the source's end (the rest reads as zeros); an error: the buffered path
+            // copies the rest and reports what it meets.
+            if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        self.size_bytes.fetch_max(offset_bytes + done, Ordering::AcqRel);
+        let rest = copy_through(source, self, source_offset_bytes + done, offset_bytes + done, len_bytes - done, buf)?;
+        Ok(Copied { in_kernel_bytes: done, ..rest })
+    }
 }
 
 /// The host's file system.
@@ -191,5 +245,45 @@ mod tests {
         assert!(FileStorage::create(&path, 1 << 20).is_err(), "create refuses an existing file");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    /// Between two host files the bytes stay in the kernel; from a memory volume they go
+    /// through the buffer in pieces of its size; past the source's end they copy as zeros.
+    #[test]
+    fn copy_from_in_kernel_or_through_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = FileStorage::create(&dir.path().join("s.img"), 1 << 20).unwrap();
+        let target = FileStorage::create(&dir.path().join("t.img"), 1 << 20).unwrap();
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        source.write_at(&bytes, 4096).unwrap();
+        let mut buf = [0u8; 64 << 10];
+        let c = target.copy_from(&source, 4096, 8192, bytes.len() as u64, &mut buf).unwrap();
+        assert_eq!(c, Copied { in_kernel_bytes: bytes.len() as u64, buffered_writes: 0 });
+        let mut back = vec![0u8; bytes.len()];
+        target.read_at(&mut back, 8192).unwrap();
+        assert_eq!(back, bytes);
+
+        let mem = crate::storage::mem::MemVolume::new(1 << 20);
+        mem.write_at(&bytes, 0).unwrap();
+        let c = target.copy_from(&mem, 0, 512 << 10, bytes.len() as u64, &mut buf).unwrap();
+        assert_eq!(c, Copied { in_kernel_bytes: 0, buffered_writes: 5 }, "300,000 bytes in 64 KiB pieces");
+        target.read_at(&mut back, 512 << 10).unwrap();
+        assert_eq!(back, bytes);
+
+        // The source file ends at 1 MiB; what lies past it copies as zeros.
+        target.write_at(&[9u8; 8192], 0).unwrap();
+        let c = target.copy_from(&source, (1 << 20) - 4096, 0, 8192, &mut buf).unwrap();
+        assert_eq!(c.in_kernel_bytes, 4096);
+        let mut tail = [1u8; 8192];
+        target.read_at(&mut tail, 0).unwrap();
+        assert!(tail.iter().all(|&b| b == 0));
+
+        // What the kernel refuses goes through the buffer from where it stopped: overlapping
+        // ranges of one file are EINVAL.
+        let c = target.copy_from(&target, 8192, 8192 + 4096, 16384, &mut buf).unwrap();
+        assert_eq!(c, Copied { in_kernel_bytes: 0, buffered_writes: 1 });
+        let mut moved = vec![0u8; 16384];
+        target.read_at(&mut moved, 8192 + 4096).unwrap();
+        assert_eq!(moved, bytes[..16384]);
     }
 }

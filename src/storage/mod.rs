@@ -23,6 +23,7 @@ pub mod sim;
 
 use std::fmt::Debug;
 use std::io;
+use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -47,6 +48,65 @@ pub trait StorageFile: Send + Sync + Debug {
     fn writeback(&self, _offset_bytes: u64, _len_bytes: u64, _wait: bool) -> io::Result<()> {
         Ok(())
     }
+    /// The descriptor of the host file underneath, for a copy that keeps the bytes in the
+    /// kernel ([`StorageFile::copy_from`]); `None` for anything that is not a host file (a
+    /// memory or simulated volume). Wrappers forward their inner file's.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Copy `len_bytes` of `source` at `source_offset_bytes` into this file at
+    /// `offset_bytes`, as `source.read_at` then `self.write_at` would: the source is read at
+    /// the time of the call (the monitor's ordering, monitor.rs, holds as for a read), bytes
+    /// past the source's end copy as zeros, and a failure is this file's write failure. The
+    /// default goes through `buf` in pieces of at most its length (the caller's bound on
+    /// memory); a host file copies within the kernel when the source is one too.
+    fn copy_from(
+        &self,
+        source: &dyn StorageFile,
+        source_offset_bytes: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+        buf: &mut [u8],
+    ) -> io::Result<Copied> {
+        copy_through(source, self, source_offset_bytes, offset_bytes, len_bytes, buf)
+    }
+    /// Count `len_bytes` read from this file by a copy that did not call `read_at` (an
+    /// in-kernel [`StorageFile::copy_from`] into another file): the counting wrapper counts
+    /// them as one read; every other file ignores it.
+    fn note_copied_out(&self, _len_bytes: u64) {}
+}
+
+/// How [`StorageFile::copy_from`] moved the bytes, so that the counting wrappers count each
+/// side as what it did: the bytes copied within the kernel were never read through the
+/// source's `read_at`, the rest were (and counted there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes copied within the kernel (`copy_file_range`), in one or more calls.
+    pub in_kernel_bytes: u64,
+    /// Writes through a buffer (each after a `read_at` of the source).
+    pub buffered_writes: u64,
+}
+/// The buffered copy: `len_bytes` of `source` into `target`, through `buf` in pieces of at
+/// most its length.
+pub fn copy_through(
+    source: &dyn StorageFile,
+    target: &(impl StorageFile + ?Sized),
+    source_offset_bytes: u64,
+    offset_bytes: u64,
+    len_bytes: u64,
+    buf: &mut [u8],
+) -> io::Result<Copied> {
+    assert!(!buf.is_empty() || len_bytes == 0, "a buffered copy needs a buffer");
+    let mut done = 0u64;
+    let mut buffered_writes = 0u64;
+    while done < len_bytes {
+        let n = (len_bytes - done).min(buf.len() as u64) as usize;
+        source.read_at(&mut buf[..n], source_offset_bytes + done)?;
+        target.write_at(&buf[..n], offset_bytes + done)?;
+        done += n as u64;
+        buffered_writes += 1;
+    }
+    Ok(Copied { in_kernel_bytes: 0, buffered_writes })
 }
 
 /// Where files live: opening and creating them, and the namespace operations a crash-safe
