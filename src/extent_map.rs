@@ -61,7 +61,8 @@ impl ExtentMap {
 
     /// Are all the tracks of bytes `offset..offset + len` mapped?
     pub fn is_mapped_bytes(&self, offset: u64, len: u64) -> bool {
-        self.holes_in_bytes(offset, len).is_empty()
+        let ts = self.track_size_bytes;
+        len == 0 || self.layout.covers(offset / ts..(offset + len).div_ceil(ts))
     }
 
     /// SEEK_DATA: the first byte at or after `offset` in a mapped track (`None`: only holes

@@ -140,6 +140,19 @@ impl Layout {
         out
     }
 
+    /// Are all of logical tracks `range` mapped? (No allocation: the write path asks this
+    /// for every write.)
+    pub fn covers(&self, range: Range<u64>) -> bool {
+        let mut at = range.start;
+        for r in self.runs[self.first_ending_after(range.start)..].iter() {
+            if at >= range.end || r.logical > at {
+                break;
+            }
+            at = r.end();
+        }
+        at >= range.end
+    }
+
     /// Is logical track `t` mapped?
     pub fn is_mapped(&self, t: u64) -> bool {
         self.runs.get(self.first_ending_after(t)).is_some_and(|r| r.logical <= t)
@@ -304,6 +317,8 @@ mod tests {
         assert_eq!(l.runs(), &[run(0, 1, 5, 1), run(10, 1, 0, 2)]);
         assert_eq!(l.holes_in(0..14), vec![1..10, 12..14]);
         assert!(l.is_mapped(11) && !l.is_mapped(5) && !l.is_mapped(12));
+        assert!(l.covers(10..12) && l.covers(0..1) && l.covers(5..5));
+        assert!(!l.covers(0..2) && !l.covers(11..13) && !l.covers(12..13));
         assert_eq!(l.check_insert(&[run(11, 2, 0, 3)]), Err(LayoutError::Overlap { first: 11, end: 12 }));
         assert_eq!(l.check_insert(&[run(3, 2, 0, 3), run(4, 2, 9, 1)]), Err(LayoutError::Overlap { first: 3, end: 6 }));
         // Filling the hole right before a contiguous run merges with it.

@@ -728,12 +728,9 @@ fn power_cuts_keep_every_acknowledged_write() {
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
 }
 
-/// One migration of one data set under a writer that fsyncs some of its writes, stepped
-/// until the job switches. With `cut_at`, the power goes at that I/O, the disk restarts with
-/// `seed`, and the recovery is checked. Returns the I/O numbers of the job's last step (the
-/// one that holds the cutover: from the last yield through the switch, the release and the
-/// end of the job).
-fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Result<(u64, u64), String> {
+/// A fresh pool on a simulated disk holding data set `/a` of 20 tracks, written and
+/// fsync'd (the oracle knows it): where the migration tests start.
+fn synced_data_set() -> Result<(SimDisk, Oracle, Sim, Ino, Arc<FileNode>), String> {
     let disk = SimDisk::new();
     create_pool(&disk);
     let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
@@ -748,6 +745,17 @@ fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Re
     model.write(0, &data);
     model.synced();
     oracle.log_synced();
+    Ok((disk, oracle, sim, ino, h))
+}
+
+/// One migration of one data set under a writer that fsyncs some of its writes, stepped
+/// until the job switches. With `cut_at`, the power goes at that I/O, the disk restarts with
+/// `seed`, and the recovery is checked. Returns the I/O numbers of the job's last step (the
+/// one that holds the cutover: from the last yield through the switch, the release and the
+/// end of the job).
+fn one_cutover(cutover: &str, writer: u64, cut_at: Option<u64>, seed: u64) -> Result<(u64, u64), String> {
+    let (disk, mut oracle, mut sim, ino, _h) = synced_data_set()?;
+    let e = sim.engine.clone();
     if let Some(k) = cut_at {
         disk.cut_power_at(k);
     }
@@ -846,20 +854,7 @@ struct Resumed {
 /// was not synced is dropped, kept or torn as `seed` says), and the last recovery is held
 /// against every acknowledged write, the data set read through its switched extents.
 fn one_resume(writer: u64, cut_after: u64, seed: u64) -> Result<Option<Resumed>, String> {
-    let disk = SimDisk::new();
-    create_pool(&disk);
-    let mut oracle = Oracle { ns: vec![BTreeMap::new()], ..Oracle::default() };
-    let mut sim = mount(&disk)?;
-    let e = sim.engine.clone();
-    let ino = e.make(ROOT_INO, b"a", 0o644, 0, NewKind::File, 0, 0).map_err(|x| x.to_string())?;
-    oracle.push_ns(BTreeMap::from([("a".to_string(), ino)]));
-    let h = sim.handle(ino).map_err(|x| x.to_string())?;
-    let data = fill(1, 20 * TRACK_BYTES as usize);
-    e.write(&h, 0, &data).and_then(|()| e.fsync(&h, false)).map_err(|x| x.to_string())?;
-    let model = oracle.files.entry(ino).or_default();
-    model.write(0, &data);
-    model.synced();
-    oracle.log_synced();
+    let (disk, mut oracle, mut sim, ino, _h) = synced_data_set()?;
     let reply = migrate::execute(&sim.m, "migrate /a to V1").map_err(|r| r.message)?;
     let id: u64 = reply.trim_start_matches("ok jobs ").parse().map_err(|_| format!("reply {reply:?}"))?;
     disk.cut_power_at(disk.ops() + cut_after);
