@@ -16,6 +16,45 @@ pub struct FileStorage {
     file: File,
     size_bytes: AtomicU64,
     latch: Latch,
+    changes: Changes,
+}
+
+/// Whether the file changed since its last flush, so that a flush with nothing to carry
+/// costs no `fdatasync` (each one is a journal commit or a cache flush of the disk, which
+/// every other writer's `fsync` on the same disk then waits behind). A count of changes,
+/// taken after each change has returned, and the count the last successful flush covered.
+/// A fresh handle counts one change: what an earlier process left in the page cache (a
+/// daemon killed with -9) is made durable by the first flush.
+#[derive(Debug)]
+struct Changes {
+    made: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl Default for Changes {
+    fn default() -> Changes {
+        Changes { made: AtomicU64::new(1), flushed: AtomicU64::new(0) }
+    }
+}
+
+impl Changes {
+    /// After a change (a write, a punch, a copy, a new length) has returned, failed or not.
+    fn note(&self) {
+        self.made.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Run `sync` unless every change that returned before this call is already covered
+    /// by a successful flush. A change still in flight when the count is read is not an
+    /// acknowledged one; it counts after it returns, so the next flush carries it.
+    fn flush(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let made = self.made.load(Ordering::Acquire);
+        if self.flushed.load(Ordering::Acquire) >= made {
+            return Ok(());
+        }
+        sync()?;
+        self.flushed.fetch_max(made, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 impl FileStorage {
@@ -24,19 +63,29 @@ impl FileStorage {
     pub fn create(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
         file.set_len(size_bytes)?;
-        Ok(FileStorage { file, size_bytes: AtomicU64::new(size_bytes), latch: Latch::default() })
+        Ok(FileStorage {
+            file,
+            size_bytes: AtomicU64::new(size_bytes),
+            latch: Latch::default(),
+            changes: Changes::default(),
+        })
     }
 
     /// A file (or block device) opened by the caller, used up to `size_bytes`.
     pub fn from_file(file: File, size_bytes: u64) -> FileStorage {
-        FileStorage { file, size_bytes: AtomicU64::new(size_bytes), latch: Latch::default() }
+        FileStorage {
+            file,
+            size_bytes: AtomicU64::new(size_bytes),
+            latch: Latch::default(),
+            changes: Changes::default(),
+        }
     }
 
     /// Open an existing file for reading and writing.
     pub fn open(path: &Path) -> io::Result<FileStorage> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        Ok(FileStorage { file, size_bytes: AtomicU64::new(len), latch: Latch::default() })
+        Ok(FileStorage { file, size_bytes: AtomicU64::new(len), latch: Latch::default(), changes: Changes::default() })
     }
 
     /// Open a volume image; its length must be at least `size_bytes` (the catalog's size).
@@ -72,13 +121,16 @@ impl StorageFile for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
-        self.latch.guard(|| self.file.write_all_at(buf, offset_bytes))?;
+        let r = self.latch.guard(|| self.file.write_all_at(buf, offset_bytes));
+        self.changes.note();
+        r?;
         self.size_bytes.fetch_max(offset_bytes + buf.len() as u64, Ordering::AcqRel);
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.latch.guard(|| self.file.sync_data())
+        self.latch.check()?;
+        self.changes.flush(|| self.latch.guard(|| self.file.sync_data()))
     }
 
     fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
@@ -95,6 +147,7 @@ impl StorageFile for FileStorage {
                 len_bytes as libc::off_t,
             )
         };
+        self.changes.note();
         if rc == 0 {
             return Ok(());
         }
@@ -111,7 +164,9 @@ impl StorageFile for FileStorage {
     }
 
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
-        self.latch.guard(|| self.file.set_len(len_bytes))?;
+        let r = self.latch.guard(|| self.file.set_len(len_bytes));
+        self.changes.note();
+        r?;
         self.size_bytes.store(len_bytes, Ordering::Release);
         Ok(())
     }
@@ -175,6 +230,7 @@ impl StorageFile for FileStorage {
             };
             if rc > 0 {
                 done += rc as u64;
+                self.changes.note();
                 continue;
             }
             // 0: the source's end (the rest reads as zeros); an error: the buffered path
@@ -245,6 +301,31 @@ mod tests {
         assert!(FileStorage::create(&path, 1 << 20).is_err(), "create refuses an existing file");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    /// A flush syncs once after changes and never for nothing; the first flush of a fresh
+    /// handle syncs (an earlier process may have left unflushed pages); a failed sync leaves
+    /// the changes to the next flush.
+    #[test]
+    fn a_flush_syncs_only_what_changed() {
+        let c = Changes::default();
+        let syncs = std::cell::Cell::new(0);
+        let ok = || {
+            syncs.set(syncs.get() + 1);
+            Ok(())
+        };
+        c.flush(ok).unwrap();
+        c.flush(ok).unwrap();
+        assert_eq!(syncs.get(), 1, "a fresh handle syncs once, then nothing changed");
+        c.note();
+        c.note();
+        c.flush(ok).unwrap();
+        c.flush(ok).unwrap();
+        assert_eq!(syncs.get(), 2);
+        c.note();
+        assert!(c.flush(|| Err(io::Error::other("EIO"))).is_err());
+        c.flush(ok).unwrap();
+        assert_eq!(syncs.get(), 3, "a failed sync leaves the change to the next flush");
     }
 
     /// Between two host files the bytes stay in the kernel; from a memory volume they go
