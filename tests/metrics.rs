@@ -281,3 +281,34 @@ fn metrics_are_the_mount_owners_alone() {
     common::assert_one_clear_line(&String::from_utf8_lossy(&out.stderr), "not a ferryfs mount");
     m.unmount();
 }
+
+/// One 16 MiB write(2) from a read-write handle reaches the mount as requests of up to 4 MiB
+/// (the mount raises the kernel's `fs.fuse.max_pages_limit`; without it a request carries at
+/// most 1 MiB), and its bytes read back. On a kernel without that limit (before 6.13), or
+/// when not root, requests of 1 MiB are the most to expect.
+#[test]
+fn large_writes_arrive_in_few_requests() {
+    let tp = TestPool::new("64K", &[("V1", "64M")]);
+    let m = tp.mount();
+    let limit = fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit").ok();
+    // SAFETY: geteuid can't fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let request_max = match &limit {
+        Some(l) if root => {
+            let pages: u64 = l.trim().parse().unwrap();
+            assert!(pages >= 1024, "a mount by root raises max_pages_limit to 1024 pages, found {pages}");
+            4 << 20
+        }
+        _ => 1 << 20,
+    };
+    const LEN: usize = 16 << 20;
+    let bytes = common::pattern(LEN, 7);
+    let (_, before) = read_metrics(&m.mnt);
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("big")).unwrap();
+    f.write_all(&bytes).unwrap();
+    drop(f);
+    let (_, after) = read_metrics(&m.mnt);
+    let writes = latency(&after, "write").0 - latency(&before, "write").0;
+    assert!(writes >= 1 && writes as usize <= LEN.div_ceil(request_max), "{writes} write requests for one 16 MiB write");
+    common::assert_bytes_eq(&fs::read(m.p("big")).unwrap(), &bytes, "the 16 MiB written in one call");
+}

@@ -37,8 +37,12 @@ pub use crate::catalog::model::CONTROL_DIR_NAME;
 /// migrations change), so a long TTL is safe. Ten seconds bound that staleness, and save a
 /// LOOKUP round trip for nearly every path a metadata-heavy workload touches twice.
 const ATTR_TTL: Duration = Duration::from_secs(10);
-/// Largest write the kernel may send in one request (with FUSE_MAX_PAGES).
-pub const WRITE_MAX_BYTES: u32 = 1 << 20;
+/// Largest write the kernel may send in one request (with FUSE_MAX_PAGES). The kernel caps
+/// a request at `fs.fuse.max_pages_limit` pages (256, i.e. 1 MiB, by default); a mount by
+/// root raises that limit to fit this (mount/mod.rs, `raise_max_pages`). Fewer, larger
+/// requests cut the round trips of sequential writes (docs/benchmarks.md, "Larger FUSE
+/// messages").
+pub const WRITE_MAX_BYTES: u32 = 4 << 20;
 /// Readahead asked of the kernel: reads otherwise arrive in pieces of 128-256 KiB.
 pub const READAHEAD_BYTES: u32 = 1 << 20;
 

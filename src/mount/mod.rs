@@ -18,7 +18,7 @@ use log::{info, warn};
 
 use crate::catalog::store::replace_file;
 use crate::engine::Engine;
-use crate::fs::{FerryFs, CONTROL_DIR_NAME, READAHEAD_BYTES};
+use crate::fs::{FerryFs, CONTROL_DIR_NAME, READAHEAD_BYTES, WRITE_MAX_BYTES};
 use crate::migrate::Migrations;
 use crate::pool::{MountedInfo, Pool, MOUNTED_FILE, MOUNT_LOG_FILE};
 use crate::report::Status;
@@ -242,6 +242,30 @@ fn raise_readahead(mnt: &Path, pool_dir: &Path) {
     }
 }
 
+/// The kernel's limit on a FUSE request, in pages.
+const MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
+
+/// Let the kernel send writes of up to [`WRITE_MAX_BYTES`] (and reads of up to the
+/// readahead): raise `fs.fuse.max_pages_limit` (kernel 6.13 and later; root only) if it is
+/// lower. The limit is a ceiling for every FUSE file system, each of which still asks for
+/// its own size at init, so raising it changes nothing for the others; it is never lowered.
+/// Where it can't be raised, requests stay at the kernel's limit and the mount says so.
+fn raise_max_pages() {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let want = (WRITE_MAX_BYTES.max(READAHEAD_BYTES) as u64).div_ceil(page);
+    let Some(have) = std::fs::read_to_string(MAX_PAGES_LIMIT).ok().and_then(|s| s.trim().parse::<u64>().ok()) else {
+        return; // an older kernel: its own fixed limit applies
+    };
+    if have >= want {
+        return;
+    }
+    match std::fs::write(MAX_PAGES_LIMIT, want.to_string()) {
+        Ok(()) => info!("raised {MAX_PAGES_LIMIT} from {have} to {want}: requests of up to {} KiB", want * page / 1024),
+        Err(e) => info!("requests stay at most {} KiB: could not raise {MAX_PAGES_LIMIT} ({e})", have * page / 1024),
+    }
+}
+
 /// How long a mount waits for the pool lock of a daemon that is dying (killed, its main
 /// thread already a zombie, another thread still finishing an fsync).
 const DYING_HOLDER_WAIT: Duration = Duration::from_secs(20);
@@ -339,6 +363,7 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     config.n_threads = Some(opts.threads);
     config.clone_fd = true;
     block_signals_and_unmount_on_them(mnt.clone())?;
+    raise_max_pages();
     let session = fuser::Session::new(
         FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
             .read_only(opts.read_only)
