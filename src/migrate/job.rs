@@ -578,7 +578,12 @@ impl Runner<'_> {
                 self.rest(t0.elapsed(), active);
                 self.chunks_since_checkpoint += 1;
                 self.bytes_since_checkpoint += self.g.bytes_of(n);
-                self.maybe_checkpoint()?;
+                // Not at the copy's end: the re-sync or the cutover follows at once, and the
+                // cutover's flush and switch supersede a checkpoint there (a re-sync under
+                // load takes the next one that is due).
+                if c + n < end {
+                    self.maybe_checkpoint()?;
+                }
             }
         }
     }
