@@ -366,3 +366,63 @@ fn the_kernel_enforces_acls() {
     let acl = String::from_utf8(run(Command::new("getfacl").arg("-c").arg(m.p("shared/sub"))).stdout).unwrap();
     assert!(acl.contains("default:user:nobody:rwx"), "{acl}");
 }
+
+/// What a write drops, as on a local file system: set-user-ID, and set-group-ID where the
+/// group may execute, when the writer lacks CAP_FSETID; a file capability on any write,
+/// root's too, also when it was set after earlier writes (which the kernel may have taken
+/// as "nothing to drop on this inode"). The mount takes these on itself rather than answer
+/// a security.capability lookup before every write.
+#[test]
+fn a_write_drops_set_id_bits_and_file_capabilities() {
+    let (_tp, m) = setup();
+    use std::io::Write;
+    fs::set_permissions(m.p(""), fs::Permissions::from_mode(0o777)).unwrap();
+    let mode_of = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let append_as_nobody = |p: &Path| {
+        let out = as_nobody(&["sh", "-c", &format!("echo more >> '{}'", p.display())]);
+        assert!(out.status.success(), "nobody appends to {}: {out:?}", p.display());
+    };
+    for (mode, after) in [(0o6777, 0o0777), (0o4766, 0o0766), (0o2767, 0o2767), (0o0777, 0o0777)] {
+        let f = m.p(&format!("f{mode:o}"));
+        fs::write(&f, b"data\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+        append_as_nobody(&f);
+        assert_eq!(mode_of(&f), after, "mode {mode:o} after a write by nobody");
+        // Twice: the second write meets what the first left.
+        append_as_nobody(&f);
+        assert_eq!(mode_of(&f), after, "mode {mode:o} after a second write by nobody");
+        assert_eq!(fs::read(&f).unwrap(), b"data\nmore\nmore\n");
+    }
+    // Root keeps its set-ID bits (CAP_FSETID).
+    let f = m.p("root-suid");
+    fs::write(&f, b"x").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"y").unwrap();
+    assert_eq!(mode_of(&f), 0o4755, "root's write keeps set-user-ID");
+
+    // A capability set after writes is dropped by the next write, root's included.
+    let f = m.p("cap");
+    let mut w = fs::OpenOptions::new().create(true).append(true).open(&f).unwrap();
+    w.write_all(b"#!/bin/sh\n").unwrap();
+    w.write_all(b"true\n").unwrap();
+    run(Command::new("setcap").args(["cap_net_raw+ep", s(&f)]));
+    assert!(String::from_utf8_lossy(&run(Command::new("getcap").arg(&f)).stdout).contains("cap_net_raw=ep"));
+    w.write_all(b"exit 0\n").unwrap();
+    drop(w);
+    let caps = run(Command::new("getcap").arg(&f));
+    assert!(!String::from_utf8_lossy(&caps.stdout).contains("cap_net_raw"), "a write drops the capability: {caps:?}");
+    assert!(get(&f, "security.capability").is_err(), "security.capability is gone");
+    assert_eq!(fs::read(&f).unwrap(), b"#!/bin/sh\ntrue\nexit 0\n");
+
+    // The same through a read-write handle (the kernel's page cache path), and a truncate.
+    use std::os::unix::fs::FileExt;
+    let rw = fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    rw.write_all_at(b"#", 0).unwrap();
+    run(Command::new("setcap").args(["cap_net_raw+ep", s(&f)]));
+    rw.write_all_at(b"#", 0).unwrap();
+    assert!(get(&f, "security.capability").is_err(), "a write through a read-write handle drops it");
+    run(Command::new("setcap").args(["cap_net_raw+ep", s(&f)]));
+    rw.set_len(4).unwrap();
+    assert!(get(&f, "security.capability").is_err(), "a truncate drops it");
+    assert_eq!(fs::read(&f).unwrap(), b"#!/b");
+}

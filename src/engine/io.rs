@@ -273,7 +273,13 @@ impl Engine {
     pub fn truncate(&self, ino: Ino, new_size: u64, now: i64) -> Result<()> {
         let nodes = self.nodes.lock();
         let node = self.node_for(&nodes, ino)?;
-        self.truncate_locked(&node, new_size, now)
+        self.truncate_locked(&node, new_size, now)?;
+        // A truncate drops a file capability as a write does (the set-ID bits are the
+        // kernel's to ask for, with the mode, in the same setattr).
+        if node.privileged.load(Ordering::Acquire) {
+            self.drop_privileges(&node, false)?;
+        }
+        Ok(())
     }
 
     /// Set a data set's size. Shrinking zeroes the cut part of the last kept track and frees

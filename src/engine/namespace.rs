@@ -160,6 +160,10 @@ impl Engine {
                 &mut cat,
                 Op::SetMeta { ino, perm: mode.map(|m| m & 0o7777), uid, gid, atime_ns, mtime_ns, ctime_ns: now },
             )?;
+            drop(cat);
+            if mode.is_some_and(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0) {
+                self.may_be_privileged(ino);
+            }
         }
         self.attr(ino)
     }

@@ -9,7 +9,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::RwLock;
 
 use super::{Engine, Error, Result};
-use crate::catalog::model::{Body, Ino, Op};
+use crate::catalog::model::{now_ns, Body, Ino, Op};
 use crate::catalog::store::Store;
 use crate::extent_map::ExtentMap;
 use crate::monitor::JobLink;
@@ -33,9 +33,67 @@ pub struct FileNode {
     /// Present while a migration watches this data set (the monitor). The node stays in
     /// the `nodes` table while it is set.
     pub job: ArcSwapOption<JobLink>,
+    /// The data set may hold what a write must drop (set-ID bits, a file capability): a
+    /// write then looks in the catalog ([`Engine::drop_privileges`]). Set when they may have
+    /// appeared, cleared once a look finds none, so a write to a plain file costs nothing.
+    pub privileged: AtomicBool,
+}
+
+/// The name of a file capability, which any write drops.
+pub const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
+/// Does the catalog give `ino` set-ID bits or a file capability?
+fn privileged(cat: &Store, ino: Ino) -> bool {
+    let perm = cat.catalog.get(ino).map_or(0, |i| i.meta.perm);
+    perm & (libc::S_ISUID | libc::S_ISGID) != 0
+        || cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR))
 }
 
 impl Engine {
+    /// What a write takes away, as the VFS does on a local file system: the file capability
+    /// on any write; set-user-ID, and set-group-ID where the group may execute, when the
+    /// writer lacks CAP_FSETID (`kill_suidgid`: the kernel's `FUSE_WRITE_KILL_SUIDGID`). The
+    /// kernel does neither for a direct-I/O handle, and with `FUSE_HANDLE_KILLPRIV_V2` it
+    /// leaves them to us on inodes it marked as having nothing to drop. Called only when
+    /// the node is marked [`FileNode::privileged`].
+    pub fn drop_privileges(&self, node: &FileNode, kill_suidgid: bool) -> Result<()> {
+        let mut cat = self.catalog.lock();
+        let ino = node.ino;
+        let perm = cat.catalog.get(ino).ok_or(Error::NotFound)?.meta.perm;
+        if cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR)) {
+            self.commit(&mut cat, Op::RemoveXattr { ino, name: CAPABILITY_XATTR.to_vec(), ctime_ns: now_ns() })?;
+        }
+        let mut kill = 0;
+        if kill_suidgid {
+            kill = perm & libc::S_ISUID;
+            if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+                kill |= libc::S_ISGID;
+            }
+        }
+        if kill != 0 {
+            let op = Op::SetMeta {
+                ino,
+                perm: Some(perm & !kill),
+                uid: None,
+                gid: None,
+                atime_ns: None,
+                mtime_ns: None,
+                ctime_ns: now_ns(),
+            };
+            self.commit(&mut cat, op)?;
+        }
+        node.privileged.store(privileged(&cat, ino), Ordering::Release);
+        Ok(())
+    }
+
+    /// After a change that may have given `ino` set-ID bits or a file capability: the next
+    /// write looks. Called without the catalog lock (`nodes` is taken first).
+    pub(super) fn may_be_privileged(&self, ino: Ino) {
+        if let Some(n) = self.nodes.lock().get(&ino) {
+            n.privileged.store(true, Ordering::Release);
+        }
+    }
+
     fn make_node(&self, cat: &Store, ino: Ino) -> Result<Arc<FileNode>> {
         let i = cat.catalog.get(ino).ok_or(Error::NotFound)?;
         let Body::File { size_bytes, layout, prealloc_end } = &i.body else { return Err(Error::IsDir) };
@@ -50,6 +108,7 @@ impl Engine {
             mtime_dirty: AtomicBool::new(false),
             write_hold: RwLock::new(()),
             job: ArcSwapOption::empty(),
+            privileged: AtomicBool::new(privileged(cat, ino)),
         }))
     }
 

@@ -83,6 +83,10 @@ impl Engine {
             return Err(Error::XattrFull);
         }
         self.commit(&mut cat, Op::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), ctime_ns: now_ns() })?;
+        drop(cat);
+        if name == super::node::CAPABILITY_XATTR {
+            self.may_be_privileged(ino);
+        }
         Ok(())
     }
 

@@ -416,6 +416,14 @@ impl Filesystem for FerryFs {
             // with the modes; creating nodes, we apply the umask or the parent's default ACL.
             fuser::InitFlags::FUSE_POSIX_ACL,
             fuser::InitFlags::FUSE_DONT_MASK,
+            // Without it the kernel asks for security.capability (one GETXATTR round trip)
+            // before every write, to see whether the write must drop it: it never marks a
+            // FUSE inode as having no privileges to kill. With it, an inode without set-ID
+            // bits is marked once, and a write drops what it must in the engine
+            // (`Engine::drop_privileges`: the file capability, and the set-ID bits when the
+            // kernel says the writer lacks CAP_FSETID), as it must anyway for a direct-I/O
+            // handle, where the kernel drops nothing itself.
+            fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -611,7 +619,7 @@ impl Filesystem for FerryFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
@@ -626,6 +634,9 @@ impl Filesystem for FerryFs {
         }
         let t0 = Instant::now();
         let res = self.file_handle(fh).and_then(|node| {
+            if node.privileged.load(std::sync::atomic::Ordering::Acquire) {
+                self.engine.drop_privileges(&node, write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))?;
+            }
             self.engine.write(&node, offset, data)?;
             // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
             // the flush to the file system (O_SYNC includes the O_DSYNC bit).
