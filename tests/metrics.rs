@@ -309,6 +309,9 @@ fn large_writes_arrive_in_few_requests() {
     drop(f);
     let (_, after) = read_metrics(&m.mnt);
     let writes = latency(&after, "write").0 - latency(&before, "write").0;
-    assert!(writes >= 1 && writes as usize <= LEN.div_ceil(request_max), "{writes} write requests for one 16 MiB write");
+    assert!(
+        writes >= 1 && writes as usize <= LEN.div_ceil(request_max),
+        "{writes} write requests for one 16 MiB write"
+    );
     common::assert_bytes_eq(&fs::read(m.p("big")).unwrap(), &bytes, "the 16 MiB written in one call");
 }
