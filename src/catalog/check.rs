@@ -9,14 +9,16 @@
 //!   number;
 //! - extended attributes belong to inodes that exist, have valid names (a stored namespace,
 //!   at most 255 bytes) and values (at most 64 KiB), stay within the per-node caps, and an
-//!   ACL decodes; an access ACL says the same as the node's permission bits.
+//!   ACL decodes; an access ACL says the same as the node's permission bits;
+//! - what the catalog keeps counted as ops apply (data sets, per volume too; volumes by
+//!   name) matches a recount.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::acl;
 use super::model::CONTROL_DIR_NAME;
 use super::model::{
-    xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
+    xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, CatalogIndex, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
     XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
 };
 use crate::space::{Extent, VolumeId};
@@ -40,9 +42,19 @@ pub fn check(c: &Catalog) -> CheckReport {
     // Extents, per volume.
     // (first, end, owner): a data set, or a job's reservation or set-aside tracks.
     let mut owned: HashMap<VolumeId, Vec<(u64, u64, String)>> = HashMap::new();
+    // The data sets on each volume, counted again, against what the catalog kept counted.
+    let mut data_sets_on: BTreeMap<VolumeId, u64> = BTreeMap::new();
+    let mut spread: Vec<VolumeId> = Vec::new();
     for i in c.inodes.values() {
         if let Body::File { layout, prealloc_end, .. } = &i.body {
             r.data_sets += 1;
+            spread.clear();
+            spread.extend(layout.extents().map(|e| e.volume));
+            spread.sort_unstable();
+            spread.dedup();
+            for &v in &spread {
+                *data_sets_on.entry(v).or_default() += 1;
+            }
             // Holes: the runs in logical order, none overlapping another (a logical track
             // mapped twice), none empty.
             if let Err(e) = layout.check() {
@@ -76,6 +88,7 @@ pub fn check(c: &Catalog) -> CheckReport {
             }
         }
     }
+    check_index(c, r.data_sets as u64, &data_sets_on, &mut r);
     check_special_and_xattrs(c, &mut r);
     for (id, cp) in &c.checkpoints {
         match c.jobs.get(id) {
@@ -226,6 +239,43 @@ pub fn check(c: &Catalog) -> CheckReport {
         }
     }
     r
+}
+
+/// What the catalog keeps counted as ops apply (its [`CatalogIndex`]) against a recount:
+/// `data_sets` and `data_sets_on` are the recount's.
+fn check_index(c: &Catalog, data_sets: u64, data_sets_on: &BTreeMap<VolumeId, u64>, r: &mut CheckReport) {
+    let kept = c.index();
+    if kept.data_sets != data_sets {
+        r.problems.push(format!("the catalog counts {} data sets, but holds {data_sets}", kept.data_sets));
+    }
+    for (v, (k, n)) in merge_counts(&kept.data_sets_on, data_sets_on) {
+        if k != n {
+            r.problems.push(format!(
+                "volume {}: the catalog counts {k} data sets on it, but {n} have tracks there",
+                c.volumes.get(&v).map(|x| x.name.clone()).unwrap_or(format!("#{}", v.0))
+            ));
+        }
+    }
+    let names = CatalogIndex::of_names(c);
+    if kept.volume_names != names {
+        r.problems.push(format!(
+            "the catalog's index of volume names ({} names) does not match its {} volumes",
+            kept.volume_names.len(),
+            c.volumes.len()
+        ));
+    }
+}
+
+/// Each volume of `a` or `b`, with its count in each (0 where it has none).
+fn merge_counts(a: &BTreeMap<VolumeId, u64>, b: &BTreeMap<VolumeId, u64>) -> BTreeMap<VolumeId, (u64, u64)> {
+    let mut out: BTreeMap<VolumeId, (u64, u64)> = BTreeMap::new();
+    for (v, n) in a {
+        out.entry(*v).or_default().0 = *n;
+    }
+    for (v, n) in b {
+        out.entry(*v).or_default().1 = *n;
+    }
+    out
 }
 
 /// Special files and extended attributes.

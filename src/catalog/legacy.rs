@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::model::{
-    Body, Catalog, Cutover, Ino, Inode, JobRec, Meta, Op, PlanKind, PlanRec, SpecialKind, VolumeRec, Xattrs,
+    Body, Catalog, CatalogRecord, Cutover, Ino, Inode, JobRec, Meta, Op, PlanKind, PlanRec, SpecialKind, VolumeRec,
+    Xattrs,
 };
 use crate::geometry::Geometry;
 use crate::layout::Layout;
@@ -168,7 +169,8 @@ impl CatalogV3 {
 
 impl From<CatalogV3> for Catalog {
     fn from(v: CatalogV3) -> Catalog {
-        Catalog {
+        // Through the stored form, so that the index is counted as for any catalog read.
+        Catalog::from(CatalogRecord {
             geometry: v.geometry,
             next_ino: v.next_ino,
             next_volume: v.next_volume,
@@ -180,7 +182,7 @@ impl From<CatalogV3> for Catalog {
             closed_volumes: v.closed_volumes,
             xattrs: v.xattrs,
             checkpoints: Default::default(),
-        }
+        })
     }
 }
 
