@@ -175,7 +175,7 @@ impl From<CatalogV3> for Catalog {
             next_ino: v.next_ino,
             next_volume: v.next_volume,
             volumes: v.volumes,
-            inodes: v.inodes.into_iter().map(|(ino, i)| (ino, i.into())).collect(),
+            inodes: v.inodes.into_iter().map(|(ino, i)| (ino, i.into())).collect::<HashMap<_, _>>().into(),
             next_job: v.next_job,
             jobs: v.jobs.into_iter().map(|(id, j)| (id, j.into())).collect(),
             plans: v.plans.into_iter().map(|(id, p)| (id, p.into())).collect(),
