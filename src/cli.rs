@@ -627,9 +627,15 @@ pub fn run(cli: Cli) -> CliResult {
         }
         Cmd::Cancel { mountpoint, job } => command(&mountpoint, &format!("cancel {job}"), None),
         Cmd::Volume { cmd: VolumeCmd::List { target, json } } => {
-            let c = target_catalog(&target)?;
-            let list =
-                report::VolumeList { track_size_bytes: c.geometry.track_size_bytes(), volumes: report::volumes(&c) };
+            // A mount's status holds the list (O(volumes)); reading the pool's catalog from
+            // disk instead decodes all of it (a second at 10^6 data sets).
+            let list = match mount::mount_status(&target) {
+                Ok(s) => report::VolumeList { track_size_bytes: s.track_size_bytes, volumes: s.volumes },
+                Err(_) => {
+                    let c = target_catalog(&target)?;
+                    report::VolumeList { track_size_bytes: c.geometry.track_size_bytes(), volumes: report::volumes(&c) }
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&list).expect("serializes"));
             } else {
