@@ -680,9 +680,8 @@ impl From<CatalogRecord> for Catalog {
     }
 }
 
-/// What the admin views and allocation ask of the whole catalog, kept up to date by
-/// [`Catalog::apply`] so that a read costs O(volumes), not O(data sets): the data sets on
-/// each volume (a read of `.ferry/status` walked every data set under the catalog lock) and
+/// What is asked of the whole catalog again and again, kept up to date by [`Catalog::apply`]
+/// so that a read costs O(volumes) or less, not O(data sets): the data sets on each volume (a read of `.ferry/status` walked every data set under the catalog lock) and
 /// the volumes by name (an offline `volume add` replays every earlier add, and each looked
 /// for its name among all the volumes before it). [`CatalogIndex::of`] counts it all again;
 /// fsck compares the two.
@@ -1084,7 +1083,10 @@ impl Catalog {
         if let Some(Inode { body: Body::File { layout, .. }, .. }) = moved.and_then(|ino| self.inodes.get(&ino)) {
             volumes_of(layout, &mut before);
         }
-        let was_file = matches!(op, Op::Destroy { ino } if matches!(self.inodes.get(ino), Some(Inode { body: Body::File { .. }, .. })));
+        let was_file = match op {
+            Op::Destroy { ino } => matches!(self.inodes.get(ino), Some(Inode { body: Body::File { .. }, .. })),
+            _ => false,
+        };
         let removed_name = match op {
             Op::RemoveVolume { id } => self.volumes.get(id).map(|v| v.name.clone()),
             _ => None,
