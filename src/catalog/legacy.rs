@@ -316,6 +316,9 @@ mod tests {
         assert_eq!(layout.runs(), &[Run { logical: 0, extent: e(1, 0, 2) }, Run { logical: 2, extent: e(1, 5, 1) }]);
         assert_eq!(c.jobs[&4].target, Layout::dense(&[e(1, 8, 2), e(1, 20, 1)]));
         assert_eq!((c.jobs[&4].cutover, c.jobs[&4].rate_bytes_per_s, c.next_job), (Cutover::Close, 7, 5));
+        // The converted catalog's data sets are counted, as a current snapshot's are.
+        assert_eq!((c.data_set_count(), c.data_sets_on(VolumeId(1))), (1, 1));
+        assert_eq!(c.index(), &crate::catalog::model::CatalogIndex::of(&c));
     }
 
     /// A version 3 log frame of a job's start decodes with a dense target; other ops decode
