@@ -11,9 +11,10 @@
 #             through the mount; the pool grows from one size to the next): creation time,
 #             mount time (command start to serving, page cache dropped), unmount time, the
 #             catalog snapshot and bytes per data set, the compaction time (the last one
-#             before the mount, at unmount, from mount.log), a read of .ferry/status (it
-#             walks the catalog), `fsck` (reads and checks the catalog), and the daemon's
-#             memory (VmRSS) after the mount, per data set.
+#             before the mount, at unmount, from mount.log), a read of .ferry/status (the
+#             data sets per volume, which the catalog keeps counted), `fsck` (reads and
+#             checks the catalog), and the daemon's memory (VmRSS) after the mount, per
+#             data set.
 #   volumes   a pool of V volumes: mount time, and the time to allocate M small data sets
 #             (64 KiB each, written through the mount) spread over them.
 #   plans     a merge of a volume holding N one-track data sets into another: the time from

@@ -23,7 +23,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::catalog::model::Body;
 use crate::engine::Engine;
 use crate::migrate::{Migrations, Phase};
 use crate::report;
@@ -403,7 +402,7 @@ pub fn render(m: &Mount<'_>) -> String {
             "The pool's track size: the unit of allocation and of dirty tracking.",
         )
         .sample(&[], c.geometry.track_size_bytes());
-        let data_sets = c.inodes.values().filter(|i| matches!(i.body, Body::File { .. })).count();
+        let data_sets = c.data_set_count();
         x.family("ferryfs_pool_data_sets", Kind::Gauge, "Data sets (regular files) in the pool.")
             .sample(&[], data_sets);
         x.family("ferryfs_pool_max_jobs", Kind::Gauge, "Migration jobs that may copy at once.")

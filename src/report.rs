@@ -1,8 +1,6 @@
 //! What the admin views print: `ls`, `volume list` and `.ferry/status`, as stable JSON
 //! (documented in docs/cli.md; scripts and tests parse it).
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::model::{Body, Catalog, Ino, ROOT_INO};
@@ -153,29 +151,9 @@ pub fn volumes(c: &Catalog) -> Vec<VolumeReport> {
     volumes_by_id(c).into_iter().map(|(_, v)| v).collect()
 }
 
-/// [`volumes`], each with its id (to join with what the engine counts per volume).
+/// [`volumes`], each with its id (to join with what the engine counts per volume). O(volumes):
+/// the catalog keeps the data sets of each volume counted as ops apply.
 pub fn volumes_by_id(c: &Catalog) -> Vec<(VolumeId, VolumeReport)> {
-    // A walk of every data set, under the catalog lock, at each read of the status: keep it
-    // to one pass with no allocation for the common data set, whose extents all lie on one
-    // volume (10^6 data sets: 0.37 s with a sorted Vec per data set).
-    let mut sets: HashMap<VolumeId, u64> = HashMap::new();
-    let mut spread: Vec<VolumeId> = Vec::new();
-    for i in c.inodes.values() {
-        let Body::File { layout, .. } = &i.body else { continue };
-        let mut extents = layout.extents();
-        let Some(first) = extents.next() else { continue };
-        if extents.all(|e| e.volume == first.volume) {
-            *sets.entry(first.volume).or_default() += 1;
-            continue;
-        }
-        spread.clear();
-        spread.extend(layout.extents().map(|e| e.volume));
-        spread.sort_unstable();
-        spread.dedup();
-        for &v in &spread {
-            *sets.entry(v).or_default() += 1;
-        }
-    }
     c.volumes
         .values()
         .map(|v| {
@@ -186,7 +164,7 @@ pub fn volumes_by_id(c: &Catalog) -> Vec<(VolumeId, VolumeReport)> {
                 tracks_total: v.free.tracks_total(),
                 tracks_used: v.free.tracks_total() - v.free.free_tracks(),
                 tracks_free: v.free.free_tracks(),
-                data_sets: sets.get(&v.id).copied().unwrap_or(0),
+                data_sets: c.data_sets_on(v.id),
             };
             (v.id, report)
         })

@@ -768,3 +768,55 @@ fn nix_truncate(path: &Path, len: u64) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Volumes added one by one to an unmounted pool, each by its own `ferryfs volume add`: each
+/// add appends one frame to the catalog log (the snapshot is not rewritten), every volume is
+/// listed, and a mount spreads data sets over them and reads them back.
+#[test]
+fn many_volumes_added_offline_one_by_one() {
+    const N: usize = 200;
+    let tp = TestPool::new("64K", &[]);
+    let snap = tp.pool.join("catalog.snap");
+    let log = tp.pool.join("catalog.log");
+    let snap_before = fs::read(&snap).unwrap();
+    let log_before = fs::metadata(&log).unwrap().len();
+    let name = |i: usize| format!("V{i:03}");
+    for i in 1..=N {
+        tp.add_volume(&name(i), "1M");
+    }
+    assert_eq!(fs::read(&snap).unwrap(), snap_before, "an offline add rewrote the catalog snapshot");
+    let log_after = fs::metadata(&log).unwrap().len();
+    assert!(log_after - log_before >= N as u64 * 40, "{N} adds grew the log by {} bytes", log_after - log_before);
+    for f in [&snap, &log] {
+        assert_eq!(fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+    }
+    let listed = |target: &Path| -> Vec<String> {
+        let vl = volume_list_json(target);
+        vl["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect()
+    };
+    let want: Vec<String> = (1..=N).map(name).collect();
+    assert_eq!(listed(&tp.pool), want);
+    // A name already taken, however far back it was added, is refused.
+    let (_, err) = ferry_err(&["volume", "add", s(&tp.pool), &name(1), "--size", "1M"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    let m = tp.mount();
+    assert_eq!(listed(&m.mnt), want);
+    // Each data set takes 15 of a volume's 16 tracks: one volume each.
+    let bytes = |i: usize| pattern(15 * K64 as usize, i as u64);
+    for i in 0..N {
+        fs::write(m.p(&format!("f{i}")), bytes(i)).unwrap();
+    }
+    let vl = volume_list_json(&m.mnt);
+    let used = vl["volumes"].as_array().unwrap().iter().filter(|v| u(&v["data_sets"]) == 1).count();
+    assert_eq!(used, N, "every volume holds one data set: {vl:#}");
+    check_catalog_views(&m.mnt);
+    m.unmount();
+    let m = tp.mount();
+    for i in 0..N {
+        assert_bytes_eq(&fs::read(m.p(&format!("f{i}"))).unwrap(), &bytes(i), &format!("f{i}"));
+    }
+    check_catalog_views(&m.mnt);
+    m.unmount();
+    fsck_clean(&tp.pool);
+}

@@ -9,15 +9,17 @@
 //!   number;
 //! - extended attributes belong to inodes that exist, have valid names (a stored namespace,
 //!   at most 255 bytes) and values (at most 64 KiB), stay within the per-node caps, and an
-//!   ACL decodes; an access ACL says the same as the node's permission bits.
+//!   ACL decodes; an access ACL says the same as the node's permission bits;
+//! - what the catalog keeps counted as ops apply (data sets, per volume too; volumes by
+//!   name) matches a recount.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::acl;
 use super::model::CONTROL_DIR_NAME;
 use super::model::{
-    xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, Ino, ROOT_INO, XATTR_LIST_MAX_BYTES,
-    XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
+    volumes_of, xattr_bytes, xattr_list_bytes, xattr_name_valid, Body, Catalog, CatalogIndex, Ino, ROOT_INO,
+    XATTR_LIST_MAX_BYTES, XATTR_NODE_MAX_BYTES, XATTR_SYSTEM_NAMES, XATTR_VALUE_MAX_BYTES,
 };
 use crate::space::{Extent, VolumeId};
 
@@ -39,10 +41,27 @@ pub fn check(c: &Catalog) -> CheckReport {
 
     // Extents, per volume.
     // (first, end, owner): a data set, or a job's reservation or set-aside tracks.
-    let mut owned: HashMap<VolumeId, Vec<(u64, u64, String)>> = HashMap::new();
+    let mut owned: HashMap<VolumeId, Vec<(u64, u64, Owner)>, FastHash> = HashMap::default();
+    // The data sets on each volume, counted again, against what the catalog kept counted.
+    let mut data_sets_on: BTreeMap<VolumeId, u64> = BTreeMap::new();
+    let mut spread: Vec<VolumeId> = Vec::new();
+    // One walk of the inode table for everything checked per inode: at 10^6 data sets the
+    // table is far larger than the CPU's caches, and each walk costs a cache miss per inode.
+    let mut special: Vec<(Ino, String)> = Vec::new();
     for i in c.inodes.values() {
+        if let Body::Special { kind, rdev } = i.body {
+            r.special_files += 1;
+            if !kind.is_device() && rdev != 0 {
+                special
+                    .push((i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
+            }
+        }
         if let Body::File { layout, prealloc_end, .. } = &i.body {
             r.data_sets += 1;
+            volumes_of(layout, &mut spread);
+            for &v in &spread {
+                *data_sets_on.entry(v).or_default() += 1;
+            }
             // Holes: the runs in logical order, none overlapping another (a logical track
             // mapped twice), none empty.
             if let Err(e) = layout.check() {
@@ -72,11 +91,14 @@ pub fn check(c: &Catalog) -> CheckReport {
                     )),
                     Some(_) => {}
                 }
-                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, format!("data set {}", i.ino)));
+                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, Owner::DataSet(i.ino)));
             }
         }
     }
-    check_special_and_xattrs(c, &mut r);
+    check_index(c, r.data_sets as u64, &data_sets_on, &mut r);
+    special.sort();
+    r.problems.extend(special.into_iter().map(|(_, p)| p));
+    check_xattrs(c, &mut r);
     for (id, cp) in &c.checkpoints {
         match c.jobs.get(id) {
             None => r.problems.push(format!("checkpoint of job {id}, which the catalog does not hold")),
@@ -107,7 +129,7 @@ pub fn check(c: &Catalog) -> CheckReport {
                         e.volume.0
                     ));
                 }
-                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, format!("job {} ({what})", j.id)));
+                owned.entry(e.volume).or_default().push((e.first.0, e.end().0, Owner::Job(j.id, what)));
             }
         }
     }
@@ -165,8 +187,9 @@ pub fn check(c: &Catalog) -> CheckReport {
             return r;
         }
     }
-    let mut links: HashMap<Ino, u32> = HashMap::new();
-    let mut reached: HashSet<Ino> = HashSet::new();
+    // Links of every inode that is not a directory, and the directories reached.
+    let mut links: HashMap<Ino, u32, FastHash> = HashMap::with_capacity_and_hasher(c.inodes.len(), FastHash);
+    let mut reached: HashSet<Ino, FastHash> = HashSet::default();
     let mut stack = vec![ROOT_INO];
     reached.insert(ROOT_INO);
     while let Some(d) = stack.pop() {
@@ -174,19 +197,18 @@ pub fn check(c: &Catalog) -> CheckReport {
         let Some(Body::Dir { entries, .. }) = c.inodes.get(&d).map(|i| &i.body) else { continue };
         let mut subdirs = 0;
         for (name, &ino) in entries {
-            let shown = String::from_utf8_lossy(name);
+            let shown = || String::from_utf8_lossy(name);
             if d == ROOT_INO && name.as_slice() == CONTROL_DIR_NAME.as_bytes() {
                 r.problems.push(format!("a user entry is named {CONTROL_DIR_NAME} at the root"));
             }
             match c.inodes.get(&ino) {
-                None => r.problems.push(format!("directory {d}: entry {shown:?} points to missing inode {ino}")),
+                None => r.problems.push(format!("directory {d}: entry {:?} points to missing inode {ino}", shown())),
                 Some(i) => {
-                    *links.entry(ino).or_default() += 1;
                     if let Body::Dir { parent, .. } = &i.body {
                         subdirs += 1;
                         if *parent != d {
                             r.problems
-                                .push(format!("directory {ino} ({shown:?}) says its parent is {parent}, not {d}"));
+                                .push(format!("directory {ino} ({:?}) says its parent is {parent}, not {d}", shown()));
                         }
                         if !reached.insert(ino) {
                             r.problems.push(format!("directory {ino} is reachable twice"));
@@ -194,7 +216,7 @@ pub fn check(c: &Catalog) -> CheckReport {
                         }
                         stack.push(ino);
                     } else {
-                        reached.insert(ino);
+                        *links.entry(ino).or_default() += 1;
                     }
                 }
             }
@@ -207,6 +229,9 @@ pub fn check(c: &Catalog) -> CheckReport {
     }
     for i in c.inodes.values() {
         if i.is_dir() {
+            if !reached.contains(&i.ino) {
+                r.problems.push(format!("directory {} is not reachable from the root", i.ino));
+            }
             continue;
         }
         let n = links.get(&i.ino).copied().unwrap_or(0);
@@ -220,28 +245,96 @@ pub fn check(c: &Catalog) -> CheckReport {
             ));
         }
     }
-    for i in c.inodes.values() {
-        if i.is_dir() && !reached.contains(&i.ino) {
-            r.problems.push(format!("directory {} is not reachable from the root", i.ino));
-        }
-    }
     r
 }
 
-/// Special files and extended attributes.
-fn check_special_and_xattrs(c: &Catalog, r: &mut CheckReport) {
-    let mut special: Vec<(Ino, String)> = Vec::new();
-    for i in c.inodes.values() {
-        if let Body::Special { kind, rdev } = i.body {
-            r.special_files += 1;
-            if !kind.is_device() && rdev != 0 {
-                special
-                    .push((i.ino, format!("special file {}: a {} with device number {rdev:#x}", i.ino, kind.name())));
-            }
+/// Who owns tracks of a volume (named only in a problem).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    DataSet(Ino),
+    /// A job's reservation or set-aside tracks.
+    Job(u64, &'static str),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::DataSet(ino) => write!(f, "data set {ino}"),
+            Owner::Job(id, what) => write!(f, "job {id} ({what})"),
         }
     }
-    special.sort();
-    r.problems.extend(special.into_iter().map(|(_, p)| p));
+}
+
+/// A hasher for the check's tables of inode numbers and volume ids, which no one outside
+/// chooses: a multiply per key instead of SipHash's rounds, over a million inodes.
+#[derive(Clone, Copy, Default)]
+struct FastHash;
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
+    }
+}
+
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64);
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// What the catalog keeps counted as ops apply (its [`CatalogIndex`]) against a recount:
+/// `data_sets` and `data_sets_on` are the recount's.
+fn check_index(c: &Catalog, data_sets: u64, data_sets_on: &BTreeMap<VolumeId, u64>, r: &mut CheckReport) {
+    let kept = c.index();
+    if kept.data_sets != data_sets {
+        r.problems.push(format!("the catalog counts {} data sets, but holds {data_sets}", kept.data_sets));
+    }
+    for (v, (k, n)) in merge_counts(&kept.data_sets_on, data_sets_on) {
+        if k != n {
+            r.problems.push(format!(
+                "volume {}: the catalog counts {k} data sets on it, but {n} have tracks there",
+                c.volumes.get(&v).map(|x| x.name.clone()).unwrap_or(format!("#{}", v.0))
+            ));
+        }
+    }
+    let names = CatalogIndex::of_names(c);
+    if kept.volume_names != names {
+        r.problems.push(format!(
+            "the catalog's index of volume names ({} names) does not match its {} volumes",
+            kept.volume_names.len(),
+            c.volumes.len()
+        ));
+    }
+}
+
+/// Each volume of `a` or `b`, with its count in each (0 where it has none).
+fn merge_counts(a: &BTreeMap<VolumeId, u64>, b: &BTreeMap<VolumeId, u64>) -> BTreeMap<VolumeId, (u64, u64)> {
+    let mut out: BTreeMap<VolumeId, (u64, u64)> = BTreeMap::new();
+    for (v, n) in a {
+        out.entry(*v).or_default().0 = *n;
+    }
+    for (v, n) in b {
+        out.entry(*v).or_default().1 = *n;
+    }
+    out
+}
+
+/// Extended attributes.
+fn check_xattrs(c: &Catalog, r: &mut CheckReport) {
     let mut inos: Vec<&Ino> = c.xattrs.keys().collect();
     inos.sort_unstable();
     for ino in inos {
@@ -306,6 +399,44 @@ mod tests {
             kind: NewKind::Special { kind, rdev },
         })
         .unwrap();
+    }
+
+    /// The per-volume counts the catalog keeps are checked against a recount: a layout
+    /// changed behind `apply`'s back shows.
+    #[test]
+    fn kept_counts_are_checked_against_a_recount() {
+        use crate::geometry::TrackNo;
+        use crate::layout::Layout;
+        let mut c = Catalog::new(Geometry::new(4096).unwrap(), meta(0o755));
+        for id in [1, 2] {
+            let (name, path) = (format!("V{id}"), "/x".into());
+            c.apply(&Op::AddVolume { id: VolumeId(id), name, path, size_bytes: 8 * 4096, tracks_total: 8 }).unwrap();
+        }
+        c.apply(&Op::MakeNode {
+            ino: 2,
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            meta: meta(0o644),
+            kind: NewKind::File,
+        })
+        .unwrap();
+        let on = |v, first| Extent { volume: VolumeId(v), first: TrackNo(first), count_tracks: 2 };
+        c.apply(&Op::Grow { ino: 2, extents: vec![on(1, 0)] }).unwrap();
+        let r = check(&c);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!((c.data_sets_on(VolumeId(1)), c.data_sets_on(VolumeId(2))), (1, 0));
+
+        let mut bad = c.clone();
+        if let Body::File { layout, .. } = &mut bad.inodes.get_mut(&2).unwrap().body {
+            *layout = Layout::dense(&[on(2, 0)]);
+        }
+        let problems = check(&bad).problems.join("\n");
+        for want in [
+            "volume V1: the catalog counts 1 data sets on it, but 0 have tracks there",
+            "volume V2: the catalog counts 0 data sets on it, but 1 have tracks there",
+        ] {
+            assert!(problems.contains(want), "{want:?} missing from:\n{problems}");
+        }
     }
 
     #[test]

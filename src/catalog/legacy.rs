@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::model::{
-    Body, Catalog, Cutover, Ino, Inode, JobRec, Meta, Op, PlanKind, PlanRec, SpecialKind, VolumeRec, Xattrs,
+    Body, Catalog, CatalogRecord, Cutover, Ino, Inode, JobRec, Meta, Op, PlanKind, PlanRec, SpecialKind, VolumeRec,
+    Xattrs,
 };
 use crate::geometry::Geometry;
 use crate::layout::Layout;
@@ -168,19 +169,20 @@ impl CatalogV3 {
 
 impl From<CatalogV3> for Catalog {
     fn from(v: CatalogV3) -> Catalog {
-        Catalog {
+        // Through the stored form, so that the index is counted as for any catalog read.
+        Catalog::from(CatalogRecord {
             geometry: v.geometry,
             next_ino: v.next_ino,
             next_volume: v.next_volume,
             volumes: v.volumes,
-            inodes: v.inodes.into_iter().map(|(ino, i)| (ino, i.into())).collect(),
+            inodes: v.inodes.into_iter().map(|(ino, i)| (ino, i.into())).collect::<HashMap<_, _>>().into(),
             next_job: v.next_job,
             jobs: v.jobs.into_iter().map(|(id, j)| (id, j.into())).collect(),
             plans: v.plans.into_iter().map(|(id, p)| (id, p.into())).collect(),
             closed_volumes: v.closed_volumes,
             xattrs: v.xattrs,
             checkpoints: Default::default(),
-        }
+        })
     }
 }
 
@@ -314,6 +316,9 @@ mod tests {
         assert_eq!(layout.runs(), &[Run { logical: 0, extent: e(1, 0, 2) }, Run { logical: 2, extent: e(1, 5, 1) }]);
         assert_eq!(c.jobs[&4].target, Layout::dense(&[e(1, 8, 2), e(1, 20, 1)]));
         assert_eq!((c.jobs[&4].cutover, c.jobs[&4].rate_bytes_per_s, c.next_job), (Cutover::Close, 7, 5));
+        // The converted catalog's data sets are counted, as a current snapshot's are.
+        assert_eq!((c.data_set_count(), c.data_sets_on(VolumeId(1))), (1, 1));
+        assert_eq!(c.index(), &crate::catalog::model::CatalogIndex::of(&c));
     }
 
     /// A version 3 log frame of a job's start decodes with a dense target; other ops decode
