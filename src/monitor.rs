@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::extent_map::ExtentMap;
 use crate::geometry::TrackNo;
+use crate::migrate::pace::LATENCY_HEADROOM;
 
 /// Bits per bitmap word: one `fetch_or`/`swap` covers this many tracks.
 pub const WORD_BITS: u64 = 64;
@@ -359,6 +360,10 @@ const SYNC_RECENT_NS: i64 = 1_000_000_000;
 pub struct SyncLatency {
     /// The latest fsync's duration.
     latest_ns: AtomicU64,
+    /// Fsyncs, while a copier ran, slower than [`LATENCY_HEADROOM`] times the baseline: the
+    /// governor cuts the copy rate when this moved since its last step, so no slow fsync goes
+    /// unseen between two of its steps.
+    slow: AtomicU64,
     ewma_ns: AtomicU64,
     quiet_ewma_ns: AtomicU64,
     samples: AtomicU64,
@@ -380,19 +385,24 @@ impl SyncLatency {
         ewma(&self.ewma_ns, took_ns);
         if self.copiers.load(Ordering::Relaxed) == 0 {
             ewma(&self.quiet_ewma_ns, took_ns);
+        } else {
+            let base = self.quiet_ewma_ns.load(Ordering::Relaxed);
+            if base > 0 && took_ns as f64 > base as f64 * LATENCY_HEADROOM {
+                self.slow.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.last_ns.store(now_ns, Ordering::Relaxed);
         self.samples.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (baseline, the latest fsync, sample count) if applications synced recently and a
-    /// baseline exists.
-    pub fn feedback(&self, now_ns: i64) -> Option<(u64, u64, u64)> {
+    /// (slow fsyncs, all fsyncs), both counted since the mount, if applications synced
+    /// recently and a baseline exists.
+    pub fn feedback(&self, now_ns: i64) -> Option<(u64, u64)> {
         let base = self.quiet_ewma_ns.load(Ordering::Relaxed);
         if base == 0 || now_ns - self.last_ns.load(Ordering::Relaxed) > SYNC_RECENT_NS {
             return None;
         }
-        Some((base, self.latest_ns.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
+        Some((self.slow.load(Ordering::Relaxed), self.samples.load(Ordering::Relaxed)))
     }
 
     /// What `.ferry/status` shows of it.
@@ -446,6 +456,22 @@ mod tests {
         assert!(w.take_touched().is_empty());
         w.reset(12, &Default::default());
         assert_eq!(w.needed(0, 11), [0, 1, 2], "a checkpoint clears what it does not name");
+    }
+
+    #[test]
+    fn every_slow_fsync_while_a_copier_runs_is_counted() {
+        let s = SyncLatency::default();
+        assert!(s.feedback(1).is_none(), "no baseline yet");
+        s.record(1_000, 1);
+        s.record(1_000, 2);
+        s.copier_started();
+        s.record(5_000, 3);
+        s.record(1_000, 4);
+        s.record(1_400, 5);
+        assert_eq!(s.feedback(5), Some((1, 5)), "one of three over 1.5x the baseline, though the latest was fast");
+        s.copier_ended();
+        s.record(9_000, 6);
+        assert_eq!(s.feedback(6), Some((1, 6)), "with no copier a slow fsync moves the baseline instead");
     }
 
     #[test]

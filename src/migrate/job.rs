@@ -698,8 +698,8 @@ impl Runner<'_> {
         }
         let mut wait = self.job.rate.take(bytes).max(m.copy_rate.take(bytes));
         if apps_active {
-            if let Some((base, now, samples)) = self.engine.app_syncs.feedback(now_ns()) {
-                self.governor.steer(base, now, samples);
+            if let Some((slow, samples)) = self.engine.app_syncs.feedback(now_ns()) {
+                self.governor.steer(slow, samples);
                 wait = wait.max(self.governor.cap.take(bytes));
             }
         }
