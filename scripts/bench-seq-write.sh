@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Sequential write from a read-write handle, side by side: native, then each ferryfs build,
+# interleaved round by round, each on a fresh pool and mount; each ferryfs figure is also
+# printed as a ratio of the native run of its round.
+#
+#   scripts/bench-seq-write.sh                          # the checkout's build, 3 rounds of 1 GiB
+#   BENCH_SEQ_BINS="/tmp/old /tmp/new" scripts/bench-seq-write.sh   # compare builds
+#
+# Environment (all optional):
+#   BENCH_SEQ_BINS="PATH..."   ferryfs binaries to measure (default: build the checkout's)
+#   BENCH_SEQ_ROUNDS=3         rounds
+#   BENCH_SEQ_SIZE=1G          bytes written per run (fio 1 MiB blocks, end_fsync=1)
+#   BENCH_DIR=DIR              where the temporary directories go (default: under /var/tmp)
+#
+# Needs root (FUSE mounts by root) and fio (scripts/deps.sh --bench installs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${BENCH_SEQ_ROUNDS:-3}
+SIZE=${BENCH_SEQ_SIZE:-1G}
+if [[ -z "${BENCH_SEQ_BINS:-}" ]]; then
+    cargo build --release --locked --quiet
+    BENCH_SEQ_BINS="$(pwd)/target/release/ferryfs"
+fi
+read -r -a BINS <<<"$BENCH_SEQ_BINS"
+command -v fio >/dev/null || scripts/deps.sh --bench >/dev/null
+B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-seq.XXXXXX")
+MNT=""
+FERRY=""
+cleanup() {
+    if [[ -n "$MNT" ]] && mountpoint -q "$MNT"; then
+        "$FERRY" umount "$MNT" >/dev/null 2>&1 || umount -l "$MNT" || true
+    fi
+    rm -rf "$B"
+}
+trap cleanup EXIT INT TERM
+
+# run DIR -> MiB/s of one fio sequential write into DIR
+run() {
+    fio --name=seq --directory="$1" --filename=seq.dat --ioengine=psync --rw=write --bs=1M \
+        --size="$SIZE" --end_fsync=1 --output-format=json --output="$B/fio.json" >/dev/null
+    python3 -c "import json; print('%.0f' % (json.load(open('$B/fio.json'))['jobs'][0]['write']['bw'] / 1024))"
+}
+
+printf '%-6s %-10s %s\n' round config "MiB/s (x native)"
+for ((r = 1; r <= ROUNDS; r++)); do
+    mkdir "$B/native"
+    native=$(run "$B/native")
+    rm -rf "$B/native"
+    printf '%-6s %-10s %s\n' "$r" native "$native"
+    i=0
+    for bin in "${BINS[@]}"; do
+        i=$((i + 1))
+        FERRY=$bin
+        "$bin" init "$B/pool" >/dev/null
+        # Room for the data set and its over-provisioned tail (images are sparse).
+        "$bin" volume add "$B/pool" V1 --size "$(($(numfmt --from=iec "$SIZE") * 3))" >/dev/null
+        mkdir -p "$B/mnt"
+        "$bin" mount "$B/pool" "$B/mnt" >/dev/null
+        MNT=$B/mnt
+        mib=$(run "$B/mnt")
+        "$bin" umount "$B/mnt" >/dev/null
+        MNT=""
+        rm -rf "$B/pool" "$B/mnt"
+        printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$mib" "$(awk -v a="$mib" -v b="$native" 'BEGIN { printf "%.2f", a / b }')"
+    done
+done
+for ((i = 1; i <= ${#BINS[@]}; i++)); do echo "build$i = ${BINS[$((i - 1))]}"; done
