@@ -63,12 +63,7 @@ impl FileStorage {
     pub fn create(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
         file.set_len(size_bytes)?;
-        Ok(FileStorage {
-            file,
-            size_bytes: AtomicU64::new(size_bytes),
-            latch: Latch::default(),
-            changes: Changes::default(),
-        })
+        Ok(FileStorage::from_file(file, size_bytes))
     }
 
     /// A file (or block device) opened by the caller, used up to `size_bytes`.
@@ -85,7 +80,7 @@ impl FileStorage {
     pub fn open(path: &Path) -> io::Result<FileStorage> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        Ok(FileStorage { file, size_bytes: AtomicU64::new(len), latch: Latch::default(), changes: Changes::default() })
+        Ok(FileStorage::from_file(file, len))
     }
 
     /// Open a volume image; its length must be at least `size_bytes` (the catalog's size).
