@@ -387,12 +387,39 @@ fn a_write_drops_set_id_bits_and_file_capabilities() {
         fs::write(&f, b"data\n").unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
         append_as_nobody(&f);
+        // `stat -c %a` asks the kernel for the mode alone (statx STATX_MODE), which it
+        // answers from its attribute cache unless the mount told it the mode changed.
+        let shown = String::from_utf8(run(Command::new("stat").args(["-c", "%a", s(&f)])).stdout).unwrap();
+        assert_eq!(shown.trim(), format!("{after:o}"), "stat -c %a right after a write by nobody to a {mode:o} file");
         assert_eq!(mode_of(&f), after, "mode {mode:o} after a write by nobody");
         // Twice: the second write meets what the first left.
         append_as_nobody(&f);
         assert_eq!(mode_of(&f), after, "mode {mode:o} after a second write by nobody");
         assert_eq!(fs::read(&f).unwrap(), b"data\nmore\nmore\n");
     }
+    // What else drops them, as on ext4: a chown (whoever asks), a truncate or an O_TRUNC
+    // open by a caller without CAP_FSETID; root's truncate keeps them.
+    let g = m.p("g");
+    for (who, cmd, after) in [
+        ("root", "chown nobody g", 0o777),
+        ("root", "chgrp nogroup g", 0o777),
+        ("root", "truncate -s 1 g", 0o6777),
+        ("nobody", "truncate -s 1 g", 0o777),
+        ("nobody", ": > g", 0o777),
+    ] {
+        fs::write(&g, b"data\n").unwrap();
+        fs::set_permissions(&g, fs::Permissions::from_mode(0o6777)).unwrap();
+        let script = format!("cd '{}' && {cmd}", m.p("").display());
+        let out = if who == "root" {
+            Command::new("sh").args(["-c", &script]).output().unwrap()
+        } else {
+            as_nobody(&["sh", "-c", &script])
+        };
+        assert!(out.status.success(), "{who}: {cmd}: {out:?}");
+        let shown = String::from_utf8(run(Command::new("stat").args(["-c", "%a", s(&g)])).stdout).unwrap();
+        assert_eq!(shown.trim(), format!("{after:o}"), "{who}: {cmd} on a 6777 file");
+    }
+
     // Root keeps its set-ID bits (CAP_FSETID).
     let f = m.p("root-suid");
     fs::write(&f, b"x").unwrap();
@@ -424,5 +451,8 @@ fn a_write_drops_set_id_bits_and_file_capabilities() {
     run(Command::new("setcap").args(["cap_net_raw+ep", s(&f)]));
     rw.set_len(4).unwrap();
     assert!(get(&f, "security.capability").is_err(), "a truncate drops it");
+    run(Command::new("setcap").args(["cap_net_raw+ep", s(&f)]));
+    run(Command::new("chown").args(["nobody", s(&f)]));
+    assert!(get(&f, "security.capability").is_err(), "a chown drops it");
     assert_eq!(fs::read(&f).unwrap(), b"#!/b");
 }

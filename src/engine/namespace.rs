@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::node::CAPABILITY_XATTR;
 use super::{Engine, Error, Result};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Inode, Meta, NewKind, Op, SpecialKind, NAME_MAX_BYTES};
@@ -61,6 +62,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime_ns: Option<i64>,
     pub mtime_ns: Option<i64>,
+    /// The caller lacks CAP_FSETID: a truncate then drops set-ID bits, as a write does.
+    pub unprivileged: bool,
 }
 
 /// A name for a new entry: not empty, not `.` or `..`, no `/`, at most NAME_MAX bytes.
@@ -144,8 +147,26 @@ impl Engine {
     }
 
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
-        let SetAttr { mode, uid, gid, size, atime_ns, mtime_ns } = set;
+        let SetAttr { mut mode, uid, gid, size, atime_ns, mtime_ns, unprivileged } = set;
         let now = now_ns();
+        // What the VFS leaves to the file system with FUSE_HANDLE_KILLPRIV_V2 (fs/mod.rs):
+        // a chown of a regular file drops set-user-ID, and set-group-ID where the group may
+        // execute, whoever asks; a truncate does so when the caller lacks CAP_FSETID. A
+        // mode in the same request is the caller's own word and wins.
+        let chown = uid.is_some() || gid.is_some();
+        if mode.is_none() && (chown || (size.is_some() && unprivileged)) {
+            let a = self.attr(ino)?;
+            if a.kind == Kind::File {
+                let perm = a.meta.perm & 0o7777;
+                let mut kill = perm & libc::S_ISUID;
+                if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+                    kill |= libc::S_ISGID;
+                }
+                if kill != 0 {
+                    mode = Some(perm & !kill);
+                }
+            }
+        }
         if let Some(size) = size {
             self.truncate(ino, size, now)?;
         }
@@ -160,6 +181,11 @@ impl Engine {
                 &mut cat,
                 Op::SetMeta { ino, perm: mode.map(|m| m & 0o7777), uid, gid, atime_ns, mtime_ns, ctime_ns: now },
             )?;
+            // A chown drops a file capability too (the VFS's ATTR_KILL_PRIV).
+            let caps = chown && cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR));
+            if caps {
+                self.commit(&mut cat, Op::RemoveXattr { ino, name: CAPABILITY_XATTR.to_vec(), ctime_ns: now })?;
+            }
             drop(cat);
             if mode.is_some_and(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0) {
                 self.may_be_privileged(ino);

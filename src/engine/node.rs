@@ -55,8 +55,9 @@ impl Engine {
     /// writer lacks CAP_FSETID (`kill_suidgid`: the kernel's `FUSE_WRITE_KILL_SUIDGID`). The
     /// kernel does neither for a direct-I/O handle, and with `FUSE_HANDLE_KILLPRIV_V2` it
     /// leaves them to us on inodes it marked as having nothing to drop. Called only when
-    /// the node is marked [`FileNode::privileged`].
-    pub fn drop_privileges(&self, node: &FileNode, kill_suidgid: bool) -> Result<()> {
+    /// the node is marked [`FileNode::privileged`]. Returns whether the mode changed (the
+    /// kernel's cached attributes are then stale).
+    pub fn drop_privileges(&self, node: &FileNode, kill_suidgid: bool) -> Result<bool> {
         let mut cat = self.catalog.lock();
         let ino = node.ino;
         let perm = cat.catalog.get(ino).ok_or(Error::NotFound)?.meta.perm;
@@ -83,7 +84,7 @@ impl Engine {
             self.commit(&mut cat, op)?;
         }
         node.privileged.store(privileged(&cat, ino), Ordering::Release);
-        Ok(())
+        Ok(kill != 0)
     }
 
     /// After a change that may have given `ino` set-ID bits or a file capability: the next

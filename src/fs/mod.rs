@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -98,6 +98,8 @@ pub struct FerryFs {
     writeback: bool,
     /// Applications' reads, writes and syncs of data sets: latency and bytes (`.ferry/metrics`).
     pub app_io: AppIo,
+    /// Tells the kernel what changed behind its caches; set once the session exists.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
     /// When this file system was made, just before it serves (Unix nanoseconds).
     pub started_ns: i64,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
@@ -140,6 +142,24 @@ impl FerryFs {
             started_ns: now_ns(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the mount puts the session's notifier once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// The engine changed `ino`'s attributes on its own (a write dropped its set-ID bits):
+    /// the kernel drops its cached attributes, or a `stat` asking for the mode alone would
+    /// show the old one until the TTL ran out. Attributes only (offset -1): no page is
+    /// touched, so this is safe inside a request the kernel holds the inode's lock for.
+    fn forget_cached_attributes(&self, ino: Ino) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                warn!("telling the kernel that inode {ino}'s attributes changed: {e}");
+            }
         }
     }
 
@@ -397,6 +417,21 @@ fn reply_xattr(reply: fuser::ReplyXattr, res: FsResult<Vec<u8>>, size: u32) {
     }
 }
 
+/// Does the caller hold CAP_FSETID (in its effective set, `/proc/PID/status`)? With
+/// FUSE_HANDLE_KILLPRIV_V2 the kernel says so of a truncate in a flag that fuser does not
+/// pass on, so it is asked of the caller here; only a truncate asks. A caller gone, or a
+/// status that does not read, counts as root's (uid 0) or not.
+fn has_cap_fsetid(pid: u32, uid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .map_or(uid == 0, |caps| caps & (1 << CAP_FSETID) != 0)
+}
+
 fn log_err(e: &FsError) {
     match e {
         FsError::Io(_) | FsError::Catalog(_) => error!("{e}"),
@@ -459,7 +494,7 @@ impl Filesystem for FerryFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -483,6 +518,8 @@ impl Filesystem for FerryFs {
             size,
             atime_ns: atime.map(|t| time_or_now(t, now)),
             mtime_ns: mtime.map(|t| time_or_now(t, now)),
+            // Asked only of a truncate: whether it must drop set-ID bits.
+            unprivileged: size.is_some() && !has_cap_fsetid(req.pid(), req.uid()),
         };
         let res = self.do_setattr(ino.0, set);
         reply_result!(reply, res, |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
@@ -634,8 +671,10 @@ impl Filesystem for FerryFs {
         }
         let t0 = Instant::now();
         let res = self.file_handle(fh).and_then(|node| {
-            if node.privileged.load(Ordering::Acquire) {
-                self.engine.drop_privileges(&node, write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))?;
+            if node.privileged.load(Ordering::Acquire)
+                && self.engine.drop_privileges(&node, write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID))?
+            {
+                self.forget_cached_attributes(node.ino);
             }
             self.engine.write(&node, offset, data)?;
             // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves

@@ -364,17 +364,15 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     config.clone_fd = true;
     block_signals_and_unmount_on_them(mnt.clone())?;
     raise_max_pages();
-    let session = fuser::Session::new(
-        FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
-            .read_only(opts.read_only)
-            .writeback(opts.writeback),
-        &mnt,
-        &config,
-    )
-    .map_err(|e| {
+    let fs = FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
+        .read_only(opts.read_only)
+        .writeback(opts.writeback);
+    let notifier = fs.notifier_slot();
+    let session = fuser::Session::new(fs, &mnt, &config).map_err(|e| {
         let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
         format!("mount {}: {e}", mnt.display())
     })?;
+    let _ = notifier.set(session.notifier());
     raise_readahead(&mnt, &pool_dir);
     Ok((session, migrations, mnt, recovered))
 }
