@@ -518,8 +518,11 @@ impl Filesystem for FerryFs {
             size,
             atime_ns: atime.map(|t| time_or_now(t, now)),
             mtime_ns: mtime.map(|t| time_or_now(t, now)),
-            // Asked only of a truncate: whether it must drop set-ID bits.
-            unprivileged: size.is_some() && !has_cap_fsetid(req.pid(), req.uid()),
+            // Asked only of a truncate of a data set with set-ID bits: whether it must drop
+            // them (reading the caller's capabilities costs a read of /proc).
+            unprivileged: size.is_some()
+                && self.engine.attr(ino.0).is_ok_and(|a| a.meta.perm & (libc::S_ISUID | libc::S_ISGID) != 0)
+                && !has_cap_fsetid(req.pid(), req.uid()),
         };
         let res = self.do_setattr(ino.0, set);
         reply_result!(reply, res, |r: ReplyAttr, a| r.attr(&ATTR_TTL, &a))
