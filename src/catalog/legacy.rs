@@ -209,22 +209,7 @@ fn tag(op: &Op) -> u8 {
 }
 
 fn job_start_tag() -> u8 {
-    tag(&Op::JobStart {
-        job: JobRec {
-            id: 0,
-            ino: 0,
-            path: String::new(),
-            targets: Vec::new(),
-            target: Layout::default(),
-            release: Vec::new(),
-            switched: false,
-            cutover: Cutover::Live,
-            rate_bytes_per_s: 0,
-            plan: None,
-            started_ns: 0,
-            verify: false,
-        },
-    })
+    tag(&Op::JobStart { job: JobRec::queued(0, 0, "", Vec::new()) })
 }
 
 fn plan_start_tag() -> u8 {

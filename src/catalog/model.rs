@@ -251,6 +251,27 @@ pub struct JobRec {
     pub verify: bool,
 }
 
+impl JobRec {
+    /// A job just queued: no target reserved yet, nothing to release, live cutover, no cap,
+    /// no plan, no verification. Callers set what differs with struct update syntax.
+    pub fn queued(id: u64, ino: Ino, path: impl Into<String>, targets: Vec<VolumeId>) -> JobRec {
+        JobRec {
+            id,
+            ino,
+            path: path.into(),
+            targets,
+            target: Layout::default(),
+            release: Vec::new(),
+            switched: false,
+            cutover: Cutover::Live,
+            rate_bytes_per_s: 0,
+            plan: None,
+            started_ns: 0,
+            verify: false,
+        }
+    }
+}
+
 /// How far a job's copy is known to be durable on its target, so that a crash resumes it
 /// there instead of from the start (docs/design.md, "Resuming a job"). Kept beside the job
 /// records (`Catalog::checkpoints`), not in [`JobRec`]: a postcard record has no optional
@@ -1547,23 +1568,7 @@ mod tests {
                         };
                         let runs = vec![Run { logical: 0, extent: e(next(64), end) }];
                         next_job += 1;
-                        Op::JobStart {
-                            job: JobRec {
-                                id: next_job - 1,
-                                ino,
-                                path: String::new(),
-                                targets: vec![vol],
-                                target: Layout::default(),
-                                release: Vec::new(),
-                                switched: false,
-                                cutover: Cutover::Live,
-                                rate_bytes_per_s: 0,
-                                plan: None,
-                                started_ns: 0,
-                                verify: false,
-                            },
-                        }
-                        .with_target(runs)
+                        Op::JobStart { job: JobRec::queued(next_job - 1, ino, "", vec![vol]) }.with_target(runs)
                     }
                     18 => Op::JobSwitch { job },
                     19 => Op::JobRelease { job },
@@ -1677,20 +1682,7 @@ mod tests {
             "a mapped track can't be mapped again"
         );
         // A job maps the target at the same logical tracks, and one more (filled, then punched).
-        let job = JobRec {
-            id: 7,
-            ino: 2,
-            path: "/f".into(),
-            targets: vec![VolumeId(2)],
-            target: Layout::default(),
-            release: vec![],
-            switched: false,
-            cutover: Cutover::Live,
-            rate_bytes_per_s: 0,
-            plan: None,
-            started_ns: 0,
-            verify: false,
-        };
+        let job = JobRec::queued(7, 2, "/f", vec![VolumeId(2)]);
         c.apply(&Op::JobStart { job }).unwrap();
         c.apply(&Op::JobMap { job: 7, runs: vec![run(0, 2, 0, 1), run(100, 2, 1, 2)] }).unwrap();
         c.apply(&Op::Map { ino: 2, runs: vec![run(50, 1, 9, 1)], prealloc_end: 0 }).unwrap();

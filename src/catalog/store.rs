@@ -981,7 +981,7 @@ mod tests {
     /// replaces the last one's dirty set; the end of the job drops it; an intent needs one.
     #[test]
     fn job_checkpoints_replay_compact_and_end_with_the_job() {
-        use crate::catalog::model::{Cutover, JobRec};
+        use crate::catalog::model::JobRec;
         use crate::space::{Extent, VolumeId};
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::create(dir.path(), new_catalog()).unwrap();
@@ -989,20 +989,7 @@ mod tests {
         s.commit(Op::AddVolume { id: v, name: "V1".into(), path: "v".into(), size_bytes: 64 * 4096, tracks_total: 64 })
             .unwrap();
         mk(&mut s, 2, "f");
-        let job = |id| JobRec {
-            id,
-            ino: 2,
-            path: "/f".into(),
-            targets: vec![v],
-            target: crate::layout::Layout::default(),
-            release: Vec::new(),
-            switched: false,
-            cutover: Cutover::Live,
-            rate_bytes_per_s: 0,
-            plan: None,
-            started_ns: 0,
-            verify: false,
-        };
+        let job = |id| JobRec::queued(id, 2, "/f", vec![v]);
         s.commit(Op::JobStart { job: job(1) }).unwrap();
         assert!(s.commit(Op::JobIntent { job: 1, regions: vec![0] }).is_err(), "an intent needs a checkpoint");
         let target = vec![Extent { volume: v, first: crate::geometry::TrackNo(8), count_tracks: 8 }];

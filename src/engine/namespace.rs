@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::node::CAPABILITY_XATTR;
+use super::node::set_id_to_drop;
 use super::{Engine, Error, Result};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Inode, Meta, NewKind, Op, SpecialKind, NAME_MAX_BYTES};
@@ -158,10 +158,7 @@ impl Engine {
             let a = self.attr(ino)?;
             if a.kind == Kind::File {
                 let perm = a.meta.perm & 0o7777;
-                let mut kill = perm & libc::S_ISUID;
-                if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-                    kill |= libc::S_ISGID;
-                }
+                let kill = set_id_to_drop(perm);
                 if kill != 0 {
                     mode = Some(perm & !kill);
                 }
@@ -182,9 +179,8 @@ impl Engine {
                 Op::SetMeta { ino, perm: mode.map(|m| m & 0o7777), uid, gid, atime_ns, mtime_ns, ctime_ns: now },
             )?;
             // A chown drops a file capability too (the VFS's ATTR_KILL_PRIV).
-            let caps = chown && cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR));
-            if caps {
-                self.commit(&mut cat, Op::RemoveXattr { ino, name: CAPABILITY_XATTR.to_vec(), ctime_ns: now })?;
+            if chown {
+                self.drop_capability(&mut cat, ino, now)?;
             }
             drop(cat);
             if mode.is_some_and(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0) {

@@ -49,7 +49,26 @@ fn privileged(cat: &Store, ino: Ino) -> bool {
         || cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR))
 }
 
+/// The set-ID bits of `perm` that a write, truncate or chown takes away: set-user-ID, and
+/// set-group-ID where the group may execute (without it, set-group-ID marks mandatory
+/// locking, which the VFS leaves alone).
+pub(super) fn set_id_to_drop(perm: u32) -> u32 {
+    let mut kill = perm & libc::S_ISUID;
+    if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
 impl Engine {
+    /// Remove `ino`'s file capability, if it has one (the VFS's ATTR_KILL_PRIV).
+    pub(super) fn drop_capability(&self, cat: &mut Store, ino: Ino, now: i64) -> Result<()> {
+        if cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR)) {
+            self.commit(cat, Op::RemoveXattr { ino, name: CAPABILITY_XATTR.to_vec(), ctime_ns: now })?;
+        }
+        Ok(())
+    }
+
     /// What a write takes away, as the VFS does on a local file system: the file capability
     /// on any write; set-user-ID, and set-group-ID where the group may execute, when the
     /// writer lacks CAP_FSETID (`kill_suidgid`: the kernel's `FUSE_WRITE_KILL_SUIDGID`). The
@@ -61,16 +80,8 @@ impl Engine {
         let mut cat = self.catalog.lock();
         let ino = node.ino;
         let perm = cat.catalog.get(ino).ok_or(Error::NotFound)?.meta.perm;
-        if cat.catalog.xattrs.get(&ino).is_some_and(|x| x.contains_key(CAPABILITY_XATTR)) {
-            self.commit(&mut cat, Op::RemoveXattr { ino, name: CAPABILITY_XATTR.to_vec(), ctime_ns: now_ns() })?;
-        }
-        let mut kill = 0;
-        if kill_suidgid {
-            kill = perm & libc::S_ISUID;
-            if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-                kill |= libc::S_ISGID;
-            }
-        }
+        self.drop_capability(&mut cat, ino, now_ns())?;
+        let kill = if kill_suidgid { set_id_to_drop(perm) } else { 0 };
         if kill != 0 {
             let op = Op::SetMeta {
                 ino,

@@ -149,18 +149,5 @@ fn recovery_zeroes_a_rolled_back_target_on_a_clean_mount() {
 
 /// A job record of data set 2 to volume 1, queued (no target yet).
 fn queued_job(id: u64) -> crate::catalog::model::JobRec {
-    crate::catalog::model::JobRec {
-        id,
-        ino: 2,
-        path: "/f".into(),
-        targets: vec![VolumeId(1)],
-        target: crate::layout::Layout::default(),
-        release: Vec::new(),
-        switched: false,
-        cutover: crate::catalog::model::Cutover::Live,
-        rate_bytes_per_s: 0,
-        plan: None,
-        started_ns: 0,
-        verify: false,
-    }
+    crate::catalog::model::JobRec::queued(id, 2, "/f", vec![VolumeId(1)])
 }

@@ -37,7 +37,6 @@ use parking_lot::Mutex;
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Catalog, Cutover, Ino, JobRec, Op, PlanKind, PlanRec};
 use crate::engine::{Engine, Error as FsError};
-use crate::layout::Layout;
 use crate::monitor::JobLink;
 use crate::report::{self, JobReport, PlanReport};
 use crate::space::VolumeId;
@@ -481,18 +480,12 @@ fn enqueue(
 ) -> Result<Arc<JobState>, FsError> {
     let id = Migrations::next_id(inner, &cat.catalog);
     let rec = JobRec {
-        id,
-        ino: p.ino,
-        path: p.path.clone(),
-        targets: p.targets.clone(),
-        target: Layout::default(),
-        release: Vec::new(),
-        switched: false,
         cutover: opts.cutover,
         rate_bytes_per_s: opts.rate_bytes_per_s,
         plan,
         started_ns: now_ns(),
         verify: opts.verify,
+        ..JobRec::queued(id, p.ino, p.path.clone(), p.targets.clone())
     };
     m.engine.commit(cat, Op::JobStart { job: rec.clone() })?;
     let job = Arc::new(JobState::new(&rec));

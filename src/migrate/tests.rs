@@ -147,20 +147,7 @@ fn a_refused_transition_fails_the_job_instead_of_panicking() {
     let dir = tempfile::tempdir().unwrap();
     let (sh, _node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
     let m = Migrations::new(sh);
-    let rec = JobRec {
-        id: 7,
-        ino: 2,
-        path: "/f".into(),
-        targets: Vec::new(),
-        target: crate::layout::Layout::default(),
-        release: Vec::new(),
-        switched: false,
-        cutover: Cutover::Live,
-        rate_bytes_per_s: 0,
-        plan: None,
-        started_ns: 0,
-        verify: true,
-    };
+    let rec = JobRec { verify: true, ..JobRec::queued(7, 2, "/f", Vec::new()) };
     let job = JobState::new(&rec);
     assert_eq!(job.report(&m.engine.catalog.lock().catalog, 4096).verify.as_deref(), Some("pending"));
     let e = job.transition(State::Copying).unwrap_err();
