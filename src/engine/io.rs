@@ -274,8 +274,8 @@ impl Engine {
         let nodes = self.nodes.lock();
         let node = self.node_for(&nodes, ino)?;
         self.truncate_locked(&node, new_size, now)?;
-        // A truncate drops a file capability as a write does (the set-ID bits are the
-        // kernel's to ask for, with the mode, in the same setattr).
+        // A truncate drops a file capability as a write does (the set-ID bits: in
+        // `Engine::setattr`, which knows whether the caller holds CAP_FSETID).
         if node.privileged.load(Ordering::Acquire) {
             self.drop_privileges(&node, false)?;
         }
