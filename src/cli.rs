@@ -879,6 +879,10 @@ fn repair_log(pool: &Path) -> Result<pool::PoolLock, Failure> {
         "repair: {} whole frame(s) after the damage were lost with it (their catalog changes are gone)",
         r.frames_lost
     );
+    println!(
+        "repair: the frames kept are folded into a new catalog snapshot (size records in the volumes, written \
+         after the frames that were cut, no longer apply)"
+    );
     Ok(lock)
 }
 

@@ -551,6 +551,12 @@ pub fn render(m: &Mount<'_>) -> String {
         .sample(&[], st.compactions);
         x.family("ferryfs_catalog_compaction_failures_total", Kind::Counter, "Compactions of the catalog that failed.")
             .sample(&[], st.compaction_failures);
+        x.family(
+            "ferryfs_catalog_size_records_total",
+            Kind::Counter,
+            "Fsyncs and fdatasyncs that made a data set's growth durable with a size record in a volume image, flushed with its bytes, instead of a sync of the catalog's log.",
+        )
+        .sample(&[], st.size_records);
     }
 
     {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{ferry, ferry_ok, s, TestPool};
@@ -314,4 +314,39 @@ fn large_writes_arrive_in_few_requests() {
         "{writes} write requests for one 16 MiB write"
     );
     common::assert_bytes_eq(&fs::read(m.p("big")).unwrap(), &bytes, "the 16 MiB written in one call");
+}
+
+/// A journal's writer (append a record, fdatasync, again) pays one flush per record: the
+/// size goes into a size record in the volume image, flushed with the bytes, not into a
+/// sync of the catalog's log (docs/format.md, "Size records"). Every record reads back;
+/// after a kill -9 the next mount finds them all; a clean unmount cuts the ring off the
+/// image, so that the next mount reads none.
+#[test]
+fn a_journal_writer_fdatasyncs_by_size_record() {
+    let tp = TestPool::new("64K", &[("V1", "64M")]);
+    let image = PathBuf::from(common::volume_json(&tp.pool, "V1")["path"].as_str().unwrap());
+    let m = tp.mount();
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(m.p("journal")).unwrap();
+    // The create and the first track are catalog changes only the log's sync makes durable.
+    f.write_all(b"head").unwrap();
+    f.sync_all().unwrap();
+    let mut want = b"head".to_vec();
+    let (_, before) = read_metrics(&m.mnt);
+    for i in 0..50 {
+        let rec = common::pattern(100, i + 1);
+        f.write_all(&rec).unwrap();
+        f.sync_data().unwrap();
+        want.extend_from_slice(&rec);
+    }
+    let (_, after) = read_metrics(&m.mnt);
+    let family = "ferryfs_catalog_size_records_total";
+    let records = value(&after, family, &[]) - value(&before, family, &[]);
+    assert!(records >= 45.0, "{records} of 50 fdatasyncs went by size record");
+    drop(f);
+    assert!(fs::metadata(&image).unwrap().len() > 64 << 20, "no ring past the tracks");
+    m.kill9();
+    let m = tp.mount();
+    common::assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after a kill -9");
+    m.unmount();
+    assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20, "the clean unmount left the ring");
 }

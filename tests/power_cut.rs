@@ -2,7 +2,7 @@
 //!
 //! The engine runs without FUSE over `storage::sim::SimDisk`, which keeps every write made
 //! since the last sync apart from the synced ones. Seeded applications write, fsync,
-//! fdatasync, write with O_DSYNC, truncate, fallocate, create (and fsync the directory),
+//! fdatasync, write with O_DSYNC (some of them appending), truncate, fallocate, create (and fsync the directory),
 //! rename and unlink, while migrations, merges, drains, volume adds and retires run beside
 //! them, their job threads taking turns with the applications (migrate/turns.rs) so that a
 //! seed replays exactly. At a random I/O the power goes: the unsynced writes are dropped,
@@ -213,6 +213,8 @@ struct Sim {
     m: Arc<Migrations>,
     turns: Arc<Turns>,
     handles: BTreeMap<Ino, Vec<Arc<FileNode>>>,
+    /// Data sets whose size the catalog's open restored from size records.
+    sizes_restored: u64,
 }
 
 fn create_pool(disk: &SimDisk) {
@@ -232,7 +234,7 @@ fn create_pool(disk: &SimDisk) {
 /// does not mount.
 fn mount(disk: &SimDisk) -> Result<Sim, String> {
     let d: Arc<dyn Disk> = Arc::new(disk.clone());
-    let (store, _) = Store::open_on(d.clone(), &pool(), true).map_err(|e| format!("catalog: {e}"))?;
+    let (store, report) = Store::open_on(d.clone(), &pool(), true).map_err(|e| format!("catalog: {e}"))?;
     let mut volumes = Vec::new();
     for v in store.catalog.volumes.values() {
         let f = d.open(Path::new(&v.path)).map_err(|e| format!("volume {}: {e}", v.name))?;
@@ -244,7 +246,7 @@ fn mount(disk: &SimDisk) -> Result<Sim, String> {
     let m = Migrations::simulated(engine.clone(), turns.clone());
     m.set_max_jobs(2);
     migrate::resume(&m, &recovered);
-    Ok(Sim { engine, m, turns, handles: BTreeMap::new() })
+    Ok(Sim { engine, m, turns, handles: BTreeMap::new(), sizes_restored: report.sizes_restored })
 }
 
 impl Sim {
@@ -347,6 +349,10 @@ struct Tally {
     switched: AtomicU64,
     /// Jobs that a mount resumed from their checkpoints.
     resumed: AtomicU64,
+    /// Fsyncs that wrote a size record instead of syncing the log, and sizes that a mount
+    /// restored from one.
+    size_records: AtomicU64,
+    sizes_restored: AtomicU64,
     /// Control lines accepted, by verb.
     verbs: std::sync::Mutex<BTreeMap<String, u64>>,
     /// The phases jobs were in when the power went.
@@ -385,7 +391,11 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
         30..=54 => {
             let Some((_, ino)) = existing(rng) else { return true };
             let Ok(h) = sim.handle(ino) else { return !disk.is_cut() };
-            let offset = rng.below(FILE_MAX_BYTES);
+            // One in four appends (a log's writer: its fsyncs may go by size record).
+            let offset = match rng.chance(1, 4) {
+                true => h.size_bytes.load(Ordering::Acquire).min(FILE_MAX_BYTES - 1),
+                false => rng.below(FILE_MAX_BYTES),
+            };
             let len = 1 + rng.below(3 * TRACK_BYTES).min(FILE_MAX_BYTES - offset - 1);
             let data = fill(n, len as usize);
             let dsync = rng.chance(1, 6);
@@ -611,6 +621,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
         }
         let resumed = String::from_utf8_lossy(&sim.m.events_text()).matches("(from checkpoint)").count();
         tally.resumed.fetch_add(resumed as u64, Ordering::Relaxed);
+        tally.sizes_restored.fetch_add(sim.sizes_restored, Ordering::Relaxed);
         match check_recovered(&sim, &mut oracle) {
             Ok(bytes) => {
                 tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
@@ -649,6 +660,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
                 (p, _) => Tally::count(&tally.cut_in_phase, p),
             }
         }
+        tally.size_records.fetch_add(sim.engine.catalog.lock().stats().size_records, Ordering::Relaxed);
         sim.power_off();
         disk = disk.restart(rng.next_u64());
         tally.cuts.fetch_add(1, Ordering::Relaxed);
@@ -724,8 +736,14 @@ fn power_cuts_keep_every_acknowledged_write() {
     );
     println!("control lines accepted: {:?}", tally.verbs.lock().unwrap());
     println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
+    let (records, restored) =
+        (tally.size_records.load(Ordering::Relaxed), tally.sizes_restored.load(Ordering::Relaxed));
+    println!("size records: {records} fsyncs wrote one instead of syncing the log; {restored} sizes restored from one");
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
+    if seeds.len() >= 100 {
+        assert!(records > 0 && restored > 0, "the campaign never took the size-record path, or never restored from it");
+    }
 }
 
 /// A fresh pool on a simulated disk holding data set `/a` of 20 tracks, written and
@@ -985,4 +1003,90 @@ fn a_cut_during_a_migration_resumes_from_the_checkpoint() {
     println!("{from_checkpoint} resumed from a checkpoint, the furthest at track {highest}");
     assert!(from_checkpoint > 0, "no cut found a checkpoint to resume from");
     assert!(highest >= 6, "no checkpoint past the first chunks: {highest}");
+}
+
+/// Append `len` bytes to data set `ino` through `h` and fdatasync: the oracle learns the
+/// write, and that it is durable if the fdatasync returned.
+fn append_synced(
+    sim: &mut Sim,
+    oracle: &mut Oracle,
+    ino: Ino,
+    h: &Arc<FileNode>,
+    n: u64,
+    len: usize,
+) -> Result<(), String> {
+    let e = sim.engine.clone();
+    let at = h.size_bytes.load(Ordering::Acquire);
+    let data = fill(n, len);
+    e.write(h, at, &data).and_then(|()| e.fsync(h, true)).map_err(|x| format!("append {n}: {x}"))?;
+    let model = oracle.files.entry(ino).or_default();
+    model.write(at, &data);
+    model.synced();
+    Ok(())
+}
+
+/// The story: every append + fdatasync cost two flushes, the image's and then the log's
+/// (the size). Now, when all the log lacks on the disk is size raises, the size goes into a
+/// size record in the image, flushed with the bytes, and the log is not synced. A power cut
+/// that loses the log's size frames leaves the record: the catalog's open restores the
+/// size. Then a truncate, synced, and another cut: the record, older than the log now,
+/// says nothing (the restore compacted to a new generation), and the data set stays cut.
+#[test]
+fn an_appended_fdatasync_survives_a_power_cut_on_its_size_record() {
+    let log = pool().join("catalog.log");
+    let mut restored = 0;
+    for seed in 0..12 {
+        let (disk, mut oracle, mut sim, ino, h) = synced_data_set().unwrap();
+        // The first append maps a new track (with over-provisioned ones after it): an
+        // allocation, which only a sync of the log makes durable.
+        append_synced(&mut sim, &mut oracle, ino, &h, 2, 100).unwrap();
+        let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().size_records);
+        for n in 3..11 {
+            append_synced(&mut sim, &mut oracle, ino, &h, n, 700).unwrap();
+        }
+        assert_eq!(disk.flushes(&log), log_syncs, "seed {seed}: an append + fdatasync synced the log");
+        assert_eq!(sim.engine.catalog.lock().stats().size_records - records, 8, "seed {seed}");
+        disk.cut_power_now();
+        sim.power_off();
+        let disk = disk.restart(seed);
+        let sim = mount(&disk).unwrap();
+        restored += sim.sizes_restored;
+        check_recovered(&sim, &mut oracle).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        // A truncate, made durable, then a cut: the old record must not raise the size again.
+        sim.engine.truncate(ino, 1000, 0).and_then(|()| sim.engine.sync_log()).unwrap();
+        let model = oracle.files.get_mut(&ino).unwrap();
+        model.truncate(1000);
+        model.synced();
+        oracle.log_synced();
+        disk.cut_power_now();
+        sim.power_off();
+        let disk = disk.restart(seed + 100);
+        let sim = mount(&disk).unwrap();
+        assert_eq!(sim.sizes_restored, 0, "seed {seed}: a record older than the log raised a size");
+        check_recovered(&sim, &mut oracle).unwrap_or_else(|e| panic!("seed {seed}, after the truncate: {e}"));
+        sim.power_off();
+    }
+    assert!(restored > 0, "no seed lost the log's size frames: the records were never needed");
+}
+
+/// A slot of the size ring is written again only once the log holds its record's news
+/// durably: the fsync that would overwrite a record the log lacks syncs the log instead,
+/// once per lap of the ring. Every acknowledged append survives the cut after the laps.
+#[test]
+fn the_size_ring_laps_only_over_records_the_log_holds() {
+    let log = pool().join("catalog.log");
+    let (disk, mut oracle, mut sim, ino, h) = synced_data_set().unwrap();
+    append_synced(&mut sim, &mut oracle, ino, &h, 2, 1).unwrap();
+    let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().size_records);
+    let slots = ferryfs::catalog::sizes::RING_SLOTS;
+    for n in 0..slots * 2 + 5 {
+        append_synced(&mut sim, &mut oracle, ino, &h, n + 3, 1).unwrap();
+    }
+    assert_eq!(disk.flushes(&log) - log_syncs, 2, "one sync of the log per lap of the ring");
+    assert_eq!(sim.engine.catalog.lock().stats().size_records - records, slots * 2 + 3);
+    disk.cut_power_now();
+    sim.power_off();
+    let sim = mount(&disk.restart(1)).unwrap();
+    check_recovered(&sim, &mut oracle).unwrap();
+    sim.power_off();
 }

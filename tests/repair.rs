@@ -89,7 +89,8 @@ fn damage_in_synced_log_is_refused_and_fsck_repair_fixes_it() {
     assert_eq!(fs::read(&copies[0]).unwrap(), log, "the copy holds the log as it was");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(&copies[0]).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(fs::metadata(&log_path).unwrap().len(), at as u64);
+    // The frames before the cut were folded into a new snapshot; the log starts afresh.
+    assert!(fs::metadata(&log_path).unwrap().len() < 64, "the log after the repair holds frames");
 
     // A healthy pool: the repair changes nothing and says so.
     let out = ferry_ok(&["fsck", "--repair", s(&tp.pool)]);

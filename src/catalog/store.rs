@@ -10,7 +10,8 @@
 //! Why our own log and not an embedded store: every op is one `pwrite` of a few dozen bytes
 //! into the log, which lands in the kernel's page cache before the op is acknowledged, so a
 //! kill -9 of the mount loses nothing that returned, with no fsync per op. `fsync()` from an
-//! application is one `fdatasync` of the log. Nothing ever rewrites the whole catalog on the
+//! application is one `fdatasync` of the log (or none, when size raises are all it would
+//! make durable: a size record in the volume image carries the size, sizes.rs). Nothing ever rewrites the whole catalog on the
 //! I/O path: compaction (a new snapshot) happens at mount, at clean unmount and when the log
 //! passes [`LOG_COMPACT_BYTES`]. docs/format.md draws every record.
 //!
@@ -43,6 +44,7 @@ use std::sync::Arc;
 
 use super::legacy;
 use super::model::{ApplyError, Catalog, Freed, Op};
+use super::sizes;
 use crate::storage::{self, Disk, Latch, StorageFile};
 
 pub const SNAP_FILE: &str = "catalog.snap";
@@ -116,6 +118,9 @@ pub struct OpenReport {
     /// synced, they survived a power cut that lost an earlier write, and are dropped.
     pub frames_dropped: u64,
     pub log_bytes: u64,
+    /// Data sets whose size a size record in a volume image restored (sizes.rs): appends
+    /// that an fsync made durable without syncing the log, whose log frames a power cut lost.
+    pub sizes_restored: u64,
 }
 
 pub struct Store {
@@ -136,6 +141,9 @@ pub struct Store {
     log_base_len: u64,
     /// How far the appended bytes are durable (raised by syncs and compactions).
     durable_mark: Arc<AtomicU64>,
+    /// The appended mark after the last frame that is not a size raise (sizes.rs): while
+    /// the durable mark is at or past it, what the log lacks on the disk is size raises only.
+    hard_mark: u64,
     /// The snapshot on disk is of [`FORMAT_VERSION`] (one of an older version is rewritten
     /// by the next compaction).
     snapshot_current: bool,
@@ -160,6 +168,8 @@ pub struct StoreStats {
     /// unmount, and after a failed write or sync of the log.
     pub compactions: u64,
     pub compaction_failures: u64,
+    /// Fsyncs whose size change went into a size record instead of a sync of the log.
+    pub size_records: u64,
 }
 
 impl Store {
@@ -187,6 +197,7 @@ impl Store {
             log_base_mark: 0,
             log_base_len: 0,
             durable_mark: Arc::new(AtomicU64::new(0)),
+            hard_mark: 0,
             snapshot_current: false,
             stats: StoreStats::default(),
             catalog,
@@ -210,14 +221,21 @@ impl Store {
         // then the new log. The generations tell, and a second read sees a consistent pair.
         let mut tries = if writable { 1 } else { COMPACTION_RACE_RETRIES };
         loop {
-            match Self::open_once(&disk, dir, writable) {
+            match Self::open_once(&disk, dir, writable, true) {
                 Err(StoreError::Corrupt { what, .. }) if tries > 1 && what.contains(NEWER_LOG) => tries -= 1,
                 other => return other,
             }
         }
     }
 
-    fn open_once(disk: &Arc<dyn Disk>, dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
+    /// One open; `restore` applies the size records that say more than the log
+    /// ([`Store::restore_sizes`]).
+    fn open_once(
+        disk: &Arc<dyn Disk>,
+        dir: &Path,
+        writable: bool,
+        restore: bool,
+    ) -> Result<(Store, OpenReport), StoreError> {
         let snap_path = dir.join(SNAP_FILE);
         let snap = match disk.read_all(&snap_path) {
             Ok(b) => b,
@@ -279,6 +297,9 @@ impl Store {
                 s.start_log()?;
             }
         }
+        if restore {
+            report.sizes_restored = s.restore_sizes()?;
+        }
         Ok((s, report))
     }
 
@@ -307,6 +328,10 @@ impl Store {
         let log = self.log.clone().ok_or(StoreError::ReadOnly)?;
         let frame = encode_frame(&op, self.durable_sectors());
         let at = self.log_end_bytes;
+        let raise = match &op {
+            Op::SetSize { ino, size_bytes, .. } => self.catalog.get(*ino).is_some_and(|i| *size_bytes > i.size_bytes()),
+            _ => false,
+        };
         if let Err(e) = self.log_latch.record(log.write_at(&frame, at)) {
             // Best effort: cut off whatever part of the frame landed. The next commit
             // compacts anyway.
@@ -315,6 +340,9 @@ impl Store {
         }
         self.log_end_bytes += frame.len() as u64;
         self.appended_mark += frame.len() as u64;
+        if !raise {
+            self.hard_mark = self.appended_mark;
+        }
         self.stats.ops_committed += 1;
         let freed = self.catalog.apply(&op).expect("op was checked against this state");
         Ok(freed)
@@ -337,6 +365,74 @@ impl Store {
             durable_mark: self.durable_mark.clone(),
             path: self.dir.join(LOG_FILE),
         }
+    }
+
+    /// Is every op the log holds beyond its durable part a size raise (sizes.rs)? Then a
+    /// size record can stand in for a sync of the log.
+    pub fn only_size_raises_unsynced(&self) -> bool {
+        self.log.is_some() && !self.log_failed() && self.durable_mark.load(Ordering::Acquire) >= self.hard_mark
+    }
+
+    /// The log's generation and where its next frame goes: a size record's stamp.
+    pub fn log_position(&self) -> (u64, u64) {
+        (self.generation, self.log_end_bytes)
+    }
+
+    /// How far the appended bytes are durable now.
+    pub fn durable_mark(&self) -> u64 {
+        self.durable_mark.load(Ordering::Acquire)
+    }
+
+    /// Count an fsync that wrote a size record instead of syncing the log.
+    pub fn note_size_record(&mut self) {
+        self.stats.size_records += 1;
+    }
+
+    /// At an open, before anything else is committed: raise the size of every data set
+    /// that a size record in its volume's ring says more about than the replayed log
+    /// (sizes.rs). A writable open commits the raises and compacts (a new generation) if
+    /// any record said more, so that none is read again against a log that grew after it;
+    /// a read-only one raises them in memory only. Returns how many sizes it raised.
+    fn restore_sizes(&mut self) -> Result<u64, StoreError> {
+        let (generation, log_end) = (self.generation, self.log_end_bytes);
+        let mut newer = Vec::new();
+        for v in self.catalog.volumes.values().filter(|v| sizes::has_ring(v)) {
+            let path = Path::new(&v.path);
+            // A missing image fails the mount later, with its name; its records went with it.
+            let Ok(io) = self.disk.open(path) else { continue };
+            newer.extend(sizes::newer_records(&*io, v, generation, log_end).map_err(io_err(path))?.into_values());
+        }
+        if newer.is_empty() {
+            return Ok(0);
+        }
+        // Oldest first: a data set with records on two volumes ends at its newest.
+        newer.sort_by_key(|r| r.log_offset);
+        let mut raised = 0;
+        for r in newer {
+            let below = self.catalog.get(r.ino).is_some_and(|i| i.size_bytes() < r.size_bytes);
+            if !below {
+                continue;
+            }
+            let op = Op::SetSize { ino: r.ino, size_bytes: r.size_bytes, mtime_ns: r.mtime_ns };
+            let applied = match self.log {
+                Some(_) => self.commit(op).map(|_| ()),
+                None => self.catalog.apply(&op).map(|_| ()).map_err(StoreError::Refused),
+            };
+            match applied {
+                Ok(()) => raised += 1,
+                Err(StoreError::Refused(e)) => {
+                    log::warn!("size record of data set {} ({} bytes) not applied: {e}", r.ino, r.size_bytes)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if raised > 0 && self.log.is_some() {
+            log::warn!("restored the size of {raised} data set(s) from size records: fsync'd growth whose log frames a power cut lost");
+        }
+        if self.log.is_some() {
+            self.compact()?;
+        }
+        Ok(raised)
     }
 
     /// Whether the log failed a write or a sync: the next commit compacts first.
@@ -507,7 +603,7 @@ pub struct Repair {
 /// after keeping a copy of it as `catalog.log.damaged-<now_secs>` (0600, flushed, its
 /// directory synced). A log with nothing after its last good frame, or one a snapshot
 /// already folded in, is left alone. The caller holds the pool lock.
-pub fn repair_log_on(disk: &dyn Disk, dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
+pub fn repair_log_on(disk: &Arc<dyn Disk>, dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
     let snap_path = dir.join(SNAP_FILE);
     let snap = match disk.read_all(&snap_path) {
         Ok(b) => b,
@@ -552,12 +648,17 @@ pub fn repair_log_on(disk: &dyn Disk, dir: &Path, now_secs: u64) -> Result<Repai
     r.copy = Some(copy_path);
     let log = disk.open(&log_path).map_err(io_err(&log_path))?;
     log.set_len(valid_len).and_then(|_| log.flush()).map_err(io_err(&log_path))?;
+    // The cut took frames that were synced: a size record written after them (sizes.rs)
+    // would raise a size over a layout that is no longer the one it was written for. A new
+    // generation makes every record older than the catalog.
+    let (mut s, _) = Store::open_once(disk, dir, true, false)?;
+    s.compact()?;
     Ok(r)
 }
 
 /// [`repair_log_on`] on the host's disk.
 pub fn repair_log(dir: &Path, now_secs: u64) -> Result<Repair, StoreError> {
-    repair_log_on(&storage::RealDisk, dir, now_secs)
+    repair_log_on(&storage::real(), dir, now_secs)
 }
 
 fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
@@ -1266,9 +1367,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
         let (s, r) = Store::open(dir.path(), true).unwrap();
-        assert_eq!(r.ops_replayed, 3);
-        assert_eq!(r.torn_tail_bytes, 0);
+        // The three good frames were folded into a new snapshot (a new generation: no size
+        // record written against the old log can raise a size).
+        assert_eq!((r.ops_replayed, r.torn_tail_bytes), (0, 0));
+        assert_eq!(r.generation, 2);
         assert!(s.catalog.lookup(ROOT_INO, b"f2").is_some());
+        assert!(s.catalog.lookup(ROOT_INO, b"f3").is_none());
         drop(s);
         // A healthy log: nothing to do.
         let r = repair_log(dir.path(), 1235).unwrap();

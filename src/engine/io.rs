@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::{volume_of, Engine, Error, FileNode, Result, Volumes};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Op};
+use crate::catalog::sizes::{self, Ring, SizeRecord};
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
 use crate::layout::lay_out;
@@ -404,20 +405,61 @@ impl Engine {
         }
     }
 
-    /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, then the log.
+    /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, then the log;
+    /// or, when all the log lacks on the disk is size raises, its volumes alone, one of them
+    /// carrying a size record (catalog/sizes.rs).
     pub fn fsync(&self, node: &FileNode, datasync: bool) -> Result<()> {
         let t0 = std::time::Instant::now();
         let volumes: BTreeSet<VolumeId> = node.map.load().extents().map(|e| e.volume).collect();
+        let recorded = self.record_size(node, &volumes, datasync)?;
         for v in volumes {
             self.volume(v)?.flush()?;
         }
-        if !datasync {
-            self.persist_mtime(node)?;
+        if !recorded {
+            if !datasync {
+                self.persist_mtime(node)?;
+            }
+            self.sync_log()?;
         }
-        self.sync_log()?;
         // The copier's pacing feeds on how long applications wait for their fsyncs.
         self.app_syncs.record(t0.elapsed().as_nanos() as u64, now_ns());
         Ok(())
+    }
+
+    /// An fsync's size record, written (not flushed) to the first of the data set's
+    /// `volumes` that has a ring, if every frame the log lacks on the disk is a size raise
+    /// and the ring's next slot is free; the caller flushes `volumes`. Returns whether it
+    /// wrote one (else the caller syncs the log, as it must: anything else pending, nothing
+    /// pending at all, a full fsync with an unpersisted mtime, a data set on devices only).
+    fn record_size(&self, node: &FileNode, volumes: &BTreeSet<VolumeId>, datasync: bool) -> Result<bool> {
+        if !datasync && node.mtime_dirty.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let (record, at, vol) = {
+            let mut cat = self.catalog.lock();
+            if cat.durable_mark() >= cat.appended_mark() || !cat.only_size_raises_unsynced() {
+                return Ok(false);
+            }
+            let Some(inode) = cat.catalog.get(node.ino) else { return Ok(false) };
+            let (size_bytes, mtime_ns) = (inode.size_bytes(), inode.meta.mtime_ns);
+            let (mark, durable) = (cat.appended_mark(), cat.durable_mark());
+            let mut rings = self.size_rings.lock();
+            let mut taken = None;
+            for v in volumes.iter().filter_map(|v| cat.catalog.volumes.get(v)) {
+                let ring = rings.entry(v.id).or_insert_with(|| sizes::has_ring(v).then(Ring::default));
+                if let Some(r) = ring {
+                    taken = r.take(mark, durable).map(|slot| (v.id, sizes::slot_offset(v, slot)));
+                    break;
+                }
+            }
+            drop(rings);
+            let Some((vol, at)) = taken else { return Ok(false) };
+            let (generation, log_offset) = cat.log_position();
+            cat.note_size_record();
+            (SizeRecord { generation, log_offset, volume: vol, ino: node.ino, size_bytes, mtime_ns }, at, vol)
+        };
+        self.volume(vol)?.write_at(&record.encode(), at)?;
+        Ok(true)
     }
 
     /// The nodes open now (for the migration engine's and shutdown's sweeps).

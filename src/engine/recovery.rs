@@ -190,6 +190,14 @@ impl Engine {
         }
         let freed = std::mem::take(&mut *self.quarantine.lock());
         self.punch_freed(&freed);
+        // The compaction holds every size record's news: cut the rings off (this mount's,
+        // and any an unclean stop left), so that the next mount reads none
+        // (catalog/sizes.rs).
+        for v in cat.catalog.volumes.values().filter(|v| crate::catalog::sizes::has_ring(v)) {
+            if let Err(e) = self.volume(v.id).and_then(|io| Ok(io.set_len(v.size_bytes)?)) {
+                warn!("cutting the size ring off volume {}: {e}", v.name);
+            }
+        }
         for v in self.volumes().values() {
             if let Err(e) = v.flush() {
                 error!("flushing a volume at unmount: {e}");
