@@ -51,7 +51,8 @@ fn copy_secs(mnt: &Path, id: u64) -> f64 {
 }
 
 /// A job under a cap of `cap` bytes/s: its copy took at least 90 % of size/cap, and the rate
-/// it reports is the cap within 10 % and agrees with its own bytes and time.
+/// it reports is at most the cap (10 % slack) and agrees with its own bytes and time. (Not
+/// at least the cap: a loaded machine copies slower, and that is no fault of the cap.)
 #[track_caller]
 fn assert_held(mnt: &Path, j: &Value, cap: u64) {
     let id = u(&j["id"]);
@@ -60,7 +61,7 @@ fn assert_held(mnt: &Path, j: &Value, cap: u64) {
     let floor = 0.9 * copied as f64 / cap as f64;
     assert!(secs >= floor, "job {id} copied {copied} bytes in {secs:.3} s, under a cap of {cap}/s: floor {floor:.3} s");
     let rate = u(&j["copy_rate_bytes_per_s"]) as f64;
-    assert!((rate - cap as f64).abs() <= 0.1 * cap as f64, "job {id} reports {rate} bytes/s under a cap of {cap}/s");
+    assert!(rate <= 1.1 * cap as f64, "job {id} reports {rate} bytes/s under a cap of {cap}/s");
     let measured = copied as f64 / secs;
     assert!(
         (rate - measured).abs() <= 0.05 * measured,
