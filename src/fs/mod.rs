@@ -383,11 +383,16 @@ impl FerryFs {
 ///   copy less; 1 MiB streams run at the backing disk's speed), and the kernel drops any cached
 ///   pages of the range it writes. It can't read, so it gives up no cached reads. Read-write
 ///   handles (databases, fio) keep the page cache for their reads.
+/// - Always `FOPEN_NOFLUSH`: a close sends no FLUSH. A data set's handle buffers nothing
+///   (every write reached the volume before it was acknowledged), and the kernel keeps POSIX
+///   locks itself; with `-o writeback` the kernel flushes its dirty pages anyway (it ignores
+///   the flag there). One round trip less per close.
 fn open_flags(flags: i32) -> FopenFlags {
+    let always = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
     if flags & libc::O_ACCMODE == libc::O_WRONLY {
-        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        always | FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
     } else {
-        FopenFlags::FOPEN_KEEP_CACHE
+        always
     }
 }
 
