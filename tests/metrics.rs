@@ -318,9 +318,10 @@ fn large_writes_arrive_in_few_requests() {
 
 /// A journal's writer (append a record, fdatasync, again) pays one flush per record: the
 /// size goes into a size record in the volume image, flushed with the bytes, not into a
-/// sync of the catalog's log (docs/format.md, "Size records"). Every record reads back;
-/// after a kill -9 the next mount finds them all; a clean unmount cuts the ring off the
-/// image, so that the next mount reads none.
+/// sync of the catalog's log (docs/format.md, "Size records"). Then a kill -9, and the log
+/// cut back to what its last sync made durable (what a power cut would leave of it: every
+/// size frame of the appends gone): the next mount restores the size from the records, and
+/// every record reads back. A clean unmount cuts the ring off the image.
 #[test]
 fn a_journal_writer_fdatasyncs_by_size_record() {
     let tp = TestPool::new("64K", &[("V1", "64M")]);
@@ -330,6 +331,8 @@ fn a_journal_writer_fdatasyncs_by_size_record() {
     // The create and the first track are catalog changes only the log's sync makes durable.
     f.write_all(b"head").unwrap();
     f.sync_all().unwrap();
+    let log = tp.pool.join("catalog.log");
+    let synced_log = fs::metadata(&log).unwrap().len();
     let mut want = b"head".to_vec();
     let (_, before) = read_metrics(&m.mnt);
     for i in 0..50 {
@@ -345,8 +348,12 @@ fn a_journal_writer_fdatasyncs_by_size_record() {
     drop(f);
     assert!(fs::metadata(&image).unwrap().len() > 64 << 20, "no ring past the tracks");
     m.kill9();
+    assert!(fs::metadata(&log).unwrap().len() > synced_log, "the appends logged no size");
+    OpenOptions::new().write(true).open(&log).unwrap().set_len(synced_log).unwrap();
     let m = tp.mount();
-    common::assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after a kill -9");
+    common::assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after the lost log frames");
+    let said = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
+    assert!(said.contains("restored the size of 1 data set(s) from size records"), "{said}");
     m.unmount();
     assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20, "the clean unmount left the ring");
 }

@@ -11,8 +11,8 @@
 //! into the log, which lands in the kernel's page cache before the op is acknowledged, so a
 //! kill -9 of the mount loses nothing that returned, with no fsync per op. `fsync()` from an
 //! application is one `fdatasync` of the log (or none, when size raises are all it would
-//! make durable: a size record in the volume image carries the size, sizes.rs). Nothing ever rewrites the whole catalog on the
-//! I/O path: compaction (a new snapshot) happens at mount, at clean unmount and when the log
+//! make durable: a size record in the volume image carries the size, sizes.rs). Nothing ever
+//! rewrites the whole catalog on the I/O path: compaction (a new snapshot) happens at mount, at clean unmount and when the log
 //! passes [`LOG_COMPACT_BYTES`]. docs/format.md draws every record.
 //!
 //! Every byte of the catalog's files goes through a [`Disk`], so that a simulated disk sees
@@ -210,18 +210,31 @@ impl Store {
     }
 
     /// Load the catalog from the host's disk. `writable` opens the log for appends (the
-    /// caller holds the pool lock); read-only opens never write a byte.
+    /// caller holds the pool lock); read-only opens never write a byte. The volumes' size
+    /// records (sizes.rs) are read only while the pool's `mounted` marker is there: a mount
+    /// runs, or the last one did not stop cleanly. A clean stop folded the log and cut the
+    /// rings off, and removed the marker last.
     pub fn open(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
-        Self::open_on(storage::real(), dir, writable)
+        let restore = dir.join(crate::pool::MOUNTED_FILE).exists();
+        Self::open_with(storage::real(), dir, writable, restore)
     }
 
-    /// [`Store::open`] on `disk`.
+    /// [`Store::open`] on `disk`, always reading the size records.
     pub fn open_on(disk: Arc<dyn Disk>, dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_with(disk, dir, writable, true)
+    }
+
+    fn open_with(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        writable: bool,
+        restore: bool,
+    ) -> Result<(Store, OpenReport), StoreError> {
         // A read-only open races the mount's compaction: it can read the old snapshot and
         // then the new log. The generations tell, and a second read sees a consistent pair.
         let mut tries = if writable { 1 } else { COMPACTION_RACE_RETRIES };
         loop {
-            match Self::open_once(&disk, dir, writable, true) {
+            match Self::open_once(&disk, dir, writable, restore) {
                 Err(StoreError::Corrupt { what, .. }) if tries > 1 && what.contains(NEWER_LOG) => tries -= 1,
                 other => return other,
             }
@@ -399,7 +412,11 @@ impl Store {
         for v in self.catalog.volumes.values().filter(|v| sizes::has_ring(v)) {
             let path = Path::new(&v.path);
             // A missing image fails the mount later, with its name; its records went with it.
+            // An image no longer than its tracks has no ring (cut off at a clean stop).
             let Ok(io) = self.disk.open(path) else { continue };
+            if io.size_bytes() <= v.size_bytes {
+                continue;
+            }
             newer.extend(sizes::newer_records(&*io, v, generation, log_end).map_err(io_err(path))?.into_values());
         }
         if newer.is_empty() {
@@ -427,7 +444,10 @@ impl Store {
             }
         }
         if raised > 0 && self.log.is_some() {
-            log::warn!("restored the size of {raised} data set(s) from size records: fsync'd growth whose log frames a power cut lost");
+            log::warn!(
+                "restored the size of {raised} data set(s) from size records: fsync'd growth whose log frames a \
+                 power cut lost"
+            );
         }
         if self.log.is_some() {
             self.compact()?;

@@ -30,8 +30,8 @@
 //!    microseconds), never across volume I/O except the punch of tracks about to be handed
 //!    out again.
 //!
-//! `open_inodes`, `quarantine`, `unzeroed`, `volume_io`, `size_rings` and `volumes` are leaf locks:
-//! nothing is taken while holding one.
+//! `open_inodes`, `quarantine`, `unzeroed`, `volume_io`, `size_rings` and `volumes` are leaf
+//! locks: nothing is taken while holding one.
 //!
 //! The I/O path takes no global lock: a read or a write takes the data set's gate shared,
 //! loads the extent map through an atomic pointer, and does positional I/O on the volumes.
@@ -207,6 +207,9 @@ pub struct Engine {
     /// The size ring of each volume an fsync wrote a size record to (None: the volume has
     /// none, a device), catalog/sizes.rs.
     size_rings: Mutex<HashMap<VolumeId, Option<Ring>>>,
+    /// Set by a [`Engine::shutdown`] whose compaction succeeded: the catalog holds it all,
+    /// and no size record says more (the mount removes its `mounted` marker only then).
+    pub stopped_cleanly: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -237,6 +240,7 @@ impl Engine {
             last_app_io_ns: AtomicI64::new(0),
             app_syncs: SyncLatency::default(),
             size_rings: Mutex::new(HashMap::new()),
+            stopped_cleanly: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

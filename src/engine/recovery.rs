@@ -167,7 +167,8 @@ impl Engine {
     }
 
     /// Clean shutdown (the migrations have stopped): persist mtimes, flush the volumes, trim
-    /// over-provisioned tails, fold the log into a snapshot, and zero what is durably free.
+    /// over-provisioned tails, fold the log into a snapshot, zero what is durably free, and
+    /// cut the size rings off. [`Engine::stopped_cleanly`] says whether the fold succeeded.
     pub fn shutdown(&self) {
         for n in self.nodes_snapshot() {
             if let Err(e) = self.persist_mtime(&n) {
@@ -188,6 +189,7 @@ impl Engine {
             error!("compacting the catalog at unmount: {e}");
             return;
         }
+        self.stopped_cleanly.store(true, std::sync::atomic::Ordering::Release);
         let freed = std::mem::take(&mut *self.quarantine.lock());
         self.punch_freed(&freed);
         // The compaction holds every size record's news: cut the rings off (this mount's,

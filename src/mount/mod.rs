@@ -139,8 +139,13 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
                 if opts.read_only { " (read-only)" } else { "" }
             );
             let res = serve(session, &mnt);
-            // destroy() folded the log into a snapshot; the pool is clean now.
-            let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
+            // destroy() folded the log into a snapshot and cut the size rings off: the pool
+            // is clean now. If the fold failed, the marker stays, and the next open treats
+            // the stop as unclean (recovery, and the size records read: catalog/sizes.rs).
+            // A read-only mount changed nothing (it recovered first if it had to).
+            if opts.read_only || migrations.engine.stopped_cleanly.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
+            }
             info!("unmounted {}", mnt.display());
             res
         }
