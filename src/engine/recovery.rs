@@ -196,7 +196,15 @@ impl Engine {
         // and any an unclean stop left), so that the next mount reads none
         // (catalog/sizes.rs).
         for v in cat.catalog.volumes.values().filter(|v| crate::catalog::sizes::has_ring(v)) {
-            if let Err(e) = self.volume(v.id).and_then(|io| Ok(io.set_len(v.size_bytes)?)) {
+            let cut = self.volume(v.id).and_then(|io| {
+                // Only an image longer than its tracks has a ring: a cut is a change the
+                // flush below would sync, and most images have none.
+                if io.size_bytes() > v.size_bytes {
+                    io.set_len(v.size_bytes)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = cut {
                 warn!("cutting the size ring off volume {}: {e}", v.name);
             }
         }

@@ -84,6 +84,8 @@ impl FileStorage {
     }
 
     /// Open a volume image; its length must be at least `size_bytes` (the catalog's size).
+    /// Its [`StorageFile::size_bytes`] is its length (more, with a size ring past its tracks:
+    /// catalog/sizes.rs).
     pub fn open_image(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
         let f = FileStorage::open(path)?;
         let actual = f.size_bytes();
@@ -93,7 +95,6 @@ impl FileStorage {
                 format!("image is {actual} bytes, the catalog expects {size_bytes}"),
             ));
         }
-        f.size_bytes.store(size_bytes, Ordering::Release);
         Ok(f)
     }
 }
