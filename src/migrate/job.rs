@@ -1149,6 +1149,10 @@ impl Runner<'_> {
             r?;
             self.wait_writeback()?;
         }
+        // Flush what the catch-up copied and what mirrored writes put on the target since
+        // the first flush, so that the flush inside the hold carries only the writes of the
+        // last few milliseconds.
+        self.flush_target()?;
         let node = self.node().clone();
         let t0 = Instant::now();
         let hold = node.write_hold.write();
