@@ -1,11 +1,11 @@
 //! Power cuts, by the thousand, on a simulated disk.
 //!
 //! The engine runs without FUSE over `storage::sim::SimDisk`, which keeps every write made
-//! since the last sync apart from the synced ones. Seeded applications write, fsync,
-//! fdatasync, write with O_DSYNC (some of them appending), truncate, fallocate, create (and fsync the directory),
-//! rename and unlink, while migrations, merges, drains, volume adds and retires run beside
-//! them, their job threads taking turns with the applications (migrate/turns.rs) so that a
-//! seed replays exactly. At a random I/O the power goes: the unsynced writes are dropped,
+//! since the last sync apart from the synced ones. Seeded applications write (a quarter of
+//! the writes append), fsync, fdatasync, write with O_DSYNC, truncate, fallocate, create (and
+//! fsync the directory), rename and unlink, while migrations, merges, drains, volume adds
+//! and retires run beside them, their job threads taking turns with the applications
+//! (migrate/turns.rs) so that a seed replays exactly. At a random I/O the power goes: the unsynced writes are dropped,
 //! kept, or kept in part, in 4 KiB sectors, with a torn sector for the write in flight. A
 //! new engine then recovers from what survived, as a mount would, and the checker holds it
 //! against what was acknowledged:

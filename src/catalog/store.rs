@@ -12,8 +12,9 @@
 //! kill -9 of the mount loses nothing that returned, with no fsync per op. `fsync()` from an
 //! application is one `fdatasync` of the log (or none, when size raises are all it would
 //! make durable: a size record in the volume image carries the size, sizes.rs). Nothing ever
-//! rewrites the whole catalog on the I/O path: compaction (a new snapshot) happens at mount, at clean unmount and when the log
-//! passes [`LOG_COMPACT_BYTES`]. docs/format.md draws every record.
+//! rewrites the whole catalog on the I/O path: compaction (a new snapshot) happens at mount,
+//! at clean unmount and when the log passes [`LOG_COMPACT_BYTES`]. docs/format.md draws
+//! every record.
 //!
 //! Every byte of the catalog's files goes through a [`Disk`], so that a simulated disk sees
 //! (and can lose) each of them.
