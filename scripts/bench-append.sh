@@ -17,6 +17,8 @@
 # Needs root (FUSE mounts by root), fio and bindfs (scripts/deps.sh --bench installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_APPEND_ROUNDS:-5}
 SECS=${BENCH_APPEND_SECS:-5}
 if [[ -z "${BENCH_APPEND_BINS:-}" ]]; then
@@ -49,7 +51,6 @@ run() {
     rm -f "$1/append.dat"
     python3 -c "import json; print('%.0f' % json.load(open('$B/fio.json'))['jobs'][0]['write']['iops'])"
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 mkdir "$B/native" "$B/bsrc" "$B/bmnt"
 bindfs "$B/bsrc" "$B/bmnt"
@@ -58,21 +59,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
     native=$(run "$B/native")
     printf '%-6s %-10s %s\n' "$r" native "$native"
     bind=$(run "$B/bmnt")
-    printf '%-6s %-10s %s (%s)\n' "$r" bindfs "$bind" "$(ratio "$bind" "$native")"
+    printf '%-6s %-10s %s (%s)\n' "$r" bindfs "$bind" "$(bench_ratio "$bind" "$native")"
     i=0
     for bin in "${BINS[@]}"; do
         i=$((i + 1))
-        FERRY=$bin
-        "$bin" init "$B/pool" >/dev/null
-        "$bin" volume add "$B/pool" V1 --size 2G >/dev/null
-        mkdir -p "$B/mnt"
-        "$bin" mount "$B/pool" "$B/mnt" >/dev/null
-        MNT=$B/mnt
-        iops=$(run "$B/mnt")
-        "$bin" umount "$B/mnt" >/dev/null
-        MNT=""
-        rm -rf "$B/pool" "$B/mnt"
-        printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$iops" "$(ratio "$iops" "$native")"
+        bench_on_fresh_pool "$bin" 2G run
+        iops=$BENCH_OUT
+        printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$iops" "$(bench_ratio "$iops" "$native")"
     done
 done
 for ((i = 1; i <= ${#BINS[@]}; i++)); do echo "build$i = ${BINS[$((i - 1))]}"; done

@@ -15,6 +15,8 @@
 # Needs root (FUSE mounts by root) and fio (scripts/deps.sh --bench installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/bench-common.sh
+source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_SEQ_ROUNDS:-3}
 SIZE=${BENCH_SEQ_SIZE:-1G}
 if [[ -z "${BENCH_SEQ_BINS:-}" ]]; then
@@ -50,18 +52,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
     i=0
     for bin in "${BINS[@]}"; do
         i=$((i + 1))
-        FERRY=$bin
-        "$bin" init "$B/pool" >/dev/null
         # Room for the data set and its over-provisioned tail (images are sparse).
-        "$bin" volume add "$B/pool" V1 --size "$(($(numfmt --from=iec "$SIZE") * 3))" >/dev/null
-        mkdir -p "$B/mnt"
-        "$bin" mount "$B/pool" "$B/mnt" >/dev/null
-        MNT=$B/mnt
-        mib=$(run "$B/mnt")
-        "$bin" umount "$B/mnt" >/dev/null
-        MNT=""
-        rm -rf "$B/pool" "$B/mnt"
-        printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$mib" "$(awk -v a="$mib" -v b="$native" 'BEGIN { printf "%.2f", a / b }')"
+        bench_on_fresh_pool "$bin" "$(($(numfmt --from=iec "$SIZE") * 3))" run
+        mib=$BENCH_OUT
+        printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$mib" "$(bench_ratio "$mib" "$native")"
     done
 done
 for ((i = 1; i <= ${#BINS[@]}; i++)); do echo "build$i = ${BINS[$((i - 1))]}"; done
