@@ -12,7 +12,7 @@ use crate::catalog::store::SNAP_FILE;
 use crate::client;
 use crate::geometry::{parse_size, Geometry};
 use crate::migrate::command::quote;
-use crate::mount::{self, status_of_mount, MountOptions, THREADS_DEFAULT};
+use crate::mount::{self, status_of_mount, threads_default, MountOptions};
 use crate::pool::{self, Pool, PoolError};
 use crate::report;
 
@@ -56,7 +56,7 @@ pub enum Cmd {
         #[arg(long)]
         foreground: bool,
         /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = THREADS_DEFAULT)]
+        #[arg(long, default_value_t = threads_default())]
         threads: usize,
         /// Migration jobs that copy at once (more wait in a queue).
         #[arg(long, default_value_t = crate::migrate::DEFAULT_MAX_JOBS)]

@@ -19,6 +19,9 @@
 //! One entry is an interval, not a pause: `checkpoint-interval` makes the copiers checkpoint
 //! that often instead of every 2 s (migrate/job.rs), so that a crash test's kills, which
 //! mostly land in a job's first second, find checkpoints to resume from.
+//! One pause is not a migration's: at `fsync`, every flush an application waits for (an
+//! fsync, an fsyncdir, the sync of an O_SYNC write) waits that long before it starts (and
+//! the mount's log says so), so that a test can see what the mount serves meanwhile.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -28,7 +31,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRYFS_PAUSE";
 
 /// The names a pause can be set for.
-pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch", "checkpoint-interval"];
+pub const POINTS: &[&str] = &["close-window", "live-hold", "live-switch", "checkpoint-interval", "fsync"];
 /// The names of the fault points; each takes an optional number (a track).
 pub const FAULTS: &[&str] = &["verify-corrupt-target"];
 

@@ -224,3 +224,74 @@ wait
     assert!(journal.contains("unmounted "), "{journal}");
     assert!(!stderr.contains("serving"), "the log went to the journal, not to stderr:\n{stderr}");
 }
+
+/// A flush an application waits for (an fsync, an O_DSYNC write) waits on a worker of its
+/// own, never holding the last thread that serves requests: while two are held in flight
+/// (the `fsync` pause point), a mount served by a single thread still answers a read, a
+/// create, a write and a listing; then both return and their bytes read back. (With the
+/// flush on the serving thread, every one of those would wait behind it, and the check that
+/// the flushes are still in flight would fail.)
+#[test]
+fn an_fsync_in_flight_leaves_the_mount_serving() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let tp = TestPool::new("64K", &[("V1", "8M")]);
+    let out = tp.dir().join("mount-cmd.out");
+    let m = mount_at_with(&tp.pool, tp.mnt(), &out, &[("FERRYFS_PAUSE", "fsync=10s")], &["--threads", "1"]);
+    let mnt = tp.mnt().to_path_buf();
+    fs::write(mnt.join("other"), b"other bytes").unwrap();
+
+    let journal = pattern(300_000, 11);
+    let record = pattern(4096, 12);
+    let returned = Arc::new(AtomicUsize::new(0));
+    let fsyncer = std::thread::spawn({
+        let (path, data, returned) = (mnt.join("journal"), journal.clone(), returned.clone());
+        move || {
+            let mut f = fs::File::create(path).unwrap();
+            f.write_all(&data).unwrap();
+            let r = f.sync_all();
+            returned.fetch_add(1, Ordering::SeqCst);
+            r
+        }
+    });
+    let dsync_writer = std::thread::spawn({
+        let (path, data, returned) = (mnt.join("records"), record.clone(), returned.clone());
+        move || {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(path)
+                .unwrap();
+            let r = f.write_all(&data);
+            returned.fetch_add(1, Ordering::SeqCst);
+            r
+        }
+    });
+    // The daemon says when each flush is in its pause (a safety limit, not a timing check).
+    let start = Instant::now();
+    while fs::read_to_string(tp.pool.join("mount.log")).unwrap_or_default().matches("pause point fsync").count() < 2 {
+        assert_eq!(returned.load(Ordering::SeqCst), 0, "a flush returned before its pause point");
+        assert!(start.elapsed() < Duration::from_secs(60), "the two flushes did not both reach their pause point");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    assert_eq!(fs::read(mnt.join("other")).unwrap(), b"other bytes");
+    fs::write(mnt.join("third"), b"written while two flushes wait").unwrap();
+    let mut names: Vec<String> =
+        fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, [".ferry", "journal", "other", "records", "third"]);
+    assert_eq!(returned.load(Ordering::SeqCst), 0, "the mount served the others only after a flush");
+
+    fsyncer.join().unwrap().expect("the held fsync succeeds");
+    dsync_writer.join().unwrap().expect("the held O_DSYNC write succeeds");
+    assert_eq!(fs::read(mnt.join("journal")).unwrap(), journal);
+    assert_eq!(fs::read(mnt.join("records")).unwrap(), record);
+    assert_eq!(fs::read(mnt.join("third")).unwrap(), b"written while two flushes wait");
+    m.unmount();
+}

@@ -5,13 +5,14 @@
 
 mod attr;
 mod control;
+mod syncs;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -97,7 +98,12 @@ pub struct FerryFs {
     /// Mounted `-o writeback`: the kernel caches writes (FUSE_WRITEBACK_CACHE).
     writeback: bool,
     /// Applications' reads, writes and syncs of data sets: latency and bytes (`.ferry/metrics`).
-    pub app_io: AppIo,
+    pub app_io: Arc<AppIo>,
+    /// Where fsyncs wait for the disk when waiting on a FUSE thread would leave none free.
+    syncs: syncs::SyncWorkers,
+    /// Fsyncs waiting on FUSE threads now, and how many may: all but one of the threads.
+    inline_syncs: AtomicUsize,
+    inline_syncs_max: usize,
     /// Tells the kernel what changed behind its caches; set once the session exists.
     notifier: Arc<OnceLock<fuser::Notifier>>,
     /// When this file system was made, just before it serves (Unix nanoseconds).
@@ -138,7 +144,10 @@ impl FerryFs {
             owner_uid: unsafe { libc::geteuid() },
             read_only: false,
             writeback: false,
-            app_io: AppIo::default(),
+            app_io: Arc::default(),
+            syncs: syncs::SyncWorkers::new(syncs::SYNC_WORKERS_MAX),
+            inline_syncs: AtomicUsize::new(0),
+            inline_syncs_max: crate::mount::threads_default() - 1,
             started_ns: now_ns(),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -175,6 +184,34 @@ impl FerryFs {
     pub fn writeback(mut self, writeback: bool) -> FerryFs {
         self.writeback = writeback;
         self
+    }
+
+    /// The number of threads the session serves requests with: all but one may wait for an
+    /// fsync themselves, so that one is always free to serve.
+    pub fn threads(mut self, threads: usize) -> FerryFs {
+        self.inline_syncs_max = threads.saturating_sub(1);
+        self
+    }
+
+    /// Runs the flush an application waits for (an fsync, an fsyncdir, the sync of an
+    /// O_SYNC write), as `job`, which replies: here, if a FUSE thread stays free while this
+    /// one waits (no hand-off, the cheapest for a lone syncing writer), else on a sync
+    /// worker, so that this thread goes back to serve.
+    fn run_sync(&self, job: impl FnOnce() + Send + 'static) {
+        let job = move || {
+            if let Some(d) = crate::failpoint::pause_at("fsync") {
+                info!("pause point fsync: a flush waits {} ms", d.as_millis());
+                std::thread::sleep(d);
+            }
+            job()
+        };
+        if self.inline_syncs.fetch_add(1, Ordering::AcqRel) < self.inline_syncs_max {
+            job();
+            self.inline_syncs.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.inline_syncs.fetch_sub(1, Ordering::AcqRel);
+            self.syncs.run(job);
+        }
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -478,7 +515,9 @@ impl Filesystem for FerryFs {
 
     fn destroy(&mut self) {
         info!("unmounting: folding the catalog log into a snapshot");
-        // Jobs stop first (each leaves its record for the next mount), then the engine.
+        // Fsyncs in flight finish first, then jobs stop (each leaves its record for the next
+        // mount), then the engine.
+        self.syncs.close();
         self.migrations.stop();
         if !self.read_only {
             self.engine.shutdown();
@@ -685,15 +724,26 @@ impl Filesystem for FerryFs {
                 self.forget_cached_attributes(node.ino);
             }
             self.engine.write(&node, offset, data)?;
-            // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
-            // the flush to the file system (O_SYNC includes the O_DSYNC bit).
-            if flags.0 & libc::O_DSYNC != 0 {
-                self.engine.fsync(&node, flags.0 & libc::O_SYNC != libc::O_SYNC)?;
-            }
-            Ok(())
+            Ok(node)
         });
-        self.app_io.record(AppOp::Write, t0, if res.is_ok() { data.len() } else { 0 });
-        reply_result!(reply, res, |r: ReplyWrite, _| r.written(data.len() as u32))
+        let len = data.len();
+        match res {
+            // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
+            // the flush to the file system (O_SYNC includes the O_DSYNC bit). The flush waits
+            // where an fsync would, and the reply follows it.
+            Ok(node) if flags.0 & libc::O_DSYNC != 0 => {
+                let (engine, app_io) = (self.engine.clone(), self.app_io.clone());
+                self.run_sync(move || {
+                    let res = engine.fsync(&node, flags.0 & libc::O_SYNC != libc::O_SYNC);
+                    app_io.record(AppOp::Write, t0, if res.is_ok() { len } else { 0 });
+                    reply_result!(reply, res, |r: ReplyWrite, _| r.written(len as u32))
+                });
+            }
+            res => {
+                self.app_io.record(AppOp::Write, t0, if res.is_ok() { len } else { 0 });
+                reply_result!(reply, res, |r: ReplyWrite, _| r.written(len as u32))
+            }
+        }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
@@ -723,17 +773,17 @@ impl Filesystem for FerryFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let res = match self.handle(fh).as_deref() {
-            Ok(Handle::File { node }) => {
-                let t0 = Instant::now();
-                let r = self.engine.fsync(node, datasync);
-                self.app_io.record(if datasync { AppOp::Fdatasync } else { AppOp::Fsync }, t0, 0);
-                r
-            }
-            Ok(_) => Ok(()),
-            Err(_) => Err(FsError::BadHandle),
+        let node = match self.handle(fh).as_deref() {
+            Ok(Handle::File { node }) => node.clone(),
+            Ok(_) => return reply.ok(),
+            Err(_) => return reply.error(errno(&FsError::BadHandle)),
         };
-        reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
+        let (engine, app_io, t0) = (self.engine.clone(), self.app_io.clone(), Instant::now());
+        self.run_sync(move || {
+            let res = engine.fsync(&node, datasync);
+            app_io.record(if datasync { AppOp::Fdatasync } else { AppOp::Fsync }, t0, 0);
+            reply_result!(reply, res, |r: ReplyEmpty, _| r.ok())
+        });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -785,7 +835,8 @@ impl Filesystem for FerryFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_result!(reply, self.engine.sync_log(), |r: ReplyEmpty, _| r.ok())
+        let engine = self.engine.clone();
+        self.run_sync(move || reply_result!(reply, engine.sync_log(), |r: ReplyEmpty, _| r.ok()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

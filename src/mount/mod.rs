@@ -2,7 +2,7 @@
 
 mod options;
 
-pub use options::{MountOptions, THREADS_DEFAULT, THREADS_MAX};
+pub use options::{threads_default, MountOptions, THREADS_MAX};
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
@@ -371,7 +371,8 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     raise_max_pages();
     let fs = FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
         .read_only(opts.read_only)
-        .writeback(opts.writeback);
+        .writeback(opts.writeback)
+        .threads(opts.threads);
     let notifier = fs.notifier_slot();
     let session = fuser::Session::new(fs, &mnt, &config).map_err(|e| {
         let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));

@@ -3,8 +3,14 @@
 
 use crate::geometry::parse_size;
 
-/// Threads serving FUSE requests by default: one per core and one to cover a blocked fsync.
-pub const THREADS_DEFAULT: usize = 3;
+/// Threads serving FUSE requests by default: one per core, at least 2 and at most 8. No
+/// thread is kept spare for a blocked fsync: fsyncs wait on workers of their own
+/// (fs/syncs.rs), and a thread more than the cores costs every request wake-ups (on 2 cores,
+/// unlinks ran at half the rate with 3 threads as with 2: docs/benchmarks.md, "Issue 10,
+/// fifth round"). One thread alone was slower than two at metadata there too.
+pub fn threads_default() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+}
 /// More threads than this only add contention on a pool's catalog lock.
 pub const THREADS_MAX: usize = 64;
 
@@ -36,7 +42,7 @@ pub struct MountOptions {
 impl Default for MountOptions {
     fn default() -> MountOptions {
         MountOptions {
-            threads: THREADS_DEFAULT,
+            threads: threads_default(),
             max_jobs: crate::migrate::DEFAULT_MAX_JOBS,
             copy_rate: 0,
             read_only: false,
