@@ -31,9 +31,7 @@ B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-append.XXXXXX")
 MNT=""
 FERRY=""
 cleanup() {
-    if [[ -n "$MNT" ]] && mountpoint -q "$MNT"; then
-        "$FERRY" umount "$MNT" >/dev/null 2>&1 || umount -l "$MNT" || true
-    fi
+    bench_umount_pool
     if mountpoint -q "$B/bmnt"; then
         fusermount3 -u "$B/bmnt" 2>/dev/null || umount -l "$B/bmnt" || true
     fi

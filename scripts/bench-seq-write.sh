@@ -29,9 +29,7 @@ B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-seq.XXXXXX")
 MNT=""
 FERRY=""
 cleanup() {
-    if [[ -n "$MNT" ]] && mountpoint -q "$MNT"; then
-        "$FERRY" umount "$MNT" >/dev/null 2>&1 || umount -l "$MNT" || true
-    fi
+    bench_umount_pool
     rm -rf "$B"
 }
 trap cleanup EXIT INT TERM

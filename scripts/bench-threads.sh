@@ -31,9 +31,7 @@ B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-threads.XXXXXX")
 MNT=""
 FERRY=""
 cleanup() {
-    if [[ -n "$MNT" ]] && mountpoint -q "$MNT"; then
-        "$FERRY" umount "$MNT" >/dev/null 2>&1 || umount -l "$MNT" || true
-    fi
+    bench_umount_pool
     rm -rf --one-file-system "$B"
 }
 trap cleanup EXIT INT TERM
@@ -86,28 +84,12 @@ PY
     echo "$un $rw4 $rw1 $ap3 $ap1 $ch"
 }
 
-# One configuration on a fresh pool: bench_on_fresh_pool mounts with the build's defaults, so
-# this mounts itself to pass --threads.
-run_config() { # BIN THREADS
-    local bin=$1
-    FERRY=$bin
-    "$bin" init "$B/pool" >/dev/null
-    "$bin" volume add "$B/pool" V1 --size 4G >/dev/null
-    mkdir -p "$B/mnt"
-    "$bin" mount --threads "$2" "$B/pool" "$B/mnt" >/dev/null
-    MNT=$B/mnt
-    BENCH_OUT=$(lines "$B/mnt")
-    "$bin" umount "$B/mnt" >/dev/null
-    MNT=""
-    rm -rf "$B/pool" "$B/mnt"
-}
-
 printf '%-6s %-8s %8s %9s %9s %9s %9s %8s\n' round config unlink/s rw4_iops rw1_iops ap3_iops ap1_iops churn/s
 for ((r = 1; r <= ROUNDS; r++)); do
     i=0
     for c in "${CONFIGS[@]}"; do
         i=$((i + 1))
-        run_config "${c%:*}" "${c##*:}"
+        bench_on_fresh_pool "${c%:*}" 4G lines --threads "${c##*:}"
         read -r un rw4 rw1 ap3 ap1 ch <<<"$BENCH_OUT"
         printf '%-6s %-8s %8s %9s %9s %9s %9s %8s\n' "$r" "c$i" "$un" "$rw4" "$rw1" "$ap3" "$ap1" "$ch"
     done

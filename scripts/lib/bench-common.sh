@@ -13,19 +13,28 @@ bench_finish() { # RC
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
+# Unmount the ferryfs mount MNT (of the build FERRY) if one is there: the start of a cleanup
+# trap of a script that uses bench_on_fresh_pool.
+bench_umount_pool() {
+    if [[ -n "${MNT:-}" ]] && mountpoint -q "$MNT"; then
+        "$FERRY" umount "$MNT" >/dev/null 2>&1 || umount -l "$MNT" || true
+    fi
+}
+
 # Run FN DIR on a fresh pool of the ferryfs build BIN (one volume V1 of VOL_SIZE) mounted at
-# $B/mnt, then unmount and remove it; what FN printed is left in BENCH_OUT. MNT and FERRY say
-# what is mounted, for the caller's cleanup trap (so call it in the script's own shell, not
-# in a command substitution).
-bench_on_fresh_pool() { # BIN VOL_SIZE FN
-    local bin=$1
+# $B/mnt with MOUNT_ARGS, then unmount and remove it; what FN printed is left in BENCH_OUT.
+# MNT and FERRY say what is mounted, for the caller's cleanup trap (bench_umount_pool; so
+# call it in the script's own shell, not in a command substitution).
+bench_on_fresh_pool() { # BIN VOL_SIZE FN [MOUNT_ARGS...]
+    local bin=$1 size=$2 fn=$3
+    shift 3
     FERRY=$bin
     "$bin" init "$B/pool" >/dev/null
-    "$bin" volume add "$B/pool" V1 --size "$2" >/dev/null
+    "$bin" volume add "$B/pool" V1 --size "$size" >/dev/null
     mkdir -p "$B/mnt"
-    "$bin" mount "$B/pool" "$B/mnt" >/dev/null
+    "$bin" mount "$@" "$B/pool" "$B/mnt" >/dev/null
     MNT=$B/mnt
-    BENCH_OUT=$("$3" "$B/mnt")
+    BENCH_OUT=$("$fn" "$B/mnt")
     "$bin" umount "$B/mnt" >/dev/null
     MNT=""
     rm -rf "$B/pool" "$B/mnt"
