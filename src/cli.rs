@@ -55,7 +55,7 @@ pub enum Cmd {
         /// Serve in this process, logging to stderr, until unmounted.
         #[arg(long)]
         foreground: bool,
-        /// Threads serving FUSE requests.
+        /// Threads serving FUSE requests (default: one per core, at least 2 and at most 8).
         #[arg(long, default_value_t = threads_default())]
         threads: usize,
         /// Migration jobs that copy at once (more wait in a queue).
