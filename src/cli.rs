@@ -880,8 +880,8 @@ fn repair_log(pool: &Path) -> Result<pool::PoolLock, Failure> {
         r.frames_lost
     );
     println!(
-        "repair: the frames kept are folded into a new catalog snapshot (size records in the volumes, written \
-         after the frames that were cut, no longer apply)"
+        "repair: the frames kept are folded into a new catalog snapshot (copies of the log in the volumes' rings, \
+         written after the frames that were cut, no longer apply)"
     );
     Ok(lock)
 }

@@ -552,11 +552,11 @@ pub fn render(m: &Mount<'_>) -> String {
         x.family("ferryfs_catalog_compaction_failures_total", Kind::Counter, "Compactions of the catalog that failed.")
             .sample(&[], st.compaction_failures);
         x.family(
-            "ferryfs_catalog_size_records_total",
+            "ferryfs_catalog_tail_records_total",
             Kind::Counter,
-            "Fsyncs and fdatasyncs that made a data set's growth durable with a size record in a volume image, flushed with its bytes, instead of a sync of the catalog's log.",
+            "Fsyncs and fdatasyncs that made the catalog's unsynced changes durable by copying the log's tail into a volume image's ring, flushed with the data set's bytes, instead of a sync of the catalog's log.",
         )
-        .sample(&[], st.size_records);
+        .sample(&[], st.tail_records);
     }
 
     {

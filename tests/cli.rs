@@ -535,12 +535,33 @@ fn corrupt_log_flipped_bytes_mid_log() {
     let tp = pool_with_log();
     flip_byte(&tp.pool.join("catalog.log"), 1);
     assert_refused_as_corrupt(&tp);
-    // Inside frames that no sync covered whole: what a power cut can leave (a sector written
-    // in part). The mount keeps the frames before the damage, drops the rest with a warning,
-    // and the pool is consistent. (Damage in synced frames is refused: tests/repair.rs.)
+    // Inside frames that no sync of the log covered: what a power cut can leave (a sector
+    // written in part). The fsync copied them into the ring of a volume image (docs/format.md,
+    // "The ring: the log's tail"): the mount lays that copy over the damage and keeps every
+    // change, the fsync'd file's bytes and the rename included.
     for at in [len / 3, len / 2, 2 * len / 3] {
         let tp = pool_with_log();
         eprintln!("flipping byte {at} of {len} in catalog.log");
+        flip_byte(&tp.pool.join("catalog.log"), at);
+        let m = tp.mount();
+        let log = fs::read_to_string(tp.pool.join("mount.log")).unwrap_or_default();
+        assert!(log.contains("from the log's tail kept in the volume images"), "the ring healed nothing:\n{log}");
+        assert!(!log.contains("torn"), "the mount dropped frames the ring held:\n{log}");
+        assert_bytes_eq(&fs::read(m.p("log0")).unwrap(), &pattern(20_000, 200), "log0");
+        assert_bytes_eq(&fs::read(m.p("b2")).unwrap(), &pattern(100_000, 92), "renamed b");
+        m.unmount();
+        fsck_clean(&tp.pool);
+    }
+    // The same damage in frames no fsync covered at all (here: the rings cut off, as if the
+    // fsync had not run). The mount keeps the frames before the damage, drops the rest with
+    // a warning, and the pool is consistent. (Damage in synced frames is refused:
+    // tests/repair.rs.)
+    for at in [len / 3, len / 2, 2 * len / 3] {
+        let tp = pool_with_log();
+        for v in ["V1", "V2"] {
+            let image = PathBuf::from(volume_json(&tp.pool, v)["path"].as_str().unwrap());
+            OpenOptions::new().write(true).open(&image).unwrap().set_len(4 << 20).unwrap();
+        }
         flip_byte(&tp.pool.join("catalog.log"), at);
         let m = tp.mount();
         let log = fs::read_to_string(tp.pool.join("mount.log")).unwrap_or_default();

@@ -316,25 +316,25 @@ fn large_writes_arrive_in_few_requests() {
     common::assert_bytes_eq(&fs::read(m.p("big")).unwrap(), &bytes, "the 16 MiB written in one call");
 }
 
-/// A journal's writer (append a record, fdatasync, again) pays one flush per record: the
-/// size goes into a size record in the volume image, flushed with the bytes, not into a
-/// sync of the catalog's log (docs/format.md, "Size records"). Then a kill -9, and the log
-/// cut back to what its last sync made durable (what a power cut would leave of it: every
-/// size frame of the appends gone): the next mount restores the size from the records, and
-/// every record reads back. A clean unmount cuts the ring off the image.
+/// A journal's writer (create, append a record, fdatasync, again) pays one flush per
+/// record: the catalog's changes (the create, the allocation, each size) go into the ring
+/// of the volume image, flushed with the bytes, not into a sync of the catalog's log
+/// (docs/format.md, "The ring: the log's tail"). Then a kill -9, and the log cut back to
+/// what the mount made durable (what a power cut would leave of it: every frame of the
+/// journal gone): the next mount replays them from the ring, and every record reads back. A
+/// clean unmount cuts the ring off the image.
 #[test]
-fn a_journal_writer_fdatasyncs_by_size_record() {
+fn a_journal_writer_fdatasyncs_by_the_ring() {
     let tp = TestPool::new("64K", &[("V1", "64M")]);
     let image = PathBuf::from(common::volume_json(&tp.pool, "V1")["path"].as_str().unwrap());
     let m = tp.mount();
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(m.p("journal")).unwrap();
-    // The create and the first track are catalog changes only the log's sync makes durable.
-    f.write_all(b"head").unwrap();
-    f.sync_all().unwrap();
     let log = tp.pool.join("catalog.log");
     let synced_log = fs::metadata(&log).unwrap().len();
-    let mut want = b"head".to_vec();
     let (_, before) = read_metrics(&m.mnt);
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(m.p("journal")).unwrap();
+    f.write_all(b"head").unwrap();
+    f.sync_all().unwrap();
+    let mut want = b"head".to_vec();
     for i in 0..50 {
         let rec = common::pattern(100, i + 1);
         f.write_all(&rec).unwrap();
@@ -342,18 +342,18 @@ fn a_journal_writer_fdatasyncs_by_size_record() {
         want.extend_from_slice(&rec);
     }
     let (_, after) = read_metrics(&m.mnt);
-    let family = "ferryfs_catalog_size_records_total";
+    let family = "ferryfs_catalog_tail_records_total";
     let records = value(&after, family, &[]) - value(&before, family, &[]);
-    assert!(records >= 45.0, "{records} of 50 fdatasyncs went by size record");
+    assert!(records >= 45.0, "{records} of 51 fsyncs went by the ring");
     drop(f);
     assert!(fs::metadata(&image).unwrap().len() > 64 << 20, "no ring past the tracks");
     m.kill9();
-    assert!(fs::metadata(&log).unwrap().len() > synced_log, "the appends logged no size");
+    assert!(fs::metadata(&log).unwrap().len() > synced_log, "the journal's changes were not logged");
     OpenOptions::new().write(true).open(&log).unwrap().set_len(synced_log).unwrap();
     let m = tp.mount();
     common::assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after the lost log frames");
     let said = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
-    assert!(said.contains("restored the size of 1 data set(s) from size records"), "{said}");
+    assert!(said.contains("from the log's tail kept in the volume images"), "{said}");
     m.unmount();
     assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20, "the clean unmount left the ring");
 }

@@ -213,8 +213,8 @@ struct Sim {
     m: Arc<Migrations>,
     turns: Arc<Turns>,
     handles: BTreeMap<Ino, Vec<Arc<FileNode>>>,
-    /// Data sets whose size the catalog's open restored from size records.
-    sizes_restored: u64,
+    /// Frames the catalog's open replayed from the log's tail kept in the volumes' rings.
+    ring_frames: u64,
 }
 
 fn create_pool(disk: &SimDisk) {
@@ -246,7 +246,7 @@ fn mount(disk: &SimDisk) -> Result<Sim, String> {
     let m = Migrations::simulated(engine.clone(), turns.clone());
     m.set_max_jobs(2);
     migrate::resume(&m, &recovered);
-    Ok(Sim { engine, m, turns, handles: BTreeMap::new(), sizes_restored: report.sizes_restored })
+    Ok(Sim { engine, m, turns, handles: BTreeMap::new(), ring_frames: report.ring_frames })
 }
 
 impl Sim {
@@ -349,10 +349,10 @@ struct Tally {
     switched: AtomicU64,
     /// Jobs that a mount resumed from their checkpoints.
     resumed: AtomicU64,
-    /// Fsyncs that wrote a size record instead of syncing the log, and sizes that a mount
-    /// restored from one.
-    size_records: AtomicU64,
-    sizes_restored: AtomicU64,
+    /// Fsyncs that copied the log's tail into a ring instead of syncing the log, and frames
+    /// that a mount replayed from a ring.
+    tail_records: AtomicU64,
+    ring_frames: AtomicU64,
     /// Control lines accepted, by verb.
     verbs: std::sync::Mutex<BTreeMap<String, u64>>,
     /// The phases jobs were in when the power went.
@@ -391,7 +391,7 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
         30..=54 => {
             let Some((_, ino)) = existing(rng) else { return true };
             let Ok(h) = sim.handle(ino) else { return !disk.is_cut() };
-            // One in four appends (a log's writer: its fsyncs may go by size record).
+            // One in four appends (a log's writer).
             let offset = match rng.chance(1, 4) {
                 true => h.size_bytes.load(Ordering::Acquire).min(FILE_MAX_BYTES - 1),
                 false => rng.below(FILE_MAX_BYTES),
@@ -621,7 +621,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
         }
         let resumed = String::from_utf8_lossy(&sim.m.events_text()).matches("(from checkpoint)").count();
         tally.resumed.fetch_add(resumed as u64, Ordering::Relaxed);
-        tally.sizes_restored.fetch_add(sim.sizes_restored, Ordering::Relaxed);
+        tally.ring_frames.fetch_add(sim.ring_frames, Ordering::Relaxed);
         match check_recovered(&sim, &mut oracle) {
             Ok(bytes) => {
                 tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
@@ -660,7 +660,7 @@ fn run_seed(seed: u64, cuts: u64, tally: &Tally) -> Result<u64, String> {
                 (p, _) => Tally::count(&tally.cut_in_phase, p),
             }
         }
-        tally.size_records.fetch_add(sim.engine.catalog.lock().stats().size_records, Ordering::Relaxed);
+        tally.tail_records.fetch_add(sim.engine.catalog.lock().stats().tail_records, Ordering::Relaxed);
         sim.power_off();
         disk = disk.restart(rng.next_u64());
         tally.cuts.fetch_add(1, Ordering::Relaxed);
@@ -736,13 +736,12 @@ fn power_cuts_keep_every_acknowledged_write() {
     );
     println!("control lines accepted: {:?}", tally.verbs.lock().unwrap());
     println!("jobs alive at a cut, by phase: {:?}", tally.cut_in_phase.lock().unwrap());
-    let (records, restored) =
-        (tally.size_records.load(Ordering::Relaxed), tally.sizes_restored.load(Ordering::Relaxed));
-    println!("size records: {records} fsyncs wrote one instead of syncing the log; {restored} sizes restored from one");
+    let (records, replayed) = (tally.tail_records.load(Ordering::Relaxed), tally.ring_frames.load(Ordering::Relaxed));
+    println!("log tails: {records} fsyncs copied the log's tail into a ring instead of syncing the log; {replayed} frames replayed from one");
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
     if seeds.len() >= 100 {
-        assert!(records > 0 && restored > 0, "the campaign never took the size-record path, or never restored from it");
+        assert!(records > 0 && replayed > 0, "the campaign never took the ring's path, or never replayed from it");
     }
 }
 
@@ -1025,34 +1024,34 @@ fn append_synced(
     Ok(())
 }
 
-/// The story: every append + fdatasync cost two flushes, the image's and then the log's
-/// (the size). Now, when all the log lacks on the disk is size raises, the size goes into a
-/// size record in the image, flushed with the bytes, and the log is not synced. A power cut
-/// that loses the log's size frames leaves the record: the catalog's open restores the
-/// size. Then a truncate, synced, and another cut: the record, older than the log now,
-/// says nothing (the restore compacted to a new generation), and the data set stays cut.
+/// The story: every fsync cost two flushes, the volume image's and then the log's. Now the
+/// log's unsynced tail (here: the allocation of the first append, then each append's size)
+/// is copied into the ring of the image, flushed with the bytes, and the log is not synced.
+/// A power cut that loses the log's frames leaves the ring: the catalog's open replays them
+/// from it. Then a truncate, synced, and another cut: the ring, older than the log now,
+/// says nothing (the open that replayed from it compacted to a new generation), and the data
+/// set stays cut.
 #[test]
-fn an_appended_fdatasync_survives_a_power_cut_on_its_size_record() {
+fn an_appended_fdatasync_survives_a_power_cut_on_the_log_tail_in_its_ring() {
     let log = pool().join("catalog.log");
-    let mut restored = 0;
+    let mut replayed = 0;
     for seed in 0..12 {
         let (disk, mut oracle, mut sim, ino, h) = synced_data_set().unwrap();
-        // The first append maps a new track (with over-provisioned ones after it): an
-        // allocation, which only a sync of the log makes durable.
+        let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().tail_records);
+        // The first append maps a new track (with over-provisioned ones after it).
         append_synced(&mut sim, &mut oracle, ino, &h, 2, 100).unwrap();
-        let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().size_records);
         for n in 3..11 {
             append_synced(&mut sim, &mut oracle, ino, &h, n, 700).unwrap();
         }
         assert_eq!(disk.flushes(&log), log_syncs, "seed {seed}: an append + fdatasync synced the log");
-        assert_eq!(sim.engine.catalog.lock().stats().size_records - records, 8, "seed {seed}");
+        assert_eq!(sim.engine.catalog.lock().stats().tail_records - records, 9, "seed {seed}");
         disk.cut_power_now();
         sim.power_off();
         let disk = disk.restart(seed);
         let sim = mount(&disk).unwrap();
-        restored += sim.sizes_restored;
+        replayed += sim.ring_frames;
         check_recovered(&sim, &mut oracle).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        // A truncate, made durable, then a cut: the old record must not raise the size again.
+        // A truncate, made durable, then a cut: the old ring must not replay anything.
         sim.engine.truncate(ino, 1000, 0).and_then(|()| sim.engine.sync_log()).unwrap();
         let model = oracle.files.get_mut(&ino).unwrap();
         model.truncate(1000);
@@ -1062,31 +1061,110 @@ fn an_appended_fdatasync_survives_a_power_cut_on_its_size_record() {
         sim.power_off();
         let disk = disk.restart(seed + 100);
         let sim = mount(&disk).unwrap();
-        assert_eq!(sim.sizes_restored, 0, "seed {seed}: a record older than the log raised a size");
+        assert_eq!(sim.ring_frames, 0, "seed {seed}: a ring older than the log replayed frames");
         check_recovered(&sim, &mut oracle).unwrap_or_else(|e| panic!("seed {seed}, after the truncate: {e}"));
         sim.power_off();
     }
-    assert!(restored > 0, "no seed lost the log's size frames: the records were never needed");
+    assert!(replayed > 0, "no seed lost the log's frames: the rings were never needed");
 }
 
-/// A slot of the size ring is written again only once the log holds its record's news
-/// durably: the fsync that would overwrite a record the log lacks syncs the log instead,
-/// once per lap of the ring. Every acknowledged append survives the cut after the laps.
+/// A database's journal, or a mail queue: create a file, write it, fsync it, and unlink the
+/// one before; no directory fsync. Each fsync makes the create, the allocation, the size and
+/// the earlier unlink durable through the ring of the image, flushed with the bytes, without
+/// a sync of the log. A power cut loses the log's frames: the namespace comes back as the
+/// last fsync left it, with the bytes of the file it made durable.
 #[test]
-fn the_size_ring_laps_only_over_records_the_log_holds() {
+fn a_create_write_fsync_unlink_loop_survives_a_power_cut_without_syncing_the_log() {
+    let log = pool().join("catalog.log");
+    let mut replayed = 0;
+    for seed in 0..8 {
+        let (disk, mut oracle, mut sim, _, _) = synced_data_set().unwrap();
+        let e = sim.engine.clone();
+        let (log_syncs, records) = (disk.flushes(&log), e.catalog.lock().stats().tail_records);
+        let mut prev: Option<String> = None;
+        for n in 0..12u64 {
+            let name = format!("j{n}");
+            let ino = e.make(ROOT_INO, name.as_bytes(), 0o600, 0, NewKind::File, 0, 0).unwrap();
+            let mut ns = oracle.names();
+            ns.insert(name.clone(), ino);
+            oracle.push_ns(ns);
+            oracle.files.insert(ino, Model { sizes: vec![0], ..Model::default() });
+            let h = sim.handle(ino).unwrap();
+            let data = fill(100 + n + seed, (2 * TRACK_BYTES + 300) as usize);
+            e.write(&h, 0, &data).and_then(|()| e.fsync(&h, false)).unwrap();
+            let model = oracle.files.get_mut(&ino).unwrap();
+            model.write(0, &data);
+            model.synced();
+            oracle.log_synced();
+            if let Some(old) = prev.replace(name) {
+                e.unlink(ROOT_INO, old.as_bytes(), false).unwrap();
+                let mut ns = oracle.names();
+                ns.remove(&old);
+                oracle.push_ns(ns);
+            }
+        }
+        assert_eq!(disk.flushes(&log), log_syncs, "seed {seed}: a file's fsync synced the log");
+        assert_eq!(e.catalog.lock().stats().tail_records - records, 12, "seed {seed}");
+        disk.cut_power_now();
+        sim.power_off();
+        let sim = mount(&disk.restart(seed)).unwrap();
+        replayed += sim.ring_frames;
+        check_recovered(&sim, &mut oracle).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let names = oracle.names();
+        assert!(names.contains_key("j11"), "seed {seed}: the last fsync'd file is gone: {names:?}");
+        assert!(!names.contains_key("j9"), "seed {seed}: an unlink an fsync made durable came back: {names:?}");
+        sim.power_off();
+    }
+    assert!(replayed > 0, "no seed lost the log's frames: the rings were never needed");
+}
+
+/// A slot of a ring is written again only once the log holds its fragment's frames durably:
+/// the fsync that would overwrite a fragment the log lacks syncs the log instead, once per
+/// lap of the ring. Every acknowledged append survives the cut after the laps.
+#[test]
+fn the_ring_laps_only_over_fragments_the_log_holds() {
     let log = pool().join("catalog.log");
     let (disk, mut oracle, mut sim, ino, h) = synced_data_set().unwrap();
     append_synced(&mut sim, &mut oracle, ino, &h, 2, 1).unwrap();
-    let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().size_records);
-    let slots = ferryfs::catalog::sizes::RING_SLOTS;
+    let (log_syncs, records) = (disk.flushes(&log), sim.engine.catalog.lock().stats().tail_records);
+    let slots = ferryfs::catalog::ring::RING_SLOTS;
     for n in 0..slots * 2 + 5 {
         append_synced(&mut sim, &mut oracle, ino, &h, n + 3, 1).unwrap();
     }
     assert_eq!(disk.flushes(&log) - log_syncs, 2, "one sync of the log per lap of the ring");
-    assert_eq!(sim.engine.catalog.lock().stats().size_records - records, slots * 2 + 3);
+    assert_eq!(sim.engine.catalog.lock().stats().tail_records - records, slots * 2 + 3);
     disk.cut_power_now();
     sim.power_off();
     let sim = mount(&disk.restart(1)).unwrap();
     check_recovered(&sim, &mut oracle).unwrap();
     sim.power_off();
+}
+
+/// A fragment of the log's generation that reaches past what the log holds without
+/// continuing it (a later slot of a tail whose earlier slot tore: its fsync never returned)
+/// copies bytes the log will hold differently once it grows again. A writable open that
+/// finds one (an offline command after a cut, as well as a mount) compacts to a new
+/// generation first, so that no later open lays it over frames appended after this one.
+#[test]
+fn a_writable_open_compacts_past_a_fragment_it_could_not_lay() {
+    use ferryfs::catalog::ring::{self, Fragment};
+    let (disk, _, sim, _, _) = synced_data_set().unwrap();
+    let (generation, log_end, v) = {
+        let cat = sim.engine.catalog.lock();
+        let v = cat.catalog.volumes.values().next().unwrap().clone();
+        (cat.generation(), cat.stats().log_size_bytes, v)
+    };
+    let f = Fragment { generation, log_offset: log_end + 4000, volume: v.id, bytes: vec![0x5A; 100] };
+    let io = sim.engine.volume(v.id).unwrap();
+    io.write_at(&f.encode(), ring::slot_offset(&v, 7)).and_then(|()| io.flush()).unwrap();
+    disk.cut_power_now();
+    sim.power_off();
+    let disk = disk.restart(3);
+    let d: Arc<dyn Disk> = Arc::new(disk.clone());
+    let (store, report) = Store::open_on(d.clone(), &pool(), true).unwrap();
+    assert_eq!(report.ring_frames, 0, "a fragment that does not continue the log was laid over it");
+    assert!(store.generation() > generation, "the open appended to the generation the ring copies");
+    drop(store);
+    let (store, _) = Store::open_on(d, &pool(), false).unwrap();
+    assert!(store.generation() > generation, "the compaction did not reach the disk");
 }

@@ -6,7 +6,7 @@ pub mod acl;
 pub mod check;
 mod legacy;
 pub mod model;
-pub mod sizes;
+pub mod ring;
 pub mod store;
 
 pub use model::{Body, Catalog, Ino, Inode, Meta, NewKind, Op, VolumeRec, ROOT_INO};

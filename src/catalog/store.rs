@@ -10,8 +10,8 @@
 //! Why our own log and not an embedded store: every op is one `pwrite` of a few dozen bytes
 //! into the log, which lands in the kernel's page cache before the op is acknowledged, so a
 //! kill -9 of the mount loses nothing that returned, with no fsync per op. `fsync()` from an
-//! application is one `fdatasync` of the log (or none, when size raises are all it would
-//! make durable: a size record in the volume image carries the size, sizes.rs). Nothing ever
+//! application is one `fdatasync` of the log, or none: the fsync copies the log's unsynced
+//! tail into the ring of a volume image it flushes anyway (ring.rs). Nothing ever
 //! rewrites the whole catalog on the I/O path: compaction (a new snapshot) happens at mount,
 //! at clean unmount and when the log passes [`LOG_COMPACT_BYTES`]. docs/format.md draws
 //! every record.
@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use super::legacy;
 use super::model::{ApplyError, Catalog, Freed, Op};
-use super::sizes;
+use super::ring::{self, RingScan};
 use crate::storage::{self, Disk, Latch, StorageFile};
 
 pub const SNAP_FILE: &str = "catalog.snap";
@@ -119,8 +119,11 @@ pub struct OpenReport {
     /// synced, they survived a power cut that lost an earlier write, and are dropped.
     pub frames_dropped: u64,
     pub log_bytes: u64,
-    /// Data sets whose size a size record in a volume image restored (sizes.rs): appends
-    /// that an fsync made durable without syncing the log, whose log frames a power cut lost.
+    /// Frames replayed from the log's tail as kept in the volumes' rings (ring.rs): catalog
+    /// changes that an fsync made durable without syncing the log, whose frames in the log
+    /// a power cut lost.
+    pub ring_frames: u64,
+    /// Data sets whose size a size record (what rings held before fragments) restored.
     pub sizes_restored: u64,
 }
 
@@ -140,11 +143,17 @@ pub struct Store {
     /// bytes before `log_base_len` were durable then.
     log_base_mark: u64,
     log_base_len: u64,
-    /// How far the appended bytes are durable (raised by syncs and compactions).
+    /// How far the appended bytes are durable in the log itself (raised by syncs of the log
+    /// and compactions).
     durable_mark: Arc<AtomicU64>,
-    /// The appended mark after the last frame that is not a size raise (sizes.rs): while
-    /// the durable mark is at or past it, what the log lacks on the disk is size raises only.
-    hard_mark: u64,
+    /// How far the appended bytes are durable counting the fragments in the volumes' rings
+    /// whose flush completed (ring.rs); the log's own durability is `durable_mark`.
+    ring_mark: Arc<AtomicU64>,
+    /// The bytes appended from `tail_mark` on, while they are few enough for a ring
+    /// ([`ring::TAIL_BYTES_MAX`]); None: more were appended since the last durable point,
+    /// and fsyncs sync the log until one does.
+    tail: Option<Vec<u8>>,
+    tail_mark: u64,
     /// The snapshot on disk is of [`FORMAT_VERSION`] (one of an older version is rewritten
     /// by the next compaction).
     snapshot_current: bool,
@@ -169,8 +178,8 @@ pub struct StoreStats {
     /// unmount, and after a failed write or sync of the log.
     pub compactions: u64,
     pub compaction_failures: u64,
-    /// Fsyncs whose size change went into a size record instead of a sync of the log.
-    pub size_records: u64,
+    /// Fsyncs that copied the log's tail into a volume's ring instead of syncing the log.
+    pub tail_records: u64,
 }
 
 impl Store {
@@ -198,7 +207,9 @@ impl Store {
             log_base_mark: 0,
             log_base_len: 0,
             durable_mark: Arc::new(AtomicU64::new(0)),
-            hard_mark: 0,
+            ring_mark: Arc::new(AtomicU64::new(0)),
+            tail: Some(Vec::new()),
+            tail_mark: 0,
             snapshot_current: false,
             stats: StoreStats::default(),
             catalog,
@@ -211,8 +222,8 @@ impl Store {
     }
 
     /// Load the catalog from the host's disk. `writable` opens the log for appends (the
-    /// caller holds the pool lock); read-only opens never write a byte. The volumes' size
-    /// records (sizes.rs) are read only while the pool's `mounted` marker is there: a mount
+    /// caller holds the pool lock); read-only opens never write a byte. The volumes' rings
+    /// (ring.rs) are read only while the pool's `mounted` marker is there: a mount
     /// runs, or the last one did not stop cleanly. A clean stop folded the log and cut the
     /// rings off, and removed the marker last.
     pub fn open(dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
@@ -220,7 +231,7 @@ impl Store {
         Self::open_with(storage::real(), dir, writable, restore)
     }
 
-    /// [`Store::open`] on `disk`, always reading the size records.
+    /// [`Store::open`] on `disk`, always reading the rings.
     pub fn open_on(disk: Arc<dyn Disk>, dir: &Path, writable: bool) -> Result<(Store, OpenReport), StoreError> {
         Self::open_with(disk, dir, writable, true)
     }
@@ -242,8 +253,8 @@ impl Store {
         }
     }
 
-    /// One open; `restore` applies the size records that say more than the log
-    /// ([`Store::restore_sizes`]).
+    /// One open; `restore` reads the volumes' rings and replays what they keep of the log
+    /// past its end on the disk (ring.rs).
     fn open_once(
         disk: &Arc<dyn Disk>,
         dir: &Path,
@@ -269,8 +280,11 @@ impl Store {
             Err(e) => return Err(io_err(&log_path)(e)),
         };
         let mut replay_log = false;
-        if let Some(bytes) = &log_bytes {
-            let log_gen = decode_log_header(&log_path, bytes)?;
+        let mut rings = restore.then(RingScan::default);
+        // Where the log's own frames end on the disk, before any fragment is laid over it.
+        let mut disk_end = 0;
+        if let Some(mut bytes) = log_bytes {
+            let log_gen = decode_log_header(&log_path, &bytes)?;
             if log_gen > generation {
                 return Err(StoreError::Corrupt {
                     path: log_path,
@@ -279,40 +293,92 @@ impl Store {
             }
             if log_gen == generation {
                 replay_log = true;
-                let frames = decode_frames(&log_path, bytes)?;
-                for (offset, op) in frames.ops {
-                    s.catalog.apply(&op).map_err(|source| StoreError::BadOp {
-                        path: log_path.clone(),
-                        offset,
-                        source,
-                    })?;
-                    report.ops_replayed += 1;
+                let file_len = bytes.len() as u64;
+                let mut applied_to = 0;
+                loop {
+                    // The rings of every volume known so far (the snapshot's, then those the
+                    // replayed frames added): lay what continues the log over it.
+                    let mut laid = false;
+                    if let Some(scan) = rings.as_mut() {
+                        scan.read_new(&**disk, &s.catalog, generation)
+                            .map_err(|(path, e)| io_err(Path::new(&path))(e))?;
+                        if !scan.fragments.is_empty() {
+                            let (end, _) = frames_prefix(&bytes)?;
+                            if disk_end == 0 {
+                                disk_end = end;
+                            }
+                            laid = ring::overlay(&mut bytes, end, &scan.fragments) > end;
+                        }
+                    }
+                    if applied_to > 0 && !laid {
+                        break;
+                    }
+                    let frames = decode_frames(&log_path, &bytes)?;
+                    for (offset, op) in frames.ops.into_iter().filter(|(o, _)| *o >= applied_to) {
+                        s.catalog.apply(&op).map_err(|source| StoreError::BadOp {
+                            path: log_path.clone(),
+                            offset,
+                            source,
+                        })?;
+                        report.ops_replayed += 1;
+                        if offset >= disk_end && disk_end > 0 {
+                            report.ring_frames += 1;
+                        }
+                    }
+                    applied_to = frames.valid_len;
+                    report.torn_tail_bytes = file_len.saturating_sub(frames.valid_len);
+                    report.frames_dropped = frames.frames_dropped;
+                    report.log_bytes = frames.valid_len;
+                    s.log_end_bytes = frames.valid_len;
+                    // A volume the replayed frames added may hold the next fragments.
+                    if !rings.as_ref().is_some_and(|r| r.unread(&s.catalog)) {
+                        break;
+                    }
                 }
-                report.torn_tail_bytes = bytes.len() as u64 - frames.valid_len;
-                report.frames_dropped = frames.frames_dropped;
-                report.log_bytes = frames.valid_len;
-                s.log_end_bytes = frames.valid_len;
+                if disk_end == 0 {
+                    disk_end = s.log_end_bytes;
+                }
             }
         }
+        // Fragments laid over the log, or a fragment or size record of this generation that
+        // reaches past what the log held: the log file lacks bytes the catalog now holds, or
+        // will be appended to where a ring keeps other bytes. Only a new generation (a
+        // compaction) makes every ring older than the catalog.
+        let ahead = replay_log && rings.as_ref().is_some_and(|r| r.reaches_past(disk_end));
         if writable {
             if replay_log {
                 let f = disk.open(&log_path).map_err(io_err(&log_path))?;
-                if report.torn_tail_bytes > 0 {
-                    f.set_len(s.log_end_bytes).map_err(io_err(&log_path))?;
+                if ahead {
+                    // Compacted below, before anything is appended.
+                    s.log = Some(f);
+                } else {
+                    if report.torn_tail_bytes > 0 {
+                        f.set_len(s.log_end_bytes).map_err(io_err(&log_path))?;
+                    }
+                    // What replayed came from the file, maybe from the page cache of a
+                    // process that died: make it durable, so that the frames appended from
+                    // here on can say which sectors are.
+                    f.flush().map_err(io_err(&log_path))?;
+                    s.log = Some(f);
                 }
-                // What replayed came from the file, maybe from the page cache of a process
-                // that died: make it durable, so that the frames appended from here on can
-                // say which sectors are.
-                f.flush().map_err(io_err(&log_path))?;
-                s.log = Some(f);
                 s.log_base_len = s.log_end_bytes;
             } else {
                 // Missing or stale log: start the snapshot's generation afresh.
                 s.start_log()?;
             }
         }
-        if restore {
-            report.sizes_restored = s.restore_sizes()?;
+        if let Some(scan) = rings.as_ref().filter(|_| replay_log) {
+            report.sizes_restored = s.restore_sizes(scan);
+        }
+        if report.ring_frames > 0 && writable {
+            log::warn!(
+                "replayed {} catalog change(s) from the log's tail kept in the volume images: fsync'd changes \
+                 whose log frames a power cut lost",
+                report.ring_frames
+            );
+        }
+        if ahead && writable {
+            s.compact()?;
         }
         Ok((s, report))
     }
@@ -342,10 +408,6 @@ impl Store {
         let log = self.log.clone().ok_or(StoreError::ReadOnly)?;
         let frame = encode_frame(&op, self.durable_sectors());
         let at = self.log_end_bytes;
-        let raise = match &op {
-            Op::SetSize { ino, size_bytes, .. } => self.catalog.get(*ino).is_some_and(|i| *size_bytes > i.size_bytes()),
-            _ => false,
-        };
         if let Err(e) = self.log_latch.record(log.write_at(&frame, at)) {
             // Best effort: cut off whatever part of the frame landed. The next commit
             // compacts anyway.
@@ -354,9 +416,7 @@ impl Store {
         }
         self.log_end_bytes += frame.len() as u64;
         self.appended_mark += frame.len() as u64;
-        if !raise {
-            self.hard_mark = self.appended_mark;
-        }
+        self.keep_in_tail(&frame);
         self.stats.ops_committed += 1;
         let freed = self.catalog.apply(&op).expect("op was checked against this state");
         Ok(freed)
@@ -381,67 +441,92 @@ impl Store {
         }
     }
 
-    /// Is every op the log holds beyond its durable part a size raise (sizes.rs)? Then a
-    /// size record can stand in for a sync of the log.
-    pub fn only_size_raises_unsynced(&self) -> bool {
-        self.log.is_some() && !self.log_failed() && self.durable_mark.load(Ordering::Acquire) >= self.hard_mark
+    /// The generation of the snapshot and of the log appended to.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// The log's generation and where its next frame goes: a size record's stamp.
-    pub fn log_position(&self) -> (u64, u64) {
-        (self.generation, self.log_end_bytes)
-    }
-
-    /// How far the appended bytes are durable now.
+    /// How far the appended bytes are durable in the log itself now.
     pub fn durable_mark(&self) -> u64 {
         self.durable_mark.load(Ordering::Acquire)
     }
 
-    /// Count an fsync that wrote a size record instead of syncing the log.
-    pub fn note_size_record(&mut self) {
-        self.stats.size_records += 1;
+    /// How far the appended bytes are durable, in the log or in a ring.
+    fn durable_anywhere(&self) -> u64 {
+        self.durable_mark.load(Ordering::Acquire).max(self.ring_mark.load(Ordering::Acquire))
     }
 
-    /// At an open, before anything else is committed: raise the size of every data set
-    /// that a size record in its volume's ring says more about than the replayed log
-    /// (sizes.rs). A writable open commits the raises and compacts (a new generation) if
-    /// any record said more, so that none is read again against a log that grew after it;
-    /// a read-only one raises them in memory only. Returns how many sizes it raised.
-    fn restore_sizes(&mut self) -> Result<u64, StoreError> {
-        let (generation, log_end) = (self.generation, self.log_end_bytes);
-        let mut newer = Vec::new();
-        for v in self.catalog.volumes.values().filter(|v| sizes::has_ring(v)) {
-            let path = Path::new(&v.path);
-            // A missing image fails the mount later, with its name; its records went with it.
-            // An image no longer than its tracks has no ring (cut off at a clean stop).
-            let Ok(io) = self.disk.open(path) else { continue };
-            if io.size_bytes() <= v.size_bytes {
-                continue;
+    /// What an fsync must copy into a ring instead of syncing the log (ring.rs): the bytes
+    /// appended since the last durable point, the log or a ring's. [`RingTail::Nothing`]
+    /// when every committed op is durable already; None when a ring cannot stand in for a
+    /// sync of the log (a read-only store, a failed log, a tail longer than
+    /// [`ring::TAIL_BYTES_MAX`]).
+    pub fn ring_tail(&self) -> Option<RingTail> {
+        if self.log.is_none() || self.log_failed() {
+            return None;
+        }
+        let from = self.durable_anywhere();
+        if from >= self.appended_mark {
+            return Some(RingTail::Nothing);
+        }
+        let tail = self.tail.as_ref()?;
+        // Marks fall between frames, and the kept tail starts at or before every durable
+        // point since the last compaction (a compaction makes everything durable).
+        let skip = usize::try_from(from.checked_sub(self.tail_mark)?).ok()?;
+        let bytes = tail.get(skip..)?;
+        if bytes.is_empty() || bytes.len() > ring::TAIL_BYTES_MAX || from < self.log_base_mark {
+            return None;
+        }
+        Some(RingTail::Bytes {
+            generation: self.generation,
+            log_offset: self.log_base_len + (from - self.log_base_mark),
+            bytes: bytes.to_vec(),
+            end_mark: self.appended_mark,
+            durable_mark: self.durable_mark(),
+            ring_mark: self.ring_mark.clone(),
+        })
+    }
+
+    /// Count an fsync that copied the log's tail into a ring instead of syncing the log.
+    pub fn note_tail_record(&mut self) {
+        self.stats.tail_records += 1;
+    }
+
+    /// Keep `frame` (just appended) in the tail an fsync may copy into a ring, after
+    /// dropping what became durable.
+    fn keep_in_tail(&mut self, frame: &[u8]) {
+        let durable = self.durable_anywhere();
+        let before = self.appended_mark - frame.len() as u64;
+        if durable >= before {
+            self.tail = Some(Vec::new());
+            self.tail_mark = before;
+        } else if let Some(t) = self.tail.as_mut() {
+            if durable > self.tail_mark {
+                t.drain(..(durable - self.tail_mark) as usize);
+                self.tail_mark = durable;
             }
-            newer.extend(sizes::newer_records(&*io, v, generation, log_end).map_err(io_err(path))?.into_values());
         }
-        if newer.is_empty() {
-            return Ok(0);
+        let room = self.tail.as_ref().is_some_and(|t| t.len() + frame.len() <= ring::TAIL_BYTES_MAX);
+        match self.tail.as_mut() {
+            Some(t) if room => t.extend_from_slice(frame),
+            _ => self.tail = None,
         }
-        // Oldest first: a data set with records on two volumes ends at its newest.
-        newer.sort_by_key(|r| r.log_offset);
+    }
+
+    /// At an open, after the replay: raise the size of every data set that a size record
+    /// (what the rings held before fragments) says more about than the replayed log, in
+    /// memory; the caller compacts a writable store. Returns how many sizes it raised.
+    fn restore_sizes(&mut self, scan: &RingScan) -> u64 {
         let mut raised = 0;
-        for r in newer {
+        for r in scan.sizes_past(self.log_end_bytes) {
             let below = self.catalog.get(r.ino).is_some_and(|i| i.size_bytes() < r.size_bytes);
             if !below {
                 continue;
             }
             let op = Op::SetSize { ino: r.ino, size_bytes: r.size_bytes, mtime_ns: r.mtime_ns };
-            let applied = match self.log {
-                Some(_) => self.commit(op).map(|_| ()),
-                None => self.catalog.apply(&op).map(|_| ()).map_err(StoreError::Refused),
-            };
-            match applied {
-                Ok(()) => raised += 1,
-                Err(StoreError::Refused(e)) => {
-                    log::warn!("size record of data set {} ({} bytes) not applied: {e}", r.ino, r.size_bytes)
-                }
-                Err(e) => return Err(e),
+            match self.catalog.apply(&op) {
+                Ok(_) => raised += 1,
+                Err(e) => log::warn!("size record of data set {} ({} bytes) not applied: {e}", r.ino, r.size_bytes),
             }
         }
         if raised > 0 && self.log.is_some() {
@@ -450,10 +535,7 @@ impl Store {
                  power cut lost"
             );
         }
-        if self.log.is_some() {
-            self.compact()?;
-        }
-        Ok(raised)
+        raised
     }
 
     /// Whether the log failed a write or a sync: the next commit compacts first.
@@ -565,7 +647,36 @@ impl Store {
         self.log_end_bytes = LOG_HEADER_BYTES as u64;
         self.log_base_len = LOG_HEADER_BYTES as u64;
         self.log_base_mark = self.appended_mark;
+        self.tail = Some(Vec::new());
+        self.tail_mark = self.appended_mark;
         Ok(())
+    }
+}
+
+/// What an fsync copies into a ring instead of syncing the log ([`Store::ring_tail`]).
+pub enum RingTail {
+    /// Every committed op is durable already.
+    Nothing,
+    /// Bytes `log_offset..` of the log file of `generation`: the appended bytes up to
+    /// `end_mark`, from the last durable point on. `durable_mark` is the log's own at the
+    /// time (slots whose fragments end at or below it are free).
+    Bytes {
+        generation: u64,
+        log_offset: u64,
+        bytes: Vec<u8>,
+        end_mark: u64,
+        durable_mark: u64,
+        ring_mark: Arc<AtomicU64>,
+    },
+}
+
+impl RingTail {
+    /// The fragments holding the tail are flushed: the appended bytes up to its end mark
+    /// are durable.
+    pub fn flushed(&self) {
+        if let RingTail::Bytes { end_mark, ring_mark, .. } = self {
+            ring_mark.fetch_max(*end_mark, Ordering::AcqRel);
+        }
     }
 }
 
@@ -669,9 +780,9 @@ pub fn repair_log_on(disk: &Arc<dyn Disk>, dir: &Path, now_secs: u64) -> Result<
     r.copy = Some(copy_path);
     let log = disk.open(&log_path).map_err(io_err(&log_path))?;
     log.set_len(valid_len).and_then(|_| log.flush()).map_err(io_err(&log_path))?;
-    // The cut took frames that were synced: a size record written after them (sizes.rs)
-    // would raise a size over a layout that is no longer the one it was written for. A new
-    // generation makes every record older than the catalog.
+    // The cut took frames that were synced: a fragment or size record written after them
+    // (ring.rs) would be laid over a log that no longer leads to it. A new generation makes
+    // every ring older than the catalog.
     let (mut s, _) = Store::open_once(disk, dir, true, false)?;
     s.compact()?;
     Ok(r)

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use super::{volume_of, Engine, Error, FileNode, Result, Volumes};
 use crate::catalog::model::now_ns;
 use crate::catalog::model::{Body, Ino, Op};
-use crate::catalog::sizes::{self, Ring, SizeRecord};
+use crate::catalog::ring::{self, Ring};
+use crate::catalog::store::RingTail;
 use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
 use crate::layout::lay_out;
@@ -405,61 +406,72 @@ impl Engine {
         }
     }
 
-    /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, then the log;
-    /// or, when all the log lacks on the disk is size raises, its volumes alone, one of them
-    /// carrying a size record (catalog/sizes.rs).
+    /// fsync (and fdatasync: `datasync`) of an open data set: its volumes, one of them
+    /// carrying the log's unsynced tail in its ring (catalog/ring.rs); or, when no ring can
+    /// take the tail, its volumes and then the log.
     pub fn fsync(&self, node: &FileNode, datasync: bool) -> Result<()> {
         let t0 = std::time::Instant::now();
         let volumes: BTreeSet<VolumeId> = node.map.load().extents().map(|e| e.volume).collect();
-        let recorded = self.record_size(node, &volumes, datasync)?;
+        if !datasync {
+            self.persist_mtime(node)?;
+        }
+        let tail = self.write_tail(&volumes)?;
         for v in volumes {
             self.volume(v)?.flush()?;
         }
-        if !recorded {
-            if !datasync {
-                self.persist_mtime(node)?;
-            }
-            self.sync_log()?;
+        match tail {
+            Some(t) => t.flushed(),
+            None => self.sync_log()?,
         }
         // The copier's pacing feeds on how long applications wait for their fsyncs.
         self.app_syncs.record(t0.elapsed().as_nanos() as u64, now_ns());
         Ok(())
     }
 
-    /// An fsync's size record, written (not flushed) to the first of the data set's
-    /// `volumes` that has a ring, if every frame the log lacks on the disk is a size raise
-    /// and the ring's next slot is free; the caller flushes `volumes`. Returns whether it
-    /// wrote one (else the caller syncs the log, as it must: anything else pending, nothing
-    /// pending at all, a full fsync with an unpersisted mtime, a data set on devices only).
-    fn record_size(&self, node: &FileNode, volumes: &BTreeSet<VolumeId>, datasync: bool) -> Result<bool> {
-        if !datasync && node.mtime_dirty.load(Ordering::Acquire) {
-            return Ok(false);
-        }
-        let (record, at, vol) = {
+    /// An fsync's copy of the log's unsynced tail, written (not flushed) into the ring of the
+    /// first of the data set's `volumes` that has one, in slots whose fragments the log holds
+    /// durably; the caller flushes `volumes`, then calls [`RingTail::flushed`]. None: the
+    /// caller syncs the log, as it must (no ring among `volumes`, a full ring, a tail too
+    /// long for one, a failed log).
+    fn write_tail(&self, volumes: &BTreeSet<VolumeId>) -> Result<Option<RingTail>> {
+        let (tail, writes) = {
             let mut cat = self.catalog.lock();
-            if cat.durable_mark() >= cat.appended_mark() || !cat.only_size_raises_unsynced() {
-                return Ok(false);
-            }
-            let Some(inode) = cat.catalog.get(node.ino) else { return Ok(false) };
-            let (size_bytes, mtime_ns) = (inode.size_bytes(), inode.meta.mtime_ns);
-            let (mark, durable) = (cat.appended_mark(), cat.durable_mark());
-            let mut rings = self.size_rings.lock();
+            let Some(tail) = cat.ring_tail() else { return Ok(None) };
+            let RingTail::Bytes { generation, log_offset, bytes, end_mark, durable_mark, .. } = &tail else {
+                return Ok(Some(tail));
+            };
+            let mut rings = self.rings.lock();
             let mut taken = None;
             for v in volumes.iter().filter_map(|v| cat.catalog.volumes.get(v)) {
-                let ring = rings.entry(v.id).or_insert_with(|| sizes::has_ring(v).then(Ring::default));
+                let ring = rings.entry(v.id).or_insert_with(|| ring::has_ring(v).then(Ring::default));
                 if let Some(r) = ring {
-                    taken = r.take(mark, durable).map(|slot| (v.id, sizes::slot_offset(v, slot)));
+                    let slots = r.take(ring::slots_for(bytes.len()), *end_mark, *durable_mark);
+                    taken = slots.map(|slots| (v, slots));
                     break;
                 }
             }
             drop(rings);
-            let Some((vol, at)) = taken else { return Ok(false) };
-            let (generation, log_offset) = cat.log_position();
-            cat.note_size_record();
-            (SizeRecord { generation, log_offset, volume: vol, ino: node.ino, size_bytes, mtime_ns }, at, vol)
+            let Some((v, slots)) = taken else { return Ok(None) };
+            let frags = ring::fragments_of(*generation, *log_offset, v.id, bytes);
+            // Consecutive slots go in one write (two where the tail wraps the ring).
+            let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+            for (slot, f) in slots.iter().zip(&frags) {
+                let at = ring::slot_offset(v, *slot);
+                match writes.last_mut() {
+                    Some((start, buf)) if *start + buf.len() as u64 == at => buf.extend_from_slice(&f.encode()),
+                    _ => writes.push((at, f.encode().to_vec())),
+                }
+            }
+            let vol = v.id;
+            cat.note_tail_record();
+            (tail, (vol, writes))
         };
-        self.volume(vol)?.write_at(&record.encode(), at)?;
-        Ok(true)
+        let (vol, writes) = writes;
+        let io = self.volume(vol)?;
+        for (at, buf) in writes {
+            io.write_at(&buf, at)?;
+        }
+        Ok(Some(tail))
     }
 
     /// The nodes open now (for the migration engine's and shutdown's sweeps).

@@ -30,7 +30,7 @@
 //!    microseconds), never across volume I/O except the punch of tracks about to be handed
 //!    out again.
 //!
-//! `open_inodes`, `quarantine`, `unzeroed`, `volume_io`, `size_rings` and `volumes` are leaf
+//! `open_inodes`, `quarantine`, `unzeroed`, `volume_io`, `rings` and `volumes` are leaf
 //! locks: nothing is taken while holding one.
 //!
 //! The I/O path takes no global lock: a read or a write takes the data set's gate shared,
@@ -49,9 +49,9 @@
 //! - a migration's switch is committed only after its target is flushed (migrate/job.rs), so
 //!   no surviving switch points at tracks the copy had not made durable.
 //!
-//! An fsync syncs the log after the data set's volumes, unless all the log lacks on the disk
-//! is size raises: then a size record in one of those volumes, flushed with them, stands in
-//! for it (catalog/sizes.rs).
+//! An fsync copies the log's unsynced tail into the ring of one of the data set's volumes,
+//! flushed with them, instead of syncing the log (catalog/ring.rs); where no ring can take
+//! it, it syncs the log after the volumes.
 
 mod intent;
 mod io;
@@ -71,7 +71,7 @@ use log::warn;
 use parking_lot::{Mutex, RwLock};
 
 use crate::catalog::model::{Ino, Op};
-use crate::catalog::sizes::Ring;
+use crate::catalog::ring::Ring;
 use crate::catalog::store::{Store, StoreError};
 use crate::geometry::Geometry;
 use crate::monitor::SyncLatency;
@@ -204,11 +204,11 @@ pub struct Engine {
     pub last_app_io_ns: AtomicI64,
     /// Applications' fsync latency (the copier's pacing steers by it).
     pub app_syncs: SyncLatency,
-    /// The size ring of each volume an fsync wrote a size record to (None: the volume has
-    /// none, a device), catalog/sizes.rs.
-    size_rings: Mutex<HashMap<VolumeId, Option<Ring>>>,
+    /// The ring of each volume an fsync wrote the log's tail to (None: the volume has none,
+    /// a device), catalog/ring.rs.
+    rings: Mutex<HashMap<VolumeId, Option<Ring>>>,
     /// Set by a [`Engine::shutdown`] whose compaction succeeded: the catalog holds it all,
-    /// and no size record says more (the mount removes its `mounted` marker only then).
+    /// and no ring says more (the mount removes its `mounted` marker only then).
     pub stopped_cleanly: std::sync::atomic::AtomicBool,
 }
 
@@ -239,7 +239,7 @@ impl Engine {
             unzeroed: Mutex::new(Vec::new()),
             last_app_io_ns: AtomicI64::new(0),
             app_syncs: SyncLatency::default(),
-            size_rings: Mutex::new(HashMap::new()),
+            rings: Mutex::new(HashMap::new()),
             stopped_cleanly: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -258,7 +258,7 @@ impl Engine {
         self.unzeroed.lock().retain(|e| e.volume != id);
         self.volumes.write().remove(&id);
         self.volume_io.lock().remove(&id);
-        self.size_rings.lock().remove(&id);
+        self.rings.lock().remove(&id);
     }
 
     /// The I/O counters of every volume in the table, read now.

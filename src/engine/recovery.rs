@@ -168,7 +168,7 @@ impl Engine {
 
     /// Clean shutdown (the migrations have stopped): persist mtimes, flush the volumes, trim
     /// over-provisioned tails, fold the log into a snapshot, zero what is durably free, and
-    /// cut the size rings off. [`Engine::stopped_cleanly`] says whether the fold succeeded.
+    /// cut the rings off. [`Engine::stopped_cleanly`] says whether the fold succeeded.
     pub fn shutdown(&self) {
         for n in self.nodes_snapshot() {
             if let Err(e) = self.persist_mtime(&n) {
@@ -192,10 +192,9 @@ impl Engine {
         self.stopped_cleanly.store(true, std::sync::atomic::Ordering::Release);
         let freed = std::mem::take(&mut *self.quarantine.lock());
         self.punch_freed(&freed);
-        // The compaction holds every size record's news: cut the rings off (this mount's,
-        // and any an unclean stop left), so that the next mount reads none
-        // (catalog/sizes.rs).
-        for v in cat.catalog.volumes.values().filter(|v| crate::catalog::sizes::has_ring(v)) {
+        // The compaction holds everything the rings kept: cut them off (this mount's, and
+        // any an unclean stop left), so that the next mount reads none (catalog/ring.rs).
+        for v in cat.catalog.volumes.values().filter(|v| crate::catalog::ring::has_ring(v)) {
             let cut = self.volume(v.id).and_then(|io| {
                 // Only an image longer than its tracks has a ring: a cut is a change the
                 // flush below would sync, and most images have none.
@@ -205,7 +204,7 @@ impl Engine {
                 Ok(())
             });
             if let Err(e) = cut {
-                warn!("cutting the size ring off volume {}: {e}", v.name);
+                warn!("cutting the ring off volume {}: {e}", v.name);
             }
         }
         for v in self.volumes().values() {

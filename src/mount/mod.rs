@@ -139,9 +139,9 @@ pub fn mount_foreground(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<
                 if opts.read_only { " (read-only)" } else { "" }
             );
             let res = serve(session, &mnt);
-            // destroy() folded the log into a snapshot and cut the size rings off: the pool
+            // destroy() folded the log into a snapshot and cut the rings off: the pool
             // is clean now. If the fold failed, the marker stays, and the next open treats
-            // the stop as unclean (recovery, and the size records read: catalog/sizes.rs).
+            // the stop as unclean (recovery, and the rings read: catalog/ring.rs).
             // A read-only mount changed nothing (it recovered first if it had to).
             if opts.read_only || migrations.engine.stopped_cleanly.load(std::sync::atomic::Ordering::Acquire) {
                 let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));

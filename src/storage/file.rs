@@ -84,8 +84,8 @@ impl FileStorage {
     }
 
     /// Open a volume image; its length must be at least `size_bytes` (the catalog's size).
-    /// Its [`StorageFile::size_bytes`] is its length (more, with a size ring past its tracks:
-    /// catalog/sizes.rs).
+    /// Its [`StorageFile::size_bytes`] is its length (more, with a ring past its tracks:
+    /// catalog/ring.rs).
     pub fn open_image(path: &Path, size_bytes: u64) -> io::Result<FileStorage> {
         let f = FileStorage::open(path)?;
         let actual = f.size_bytes();

@@ -40,7 +40,7 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Make the range read as zeros, releasing its space where the medium can.
     fn punch(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()>;
     /// The file's length now. A volume image's length is its size, fixed at creation, plus
-    /// its size ring while it has one (catalog/sizes.rs).
+    /// its ring while it has one (catalog/ring.rs).
     fn size_bytes(&self) -> u64;
     /// Cut or extend the file to `len_bytes` (extended bytes read as zeros).
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
