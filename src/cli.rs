@@ -965,6 +965,13 @@ fn fsck(pool: &Path) -> CliResult {
             report.frames_dropped
         ));
     }
+    if report.ring_frames > 0 {
+        r.notes.push(format!(
+            "{} catalog change(s) that fsyncs made durable are missing from the log and kept in the volumes' \
+             rings (what a power cut leaves); the check counts them, and the next mount replays them",
+            report.ring_frames
+        ));
+    }
     for n in &r.notes {
         println!("note: {n}");
     }

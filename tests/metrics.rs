@@ -350,6 +350,10 @@ fn a_journal_writer_fdatasyncs_by_the_ring() {
     m.kill9();
     assert!(fs::metadata(&log).unwrap().len() > synced_log, "the journal's changes were not logged");
     OpenOptions::new().write(true).open(&log).unwrap().set_len(synced_log).unwrap();
+    let out = common::ferry(["fsck", tp.pool.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fsck of the pool the ring completes: {said}");
+    assert!(said.contains("kept in the volumes' rings"), "fsck says nothing of the ring: {said}");
     let m = tp.mount();
     common::assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after the lost log frames");
     let said = fs::read_to_string(tp.pool.join("mount.log")).unwrap();
