@@ -15,6 +15,7 @@ use crate::extent_map::{ExtentMap, Piece};
 use crate::geometry::Geometry;
 use crate::layout::lay_out;
 use crate::space::{plan_growth, FreeMap, VolumeId};
+use log::warn;
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.
 pub fn write_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, data: &[u8]) -> Result<()> {
@@ -443,7 +444,7 @@ impl Engine {
             let mut rings = self.rings.lock();
             let mut taken = None;
             for v in volumes.iter().filter_map(|v| cat.catalog.volumes.get(v)) {
-                let ring = rings.entry(v.id).or_insert_with(|| ring::has_ring(v).then(Ring::default));
+                let ring = rings.entry(v.id).or_insert_with(|| self.new_ring(v));
                 if let Some(r) = ring {
                     let slots = r.take(ring::slots_for(bytes.len()), *end_mark, *durable_mark);
                     taken = slots.map(|slots| (v, slots));
@@ -472,6 +473,27 @@ impl Engine {
             io.write_at(&buf, at)?;
         }
         Ok(Some(tail))
+    }
+
+    /// The ring of volume `v` at this mount's first fsync on it: its room past the tracks
+    /// reserved first, so that no ring write can fail for want of space on the backing file
+    /// system (a failed write would fail the fsync and latch the image). None: the volume
+    /// has no ring (a device), or no room for one; its data sets' fsyncs sync the log.
+    fn new_ring(&self, v: &crate::catalog::VolumeRec) -> Option<Ring> {
+        if !ring::has_ring(v) {
+            return None;
+        }
+        match self.volume(v.id).and_then(|io| Ok(io.reserve(ring::slot_offset(v, 0), ring::RING_BYTES)?)) {
+            Ok(()) => Some(Ring::default()),
+            Err(e) => {
+                warn!(
+                    "volume {}: no room for its ring past the tracks ({e}); fsyncs of its data sets sync the \
+                     catalog's log until the next mount",
+                    v.name
+                );
+                None
+            }
+        }
     }
 
     /// The nodes open now (for the migration engine's and shutdown's sweeps).

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::catalog::model::{Catalog, Meta, NewKind, ROOT_INO};
+use crate::catalog::ring;
 use crate::geometry::Geometry;
 use crate::storage::mem::{FaultyVolume, MemVolume};
 
@@ -85,6 +86,43 @@ fn volume_io_error_reaches_the_caller_and_fsync_stays_failed() {
     let e = failed.expect("the faulty volume fails");
     assert_eq!(e.errno(), libc::EIO);
     assert_eq!(sh.fsync(&node, false).unwrap_err().errno(), libc::EIO, "fsync reports the latched error");
+}
+
+/// An fsync copies the log's tail into the ring past the volume's tracks, and the log is not
+/// synced (catalog/ring.rs).
+#[test]
+fn an_fsync_keeps_the_log_tail_in_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, node) = engine_with(Arc::new(MemVolume::growable(64 * 4096)), dir.path());
+    sh.write(&node, 0, b"journal").unwrap();
+    sh.fsync(&node, false).unwrap();
+    let cat = sh.catalog.lock();
+    assert_eq!(cat.stats().tail_records, 1);
+    assert!(cat.durable_mark() < cat.appended_mark(), "the fsync synced the log");
+    let v = cat.catalog.volumes.values().next().unwrap();
+    let mut slot = vec![0u8; ring::SLOT_BYTES as usize];
+    sh.volume(v.id).unwrap().read_at(&mut slot, ring::slot_offset(v, 0)).unwrap();
+    let f = ring::Fragment::decode(&slot).expect("a fragment in the ring's first slot");
+    assert!(!f.bytes.is_empty() && f.volume == v.id);
+}
+
+/// The story: on a backing file system with no room past a volume's tracks, the ring's
+/// first write failed with ENOSPC, and that failed the fsync and latched the image: every
+/// later write of the volume failed too. The ring's room is now reserved at its first use;
+/// when that fails, the fsyncs of the volume's data sets sync the log, and nothing fails.
+#[test]
+fn no_room_for_a_ring_syncs_the_log_and_fails_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, node) = engine_with(Arc::new(MemVolume::new(64 * 4096)), dir.path());
+    for i in 0..3u64 {
+        sh.write(&node, i * 5000, b"record").unwrap();
+        sh.fsync(&node, i % 2 == 0).unwrap();
+    }
+    let cat = sh.catalog.lock();
+    assert_eq!(cat.stats().tail_records, 0, "a ring was written where there is no room");
+    assert_eq!(cat.durable_mark(), cat.appended_mark(), "the fsync did not sync the log");
+    drop(cat);
+    assert_eq!(&sh.read(&node, 10_000, 6).unwrap()[..], b"record");
 }
 
 /// The story: recovery rolled a running job back and left starting it again to the mount's

@@ -156,6 +156,10 @@ impl StorageFile for Counted {
         self.inner.set_len(len_bytes)
     }
 
+    fn reserve(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        self.inner.reserve(offset_bytes, len_bytes)
+    }
+
     fn writeback(&self, offset_bytes: u64, len_bytes: u64, wait: bool) -> io::Result<()> {
         let r = self.inner.writeback(offset_bytes, len_bytes, wait);
         self.counters.count(IoOp::Writeback, r, |_| {})

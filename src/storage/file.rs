@@ -159,6 +159,27 @@ impl StorageFile for FileStorage {
         self.size_bytes.load(Ordering::Acquire)
     }
 
+    fn reserve(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        self.latch.check()?;
+        // SAFETY: fallocate on an fd we own, with plain integer arguments.
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset_bytes as libc::off_t, len_bytes as libc::off_t) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+                _ => Err(err),
+            };
+        }
+        // The length grew: the next flush must make it durable.
+        self.changes.note();
+        self.size_bytes.fetch_max(offset_bytes + len_bytes, Ordering::AcqRel);
+        Ok(())
+    }
+
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         let r = self.latch.guard(|| self.file.set_len(len_bytes));
         self.changes.note();

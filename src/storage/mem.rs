@@ -7,15 +7,33 @@ use parking_lot::Mutex;
 
 use super::{Latch, StorageFile};
 
-/// An in-memory volume for tests.
+/// An in-memory volume for tests. [`MemVolume::new`] is a medium with no room past its
+/// size (a write or a reservation there is ENOSPC); [`MemVolume::growable`] grows like a
+/// file.
 #[derive(Debug)]
 pub struct MemVolume {
     bytes: Mutex<Vec<u8>>,
+    grows: bool,
 }
 
 impl MemVolume {
     pub fn new(size_bytes: u64) -> MemVolume {
-        MemVolume { bytes: Mutex::new(vec![0; size_bytes as usize]) }
+        MemVolume { bytes: Mutex::new(vec![0; size_bytes as usize]), grows: false }
+    }
+
+    pub fn growable(size_bytes: u64) -> MemVolume {
+        MemVolume { grows: true, ..MemVolume::new(size_bytes) }
+    }
+
+    /// Make room up to `end`, or ENOSPC for a volume that does not grow.
+    fn room(&self, bytes: &mut Vec<u8>, end: usize) -> io::Result<()> {
+        if end > bytes.len() {
+            if !self.grows {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            bytes.resize(end, 0);
+        }
+        Ok(())
     }
 }
 
@@ -32,9 +50,7 @@ impl StorageFile for MemVolume {
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
         let mut bytes = self.bytes.lock();
         let start = offset_bytes as usize;
-        if start + buf.len() > bytes.len() {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        }
+        self.room(&mut bytes, start + buf.len())?;
         bytes[start..start + buf.len()].copy_from_slice(buf);
         Ok(())
     }
@@ -54,6 +70,9 @@ impl StorageFile for MemVolume {
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         self.bytes.lock().resize(len_bytes as usize, 0);
         Ok(())
+    }
+    fn reserve(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        self.room(&mut self.bytes.lock(), (offset_bytes + len_bytes) as usize)
     }
 }
 
@@ -105,6 +124,9 @@ impl<V: StorageFile> StorageFile for FaultyVolume<V> {
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         let r = self.tick().and_then(|_| self.inner.set_len(len_bytes));
         self.latch.record(r)
+    }
+    fn reserve(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        self.tick().and_then(|_| self.inner.reserve(offset_bytes, len_bytes))
     }
 }
 

@@ -44,6 +44,13 @@ pub trait StorageFile: Send + Sync + Debug {
     fn size_bytes(&self) -> u64;
     /// Cut or extend the file to `len_bytes` (extended bytes read as zeros).
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    /// Take the medium's space for a range now (the file grows to cover it; the range reads
+    /// as zeros where nothing was written), so that a later write into it cannot fail for
+    /// want of space. A failure writes nothing and is not latched. Media that cannot
+    /// reserve (a device, a file system without `fallocate`) do nothing.
+    fn reserve(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Push a written range to the disk (`wait`: and wait until it is there). A pacing aid
     /// for bulk writers, not a durability point: `flush` is.
     fn writeback(&self, _offset_bytes: u64, _len_bytes: u64, _wait: bool) -> io::Result<()> {
