@@ -586,6 +586,38 @@ fn corrupt_log_garbage_appended() {
     fsck_clean(&tp.pool);
 }
 
+/// A power cut after fdatasyncs that went by the ring (docs/format.md, "The ring: the log's
+/// tail") leaves the journal's frames in the volume image only. An offline command that
+/// changes the pool (here `volume add`) opens the catalog writable first: it replays them
+/// from the ring and compacts before it logs its own change, so the next mount finds the
+/// journal whole and the new volume both.
+#[test]
+fn an_offline_change_after_a_power_cut_keeps_what_the_ring_holds() {
+    let tp = TestPool::new("64K", &[("V1", "4M")]);
+    let m = tp.mount();
+    let log = tp.pool.join("catalog.log");
+    let synced = fs::metadata(&log).unwrap().len();
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(m.p("journal")).unwrap();
+    let mut want = Vec::new();
+    for i in 0..20u64 {
+        let rec = pattern(300, 500 + i);
+        f.write_all(&rec).unwrap();
+        f.sync_data().unwrap();
+        want.extend_from_slice(&rec);
+    }
+    drop(f);
+    m.kill9();
+    // What a power cut leaves of the log: only what the mount synced.
+    OpenOptions::new().write(true).open(&log).unwrap().set_len(synced).unwrap();
+    let out = ferry(["volume", "add", s(&tp.pool), "V2", "--size", "4M"]);
+    assert!(out.status.success(), "volume add: {}", String::from_utf8_lossy(&out.stderr));
+    let m = tp.mount();
+    assert_bytes_eq(&fs::read(m.p("journal")).unwrap(), &want, "the journal after the offline change");
+    m.unmount();
+    assert!(volume_json(&tp.pool, "V2")["size_bytes"].as_u64().is_some(), "V2 was not added");
+    fsck_clean(&tp.pool);
+}
+
 #[test]
 fn torn_log_tail_is_recovered() {
     // Zeros (or a strict prefix of a frame) after the last frame are a torn append that
