@@ -484,7 +484,7 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
                     }
                 }
             }
-            if r.is_ok() && rng.chance(3, 4) && e.sync_log().is_ok() {
+            if r.is_ok() && rng.chance(3, 4) && e.fsyncdir().is_ok() {
                 oracle.log_synced();
                 tally.acked_syncs.fetch_add(1, Ordering::Relaxed);
             }
@@ -516,7 +516,7 @@ fn step(sim: &mut Sim, oracle: &mut Oracle, rng: &mut SimRng, n: u64, disk: &Sim
         }
         // fsync of the directory.
         81..=82 => {
-            if e.sync_log().is_ok() {
+            if e.fsyncdir().is_ok() {
                 oracle.log_synced();
                 tally.acked_syncs.fetch_add(1, Ordering::Relaxed);
             }

@@ -72,7 +72,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::catalog::model::{Ino, Op};
 use crate::catalog::ring::Ring;
-use crate::catalog::store::{Store, StoreError};
+use crate::catalog::store::{RingTail, Store, StoreError};
 use crate::geometry::Geometry;
 use crate::monitor::SyncLatency;
 use crate::space::{Extent, FreeMap, VolumeId};
@@ -387,6 +387,17 @@ impl Engine {
         }
         *list = keep;
         Ok(())
+    }
+
+    /// fsync of a directory (or of any node that is not a data set): make every namespace
+    /// change so far durable. Nothing to do when the log, or the rings' copies of its tail
+    /// (catalog/ring.rs), already hold every frame: a database that fsyncs its journal and
+    /// then the journal's directory pays one flush, not two. Otherwise the log is synced.
+    pub fn fsyncdir(&self) -> Result<()> {
+        if matches!(self.catalog.lock().ring_tail(), Some(RingTail::Nothing)) {
+            return Ok(());
+        }
+        self.sync_log()
     }
 
     /// Make the log durable up to what is written now. A log whose write or sync failed is

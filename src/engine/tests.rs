@@ -106,6 +106,23 @@ fn an_fsync_keeps_the_log_tail_in_the_ring() {
     assert!(!f.bytes.is_empty() && f.volume == v.id);
 }
 
+/// A directory's fsync after a data set's fsync that copied the log's tail into a ring has
+/// nothing left to make durable: it does not sync the log. After a create it does.
+#[test]
+fn a_directory_fsync_after_a_ring_fsync_costs_no_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sh, node) = engine_with(Arc::new(MemVolume::growable(64 * 4096)), dir.path());
+    sh.write(&node, 0, b"journal").unwrap();
+    sh.fsync(&node, false).unwrap();
+    let before = sh.catalog.lock().durable_mark();
+    sh.fsyncdir().unwrap();
+    assert_eq!(sh.catalog.lock().durable_mark(), before, "the directory's fsync synced the log");
+    sh.make(ROOT_INO, b"g", 0o644, 0, NewKind::File, 0, 0).unwrap();
+    sh.fsyncdir().unwrap();
+    let cat = sh.catalog.lock();
+    assert_eq!(cat.durable_mark(), cat.appended_mark(), "the create was not made durable");
+}
+
 /// The story: on a backing file system with no room past a volume's tracks, the ring's
 /// first write failed with ENOSPC, and that failed the fsync and latched the image: every
 /// later write of the volume failed too. The ring's room is now reserved at its first use;

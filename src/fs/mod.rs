@@ -836,7 +836,7 @@ impl Filesystem for FerryFs {
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let engine = self.engine.clone();
-        self.run_sync(move || reply_result!(reply, engine.sync_log(), |r: ReplyEmpty, _| r.ok()));
+        self.run_sync(move || reply_result!(reply, engine.fsyncdir(), |r: ReplyEmpty, _| r.ok()));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
