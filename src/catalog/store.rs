@@ -451,6 +451,11 @@ impl Store {
         self.durable_mark.load(Ordering::Acquire)
     }
 
+    /// Is every committed op durable, in the log or in a ring (and the log sound)?
+    pub fn all_durable(&self) -> bool {
+        self.log.is_some() && !self.log_failed() && self.durable_anywhere() >= self.appended_mark
+    }
+
     /// How far the appended bytes are durable, in the log or in a ring.
     fn durable_anywhere(&self) -> u64 {
         self.durable_mark.load(Ordering::Acquire).max(self.ring_mark.load(Ordering::Acquire))

@@ -72,7 +72,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::catalog::model::{Ino, Op};
 use crate::catalog::ring::Ring;
-use crate::catalog::store::{RingTail, Store, StoreError};
+use crate::catalog::store::{Store, StoreError};
 use crate::geometry::Geometry;
 use crate::monitor::SyncLatency;
 use crate::space::{Extent, FreeMap, VolumeId};
@@ -394,7 +394,7 @@ impl Engine {
     /// (catalog/ring.rs), already hold every frame: a database that fsyncs its journal and
     /// then the journal's directory pays one flush, not two. Otherwise the log is synced.
     pub fn fsyncdir(&self) -> Result<()> {
-        if matches!(self.catalog.lock().ring_tail(), Some(RingTail::Nothing)) {
+        if self.catalog.lock().all_durable() {
             return Ok(());
         }
         self.sync_log()
