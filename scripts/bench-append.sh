@@ -22,14 +22,11 @@ source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_APPEND_ROUNDS:-5}
 SECS=${BENCH_APPEND_SECS:-5}
 if [[ -z "${BENCH_APPEND_BINS:-}" ]]; then
-    cargo build --release --locked --quiet
-    BENCH_APPEND_BINS="$(pwd)/target/release/ferryfs"
+    BENCH_APPEND_BINS=$(bench_checkout_build)
 fi
 read -r -a BINS <<<"$BENCH_APPEND_BINS"
 { command -v fio && command -v bindfs; } >/dev/null || scripts/deps.sh --bench >/dev/null
-B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-append.XXXXXX")
-MNT=""
-FERRY=""
+bench_workdir append
 cleanup() {
     bench_umount_pool
     if mountpoint -q "$B/bmnt"; then

@@ -20,14 +20,11 @@ source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_SEQ_ROUNDS:-3}
 SIZE=${BENCH_SEQ_SIZE:-1G}
 if [[ -z "${BENCH_SEQ_BINS:-}" ]]; then
-    cargo build --release --locked --quiet
-    BENCH_SEQ_BINS="$(pwd)/target/release/ferryfs"
+    BENCH_SEQ_BINS=$(bench_checkout_build)
 fi
 read -r -a BINS <<<"$BENCH_SEQ_BINS"
 command -v fio >/dev/null || scripts/deps.sh --bench >/dev/null
-B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-seq.XXXXXX")
-MNT=""
-FERRY=""
+bench_workdir seq
 cleanup() {
     bench_umount_pool
     rm -rf "$B"

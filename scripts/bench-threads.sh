@@ -21,15 +21,12 @@ source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_THREADS_ROUNDS:-3}
 SECS=${BENCH_THREADS_SECS:-4}
 if [[ -z "${BENCH_THREADS_CONFIGS:-}" ]]; then
-    cargo build --release --locked --quiet
-    bin="$(pwd)/target/release/ferryfs"
+    bin=$(bench_checkout_build)
     BENCH_THREADS_CONFIGS="$bin:1 $bin:2 $bin:3"
 fi
 read -r -a CONFIGS <<<"$BENCH_THREADS_CONFIGS"
 command -v fio >/dev/null || scripts/deps.sh --bench >/dev/null
-B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-threads.XXXXXX")
-MNT=""
-FERRY=""
+bench_workdir threads
 cleanup() {
     bench_umount_pool
     rm -rf --one-file-system "$B"

@@ -1,4 +1,5 @@
-# Shared by the benchmarks (sourced): the end of their cleanup trap, and their log line.
+# Shared by the benchmarks (sourced): the end of their cleanup trap, their log line, and the
+# set-up of the side-by-side scripts (the default build, the work directory, a fresh pool).
 
 # Keep the raw results if asked (BENCH_KEEP_RESULTS), remove the temporary directory $B, and
 # exit with RC.
@@ -42,3 +43,18 @@ bench_on_fresh_pool() { # BIN VOL_SIZE FN [MOUNT_ARGS...]
 
 # A / B, two decimals.
 bench_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+# The checkout's release build, built first: what the side-by-side scripts measure when
+# given no builds. Prints its path.
+bench_checkout_build() {
+    cargo build --release --locked --quiet
+    echo "$(pwd)/target/release/ferryfs"
+}
+
+# A fresh work directory for the script NAME under BENCH_DIR (default /var/tmp), in B; and
+# nothing mounted yet (MNT, FERRY) for bench_umount_pool.
+bench_workdir() { # NAME
+    B=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ferryfs-bench-$1.XXXXXX")
+    MNT=""
+    FERRY=""
+}
