@@ -88,14 +88,20 @@ fn volume_io_error_reaches_the_caller_and_fsync_stays_failed() {
     assert_eq!(sh.fsync(&node, false).unwrap_err().errno(), libc::EIO, "fsync reports the latched error");
 }
 
+/// An engine over a volume with room for a ring, whose data set was written and fsync'd.
+fn journal_fsynced(dir: &Path) -> Arc<Engine> {
+    let (sh, node) = engine_with(Arc::new(MemVolume::growable(64 * 4096)), dir);
+    sh.write(&node, 0, b"journal").unwrap();
+    sh.fsync(&node, false).unwrap();
+    sh
+}
+
 /// An fsync copies the log's tail into the ring past the volume's tracks, and the log is not
 /// synced (catalog/ring.rs).
 #[test]
 fn an_fsync_keeps_the_log_tail_in_the_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let (sh, node) = engine_with(Arc::new(MemVolume::growable(64 * 4096)), dir.path());
-    sh.write(&node, 0, b"journal").unwrap();
-    sh.fsync(&node, false).unwrap();
+    let sh = journal_fsynced(dir.path());
     let cat = sh.catalog.lock();
     assert_eq!(cat.stats().tail_records, 1);
     assert!(cat.durable_mark() < cat.appended_mark(), "the fsync synced the log");
@@ -111,9 +117,7 @@ fn an_fsync_keeps_the_log_tail_in_the_ring() {
 #[test]
 fn a_directory_fsync_after_a_ring_fsync_costs_no_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let (sh, node) = engine_with(Arc::new(MemVolume::growable(64 * 4096)), dir.path());
-    sh.write(&node, 0, b"journal").unwrap();
-    sh.fsync(&node, false).unwrap();
+    let sh = journal_fsynced(dir.path());
     let before = sh.catalog.lock().durable_mark();
     sh.fsyncdir().unwrap();
     assert_eq!(sh.catalog.lock().durable_mark(), before, "the directory's fsync synced the log");
