@@ -278,16 +278,17 @@ impl StorageFile for FileStorage {
         } else {
             libc::SYNC_FILE_RANGE_WRITE
         };
+        let fd = self.file.as_raw_fd();
+        let (off, len) = (offset_bytes as libc::off64_t, len_bytes as libc::off64_t);
         // SAFETY: sync_file_range on an fd we own, with plain integer arguments. Not every
         // file system has it, and this is pacing, not durability: its result is ignored.
-        let _ = unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset_bytes as libc::off64_t,
-                len_bytes as libc::off64_t,
-                flags,
-            )
-        };
+        let rc = unsafe { libc::sync_file_range(fd, off, len, flags) };
+        if wait && rc == 0 {
+            // The range is on the disk: let its pages go, as an uncached write's do
+            // (UNCACHED_WRITE_MIN_BYTES). The kernel keeps any page written again meanwhile.
+            // SAFETY: posix_fadvise on an fd we own; advice only, its result is ignored.
+            let _ = unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_DONTNEED) };
+        }
         Ok(())
     }
 
@@ -469,6 +470,46 @@ mod tests {
             v.read_at(&mut buf, 0).unwrap();
             assert!(buf.iter().all(|&b| b == 4), "{}: the large write is there", dir.display());
         }
+    }
+
+    /// Pages of `path` resident in the host's page cache, per 4 KiB page (`mincore` over a
+    /// mapping of it; mapping a file touches none of its pages).
+    fn resident(path: &Path) -> Vec<bool> {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: a read-only shared mapping of a file kept open until it is unmapped, and
+        // mincore's one byte per page into a vector of that many bytes.
+        unsafe {
+            let m = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+            assert_ne!(m, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
+            libc::munmap(m, len);
+        }
+        vec.iter().map(|&b| b & 1 == 1).collect()
+    }
+
+    /// A waited writeback (the copier's, chunk by chunk) leaves the range on the disk and
+    /// out of the host's page cache; pages outside it stay cached, and the bytes read back.
+    #[test]
+    fn a_waited_writeback_lets_the_range_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        let v = FileStorage::create(&path, 1 << 20).unwrap();
+        for i in 0..64u64 {
+            v.write_at(&[i as u8; 4096], i * 4096).unwrap();
+        }
+        v.write_at(&[9u8; 4096], 512 << 10).unwrap();
+        let before = resident(&path);
+        assert!(before[..64].iter().all(|&r| r) && before[128], "small writes are cached");
+        v.writeback(0, 64 * 4096, false).unwrap();
+        v.writeback(0, 64 * 4096, true).unwrap();
+        let after = resident(&path);
+        assert_eq!(after[..64].iter().filter(|&&r| r).count(), 0, "the range written back left the cache");
+        assert!(after[128], "a page outside the range stays cached");
+        let mut buf = [0u8; 4096];
+        v.read_at(&mut buf, 63 * 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 63));
     }
 
     /// A flush syncs once after changes and never for nothing; the first flush of a fresh

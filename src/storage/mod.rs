@@ -51,8 +51,9 @@ pub trait StorageFile: Send + Sync + Debug {
     fn reserve(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<()> {
         Ok(())
     }
-    /// Push a written range to the disk (`wait`: and wait until it is there). A pacing aid
-    /// for bulk writers, not a durability point: `flush` is.
+    /// Push a written range to the disk (`wait`: and wait until it is there, then let the
+    /// host's page cache drop the range's clean pages, as it drops a large write's:
+    /// storage/file.rs). A pacing aid for bulk writers, not a durability point: `flush` is.
     fn writeback(&self, _offset_bytes: u64, _len_bytes: u64, _wait: bool) -> io::Result<()> {
         Ok(())
     }
