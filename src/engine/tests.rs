@@ -206,6 +206,52 @@ fn recovery_zeroes_a_rolled_back_target_on_a_clean_mount() {
     assert!(buf.iter().all(|&b| b == 0), "the rolled-back target still holds the copy");
 }
 
+/// A free that takes the quarantine past its cap settles it in the freeing op, as the
+/// backing file system's truncate frees its blocks: the tracks read as zeros on the volume
+/// when the truncate returns, and the next writer's allocation has nothing left to settle.
+/// A smaller free stays quarantined until a sync of the log.
+#[test]
+fn a_large_free_settles_its_quarantine_itself() {
+    use crate::engine::QUARANTINE_TRACKS_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let g = Geometry::new(4096).unwrap();
+    let tracks = 2 * QUARANTINE_TRACKS_MAX;
+    let mut store = Store::create(dir.path(), Catalog::new(g, meta())).unwrap();
+    store
+        .commit(Op::AddVolume {
+            id: VolumeId(1),
+            name: "V1".into(),
+            path: "/mem".into(),
+            size_bytes: tracks * 4096,
+            tracks_total: tracks,
+        })
+        .unwrap();
+    for (ino, name) in [(2, b"big".to_vec()), (3, b"small".to_vec())] {
+        store.commit(Op::MakeNode { ino, parent: ROOT_INO, name, meta: meta(), kind: NewKind::File }).unwrap();
+    }
+    let vol = Arc::new(MemVolume::new(tracks * 4096));
+    let e = Arc::new(Engine::new(store, dir.path().into(), crate::storage::real(), vec![(VolumeId(1), vol.clone())]));
+    let (big, small) = (e.open(2).unwrap(), e.open(3).unwrap());
+    let big_len = (QUARANTINE_TRACKS_MAX + 8) * 4096;
+    e.write(&small, 0, &[6u8; 8 * 4096]).unwrap();
+    e.write(&big, 0, &vec![5u8; big_len as usize]).unwrap();
+    let where_small = small.map.load().pieces(0, 4096).into_iter().find_map(|p| match p {
+        crate::extent_map::Piece::Mapped { offset_bytes, .. } => Some(offset_bytes),
+        _ => None,
+    });
+    e.truncate(3, 0, 1).unwrap();
+    assert_eq!(e.quarantine.lock().len(), 1, "a small free stays quarantined");
+    let mut buf = vec![0u8; 4096];
+    vol.read_at(&mut buf, where_small.unwrap()).unwrap();
+    assert!(buf.iter().all(|&b| b == 6), "a quarantined track is not punched before the log holds its free");
+    e.truncate(2, 0, 1).unwrap();
+    assert!(e.quarantine.lock().is_empty(), "the large free settled the quarantine, the small one's tracks too");
+    let mut all = vec![1u8; (tracks * 4096) as usize];
+    vol.read_at(&mut all, 0).unwrap();
+    assert!(all.iter().all(|&b| b == 0), "every freed track reads as zeros when the truncate returns");
+    assert!(e.catalog.lock().all_durable(), "the frees are in the log, synced");
+}
+
 /// A job record of data set 2 to volume 1, queued (no target yet).
 fn queued_job(id: u64) -> crate::catalog::model::JobRec {
     crate::catalog::model::JobRec::queued(id, 2, "/f", vec![VolumeId(1)])
