@@ -288,15 +288,10 @@ impl Engine {
     pub fn commit(&self, cat: &mut Store, op: Op) -> Result<Vec<Extent>> {
         let freed = self.commit_prezeroed(cat, op)?;
         if !freed.is_empty() {
-            let over = {
-                let mut q = self.quarantine.lock();
-                q.extend_from_slice(&freed);
-                q.iter().map(|e| e.count_tracks).sum::<u64>() > QUARANTINE_TRACKS_MAX
-            };
-            if over {
-                if let Err(e) = self.settle_quarantine(cat, &[]) {
-                    warn!("settling the quarantine of freed tracks (left to the next allocation): {e}");
-                }
+            self.quarantine.lock().extend_from_slice(&freed);
+            // Settles only past the cap: the plan is empty, so nothing overlaps.
+            if let Err(e) = self.settle_quarantine(cat, &[]) {
+                warn!("settling the quarantine of freed tracks (left to the next allocation): {e}");
             }
         }
         Ok(freed)
@@ -340,21 +335,22 @@ impl Engine {
     /// zeroed too. Called with the catalog lock held (as `cat`), so nothing else can
     /// allocate meanwhile.
     pub fn settle_quarantine(&self, cat: &mut Store, plan: &[Extent]) -> Result<()> {
-        let overlaps = |list: &[Extent]| list.iter().any(|u| plan.iter().any(|p| p.overlaps(u)));
-        let held = std::mem::take(&mut *self.quarantine.lock());
-        let settle = overlaps(&held) || held.iter().map(|e| e.count_tracks).sum::<u64>() > QUARANTINE_TRACKS_MAX;
-        if settle {
+        let held = {
+            let mut q = self.quarantine.lock();
+            let overlaps = q.iter().any(|u| plan.iter().any(|p| p.overlaps(u)));
+            let settle = overlaps || q.iter().map(|e| e.count_tracks).sum::<u64>() > QUARANTINE_TRACKS_MAX;
+            settle.then(|| std::mem::take(&mut *q))
+        };
+        if let Some(held) = &held {
             if let Err(e) = cat.sync_or_rewrite() {
-                self.quarantine.lock().extend_from_slice(&held);
+                self.quarantine.lock().extend_from_slice(held);
                 return Err(e.into());
             }
-            self.punch_freed(&held);
-        } else {
-            self.quarantine.lock().extend_from_slice(&held);
+            self.punch_freed(held);
         }
         self.zero_unzeroed(plan)?;
-        if settle {
-            self.flush_extents_volumes(&held)?;
+        if let Some(held) = &held {
+            self.flush_extents_volumes(held)?;
         }
         Ok(())
     }

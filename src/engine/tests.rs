@@ -235,14 +235,11 @@ fn a_large_free_settles_its_quarantine_itself() {
     let big_len = (QUARANTINE_TRACKS_MAX + 8) * 4096;
     e.write(&small, 0, &[6u8; 8 * 4096]).unwrap();
     e.write(&big, 0, &vec![5u8; big_len as usize]).unwrap();
-    let where_small = small.map.load().pieces(0, 4096).into_iter().find_map(|p| match p {
-        crate::extent_map::Piece::Mapped { offset_bytes, .. } => Some(offset_bytes),
-        _ => None,
-    });
+    let where_small = e.geometry.track_offset(small.map.load().extents().next().unwrap().first);
     e.truncate(3, 0, 1).unwrap();
     assert_eq!(e.quarantine.lock().len(), 1, "a small free stays quarantined");
     let mut buf = vec![0u8; 4096];
-    vol.read_at(&mut buf, where_small.unwrap()).unwrap();
+    vol.read_at(&mut buf, where_small).unwrap();
     assert!(buf.iter().all(|&b| b == 6), "a quarantined track is not punched before the log holds its free");
     e.truncate(2, 0, 1).unwrap();
     assert!(e.quarantine.lock().is_empty(), "the large free settled the quarantine, the small one's tracks too");

@@ -156,7 +156,7 @@ impl FileStorage {
     }
 
     /// All of `buf` at `offset_bytes`, uncached if it is large enough.
-    fn write_all_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
+    fn write_whole_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
@@ -201,7 +201,7 @@ impl StorageFile for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
-        let r = self.latch.guard(|| self.write_all_at(buf, offset_bytes));
+        let r = self.latch.guard(|| self.write_whole_at(buf, offset_bytes));
         self.changes.note();
         r?;
         self.size_bytes.fetch_max(offset_bytes + buf.len() as u64, Ordering::AcqRel);
