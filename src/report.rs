@@ -75,6 +75,13 @@ pub struct Status {
     pub closed_volumes: Vec<String>,
     pub max_jobs: usize,
     pub copy_rate_limit_bytes_per_s: u64,
+    /// How the kernel's requests reach the daemon: "/dev/fuse", or "io_uring" (`-o uring`,
+    /// when the kernel took it).
+    #[serde(default)]
+    pub fuse_transport: String,
+    /// Requests that came through the io_uring queues.
+    #[serde(default)]
+    pub fuse_ring_requests: u64,
     /// The applications' fsyncs (and O_SYNC/O_DSYNC writes) on this mount, which pace the
     /// copiers.
     #[serde(default)]

@@ -16,6 +16,7 @@ use crate::geometry::Geometry;
 use crate::layout::lay_out;
 use crate::space::{plan_growth, FreeMap, VolumeId};
 use log::warn;
+use parking_lot::RwLockReadGuard;
 
 /// Write `data` at logical `offset` of a data set mapped by `map`.
 pub fn write_pieces(volumes: &Volumes, map: &ExtentMap, offset: u64, data: &[u8]) -> Result<()> {
@@ -239,8 +240,21 @@ impl Engine {
     /// Write `data` at `offset` of an open data set. Returns once the bytes are on the
     /// volumes and any size change is in the log.
     pub fn write(&self, node: &FileNode, offset: u64, data: &[u8]) -> Result<()> {
+        let hold = node.write_hold.read();
+        self.write_held(node, &hold, offset, data)
+    }
+
+    /// [`Engine::write`], unless a cutover holds the data set's writes: then `None` at once,
+    /// for a thread that must not wait (an io_uring queue's: every request of its CPU waits
+    /// behind it).
+    pub fn try_write(&self, node: &FileNode, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        let hold = node.write_hold.try_read()?;
+        Some(self.write_held(node, &hold, offset, data))
+    }
+
+    /// A write, with the data set's write hold taken shared.
+    fn write_held(&self, node: &FileNode, _hold: &RwLockReadGuard<'_, ()>, offset: u64, data: &[u8]) -> Result<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(Error::Invalid)?;
-        let _hold = node.write_hold.read();
         let _io = node.gate.read();
         if !node.map.load().is_mapped_bytes(offset, data.len() as u64) {
             self.grow(node, offset, end, false)?;

@@ -157,14 +157,26 @@ impl Engine {
     /// downtime window the open waits (it doesn't fail) until the data set is switched
     /// (step m).
     pub fn open(&self, ino: Ino) -> Result<Arc<FileNode>> {
-        let mut nodes = self.nodes.lock();
-        while let Some(link) = nodes.get(&ino).and_then(|n| n.job.load_full()).filter(|l| l.in_window()) {
-            drop(nodes);
-            link.wait_window();
-            nodes = self.nodes.lock();
+        loop {
+            match self.try_open(ino) {
+                Ok(res) => return res,
+                Err(window) => window.wait_window(),
+            }
         }
-        let node = self.node_in_table(&mut nodes, ino)?;
-        node.open_handles.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`Engine::open`], unless the data set is in a close-mode downtime window: then the
+    /// job's link at once (`Err`), whose [`JobLink::wait_window`] a thread that may wait
+    /// can wait on before it tries again.
+    pub fn try_open(&self, ino: Ino) -> std::result::Result<Result<Arc<FileNode>>, Arc<JobLink>> {
+        let mut nodes = self.nodes.lock();
+        if let Some(link) = nodes.get(&ino).and_then(|n| n.job.load_full()).filter(|l| l.in_window()) {
+            return Err(link);
+        }
+        let node = self.node_in_table(&mut nodes, ino);
+        if let Ok(node) = &node {
+            node.open_handles.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(node)
     }
 

@@ -110,6 +110,11 @@ pub fn open(fs: &FerryFs, ino: Ino) -> Option<FsResult<Vec<u8>>> {
                 closed_volumes: c.closed_volumes.iter().map(|&v| crate::migrate::plan::volume_name(c, v)).collect(),
                 max_jobs: m.max_jobs(),
                 copy_rate_limit_bytes_per_s: m.copy_rate.rate(),
+                fuse_transport: fs.transport.get().map_or("/dev/fuse", |t| t.name()).to_string(),
+                fuse_ring_requests: fs
+                    .transport
+                    .get()
+                    .map_or(0, |t| t.ring_requests.load(std::sync::atomic::Ordering::Relaxed)),
                 app_syncs: fs.engine.app_syncs.report(),
                 jobs,
                 plans,

@@ -86,6 +86,26 @@ struct LineInput {
     overlong_bytes: usize,
 }
 
+/// How the kernel's requests reach the daemon: through /dev/fuse alone, or (`-o uring`,
+/// when the kernel took it) mostly through io_uring queues, one per CPU.
+#[derive(Debug)]
+pub struct FuseTransport {
+    pub io_uring: bool,
+    /// Requests the io_uring queues carried.
+    pub ring_requests: Arc<AtomicU64>,
+}
+
+impl FuseTransport {
+    /// Its name in `.ferry/status`.
+    pub fn name(&self) -> &'static str {
+        if self.io_uring {
+            "io_uring"
+        } else {
+            "/dev/fuse"
+        }
+    }
+}
+
 pub struct FerryFs {
     pub engine: Arc<Engine>,
     pub migrations: Arc<Migrations>,
@@ -97,6 +117,8 @@ pub struct FerryFs {
     read_only: bool,
     /// Mounted `-o writeback`: the kernel caches writes (FUSE_WRITEBACK_CACHE).
     writeback: bool,
+    /// Mounted `-o uring`: ask for FUSE over io_uring (FUSE_OVER_IO_URING).
+    uring: bool,
     /// Applications' reads, writes and syncs of data sets: latency and bytes (`.ferry/metrics`).
     pub app_io: Arc<AppIo>,
     /// Where fsyncs wait for the disk when waiting on a FUSE thread would leave none free.
@@ -106,10 +128,26 @@ pub struct FerryFs {
     inline_syncs_max: usize,
     /// Tells the kernel what changed behind its caches; set once the session exists.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// How requests reach the daemon; set once the session exists.
+    pub transport: Arc<OnceLock<FuseTransport>>,
     /// When this file system was made, just before it serves (Unix nanoseconds).
     pub started_ns: i64,
-    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    handles: Arc<Handles>,
+}
+
+/// The open handles, by the number the kernel knows them by.
+#[derive(Default)]
+struct Handles {
+    map: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+}
+
+impl Handles {
+    fn add(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.write().insert(fh, Arc::new(h));
+        fh
+    }
 }
 
 pub(crate) fn ts(ns: i64) -> SystemTime {
@@ -144,20 +182,26 @@ impl FerryFs {
             owner_uid: unsafe { libc::geteuid() },
             read_only: false,
             writeback: false,
+            uring: false,
             app_io: Arc::default(),
             syncs: syncs::SyncWorkers::new(syncs::SYNC_WORKERS_MAX),
             inline_syncs: AtomicUsize::new(0),
             inline_syncs_max: crate::mount::threads_default() - 1,
             started_ns: now_ns(),
-            handles: RwLock::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            handles: Arc::default(),
             notifier: Arc::new(OnceLock::new()),
+            transport: Arc::new(OnceLock::new()),
         }
     }
 
     /// Where the mount puts the session's notifier once the session exists.
     pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
+    }
+
+    /// Where the mount records how requests reach it, once the kernel answered INIT.
+    pub fn transport_slot(&self) -> Arc<OnceLock<FuseTransport>> {
+        self.transport.clone()
     }
 
     /// The engine changed `ino`'s attributes on its own (a write dropped its set-ID bits):
@@ -186,6 +230,13 @@ impl FerryFs {
         self
     }
 
+    /// `-o uring`: ask the kernel for FUSE over io_uring (granted only where its `fuse`
+    /// module's `enable_uring` parameter is on).
+    pub fn uring(mut self, uring: bool) -> FerryFs {
+        self.uring = uring;
+        self
+    }
+
     /// The number of threads the session serves requests with: all but one may wait for an
     /// fsync themselves, so that one is always free to serve.
     pub fn threads(mut self, threads: usize) -> FerryFs {
@@ -205,6 +256,10 @@ impl FerryFs {
             }
             job()
         };
+        if self.on_ring() {
+            // An io_uring queue's thread serves every request of its CPU: it never waits.
+            return self.syncs.run(job);
+        }
         if self.inline_syncs.fetch_add(1, Ordering::AcqRel) < self.inline_syncs_max {
             job();
             self.inline_syncs.fetch_sub(1, Ordering::AcqRel);
@@ -214,14 +269,19 @@ impl FerryFs {
         }
     }
 
+    /// Requests come through io_uring queues: a thread that serves one must not wait (a
+    /// cutover's hold, a downtime window, the disk), or every request of its CPU waits
+    /// behind it; what would wait goes to the sync workers instead.
+    fn on_ring(&self) -> bool {
+        self.transport.get().is_some_and(|t| t.io_uring)
+    }
+
     fn add_handle(&self, h: Handle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(fh, Arc::new(h));
-        fh
+        self.handles.add(h)
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<Arc<Handle>> {
-        self.handles.read().get(&fh.0).cloned().ok_or(FsError::BadHandle)
+        self.handles.map.read().get(&fh.0).cloned().ok_or(FsError::BadHandle)
     }
 
     fn file_handle(&self, fh: FileHandle) -> FsResult<Arc<FileNode>> {
@@ -271,7 +331,7 @@ impl FerryFs {
     }
 
     fn release_file(&self, fh: FileHandle) -> FsResult<()> {
-        let h = self.handles.write().remove(&fh.0).ok_or(FsError::BadHandle)?;
+        let h = self.handles.map.write().remove(&fh.0).ok_or(FsError::BadHandle)?;
         match &*h {
             Handle::File { node } => self.engine.release(node),
             _ => Ok(()),
@@ -510,6 +570,9 @@ impl Filesystem for FerryFs {
                 Err(_) => warn!("-o writeback: the kernel does not offer its write-back cache; writes go through"),
             }
         }
+        if self.uring && config.add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING).is_ok() {
+            info!("FUSE over io_uring (-o uring): a queue per CPU");
+        }
         Ok(())
     }
 
@@ -652,8 +715,26 @@ impl Filesystem for FerryFs {
             }
             return;
         }
+        let fopen = open_flags(flags.0);
+        if self.on_ring() {
+            match self.engine.try_open(ino.0) {
+                Ok(res) => reply_result!(reply, res, |r: ReplyOpen, node| r
+                    .opened(FileHandle(self.handles.add(Handle::File { node })), fopen)),
+                // In a close-mode downtime window: the open waits on a worker.
+                Err(window) => {
+                    let (engine, handles) = (self.engine.clone(), self.handles.clone());
+                    self.syncs.run(move || {
+                        window.wait_window();
+                        let res = engine.open(ino.0);
+                        reply_result!(reply, res, |r: ReplyOpen, node| r
+                            .opened(FileHandle(handles.add(Handle::File { node })), fopen))
+                    })
+                }
+            }
+            return;
+        }
         match self.open_file(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), open_flags(flags.0)),
+            Ok(fh) => reply.opened(FileHandle(fh), fopen),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -723,10 +804,31 @@ impl Filesystem for FerryFs {
             {
                 self.forget_cached_attributes(node.ino);
             }
-            self.engine.write(&node, offset, data)?;
-            Ok(node)
+            if self.on_ring() {
+                // A cutover holds the data set's writes: this one waits on a worker.
+                let Some(res) = self.engine.try_write(&node, offset, data) else { return Ok(Err(node)) };
+                res?;
+            } else {
+                self.engine.write(&node, offset, data)?;
+            }
+            Ok(Ok(node))
         });
         let len = data.len();
+        let res = match res {
+            Ok(Err(held)) => {
+                let (engine, app_io, data) = (self.engine.clone(), self.app_io.clone(), data.to_vec());
+                return self.syncs.run(move || {
+                    let mut res = engine.write(&held, offset, &data);
+                    if res.is_ok() && flags.0 & libc::O_DSYNC != 0 {
+                        res = engine.fsync(&held, flags.0 & libc::O_SYNC != libc::O_SYNC);
+                    }
+                    app_io.record(AppOp::Write, t0, if res.is_ok() { len } else { 0 });
+                    reply_result!(reply, res, |r: ReplyWrite, _| r.written(len as u32))
+                });
+            }
+            Ok(Ok(node)) => Ok(node),
+            Err(e) => Err(e),
+        };
         match res {
             // O_SYNC / O_DSYNC: the kernel hands the flags to us with each write and leaves
             // the flush to the file system (O_SYNC includes the O_DSYNC bit). The flush waits
@@ -830,7 +932,7 @@ impl Filesystem for FerryFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.handles.write().remove(&fh.0);
+        self.handles.map.write().remove(&fh.0);
         reply.ok();
     }
 

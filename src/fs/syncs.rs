@@ -10,6 +10,10 @@
 //! writer's case: no hand-off at all, fs/mod.rs `run_sync`); else the FUSE thread hands it
 //! here and goes back to the kernel's queue, and the worker flushes and sends the reply.
 //!
+//! A mount that serves through io_uring (`-o uring`) sends every fsync here, and also a write
+//! that a cutover holds and an open in a downtime window: a queue's thread serves every
+//! request of its CPU, so it never waits (docs/design.md, "FUSE over io_uring").
+//!
 //! Workers start on demand, one per fsync in flight, up to [`SYNC_WORKERS_MAX`], and then
 //! stay (idle ones wait on a condition variable). Past the cap, fsyncs queue in arrival
 //! order. Closing the pool (at unmount, before the engine's shutdown) runs what is queued

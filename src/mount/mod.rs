@@ -372,13 +372,23 @@ fn prepare(pool: &Path, mnt: &Path, opts: &MountOptions) -> Result<Prepared, Str
     let fs = FerryFs::new(migrations.engine.clone(), migrations.clone(), mnt.clone())
         .read_only(opts.read_only)
         .writeback(opts.writeback)
+        .uring(opts.uring)
         .threads(opts.threads);
     let notifier = fs.notifier_slot();
+    let transport = fs.transport_slot();
     let session = fuser::Session::new(fs, &mnt, &config).map_err(|e| {
         let _ = std::fs::remove_file(pool_dir.join(MOUNTED_FILE));
         format!("mount {}: {e}", mnt.display())
     })?;
     let _ = notifier.set(session.notifier());
+    if opts.uring && !session.uses_io_uring() {
+        warn!(
+            "-o uring: the kernel did not offer FUSE over io_uring (is /sys/module/fuse/parameters/enable_uring Y?); \
+             serving through /dev/fuse"
+        );
+    }
+    let _ = transport
+        .set(crate::fs::FuseTransport { io_uring: session.uses_io_uring(), ring_requests: session.ring_requests() });
     raise_readahead(&mnt, &pool_dir);
     Ok((session, migrations, mnt, recovered))
 }

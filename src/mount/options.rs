@@ -37,6 +37,11 @@ pub struct MountOptions {
     /// Off by default: a write acknowledged but not yet fsync'd is lost if the daemon dies
     /// (as on any file system at a power cut); fsync stays durable.
     pub writeback: bool,
+    /// `uring`: ask the kernel for FUSE over io_uring (its `fuse` module's `enable_uring`
+    /// parameter must be on): a queue per CPU, served by a thread pinned to it, beside the
+    /// /dev/fuse threads. Off by default; without the kernel's offer the mount serves
+    /// through /dev/fuse alone, and says so in its log and its status.
+    pub uring: bool,
 }
 
 impl Default for MountOptions {
@@ -50,6 +55,7 @@ impl Default for MountOptions {
             no_atime: false,
             dev: false,
             writeback: false,
+            uring: false,
         }
     }
 }
@@ -64,7 +70,7 @@ fn is_not_ours(name: &str) -> bool {
 
 /// The options a user can give, for the error that names an unknown one.
 pub const KNOWN: &str = "ro, rw, threads=N, max_jobs=N, copy_rate=SIZE, noexec, exec, noatime, atime, nosuid, \
-                         nodev, dev (root), writeback, nowriteback, default_permissions, allow_other (root), and \
+                         nodev, dev (root), writeback, nowriteback, uring, nouring, default_permissions, allow_other (root), and \
                          mount(8)'s and systemd's own \
                          (defaults, auto, noauto, nofail, _netdev, user, users, x-*)";
 
@@ -90,6 +96,7 @@ impl MountOptions {
                 "noexec" | "exec" if value.is_none() => self.no_exec = name == "noexec",
                 "noatime" | "atime" | "relatime" if value.is_none() => self.no_atime = name == "noatime",
                 "writeback" | "nowriteback" if value.is_none() => self.writeback = name == "writeback",
+                "uring" | "nouring" if value.is_none() => self.uring = name == "uring",
                 "threads" => self.threads = number()?,
                 "max_jobs" | "max-jobs" => self.max_jobs = number()?,
                 "copy_rate" | "copy-rate" => {
@@ -165,6 +172,9 @@ impl MountOptions {
         if self.writeback {
             o.push("writeback".into());
         }
+        if self.uring {
+            o.push("uring".into());
+        }
         o.join(",")
     }
 }
@@ -191,8 +201,9 @@ mod tests {
 
     #[test]
     fn the_list_reads_back() {
-        let o = parsed("ro,threads=7,max_jobs=3,copy_rate=1M,noexec,noatime,writeback").unwrap();
+        let o = parsed("ro,threads=7,max_jobs=3,copy_rate=1M,noexec,noatime,writeback,uring").unwrap();
         assert!(o.writeback && !parsed("writeback,nowriteback").unwrap().writeback);
+        assert!(o.uring && !parsed("uring,nouring").unwrap().uring);
         assert_eq!(parsed(&o.to_list()).unwrap(), o);
         assert_eq!(parsed(&MountOptions::default().to_list()).unwrap(), MountOptions::default());
     }

@@ -53,7 +53,14 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender { dev: self.0.clone(), ring: None }
+    }
+
+    /// A sender whose reply goes back through the io_uring entry that carried the request
+    /// (uring.rs); anything else it sends (backing files) goes through this channel.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn ring_sender(&self, slot: crate::uring::RingSlot) -> ChannelSender {
+        ChannelSender { dev: self.0.clone(), ring: Some(slot) }
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -80,11 +87,22 @@ impl Channel {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+pub(crate) struct ChannelSender {
+    dev: Arc<DevFuse>,
+    /// Set for the reply to a request that came through an io_uring entry.
+    #[cfg(target_os = "linux")]
+    ring: Option<crate::uring::RingSlot>,
+    #[cfg(not(target_os = "linux"))]
+    ring: Option<std::convert::Infallible>,
+}
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let rc = nix::sys::uio::writev(&self.0, bufs)?;
+        #[cfg(target_os = "linux")]
+        if let Some(slot) = &self.ring {
+            return slot.reply(bufs);
+        }
+        let rc = nix::sys::uio::writev(&self.dev, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
@@ -93,10 +111,10 @@ impl ChannelSender {
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        BackingId::create(&self.0, fd)
+        BackingId::create(&self.dev, fd)
     }
 
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
-        unsafe { BackingId::wrap_raw(&self.0, id) }
+        unsafe { BackingId::wrap_raw(&self.dev, id) }
     }
 }

@@ -13,6 +13,9 @@ use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::thread::{self};
 
@@ -139,6 +142,12 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Set when the kernel took `FUSE_OVER_IO_URING` at INIT: `run` serves io_uring queues
+    /// beside the /dev/fuse threads (uring.rs).
+    #[cfg(target_os = "linux")]
+    uring: Option<crate::uring::UringParams>,
+    /// Requests that came through the io_uring queues.
+    ring_requests: Arc<AtomicU64>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +195,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            #[cfg(target_os = "linux")]
+            uring: None,
+            ring_requests: Arc::new(AtomicU64::new(0)),
         };
 
         session.handshake()?;
@@ -214,6 +226,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            #[cfg(target_os = "linux")]
+            uring: None,
+            ring_requests: Arc::new(AtomicU64::new(0)),
         };
 
         session.handshake()?;
@@ -252,6 +267,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            #[cfg(target_os = "linux")]
+            uring,
+            ring_requests,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +304,7 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        let ring_ch = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -306,6 +325,33 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // The io_uring queues, one per possible CPU, each on a thread pinned to it.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut ring_threads = Vec::new();
+        #[cfg(target_os = "linux")]
+        if let Some(params) = uring {
+            let params = Arc::new(params);
+            for qid in crate::uring::possible_cpus()? {
+                let thread_name = format!("fuser-ring-{qid}");
+                let event_loop = SessionEventLoop {
+                    thread_name: thread_name.clone(),
+                    filesystem: filesystem.clone(),
+                    ch: ring_ch.clone(),
+                    allowed,
+                    session_owner,
+                };
+                let (params, stop, requests) = (params.clone(), stop.clone(), ring_requests.clone());
+                ring_threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                    let res = crate::uring::serve(&event_loop.ch, qid, &params, &event_loop, &stop, &requests);
+                    if let Err(e) = &res {
+                        // The kernel uses the queues only once every CPU's has an entry.
+                        error!("io_uring queue {qid}: {e}; requests go through /dev/fuse");
+                    }
+                    res
+                })?);
+            }
+        }
+
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
             let res = match thread.join() {
@@ -318,6 +364,17 @@ impl<FS: Filesystem> Session<FS> {
                 if reply.is_ok() {
                     reply = Err(e);
                 }
+            }
+        }
+
+        // The connection is gone: the queues' entries come back cancelled, and the stop
+        // flag ends a queue whose entries did not.
+        stop.store(true, Ordering::Release);
+        for thread in ring_threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {} // said when it failed
+                Err(_) => return Err(io::Error::other("io_uring queue thread panicked")),
             }
         }
 
@@ -431,6 +488,19 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+            #[cfg(target_os = "linux")]
+            if config.requested.contains(InitFlags::FUSE_OVER_IO_URING)
+                && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
+            {
+                // What the kernel wants of every entry's payload (fs/fuse/dev_uring.c).
+                let payload_len = (config.max_write as usize)
+                    .max(usize::from(config.max_pages()) * page_size::get())
+                    .max(8192);
+                self.uring = Some(crate::uring::UringParams {
+                    entries: if self.config.uring_entries == 0 { 8 } else { self.config.uring_entries },
+                    payload_len,
+                });
+            }
 
             // Log capability status for debugging
             for bit in 0..64 {
@@ -492,6 +562,20 @@ impl<FS: Filesystem> Session<FS> {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
+    }
+
+    /// Whether requests come through io_uring queues: the file system asked for
+    /// `InitFlags::FUSE_OVER_IO_URING` in `init`, and the kernel took it.
+    pub fn uses_io_uring(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.uring.is_some();
+        #[cfg(not(target_os = "linux"))]
+        return false;
+    }
+
+    /// A counter of the requests that came through the io_uring queues.
+    pub fn ring_requests(&self) -> Arc<AtomicU64> {
+        self.ring_requests.clone()
     }
 }
 

@@ -20,6 +20,9 @@
 //!
 //! Items without a version annotation are valid with ABI 7.8 and later
 
+// The whole ABI is kept, also the structs fuser does not use.
+#![allow(dead_code)]
+
 #![warn(missing_debug_implementations)]
 #![allow(missing_docs)]
 

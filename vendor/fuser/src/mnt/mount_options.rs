@@ -18,6 +18,9 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Entries of each io_uring queue, when the file system asks for FUSE over io_uring
+    /// (`InitFlags::FUSE_OVER_IO_URING`) and the kernel takes it; 0: 8.
+    pub uring_entries: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
