@@ -209,15 +209,27 @@ fn is_ferryfs_mountpoint(mnt: &Path) -> bool {
 
 /// Whether the FUSE mount at `mnt` has lost its daemon. Asked with statfs(2), which the
 /// kernel always sends to the daemon: a stat would be answered from the attribute cache for
-/// up to ten seconds after the daemon died, and miss it.
+/// up to ten seconds after the daemon died, and miss it. ENOTCONN once the connection is
+/// gone. A daemon that served through io_uring leaves it dying for some milliseconds after
+/// its process is gone (its queues are torn down after it): a request then ends ECANCELED
+/// or ECONNABORTED, and is asked again until the answer is ENOTCONN (or, for at most a
+/// second, not).
 fn connection_is_dead(mnt: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs with a valid C string and a zeroed out-parameter of the right type.
-    let rc = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st)
-    };
-    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    for _ in 0..100 {
+        // SAFETY: statfs with a valid C string and a zeroed out-parameter of the right type.
+        let rc = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st)
+        };
+        match (rc, std::io::Error::last_os_error().raw_os_error()) {
+            (0, _) => return false,
+            (_, Some(libc::ENOTCONN)) => return true,
+            (_, Some(libc::ECANCELED | libc::ECONNABORTED)) => std::thread::sleep(Duration::from_millis(10)),
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Readahead of the block device under `path`, in KiB, if it has one.
