@@ -219,7 +219,9 @@ impl RingSlot {
 impl RingQueue {
     fn new(fd: RawFd, qid: u16, entries: usize, payload_len: usize) -> io::Result<RingQueue> {
         let depth = (entries * 2).next_power_of_two() as u32;
-        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(depth)?;
+        // Room in the completion queue for every entry and for a burst of wake-ups (one per
+        // reply handed over), so that it does not overflow.
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().setup_cqsize(depth * 8).build(depth)?;
         let entries = (0..entries)
             .map(|_| Entry { mem: EntryMem::new(payload_len), state: Mutex::new(EntryState::default()) })
             .collect();
@@ -248,6 +250,10 @@ impl RingQueue {
 
     /// Push `sqe` and submit it; on the queue's own thread, only push it: its next wait
     /// submits it, in the same system call.
+    ///
+    /// A command pushed is never lost: if the kernel refuses to take it now (EBUSY: the
+    /// completion queue overflowed until the queue's thread reaps it; EAGAIN), it stays in
+    /// the submission queue, and the queue's thread submits it with its next wait.
     fn submit(&self, sqe: &squeue::Entry128) -> io::Result<()> {
         let own = self.owner.get() == Some(&std::thread::current().id());
         let _sq = self.sq.lock();
@@ -258,10 +264,19 @@ impl RingQueue {
             if pushed.is_ok() {
                 break;
             }
-            self.ring.submit()?;
+            // Full: only a submission makes room (the queue's thread reaps meanwhile).
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if !own && is_busy(&e) => std::thread::sleep(std::time::Duration::from_micros(100)),
+                Err(e) => return Err(e),
+            }
         }
         if !own {
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if is_busy(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -452,6 +467,11 @@ fn handle<FS: Filesystem>(ch: &Channel, q: &Arc<RingQueue>, entry: usize, se: &S
             error!("io_uring queue {}: failed to send a reply: {e}", q.qid);
         }
     }
+}
+
+/// The kernel cannot take more submissions now; they stay queued.
+fn is_busy(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN))
 }
 
 fn pin_to_cpu(cpu: u16) {
