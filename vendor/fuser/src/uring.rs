@@ -358,16 +358,34 @@ pub(crate) fn serve<FS: Filesystem>(
     // other CPU's, this was the fastest by far (docs/benchmarks.md of ferryfs).
     pin_to_cpu(qid);
     let q = Arc::new(RingQueue::new(ch.as_fd().as_raw_fd(), qid, params.entries, params.payload_len)?);
+    let mut live = 0;
+    let res = run_queue(ch, &q, se, stop, requests, &mut live);
+    if live > 0 {
+        // The kernel may still write into the entries: never free them.
+        std::mem::forget(q);
+    }
+    debug!("io_uring queue {qid} stopped");
+    res
+}
+
+/// Register the entries of `q` and serve them; `live` counts the entries the kernel holds.
+fn run_queue<FS: Filesystem>(
+    ch: &Channel,
+    q: &Arc<RingQueue>,
+    se: &SessionEventLoop<FS>,
+    stop: &AtomicBool,
+    requests: &AtomicU64,
+    live: &mut usize,
+) -> io::Result<()> {
     for (i, e) in q.entries.iter().enumerate() {
         q.submit(&q.command(CMD_REGISTER, 0, i, Some(&e.mem.iov)))?;
+        *live += 1;
     }
     q.owner.set(std::thread::current().id()).expect("one owner");
-    q.ring.submit()?;
-    let mut live = q.entries.len();
     let wait = types::Timespec::new().sec(WAIT_SECS);
     let args = types::SubmitArgs::new().timespec(&wait);
     let mut done = Vec::with_capacity(q.entries.len());
-    while live > 0 && !stop.load(Ordering::Acquire) {
+    while *live > 0 && !stop.load(Ordering::Acquire) {
         match q.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
@@ -383,21 +401,16 @@ pub(crate) fn serve<FS: Filesystem>(
             if res < 0 {
                 // Cancelled at the connection's end; anything else means the kernel gave up
                 // on the entry (it then serves through /dev/fuse).
-                live -= 1;
+                *live -= 1;
                 if res != -libc::ENOTCONN && res != -libc::ECANCELED {
-                    warn!("io_uring queue {qid}: entry {entry} ended: {}", io::Error::from_raw_os_error(-res));
+                    warn!("io_uring queue {}: entry {entry} ended: {}", q.qid, io::Error::from_raw_os_error(-res));
                 }
                 continue;
             }
             requests.fetch_add(1, Ordering::Relaxed);
-            handle(ch, &q, entry, se);
+            handle(ch, q, entry, se);
         }
     }
-    if live > 0 {
-        // The kernel may still write into the entries: never free them.
-        std::mem::forget(q);
-    }
-    debug!("io_uring queue {qid} stopped");
     Ok(())
 }
 
