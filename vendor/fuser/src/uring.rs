@@ -206,7 +206,7 @@ impl RingSlot {
         if st.dispatching && st.payload_borrowed {
             // The dispatch still reads the request's payload, where the reply goes: keep it
             // until the dispatch returns.
-            st.stash = Some(bufs.iter().flat_map(|b| b.iter().copied()).collect());
+            st.stash = Some(bufs.iter().map(|b| &b[..]).collect::<Vec<_>>().concat());
             return Ok(());
         }
         let commit_id = st.commit_id;
@@ -248,14 +248,13 @@ impl RingQueue {
         unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
     }
 
-    /// Push `sqe` and submit it; on the queue's own thread, only push it: its next wait
-    /// submits it, in the same system call.
+    /// Push `sqe` and submit it; on the queue's own thread (`own`), only push it: its next
+    /// wait submits it, in the same system call.
     ///
     /// A command pushed is never lost: if the kernel refuses to take it now (EBUSY: the
     /// completion queue overflowed until the queue's thread reaps it; EAGAIN), it stays in
     /// the submission queue, and the queue's thread submits it with its next wait.
-    fn submit(&self, sqe: &squeue::Entry128) -> io::Result<()> {
-        let own = self.owner.get() == Some(&std::thread::current().id());
+    fn submit(&self, sqe: &squeue::Entry128, own: bool) -> io::Result<()> {
         let _sq = self.sq.lock();
         loop {
             // SAFETY: pushes happen only under `sq`; the command's pointers (REGISTER's
@@ -288,17 +287,17 @@ impl RingQueue {
     /// the queue's thread with a no-op.
     fn commit(&self, entry: usize, commit_id: u64) -> io::Result<()> {
         if self.owner.get() == Some(&std::thread::current().id()) {
-            return self.submit(&self.command(CMD_COMMIT_AND_FETCH, commit_id, entry, None));
+            return self.submit(&self.command(CMD_COMMIT_AND_FETCH, commit_id, entry, None), true);
         }
         self.handoff.lock().push((entry, commit_id));
-        self.submit(&opcode::Nop::new().build().user_data(WAKE).into())
+        self.submit(&opcode::Nop::new().build().user_data(WAKE).into(), false)
     }
 
     /// Commit what other threads handed over (on the queue's own thread).
     fn take_handoff(&self) -> io::Result<()> {
         let handed = std::mem::take(&mut *self.handoff.lock());
         for (entry, commit_id) in handed {
-            self.submit(&self.command(CMD_COMMIT_AND_FETCH, commit_id, entry, None))?;
+            self.submit(&self.command(CMD_COMMIT_AND_FETCH, commit_id, entry, None), true)?;
         }
         Ok(())
     }
@@ -378,7 +377,8 @@ fn run_queue<FS: Filesystem>(
     live: &mut usize,
 ) -> io::Result<()> {
     for (i, e) in q.entries.iter().enumerate() {
-        q.submit(&q.command(CMD_REGISTER, 0, i, Some(&e.mem.iov)))?;
+        // Before the thread owns the queue: each is submitted at once.
+        q.submit(&q.command(CMD_REGISTER, 0, i, Some(&e.mem.iov)), false)?;
         *live += 1;
     }
     q.owner.set(std::thread::current().id()).expect("one owner");
