@@ -300,3 +300,11 @@ fn holes_filled_and_punched_during_a_migration_end_right() {
     m.unmount();
     fsck_clean(&tp.pool);
 }
+
+#[test]
+fn holes_and_short_files_read_back_without_stale_bytes() {
+    let tp = TestPool::new("64K", &[("V1", "64M")]);
+    let m = tp.mount();
+    assert_reads_show_no_stale_bytes(&m.mnt);
+    m.unmount();
+}

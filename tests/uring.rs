@@ -199,3 +199,16 @@ fn a_kill9_of_a_uring_daemon_loses_nothing_synced() {
     assert!(got[..synced.len()] == synced[..], "synced bytes differ after the kill -9");
     m.unmount();
 }
+
+#[test]
+fn replies_written_into_the_entries_show_no_stale_bytes() {
+    if !uring_available() {
+        return;
+    }
+    let tp = TestPool::new("64K", &[("V1", "64M")]);
+    let m = mount_uring(&tp);
+    let before = ring_requests(&m.mnt);
+    assert_reads_show_no_stale_bytes(&m.mnt);
+    assert!(ring_requests(&m.mnt) > before + 96, "the reads went through the queues");
+    m.unmount();
+}

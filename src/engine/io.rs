@@ -274,16 +274,24 @@ impl Engine {
     }
 
     pub fn read(&self, node: &FileNode, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        let n = self.read_into(node, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Read from `offset` into the front of `buf`, up to the data set's end; returns how
+    /// many bytes it wrote, every one of them (holes as zeros): `buf` may hold stale bytes.
+    pub fn read_into(&self, node: &FileNode, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.last_app_io_ns.store(now_ns(), Ordering::Relaxed);
         let _io = node.gate.read();
         let file_size = node.size_bytes.load(Ordering::Acquire);
         if offset >= file_size {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let len = (size as u64).min(file_size - offset) as usize;
-        let mut buf = vec![0u8; len];
-        read_pieces(&self.volumes.read(), &node.map.load(), offset, &mut buf)?;
-        Ok(buf)
+        let len = (buf.len() as u64).min(file_size - offset) as usize;
+        read_pieces(&self.volumes.read(), &node.map.load(), offset, &mut buf[..len])?;
+        Ok(len)
     }
 
     /// Set a data set's size (open or not).

@@ -755,12 +755,16 @@ impl Filesystem for FerryFs {
             Err(e) => return reply.error(errno(&e)),
         };
         match &*h {
-            Handle::File { node } => {
+            // Straight into the reply's buffer: through io_uring, the entry's own payload.
+            Handle::File { node } => reply.data_with(size as usize, |buf| {
                 let t0 = Instant::now();
-                let res = self.engine.read(node, offset, size);
-                self.app_io.record(AppOp::Read, t0, res.as_ref().map_or(0, Vec::len));
-                reply_result!(reply, res, |r: ReplyData, b: Vec<u8>| r.data(&b))
-            }
+                let res = self.engine.read_into(node, offset, buf);
+                self.app_io.record(AppOp::Read, t0, *res.as_ref().unwrap_or(&0));
+                res.map_err(|e| {
+                    log_err(&e);
+                    errno(&e)
+                })
+            }),
             Handle::Generated { bytes } => {
                 let start = (offset as usize).min(bytes.len());
                 let end = (start + size as usize).min(bytes.len());

@@ -691,3 +691,40 @@ impl Rng {
         &v[self.below(v.len() as u64) as usize]
     }
 }
+
+/// Reads whose bytes are fewer than the buffer the daemon fills (a hole, a short file's
+/// end), after reads of other bytes: the daemon keeps its reply buffers between replies (and,
+/// through io_uring, each entry's payload holds the last request's or reply's bytes), so a
+/// stale byte would show here. Each read reaches the daemon (the mount's cached pages are
+/// dropped first), many times over, so that every serving thread takes some.
+pub fn assert_reads_show_no_stale_bytes(mnt: &Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let uncached = |p: &Path| {
+        let f = fs::File::open(p).unwrap();
+        // SAFETY: an fd this function owns.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+        f
+    };
+    let full: Vec<u8> = pattern(1 << 20, 77).into_iter().map(|b| b | 1).collect();
+    fs::write(mnt.join("stale-full"), &full).unwrap();
+    // 1 MiB with 100 bytes of data at 300 KiB; the rest is a hole.
+    let sparse = fs::File::create(mnt.join("stale-sparse")).unwrap();
+    sparse.set_len(1 << 20).unwrap();
+    sparse.write_all_at(&[9u8; 100], 300 << 10).unwrap();
+    let mut want_sparse = vec![0u8; 1 << 20];
+    want_sparse[300 << 10..(300 << 10) + 100].fill(9);
+    let short = pattern(5000, 78);
+    fs::write(mnt.join("stale-short"), &short).unwrap();
+    for round in 0..32 {
+        let mut buf = vec![0u8; 1 << 20];
+        uncached(&mnt.join("stale-full")).read_exact_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf, &full, &format!("round {round}: the full file"));
+        buf.fill(0xEE);
+        uncached(&mnt.join("stale-sparse")).read_exact_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf, &want_sparse, &format!("round {round}: the sparse file"));
+        buf.fill(0xEE);
+        let n = uncached(&mnt.join("stale-short")).read_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf[..n], &short, &format!("round {round}: the short file"));
+    }
+}

@@ -3,9 +3,12 @@ use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use nix::errno::Errno;
+use nix::errno::Errno as NixErrno;
 
+use crate::Errno;
 use crate::dev_fuse::DevFuse;
+use crate::ll;
+use crate::ll::reply::Response;
 use crate::passthrough::BackingId;
 
 /// A raw communication channel to the FUSE kernel driver
@@ -41,7 +44,7 @@ impl Channel {
         loop {
             match self.receive(buffer) {
                 Ok(size) => return Ok(size),
-                Err(Errno::ENOENT | Errno::EINTR | Errno::EAGAIN) => continue,
+                Err(NixErrno::ENOENT | NixErrno::EINTR | NixErrno::EAGAIN) => continue,
                 Err(err) => return Err(err),
             }
         }
@@ -108,6 +111,36 @@ impl ChannelSender {
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
         debug_assert_eq!(bufs.iter().map(|b| b.len()).sum::<usize>(), rc);
         Ok(())
+    }
+
+    /// Send a reply of at most `max` bytes that `fill` writes: into the io_uring entry's
+    /// payload where it can (no copy), else into a buffer this thread keeps between replies
+    /// (no allocation, no zeroing), sent with `writev(2)` or handed to the entry.
+    pub(crate) fn send_filled<F>(&self, unique: ll::RequestId, max: usize, fill: F) -> io::Result<()>
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        #[cfg(target_os = "linux")]
+        let fill = match &self.ring {
+            Some(slot) => match slot.reply_filled(unique, max, fill) {
+                Ok(sent) => return sent,
+                Err(fill) => fill,
+            },
+            None => fill,
+        };
+        thread_local! {
+            static REPLY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        REPLY_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < max {
+                b.resize(max, 0);
+            }
+            match fill(&mut b[..max]) {
+                Ok(n) => ll::ResponseSlice(&b[..n.min(max)]).with_iovec(unique, |iov| self.send(iov)),
+                Err(e) => ll::ResponseErrno(e).with_iovec(unique, |iov| self.send(iov)),
+            }
+        })
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {

@@ -59,6 +59,25 @@ impl ReplySender {
         }
     }
 
+    /// Send a reply of at most `max` bytes that `fill` writes into a buffer (see
+    /// [`ReplyData::data_with`]).
+    pub(crate) fn send_filled<F>(&self, unique: ll::RequestId, max: usize, fill: F) -> std::io::Result<()>
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        match self {
+            ReplySender::Channel(sender) => sender.send_filled(unique, max, fill),
+            #[cfg(test)]
+            _ => {
+                let mut buf = vec![0; max];
+                match fill(&mut buf) {
+                    Ok(n) => ll::ResponseSlice(&buf[..n.min(max)]).with_iovec(unique, |iov| self.send(iov)),
+                    Err(e) => ll::ResponseErrno(e).with_iovec(unique, |iov| self.send(iov)),
+                }
+            }
+        }
+    }
+
     /// Open a backing file
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
@@ -145,6 +164,17 @@ impl ReplyRaw {
     pub(crate) fn error(self, err: ll::Errno) {
         self.send_ll(&ll::ResponseErrno(err));
     }
+
+    /// Reply with the bytes `fill` writes (see [`ReplyData::data_with`]).
+    pub(crate) fn send_filled<F>(mut self, max: usize, fill: F)
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        let sender = self.sender.take().expect("a reply is sent once");
+        if let Err(err) = sender.send_filled(self.unique, max, fill) {
+            error!("Failed to send FUSE reply: {err}");
+        }
+    }
 }
 
 impl Drop for ReplyRaw {
@@ -207,6 +237,19 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// Reply with at most `max` bytes that `fill` writes at the front of the buffer it is
+    /// given; it returns how many it wrote, or the error to reply with instead. The buffer
+    /// is not zeroed (it may hold an earlier reply's bytes): `fill` must write every byte it
+    /// counts. Through an io_uring entry the buffer is the entry's payload, so the bytes are
+    /// not copied again before the kernel takes them; through `/dev/fuse` it is a buffer
+    /// the thread keeps for the next reply, so a large read allocates and zeroes nothing.
+    pub fn data_with<F>(self, max: usize, fill: F)
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        self.reply.send_filled(max, fill);
     }
 
     /// Reply to a request with the given error code

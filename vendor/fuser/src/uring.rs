@@ -30,6 +30,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use log::{debug, error, warn};
 use parking_lot::Mutex;
 
+use crate::Errno;
 use crate::Filesystem;
 use crate::channel::Channel;
 use crate::ll;
@@ -213,6 +214,42 @@ impl RingSlot {
         drop(st);
         q.write_reply(self.entry, bufs)?;
         q.commit(self.entry, commit_id)
+    }
+
+    /// Send a reply of at most `max` bytes that `fill` writes straight into the entry's
+    /// payload. Gives `fill` back if the reply does not fit, or if the request's own bytes
+    /// there are still being read (the caller then fills a buffer of its own).
+    pub(crate) fn reply_filled<F>(&self, unique: ll::RequestId, max: usize, fill: F) -> Result<io::Result<()>, F>
+    where
+        F: FnOnce(&mut [u8]) -> Result<usize, Errno>,
+    {
+        let q = &self.queue;
+        let e = &q.entries[self.entry];
+        let commit_id = {
+            let st = e.state.lock();
+            if max > e.mem.payload_len || (st.dispatching && st.payload_borrowed) {
+                return Err(fill);
+            }
+            st.commit_id
+        };
+        // SAFETY: the entry's own memory, alive as long as the queue (held by `self`); the
+        // kernel does not touch it until the commit, and a request gets one reply, so
+        // nothing else writes to it meanwhile.
+        let payload = unsafe { std::slice::from_raw_parts_mut(e.mem.payload(), max) };
+        let (len, error) = match fill(payload) {
+            Ok(n) => (n.min(max), 0),
+            Err(e) => (0, -e.code()),
+        };
+        let mut header = [0u8; OUT_HEADER_BYTES];
+        header[..4].copy_from_slice(&((OUT_HEADER_BYTES + len) as u32).to_ne_bytes());
+        header[4..8].copy_from_slice(&error.to_ne_bytes());
+        header[8..].copy_from_slice(&unique.0.to_ne_bytes());
+        // SAFETY: 16 of the header's 128 bytes, untouched by the kernel until the commit.
+        unsafe {
+            (&mut (*e.mem.hdr).in_out)[..OUT_HEADER_BYTES].copy_from_slice(&header);
+            (*e.mem.hdr).ent.payload_sz = len as u32;
+        }
+        Ok(q.commit(self.entry, commit_id))
     }
 }
 
