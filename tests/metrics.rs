@@ -361,3 +361,40 @@ fn a_journal_writer_fdatasyncs_by_the_ring() {
     m.unmount();
     assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20, "the clean unmount left the ring");
 }
+
+/// A data set that grows by synced appends gets zeros written ahead of its end, so that the
+/// appends after them overwrite blocks the host has allocated; the volume's write counter
+/// shows them. A data set written once and synced once gets none.
+#[test]
+fn synced_appends_get_zeros_written_ahead() {
+    let tp = TestPool::new("64K", &[("V1", "64M")]);
+    let m = tp.mount();
+    const APPENDS: usize = 64;
+    let written = |x: &Exposition| value(x, "ferryfs_volume_written_bytes_total", &[("volume", "V1")]);
+    let (_, before) = read_metrics(&m.mnt);
+    // Written once and synced once: the bytes, and the log's tail in the volume's ring.
+    let mut once = OpenOptions::new().create(true).append(true).open(m.p("once")).unwrap();
+    once.write_all(&common::pattern(APPENDS * 4096, 1)).unwrap();
+    once.sync_data().unwrap();
+    let (_, after_once) = read_metrics(&m.mnt);
+    let once_extra = written(&after_once) - written(&before) - (APPENDS * 4096) as f64;
+    assert!(once_extra < 16384.0, "one write and one fdatasync wrote {once_extra} bytes more than the data");
+    // Appended 4 KiB at a time, each synced.
+    let want = common::pattern(APPENDS * 4096, 2);
+    let mut log = OpenOptions::new().create(true).append(true).open(m.p("log")).unwrap();
+    for rec in want.chunks(4096) {
+        log.write_all(rec).unwrap();
+        log.sync_data().unwrap();
+    }
+    let (_, after_log) = read_metrics(&m.mnt);
+    // Each fdatasync also writes the log's tail (a 512-byte slot) into the ring.
+    let extra = written(&after_log) - written(&after_once) - (APPENDS * 4096 + APPENDS * 512) as f64;
+    assert!(extra >= 128.0 * 1024.0, "synced appends of {} KiB wrote only {extra} bytes more", APPENDS * 4);
+    common::assert_bytes_eq(&fs::read(m.p("log")).unwrap(), &want, "the appended data set");
+    // What lies past the end reads as zeros.
+    log.set_len((APPENDS as u64 + 64) * 4096).unwrap();
+    let tail = fs::read(m.p("log")).unwrap();
+    assert!(tail[APPENDS * 4096..].iter().all(|&b| b == 0), "past the appends: zeros");
+    drop((once, log));
+    m.unmount();
+}

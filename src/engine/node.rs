@@ -37,6 +37,12 @@ pub struct FileNode {
     /// write then looks in the catalog ([`Engine::drop_privileges`]). Set when they may have
     /// appeared, cleared once a look finds none, so a write to a plain file costs nothing.
     pub privileged: AtomicBool,
+    /// The size at the last fsync, and how many fsyncs in a row found it grown: a data set
+    /// that grows by synced appends gets zeros written ahead of its end ([`Engine::fsync`]).
+    pub(super) synced_size: AtomicU64,
+    pub(super) growing_syncs: AtomicU32,
+    /// The end of the zeros written ahead of the size (0: none to count on).
+    pub(super) zeroed_end: AtomicU64,
 }
 
 /// The name of a file capability, which any write drops.
@@ -121,6 +127,9 @@ impl Engine {
             write_hold: RwLock::new(()),
             job: ArcSwapOption::empty(),
             privileged: AtomicBool::new(privileged(cat, ino)),
+            synced_size: AtomicU64::new(*size_bytes),
+            growing_syncs: AtomicU32::new(0),
+            zeroed_end: AtomicU64::new(0),
         }))
     }
 

@@ -1,5 +1,6 @@
 //! Engine unit tests over in-memory volumes.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +17,11 @@ pub(crate) fn meta() -> Meta {
 
 /// An engine over one volume of 64 tracks of 4 KiB, with a data set at inode 2 (open).
 pub(crate) fn engine_with(vol: Arc<dyn StorageFile>, dir: &Path) -> (Arc<Engine>, Arc<FileNode>) {
+    engine_of_tracks(vol, dir, 64)
+}
+
+/// [`engine_with`], with a volume of `tracks` tracks of 4 KiB.
+fn engine_of_tracks(vol: Arc<dyn StorageFile>, dir: &Path, tracks: u64) -> (Arc<Engine>, Arc<FileNode>) {
     let g = Geometry::new(4096).unwrap();
     let mut store = Store::create(dir, Catalog::new(g, meta())).unwrap();
     store
@@ -23,8 +29,8 @@ pub(crate) fn engine_with(vol: Arc<dyn StorageFile>, dir: &Path) -> (Arc<Engine>
             id: VolumeId(1),
             name: "V1".into(),
             path: "/mem".into(),
-            size_bytes: 64 * 4096,
-            tracks_total: 64,
+            size_bytes: tracks * 4096,
+            tracks_total: tracks,
         })
         .unwrap();
     store
@@ -252,4 +258,65 @@ fn a_large_free_settles_its_quarantine_itself() {
 /// A job record of data set 2 to volume 1, queued (no target yet).
 fn queued_job(id: u64) -> crate::catalog::model::JobRec {
     crate::catalog::model::JobRec::queued(id, 2, "/f", vec![VolumeId(1)])
+}
+
+/// Zeros written ahead of a data set that grows by synced appends (`Engine::zeros_ahead`)
+/// never land on bytes written past its end: a second writer keeps writing there, at the
+/// engine with no kernel lock between the two, on a host file (where the zeros are real
+/// writes). Every block ends holding one of the records written at its offset, or zeros.
+#[test]
+fn zeros_ahead_of_synced_appends_spare_a_writer_past_the_end() {
+    use crate::storage::FileStorage;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    const REC: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let vol = Arc::new(FileStorage::create(&dir.path().join("V1.img"), 8192 * REC).unwrap());
+    let (sh, node) = engine_of_tracks(vol, dir.path(), 8192);
+    let rec = |seed: u64| -> Vec<u8> { (0..REC).map(|i| ((seed * 7 + i) % 251) as u8 + 1).collect() };
+    let records: Mutex<Vec<(u64, u64)>> = Mutex::default();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut seed = 1_000_000u64;
+            while !done.load(Ordering::Relaxed) {
+                // 32-252 KiB past the end: inside the window of zeros ahead.
+                let end = node.size_bytes.load(Ordering::Acquire).next_multiple_of(REC);
+                let at = end + (8 + seed % 56) * REC;
+                if at + REC > 6000 * REC {
+                    break;
+                }
+                sh.write(&node, at, &rec(seed)).unwrap();
+                records.lock().unwrap().push((at, seed));
+                seed += 1;
+            }
+        });
+        for seed in 0..400u64 {
+            let at = node.size_bytes.load(Ordering::Acquire).next_multiple_of(REC);
+            if at + REC > 6000 * REC {
+                break;
+            }
+            sh.write(&node, at, &rec(seed)).unwrap();
+            sh.fsync(&node, true).unwrap();
+            records.lock().unwrap().push((at, seed));
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert!(node.zeroed_end.load(Ordering::Acquire) > 0, "zeros went ahead of the appends at least once");
+    let size = node.size_bytes.load(Ordering::Acquire);
+    let got = sh.read(&node, 0, size as u32).unwrap();
+    let mut at_offset: HashMap<u64, Vec<u64>> = HashMap::new();
+    for &(at, seed) in records.lock().unwrap().iter() {
+        at_offset.entry(at).or_default().push(seed);
+    }
+    for (i, block) in got.chunks(REC as usize).enumerate() {
+        let at = i as u64 * REC;
+        match at_offset.get(&at) {
+            Some(seeds) => assert!(
+                seeds.iter().any(|&seed| block == rec(seed).as_slice()),
+                "block at {at}: none of the records {seeds:?} written there"
+            ),
+            None => assert!(block.iter().all(|&b| b == 0), "block at {at}: no record went there, yet not zeros"),
+        }
+    }
 }

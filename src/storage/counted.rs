@@ -160,6 +160,14 @@ impl StorageFile for Counted {
         self.inner.reserve(offset_bytes, len_bytes)
     }
 
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        let r = self.inner.prezero(offset_bytes, len_bytes);
+        self.counters.count(IoOp::Write, r, |c| {
+            add(&c.writes, 1);
+            add(&c.written_bytes, len_bytes);
+        })
+    }
+
     fn writeback(&self, offset_bytes: u64, len_bytes: u64, wait: bool) -> io::Result<()> {
         let r = self.inner.writeback(offset_bytes, len_bytes, wait);
         self.counters.count(IoOp::Writeback, r, |_| {})

@@ -264,6 +264,26 @@ impl StorageFile for FileStorage {
         Ok(())
     }
 
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        self.latch.check()?;
+        let mut done = 0u64;
+        while done < len_bytes {
+            let n = (len_bytes - done).min(ZEROS.len() as u64) as usize;
+            // Not through the latch: a failure here loses nothing (the range reads as zeros
+            // either way), so it must not fail the volume's later writes.
+            match self.file.write_at(&ZEROS[..n], offset_bytes + done) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(w) => done += w as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.changes.note();
+        }
+        self.size_bytes.fetch_max(offset_bytes + len_bytes, Ordering::AcqRel);
+        Ok(())
+    }
+
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         let r = self.latch.guard(|| self.file.set_len(len_bytes));
         self.changes.note();

@@ -699,6 +699,15 @@ impl StorageFile for SimHandle {
         })
     }
 
+    /// A write of zeros, lost or torn by a power cut like any write, but not latched.
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        self.latch.check()?;
+        self.state.lock().change(self.id, |_| {
+            end_of(offset_bytes, len_bytes)?;
+            Ok(Change::Write { offset: offset_bytes, data: vec![0; len_bytes as usize] })
+        })
+    }
+
     /// The current length (also on a dead disk, where it can no longer change).
     fn size_bytes(&self) -> u64 {
         self.state.lock().file(self.id).len()
