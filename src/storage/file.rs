@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,8 @@ pub struct FileStorage {
     /// Whether large reads and writes still ask for `RWF_DONTCACHE` ([`UNCACHED_WRITE_MIN_BYTES`]):
     /// cleared the first time the kernel refuses it.
     uncached: AtomicBool,
+    /// A block device: its blocks exist whether written or not ([`StorageFile::prezero`]).
+    device: bool,
 }
 
 /// A write of at least this many bytes goes through the host's page cache without staying
@@ -94,12 +96,14 @@ impl FileStorage {
 
     /// A file (or block device) opened by the caller, used up to `size_bytes`.
     pub fn from_file(file: File, size_bytes: u64) -> FileStorage {
+        let device = file.metadata().is_ok_and(|m| m.file_type().is_block_device());
         FileStorage {
             file,
             size_bytes: AtomicU64::new(size_bytes),
             latch: Latch::default(),
             changes: Changes::default(),
             uncached: AtomicBool::new(true),
+            device,
         }
     }
 
@@ -267,6 +271,9 @@ impl StorageFile for FileStorage {
     fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         self.latch.check()?;
+        if self.device {
+            return Ok(());
+        }
         let mut done = 0u64;
         while done < len_bytes {
             let n = (len_bytes - done).min(ZEROS.len() as u64) as usize;

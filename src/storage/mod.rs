@@ -55,7 +55,7 @@ pub trait StorageFile: Send + Sync + Debug {
     /// allocates its blocks now: a later write there is an overwrite, and the flush after it
     /// commits no allocation (docs/design.md, "Zeros ahead of a synced append"). Best effort:
     /// a failure (no space on the host) is returned but not latched, and the range still
-    /// reads as zeros. Media without allocation (memory) do nothing.
+    /// reads as zeros. Media without allocation (memory, a block device) do nothing.
     fn prezero(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<()> {
         Ok(())
     }
