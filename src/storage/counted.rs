@@ -160,11 +160,14 @@ impl StorageFile for Counted {
         self.inner.reserve(offset_bytes, len_bytes)
     }
 
-    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<bool> {
         let r = self.inner.prezero(offset_bytes, len_bytes);
+        let wrote = matches!(r, Ok(true));
         self.counters.count(IoOp::Write, r, |c| {
-            add(&c.writes, 1);
-            add(&c.written_bytes, len_bytes);
+            if wrote {
+                add(&c.writes, 1);
+                add(&c.written_bytes, len_bytes);
+            }
         })
     }
 

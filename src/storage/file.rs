@@ -20,8 +20,30 @@ pub struct FileStorage {
     /// Whether large reads and writes still ask for `RWF_DONTCACHE` ([`UNCACHED_WRITE_MIN_BYTES`]):
     /// cleared the first time the kernel refuses it.
     uncached: AtomicBool,
-    /// A block device: its blocks exist whether written or not ([`StorageFile::prezero`]).
-    device: bool,
+    /// Whether zeros written ahead pay ([`StorageFile::prezero`]): not on a block device,
+    /// whose blocks exist whether written or not, nor where a write never overwrites in
+    /// place (btrfs, ZFS: copy on write) or allocates nothing on the disk (tmpfs).
+    prezero_pays: bool,
+}
+
+/// `statfs(2)`'s `f_type` of the file systems where zeros written ahead do not pay.
+const NO_PREZERO_FS: [i64; 3] = [
+    0x9123_683e, // btrfs
+    0x2fc1_2fc1, // ZFS
+    0x0102_1994, // tmpfs
+];
+
+/// Whether `file`'s later overwrites get cheaper once its blocks are written (see
+/// `prezero_pays`).
+fn prezero_pays(file: &File) -> bool {
+    if file.metadata().is_ok_and(|m| m.file_type().is_block_device()) {
+        return false;
+    }
+    // SAFETY: statfs is plain data, all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on an fd we own, into a struct it fills.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && !NO_PREZERO_FS.contains(&(st.f_type as i64))
 }
 
 /// A write of at least this many bytes goes through the host's page cache without staying
@@ -96,14 +118,14 @@ impl FileStorage {
 
     /// A file (or block device) opened by the caller, used up to `size_bytes`.
     pub fn from_file(file: File, size_bytes: u64) -> FileStorage {
-        let device = file.metadata().is_ok_and(|m| m.file_type().is_block_device());
+        let prezero_pays = prezero_pays(&file);
         FileStorage {
             file,
             size_bytes: AtomicU64::new(size_bytes),
             latch: Latch::default(),
             changes: Changes::default(),
             uncached: AtomicBool::new(true),
-            device,
+            prezero_pays,
         }
     }
 
@@ -268,11 +290,11 @@ impl StorageFile for FileStorage {
         Ok(())
     }
 
-    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<bool> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         self.latch.check()?;
-        if self.device {
-            return Ok(());
+        if !self.prezero_pays {
+            return Ok(false);
         }
         let mut done = 0u64;
         while done < len_bytes {
@@ -288,7 +310,7 @@ impl StorageFile for FileStorage {
             self.changes.note();
         }
         self.size_bytes.fetch_max(offset_bytes + len_bytes, Ordering::AcqRel);
-        Ok(())
+        Ok(true)
     }
 
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {

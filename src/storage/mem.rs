@@ -128,7 +128,7 @@ impl<V: StorageFile> StorageFile for FaultyVolume<V> {
     fn reserve(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
         self.tick().and_then(|_| self.inner.reserve(offset_bytes, len_bytes))
     }
-    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<bool> {
         self.tick().and_then(|_| self.inner.prezero(offset_bytes, len_bytes))
     }
 }

@@ -53,11 +53,13 @@ pub trait StorageFile: Send + Sync + Debug {
     }
     /// Write zeros over a range that reads as zeros already, so that the host's file system
     /// allocates its blocks now: a later write there is an overwrite, and the flush after it
-    /// commits no allocation (docs/design.md, "Zeros ahead of a synced append"). Best effort:
-    /// a failure (no space on the host) is returned but not latched, and the range still
-    /// reads as zeros. Media without allocation (memory, a block device) do nothing.
-    fn prezero(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<()> {
-        Ok(())
+    /// commits no allocation (docs/design.md, "Zeros ahead of a synced append"). Returns
+    /// whether it wrote them: media where it does not pay (memory, a block device, a
+    /// copy-on-write or memory file system: storage/file.rs) write nothing. Best effort: a
+    /// failure (no space on the host) is returned but not latched, and the range still reads
+    /// as zeros.
+    fn prezero(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<bool> {
+        Ok(false)
     }
     /// Push a written range to the disk (`wait`: and wait until it is there, then let the
     /// host's page cache drop the range's clean pages, as it drops a large write's:

@@ -700,12 +700,13 @@ impl StorageFile for SimHandle {
     }
 
     /// A write of zeros, lost or torn by a power cut like any write, but not latched.
-    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+    fn prezero(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<bool> {
         self.latch.check()?;
         self.state.lock().change(self.id, |_| {
             end_of(offset_bytes, len_bytes)?;
             Ok(Change::Write { offset: offset_bytes, data: vec![0; len_bytes as usize] })
-        })
+        })?;
+        Ok(true)
     }
 
     /// The current length (also on a dead disk, where it can no longer change).
