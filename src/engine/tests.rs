@@ -289,6 +289,10 @@ fn zeros_ahead_of_synced_appends_spare_a_writer_past_the_end() {
                 sh.write(&node, at, &rec(seed)).unwrap();
                 records.lock().unwrap().push((at, seed));
                 seed += 1;
+                // Now and then the gate is free for long enough for an fsync to take it.
+                if seed % 4 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
             }
         });
         for seed in 0..400u64 {
