@@ -362,18 +362,6 @@ fn a_journal_writer_fdatasyncs_by_the_ring() {
     assert_eq!(fs::metadata(&image).unwrap().len(), 64 << 20, "the clean unmount left the ring");
 }
 
-/// Whether zeros written ahead of appends pay on the file system holding `dir`: not on
-/// btrfs, ZFS or tmpfs (storage/file.rs).
-fn zeros_ahead_pay(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: statfs is plain data, all zeros is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs of a NUL-terminated path into a struct it fills.
-    assert_eq!(unsafe { libc::statfs(path.as_ptr(), &mut st) }, 0, "statfs {}", dir.display());
-    ![0x9123_683e_i64, 0x2fc1_2fc1, 0x0102_1994].contains(&(st.f_type as i64))
-}
-
 /// A data set that grows by synced appends gets zeros written ahead of its end, so that the
 /// appends after them overwrite blocks the host has allocated; the volume's write counter
 /// shows them. A data set written once and synced once gets none.
@@ -401,7 +389,7 @@ fn synced_appends_get_zeros_written_ahead() {
     let (_, after_log) = read_metrics(&m.mnt);
     // Each fdatasync also writes the log's tail (a 512-byte slot) into the ring.
     let extra = written(&after_log) - written(&after_once) - (APPENDS * 4096 + APPENDS * 512) as f64;
-    if zeros_ahead_pay(&tp.pool) {
+    if ferryfs::storage::file::prezero_pays_at(&tp.pool) {
         assert!(extra >= 128.0 * 1024.0, "synced appends of {} KiB wrote only {extra} bytes more", APPENDS * 4);
     } else {
         eprintln!("the pool's file system is copy-on-write or in memory: no zeros go ahead there");

@@ -38,24 +38,10 @@ fn mount_uring(tp: &TestPool) -> Mounted {
     mount_at_with(&tp.pool, tp.mnt(), &tp.dir().join("uring.out"), &[], &["-o", "uring"])
 }
 
-/// Drop the mount's cached pages of `path`, so that its next read asks the daemon.
-fn uncache(path: &Path) {
-    use std::os::fd::AsRawFd;
-    let f = File::open(path).unwrap();
-    // SAFETY: an fd this function owns.
-    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-}
-
 fn ring_requests(mnt: &Path) -> u64 {
     let st = status(mnt);
     assert_eq!(st["fuse_transport"], "io_uring", "{st}");
     st["fuse_ring_requests"].as_u64().unwrap()
-}
-
-/// Bytes of a test file: position-dependent, never all zero.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    (0..len).map(|_| (rng.next() % 251) as u8 + 1).collect()
 }
 
 #[test]
@@ -72,7 +58,7 @@ fn a_uring_mount_serves_every_kind_of_request_through_its_queues() {
     let sizes = [1usize, 4096, 9 << 20];
     for (i, &n) in sizes.iter().enumerate() {
         let mut f = File::create(m.p(&format!("f{i}"))).unwrap();
-        f.write_all(&pattern(i as u64, n)).unwrap();
+        f.write_all(&pattern(n, i as u64)).unwrap();
         // fsync is answered by a sync worker, not the queue's thread.
         f.sync_all().unwrap();
     }
@@ -80,7 +66,7 @@ fn a_uring_mount_serves_every_kind_of_request_through_its_queues() {
     let f = OpenOptions::new().read(true).write(true).open(m.p("f2")).unwrap();
     f.write_all_at(b"middle", 5 << 20).unwrap();
     f.sync_data().unwrap();
-    let mut expect2 = pattern(2, 9 << 20);
+    let mut expect2 = pattern(9 << 20, 2);
     expect2[5 << 20..(5 << 20) + 6].copy_from_slice(b"middle");
     drop(f);
     // Names: directories, renames, links, symlinks, extended attributes, unlink.
@@ -104,13 +90,13 @@ fn a_uring_mount_serves_every_kind_of_request_through_its_queues() {
 
     // The bytes read back (through the mount's cache, then with it dropped).
     let check = |root: &Path| {
-        assert_eq!(fs::read(root.join("d/moved")).unwrap(), pattern(0, 1));
-        assert_eq!(fs::read(root.join("f1")).unwrap(), pattern(1, 4096));
+        assert_eq!(fs::read(root.join("d/moved")).unwrap(), pattern(1, 0));
+        assert_eq!(fs::read(root.join("f1")).unwrap(), pattern(4096, 1));
         assert!(fs::read(root.join("f2")).unwrap() == expect2, "f2 differs");
     };
     check(&m.mnt);
     for f in ["d/moved", "f1", "f2"] {
-        uncache(&m.p(f));
+        uncached(&m.p(f));
     }
     check(&m.mnt);
     let after = ring_requests(&m.mnt);
@@ -134,7 +120,7 @@ fn writers_on_every_cpu_each_read_back_their_own_bytes() {
     let m = mount_uring(&tp);
     const WRITERS: u64 = 4;
     const BLOCKS: u64 = 256;
-    let block = |w: u64, b: u64, round: u64| pattern(w << 32 | b << 8 | round, 4096);
+    let block = |w: u64, b: u64, round: u64| pattern(4096, w << 32 | b << 8 | round);
     thread::scope(|s| {
         for w in 0..WRITERS {
             let path = m.p(&format!("w{w}"));
@@ -162,7 +148,7 @@ fn writers_on_every_cpu_each_read_back_their_own_bytes() {
         }
     });
     for w in 0..WRITERS {
-        uncache(&m.p(&format!("w{w}")));
+        uncached(&m.p(&format!("w{w}")));
         let mut got = Vec::new();
         File::open(m.p(&format!("w{w}"))).unwrap().read_to_end(&mut got).unwrap();
         assert_eq!(got.len() as u64, BLOCKS * 4096);
@@ -182,12 +168,12 @@ fn a_kill9_of_a_uring_daemon_loses_nothing_synced() {
     }
     let tp = TestPool::new("64K", &[("V1", "128M")]);
     let m = mount_uring(&tp);
-    let synced = pattern(7, 3 << 20);
+    let synced = pattern(3 << 20, 7);
     let mut f = File::create(m.p("kept")).unwrap();
     f.write_all(&synced).unwrap();
     f.sync_all().unwrap();
     // Unsynced writes in flight when the daemon dies may be lost, never the synced ones.
-    f.write_all(&pattern(8, 1 << 20)).unwrap();
+    f.write_all(&pattern(1 << 20, 8)).unwrap();
     drop(f);
     ring_requests(&m.mnt);
     let mnt = m.mnt.clone();

@@ -33,6 +33,12 @@ const NO_PREZERO_FS: [i64; 3] = [
     0x0102_1994, // tmpfs
 ];
 
+/// Whether zeros written ahead pay for images in the directory (or file) `path`: false on
+/// btrfs, ZFS or tmpfs, or if it cannot be opened.
+pub fn prezero_pays_at(path: &Path) -> bool {
+    File::open(path).is_ok_and(|f| prezero_pays(&f))
+}
+
 /// Whether `file`'s later overwrites get cheaper once its blocks are written (see
 /// `prezero_pays`).
 fn prezero_pays(file: &File) -> bool {

@@ -692,20 +692,23 @@ impl Rng {
     }
 }
 
+/// `path` opened for reading, with the mount's cached pages of it dropped, so that its next
+/// read asks the daemon.
+pub fn uncached(path: &Path) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).unwrap();
+    // SAFETY: an fd this function owns.
+    assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    f
+}
+
 /// Reads whose bytes are fewer than the buffer the daemon fills (a hole, a short file's
 /// end), after reads of other bytes: the daemon keeps its reply buffers between replies (and,
 /// through io_uring, each entry's payload holds the last request's or reply's bytes), so a
 /// stale byte would show here. Each read reaches the daemon (the mount's cached pages are
 /// dropped first), many times over, so that every serving thread takes some.
 pub fn assert_reads_show_no_stale_bytes(mnt: &Path) {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let uncached = |p: &Path| {
-        let f = fs::File::open(p).unwrap();
-        // SAFETY: an fd this function owns.
-        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-        f
-    };
     let full: Vec<u8> = pattern(1 << 20, 77).into_iter().map(|b| b | 1).collect();
     fs::write(mnt.join("stale-full"), &full).unwrap();
     // 1 MiB with 100 bytes of data at 300 KiB; the rest is a hole.
