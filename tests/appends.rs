@@ -36,7 +36,9 @@ fn a_writer_just_past_the_end_keeps_its_bytes_beside_a_synced_appender() {
         thread::spawn(move || {
             let f = OpenOptions::new().write(true).open(&path).unwrap();
             let mut seed = 1_000_000;
-            while !done.load(Ordering::Relaxed) {
+            // Each record takes a track of its own (64 KiB): at most 600 of them, about one
+            // per append, so that the pool never fills whatever the two threads' speeds.
+            while !done.load(Ordering::Relaxed) && seed < 1_000_600 {
                 // 128-252 KiB past the end: inside the window of zeros ahead (256 KiB), at its far
                 // side, which the zeros reach last.
                 let end = fs::metadata(&path).unwrap().len();
@@ -44,6 +46,7 @@ fn a_writer_just_past_the_end_keeps_its_bytes_beside_a_synced_appender() {
                 f.write_all_at(&pattern(REC, seed), at).unwrap();
                 records.lock().unwrap().push((at, seed));
                 seed += 1;
+                thread::sleep(std::time::Duration::from_micros(200));
             }
         })
     };
