@@ -42,6 +42,9 @@
 #   BENCH_DIR=DIR          where to build the temporary directories (default: under /var/tmp);
 #                          this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
+#   BENCH_WARM_MIB=N       memory touched and freed right before each timed run, after the page
+#                          cache is dropped (default: twice the size + 512 MiB; 0: none; see
+#                          bench_warm_memory in scripts/lib/bench-common.sh)
 #   BENCH_LINES="1 2 3 4 5 6 7"  run only these lines (line 6 runs with 1 and 2)
 #   BENCH_FERRYFS=PATH     measure this ferryfs binary instead of building the checkout's
 #
@@ -143,9 +146,14 @@ want() { # LINE... -> whether any of them is to run
 }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
 now_ms() { local t=$EPOCHREALTIME; echo "${t%.*}${t#*.}" | cut -c1-13; }
+# Before each timed run: the page cache dropped (a cold source), then memory for twice the
+# data set and some touched and freed, so that no run pays the host's faults of memory that
+# rested (bench-common.sh).
+WARM_MIB=$(((2 * SIZE_BYTES >> 20) + 512))
 drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
+    bench_warm_memory "$WARM_MIB"
 }
 record() { # KEY JSON-OBJECT: one line of the results, tagged with its key
     sed "s/^{/{\"k\":\"$1\",/" <<<"$2" >>"$RESULTS"
