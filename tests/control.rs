@@ -73,3 +73,49 @@ fn control_lines_are_buffered_answered_one_by_one_and_capped() {
     assert_eq!(status(&m.mnt)["max_jobs"], 5);
     m.unmount();
 }
+
+fn poll_one(f: &std::fs::File, events: i16, timeout_ms: i32) -> i16 {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd { fd: f.as_raw_fd(), events, revents: 0 };
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    pfd.revents
+}
+
+/// The story: `ferryfs migrate --wait` read the status every 200 ms, so it returned up to
+/// 200 ms after its job ended (a fifth of a 1 GiB migration's time). An open `.ferry/status`
+/// or `.ferry/events` is now ready for POLLPRI (and POLLERR, as a sysfs attribute) once a job
+/// or a plan changed after the open, and the daemon wakes a poll asleep on it at the change.
+/// Every other file is always ready, as on a local file system.
+#[test]
+fn status_and_events_wake_a_poll_at_the_next_change() {
+    let tp = TestPool::new("64K", &[("V1", "16M"), ("V2", "16M")]);
+    let m = tp.mount();
+    std::fs::write(m.p("f"), common::pattern(1 << 20, 1)).unwrap();
+    let st = std::fs::File::open(m.p(".ferry/status")).unwrap();
+    let ev = std::fs::File::open(m.p(".ferry/events")).unwrap();
+    assert_eq!(poll_one(&st, libc::POLLPRI, 0), 0, "nothing changed since the status was opened");
+    assert_eq!(poll_one(&ev, libc::POLLPRI, 0), 0, "nothing changed since the events were opened");
+
+    // A poll asleep on the status with no timeout (the kernel looks once more when a timeout
+    // runs out, which would hide a wake that never came), woken by the job. Should the job
+    // start before the poll sleeps, the poll finds the change at once. The 60 s are a bound
+    // for a wake that never comes, not a measure.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(poll_one(&st, libc::POLLPRI, -1)));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let reply = common::jobs::control(&m.mnt, "migrate /f to V2").unwrap();
+    let ids = common::jobs::reply_jobs(&reply);
+    let woke = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the job's start wakes the status's poll");
+    assert_eq!(woke, libc::POLLPRI | libc::POLLERR);
+    assert_eq!(poll_one(&ev, libc::POLLPRI, 60_000), libc::POLLPRI | libc::POLLERR);
+    common::jobs::wait_switched(&m.mnt, &ids);
+
+    // A data set is always ready: poll(2) does not wait on it.
+    let f = OpenOptions::new().read(true).write(true).open(m.p("f")).unwrap();
+    assert_eq!(poll_one(&f, libc::POLLIN | libc::POLLOUT, 60_000), libc::POLLIN | libc::POLLOUT);
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), common::pattern(1 << 20, 1));
+    drop((f, ev));
+    m.unmount();
+}
