@@ -12,8 +12,10 @@ use crate::fs::CONTROL_DIR_NAME;
 use crate::mount::status_of_mount;
 use crate::report::{JobReport, PlanReport, Status};
 
-/// How often `wait` reads the status (and redraws the bars).
+/// How often `wait` reads the status (and redraws the bars), at the least.
 const POLL: Duration = Duration::from_millis(200);
+/// How often it reads it when a job's end is near ([`next_look`]).
+const NEAR: Duration = Duration::from_millis(10);
 
 /// What a command started, or what `ferryfs wait` follows.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -283,7 +285,10 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
     let mut last_phase: BTreeMap<u64, String> = BTreeMap::new();
     let mut plans_shown: BTreeSet<u64> = BTreeSet::new();
     loop {
-        let Some(st) = status_of_mount(mnt) else {
+        let looked = Instant::now();
+        let st = status_of_mount(mnt);
+        let took = looked.elapsed();
+        let Some(st) = st else {
             return Err(Unfinished {
                 ending: Ending::Stopped,
                 why: format!(
@@ -325,8 +330,35 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
                 _ => Err(Unfinished { ending, why: format!("not every job switched: {}", why.join("; ")) }),
             };
         }
-        std::thread::sleep(POLL.min(interval));
+        std::thread::sleep(next_look(&jobs, took).min(interval));
     }
+}
+
+/// How long `wait` sleeps before its next look at the status. It keeps no file of the mount
+/// open meanwhile (a poll of the open status for `POLLPRI` would wake it at the change, but
+/// would make an unmount find the mount busy), so it looks often where the end is near:
+/// every [`NEAR`] while a job is in its cutover or has (nearly) nothing left to re-sync, and,
+/// while a job copies, when its copy should be done. At most [`POLL`]; and at least four
+/// times what the last look took, so that a large status (a plan of many jobs) costs the
+/// mount no more than a fifth of a thread.
+fn next_look(jobs: &[&JobReport], took: Duration) -> Duration {
+    let left = |bytes: u64, j: &JobReport| {
+        if j.copy_rate_bytes_per_s == 0 {
+            return POLL;
+        }
+        Duration::from_secs_f64(bytes as f64 / j.copy_rate_bytes_per_s as f64)
+    };
+    let soon = jobs
+        .iter()
+        .map(|j| match j.phase.as_str() {
+            "cutover" | "verifying" => NEAR,
+            "copying" => left(j.bytes_total.saturating_sub(j.bytes_copied), j),
+            "resyncing" => left(j.dirty_tracks.saturating_mul(j.track_size_bytes), j),
+            _ => POLL,
+        })
+        .min()
+        .unwrap_or(POLL);
+    soon.clamp(NEAR, POLL).max(took * 4)
 }
 
 fn is_final(phase: &str) -> bool {
@@ -413,5 +445,39 @@ mod tests {
         assert_eq!(started("ok jobs 3 4"), Started { plans: vec![], jobs: vec![3, 4] });
         assert_eq!(started("ok plan 7 jobs 8 9"), Started { plans: vec![7], jobs: vec![8, 9] });
         assert_eq!(started("ok plan 7 jobs"), Started { plans: vec![7], jobs: vec![] });
+    }
+
+    fn job(phase: &str, copied: u64, total: u64, dirty: u64, rate: u64) -> JobReport {
+        JobReport {
+            phase: phase.into(),
+            bytes_copied: copied,
+            bytes_total: total,
+            dirty_tracks: dirty,
+            track_size_bytes: 65536,
+            copy_rate_bytes_per_s: rate,
+            ..JobReport::default()
+        }
+    }
+
+    #[test]
+    fn wait_looks_again_when_the_end_is_near() {
+        let ms = Duration::from_millis;
+        let look = |jobs: &[JobReport], took| next_look(&jobs.iter().collect::<Vec<_>>(), took);
+        let mib = 1 << 20;
+        // Queued, or copying at a rate not known yet: the usual 0.2 s.
+        assert_eq!(look(&[job("queued", 0, 0, 0, 0)], ms(1)), POLL);
+        assert_eq!(look(&[job("copying", 0, 100 * mib, 0, 0)], ms(1)), POLL);
+        // 5 MiB left at 100 MiB/s: when the copy should be done.
+        assert_eq!(look(&[job("copying", 95 * mib, 100 * mib, 0, 100 * mib)], ms(1)), ms(50));
+        // Far from done, or awaiting a close: no sooner than 0.2 s.
+        assert_eq!(look(&[job("copying", 0, 100 * mib, 0, 100 * mib)], ms(1)), POLL);
+        assert_eq!(look(&[job("awaiting-close", 100 * mib, 100 * mib, 0, 100 * mib)], ms(1)), POLL);
+        // In the cutover, or nothing left to re-sync: every 10 ms; the nearest job decides.
+        assert_eq!(look(&[job("cutover", 100 * mib, 100 * mib, 0, 100 * mib)], ms(1)), NEAR);
+        assert_eq!(look(&[job("resyncing", 100 * mib, 100 * mib, 0, 100 * mib)], ms(1)), NEAR);
+        let two = [job("copying", 0, 100 * mib, 0, 100 * mib), job("cutover", 1, 1, 0, 1)];
+        assert_eq!(look(&two, ms(1)), NEAR);
+        // A status that takes 30 ms to read is read at most every 120 ms.
+        assert_eq!(look(&[job("cutover", 1, 1, 0, 1)], ms(30)), ms(120));
     }
 }

@@ -93,7 +93,7 @@ pub struct Status {
 pub use crate::monitor::AppSyncReport;
 
 /// One migration job, as `.ferry/status` shows it (docs/cli.md).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct JobReport {
     pub id: u64,
     pub path: String,
