@@ -334,9 +334,9 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
     }
 }
 
-/// How long `wait` sleeps before its next look at the status. It keeps no file of the mount
-/// open meanwhile (a poll of the open status for `POLLPRI` would wake it at the change, but
-/// would make an unmount find the mount busy), so it looks often where the end is near:
+/// How long `wait` sleeps before its next look at the status. Nothing wakes it at a change
+/// (the mount answers no poll: fs/mod.rs says why; and a file kept open would make an
+/// unmount find the mount busy), so it looks often where the end is near:
 /// every [`NEAR`] while a job is in its cutover or has (nearly) nothing left to re-sync, and,
 /// while a job copies, when its copy should be done. At most [`POLL`]; and at least four
 /// times what the last look took, so that a large status (a plan of many jobs) costs the

@@ -93,11 +93,6 @@ pub fn dir_entries(ino: Ino) -> Option<Vec<(Vec<u8>, Ino, FileType)>> {
     })
 }
 
-/// Whether a reader of `ino` may poll it for the jobs' and plans' next change.
-pub fn watched(ino: Ino) -> bool {
-    matches!(ino, STATUS_INO | EVENTS_INO)
-}
-
 /// Open a control file: its contents, generated now.
 pub fn open(fs: &FerryFs, ino: Ino) -> Option<FsResult<Vec<u8>>> {
     match ino {

@@ -17,9 +17,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, OpenFlags, PollEvents, PollFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use log::{error, info, warn};
 use parking_lot::{Mutex, RwLock};
@@ -63,9 +63,6 @@ enum Handle {
     /// A generated control file (.ferry/status, events, metrics): its bytes at open.
     Generated {
         bytes: Vec<u8>,
-        /// Status and events: the jobs' and plans' generation of changes (`Changes`) as of
-        /// the open, for poll(2)'s `POLLPRI`.
-        seen: Option<u64>,
     },
     /// `.ferry/control`: lines written are commands; their replies read back from here.
     Control {
@@ -337,10 +334,6 @@ impl FerryFs {
         let h = self.handles.map.write().remove(&fh.0).ok_or(FsError::BadHandle)?;
         match &*h {
             Handle::File { node } => self.engine.release(node),
-            Handle::Generated { seen: Some(_), .. } => {
-                self.migrations.changes.forget(fh.0);
-                Ok(())
-            }
             _ => Ok(()),
         }
     }
@@ -548,6 +541,12 @@ fn log_err(e: &FsError) {
     }
 }
 
+/// No `poll`: fuser's default answers ENOSYS, and the kernel then stops asking and treats
+/// every file of the mount as always ready, with no round trip. Once a daemon answers POLL,
+/// the kernel asks it at every poll of any file, and io_uring polls a file whose buffered
+/// write could not go on at once before each retry: fio's io_uring 4 KiB random writes at
+/// iodepth 16 fell from 22 600 to 244 IOPS when `.ferry/status` answered POLL for its
+/// readers (docs/benchmarks.md, "Issue 10, tenth round").
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(WRITE_MAX_BYTES);
@@ -712,12 +711,10 @@ impl Filesystem for FerryFs {
             let fh = self.add_handle(Handle::Control { input: Mutex::default(), replies: Mutex::new(Vec::new()) });
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE);
         }
-        // Taken before the bytes are made: a change while they are is seen by the next poll.
-        let seen = control::watched(ino.0).then(|| self.migrations.changes.generation());
         if let Some(res) = control::open(self, ino.0) {
             match res {
                 Ok(bytes) => {
-                    let fh = self.add_handle(Handle::Generated { bytes, seen });
+                    let fh = self.add_handle(Handle::Generated { bytes });
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -774,7 +771,7 @@ impl Filesystem for FerryFs {
                     errno(&e)
                 })
             }),
-            Handle::Generated { bytes, .. } => {
+            Handle::Generated { bytes } => {
                 let start = (offset as usize).min(bytes.len());
                 let end = (start + size as usize).min(bytes.len());
                 reply.data(&bytes[start..end])
@@ -885,43 +882,6 @@ impl Filesystem for FerryFs {
         reply: ReplyEmpty,
     ) {
         reply_result!(reply, self.release_file(fh), |r: ReplyEmpty, _| r.ok())
-    }
-
-    /// poll(2). `.ferry/status` and `.ferry/events` are ready for `POLLPRI` (with `POLLERR`,
-    /// as a sysfs attribute) once a job or a plan changed after the open (`Changes`); until
-    /// then the kernel is told when that happens. Every other file is always ready, as on a
-    /// local file system.
-    fn poll(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        ph: fuser::PollNotifier,
-        _events: PollEvents,
-        flags: PollFlags,
-        reply: ReplyPoll,
-    ) {
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let readable = PollEvents::POLLIN | PollEvents::POLLRDNORM;
-        let Handle::Generated { seen: Some(seen), .. } = &*h else {
-            return reply.poll(readable | PollEvents::POLLOUT | PollEvents::POLLWRNORM);
-        };
-        let wake = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY).then(|| {
-            Box::new(move || {
-                // The file may have closed meanwhile: nothing to wake then.
-                if let Err(e) = ph.notify() {
-                    log::debug!("waking a poll of the status: {e}");
-                }
-            }) as crate::migrate::changes::Wake
-        });
-        if self.migrations.changes.changed_since(*seen, fh.0, wake) {
-            reply.poll(readable | PollEvents::POLLPRI | PollEvents::POLLERR)
-        } else {
-            reply.poll(readable)
-        }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {

@@ -289,15 +289,12 @@ impl Runner<'_> {
         self.job.transition(to).map_err(|e| {
             log::error!("job {}: {e}", self.job.id);
             End::Failed(format!("internal error: {e}"))
-        })?;
-        self.m.changes.changed();
-        Ok(())
+        })
     }
 
     /// The point of no return ([`JobState::begin_switch`]): `Err(Cancelled)` if a cancel
     /// came first.
     fn begin_switch(&self) -> JobResult<()> {
-        // (No wake for the readers: the phase they see stays `cutover`.)
         match self.job.begin_switch() {
             Ok(true) => Ok(()),
             Ok(false) => Err(End::Cancelled),

@@ -16,10 +16,7 @@
 //!   `Runner::checkpoint`, and engine/intent.rs keep the checkpoint true), or, without one,
 //!   is rolled back (its target freed, the source untouched) and started again from the
 //!   beginning; a plan carries on with whatever is still on its sources.
-//! - Every change of a job's or a plan's phase, and every event, wakes the readers polling
-//!   `.ferry/status` or `.ferry/events` ([`changes::Changes`]).
 
-pub mod changes;
 pub mod command;
 mod job;
 pub mod pace;
@@ -148,12 +145,9 @@ impl JobState {
 
     /// The job ends in `to`; if that step is refused (a bug), it is logged and the job fails.
     fn settle(&self, m: &Migrations, to: State) {
-        match self.transition(to) {
-            Ok(()) => m.changes.changed(),
-            Err(e) => {
-                error!("job {}: {e}", self.id);
-                self.fail(m, format!("internal error: {e}"), None);
-            }
+        if let Err(e) = self.transition(to) {
+            error!("job {}: {e}", self.id);
+            self.fail(m, format!("internal error: {e}"), None);
         }
     }
 
@@ -298,8 +292,6 @@ pub struct Migrations {
     pub engine: Arc<Engine>,
     inner: Mutex<Inner>,
     events: Mutex<VecDeque<String>>,
-    /// Wakes the readers polling the status and the events.
-    pub changes: changes::Changes,
     /// The pool-wide copy rate cap (0: none).
     pub copy_rate: RateCap,
     max_jobs: AtomicUsize,
@@ -346,7 +338,6 @@ impl Migrations {
             engine,
             inner: Mutex::default(),
             events: Mutex::default(),
-            changes: changes::Changes::default(),
             copy_rate: RateCap::default(),
             max_jobs: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -373,14 +364,11 @@ impl Migrations {
     pub fn event(&self, text: String) {
         let line = format!("{} {text}", humantime::format_rfc3339_micros(SystemTime::now()));
         info!("{text}");
-        {
-            let mut ev = self.events.lock();
-            if ev.len() >= EVENTS_KEPT {
-                ev.pop_front();
-            }
-            ev.push_back(line);
+        let mut ev = self.events.lock();
+        if ev.len() >= EVENTS_KEPT {
+            ev.pop_front();
         }
-        self.changes.changed();
+        ev.push_back(line);
     }
 
     pub fn events_text(&self) -> Vec<u8> {
@@ -578,7 +566,6 @@ fn plan_progress(m: &Arc<Migrations>, plan: &Arc<PlanState>) {
             warn!("ending plan {}: {e}", plan.rec.id);
         }
         *plan.phase.lock() = phase;
-        m.changes.changed();
         let kind = plan.rec.kind.name();
         match &why {
             None => m.event(format!(
