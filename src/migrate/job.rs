@@ -61,6 +61,12 @@ const SIMULATED_CHECKPOINT_CHUNKS: u64 = 3;
 /// span several, and power cuts find regions both clean and dirty.
 const SIMULATED_REGION_TRACKS: u64 = 4;
 
+/// The live cutover flushes the target before it holds the writes at most this many times,
+/// until one flush takes less than [`SHORT_FLUSH`] (a simulated job once: the clock must not
+/// change what a seed replays).
+const PRE_HOLD_FLUSHES: usize = 3;
+const SHORT_FLUSH: Duration = Duration::from_millis(1);
+
 /// `part` of `total` in whole per cent, never above 100.
 pub fn percent(part: u64, total: u64) -> u64 {
     (part.min(total) * 100).checked_div(total).unwrap_or(100)
@@ -1151,8 +1157,17 @@ impl Runner<'_> {
         }
         // Flush what the catch-up copied and what mirrored writes put on the target since
         // the first flush, so that the flush inside the hold carries only the writes of the
-        // last few milliseconds.
-        self.flush_target()?;
+        // last few milliseconds. Under a heavy writer one flush takes milliseconds, and the
+        // mirrored writes that came during it are what the flush inside the hold would wait
+        // for: flush again (a few times at most) until one is short.
+        let flushes = if self.m.turns.is_some() { 1 } else { PRE_HOLD_FLUSHES };
+        for _ in 0..flushes {
+            let t = Instant::now();
+            self.flush_target()?;
+            if t.elapsed() < SHORT_FLUSH {
+                break;
+            }
+        }
         let node = self.node().clone();
         let t0 = Instant::now();
         let hold = node.write_hold.write();
