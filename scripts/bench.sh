@@ -21,6 +21,8 @@
 #   BENCH_DIR=DIR        where to build the temporary directories (default: under /var/tmp);
 #                        this directory's file system is the one measured
 #   BENCH_KEEP_RESULTS=FILE    also write the raw results (one JSON object per run) to FILE
+#   BENCH_WARM_MIB=N     memory touched and freed before each timed job (default: twice the
+#                        file size + 512 MiB; 0: none; bench_warm_memory in lib/bench-common.sh)
 #   BENCH_FERRYFS=PATH   measure this ferryfs binary instead of building the checkout's
 #
 # Needs root (to drop the page cache before the cold read, and for FUSE mounts by root).
@@ -226,14 +228,20 @@ record() { # line unit target config value
     printf '{"line":"%s","unit":"%s","target":%s,"config":"%s","value":%s}\n' "$1" "$2" "$3" "$4" "$5" >>"$RESULTS"
 }
 
+# Before each timed job: memory for twice the file and some touched and freed, so that no
+# configuration pays the host's faults of memory that rested (bench_warm_memory in
+# scripts/lib/bench-common.sh; docs/benchmarks.md, "Machine").
+WARM_MIB=$(((2 * SIZE_BYTES >> 20) + 512))
 settle() {
     # Let the previous job's dirty pages reach the disk before the next timed job.
     sync
+    bench_warm_memory "$WARM_MIB"
 }
 
 drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
+    bench_warm_memory "$WARM_MIB"
 }
 
 # fio DIR NAME RW BS extra-args...  -> prints "MiB/s IOPS"
