@@ -543,10 +543,10 @@ fn log_err(e: &FsError) {
 
 /// No `poll`: fuser's default answers ENOSYS, and the kernel then stops asking and treats
 /// every file of the mount as always ready, with no round trip. Once a daemon answers POLL,
-/// the kernel asks it at every poll of any file, and io_uring polls a file whose buffered
-/// write could not go on at once before each retry: fio's io_uring 4 KiB random writes at
-/// iodepth 16 fell from 22 600 to 244 IOPS when `.ferry/status` answered POLL for its
-/// readers (docs/benchmarks.md, "Issue 10, tenth round").
+/// the kernel asks it at every poll of any file: fio's io_uring 4 KiB random buffered writes
+/// at iodepth 16 fell from 22 600 to 244 IOPS when `.ferry/status` answered POLL for its
+/// readers (most likely io_uring polling before it retries a write that could not go on at
+/// once; docs/benchmarks.md, "Issue 10, tenth round").
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(WRITE_MAX_BYTES);
