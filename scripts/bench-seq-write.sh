@@ -11,6 +11,8 @@
 #   BENCH_SEQ_ROUNDS=3         rounds
 #   BENCH_SEQ_SIZE=1G          bytes written per run (fio 1 MiB blocks, end_fsync=1)
 #   BENCH_DIR=DIR              where the temporary directories go (default: under /var/tmp)
+#   BENCH_WARM_MIB=N           memory touched and freed before each run (default: twice the
+#                              size + 512 MiB; 0: none; bench_warm_memory in lib/bench-common.sh)
 #
 # Needs root (FUSE mounts by root) and fio (scripts/deps.sh --bench installs it).
 set -euo pipefail
@@ -31,8 +33,13 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# Memory touched and freed before each run (bench_warm_memory; BENCH_WARM_MIB=0: none).
+WARM_MIB=$(((2 * $(numfmt --from=iec "$SIZE") >> 20) + 512))
+
 # run DIR -> MiB/s of one fio sequential write into DIR
 run() {
+    sync
+    bench_warm_memory "$WARM_MIB"
     fio --name=seq --directory="$1" --filename=seq.dat --ioengine=psync --rw=write --bs=1M \
         --size="$SIZE" --end_fsync=1 --output-format=json --output="$B/fio.json" >/dev/null
     python3 -c "import json; print('%.0f' % (json.load(open('$B/fio.json'))['jobs'][0]['write']['bw'] / 1024))"
