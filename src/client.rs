@@ -338,7 +338,7 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
 /// (the mount answers no poll: fs/mod.rs says why; and a file kept open would make an
 /// unmount find the mount busy), so it looks often where the end is near:
 /// every [`NEAR`] while a job is in its cutover or has (nearly) nothing left to re-sync, and,
-/// while a job copies, when its copy should be done. At most [`POLL`]; and at least four
+/// while a job copies or verifies, when that should be done. At most [`POLL`]; and at least four
 /// times what the last look took, so that a large status (a plan of many jobs) costs the
 /// mount no more than a fifth of a thread.
 fn next_look(jobs: &[&JobReport], took: Duration) -> Duration {
@@ -351,7 +351,9 @@ fn next_look(jobs: &[&JobReport], took: Duration) -> Duration {
     let soon = jobs
         .iter()
         .map(|j| match j.phase.as_str() {
-            "cutover" | "verifying" => NEAR,
+            "cutover" => NEAR,
+            // Reads source and target whole, with writes held: about two copies' time.
+            "verifying" => left(j.bytes_total.saturating_mul(2), j),
             "copying" => left(j.bytes_total.saturating_sub(j.bytes_copied), j),
             "resyncing" => left(j.dirty_tracks.saturating_mul(j.track_size_bytes), j),
             _ => POLL,
@@ -477,6 +479,10 @@ mod tests {
         assert_eq!(look(&[job("resyncing", 100 * mib, 100 * mib, 0, 100 * mib)], ms(1)), NEAR);
         let two = [job("copying", 0, 100 * mib, 0, 100 * mib), job("cutover", 1, 1, 0, 1)];
         assert_eq!(look(&two, ms(1)), NEAR);
+        // Verifying reads the data set twice: a small one is looked at soon, a large one
+        // every 0.2 s.
+        assert_eq!(look(&[job("verifying", mib, mib, 0, 100 * mib)], ms(1)), ms(20));
+        assert_eq!(look(&[job("verifying", 100 * mib, 100 * mib, 0, 100 * mib)], ms(1)), POLL);
         // A status that takes 30 ms to read is read at most every 120 ms.
         assert_eq!(look(&[job("cutover", 1, 1, 0, 1)], ms(30)), ms(120));
     }
