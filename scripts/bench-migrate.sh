@@ -150,11 +150,10 @@ now_ms() { local t=$EPOCHREALTIME; echo "${t%.*}${t#*.}" | cut -c1-13; }
 # Before each timed run: the page cache dropped (a cold source), then memory for twice the
 # data set and some touched and freed, so that no run pays the host's faults of memory that
 # rested (bench-common.sh).
-WARM_MIB=$(((2 * SIZE_BYTES >> 20) + 512))
 drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    bench_warm_memory "$WARM_MIB"
+    bench_warm_memory "$SIZE_BYTES"
 }
 record() { # KEY JSON-OBJECT: one line of the results, tagged with its key
     sed "s/^{/{\"k\":\"$1\",/" <<<"$2" >>"$RESULTS"

@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/bench-common.sh
 ROUNDS=${BENCH_SEQ_ROUNDS:-3}
 SIZE=${BENCH_SEQ_SIZE:-1G}
+SIZE_BYTES=$(numfmt --from=iec "$SIZE")
 if [[ -z "${BENCH_SEQ_BINS:-}" ]]; then
     BENCH_SEQ_BINS=$(bench_checkout_build)
 fi
@@ -33,13 +34,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# Memory touched and freed before each run (bench_warm_memory; BENCH_WARM_MIB=0: none).
-WARM_MIB=$(((2 * $(numfmt --from=iec "$SIZE") >> 20) + 512))
-
 # run DIR -> MiB/s of one fio sequential write into DIR
 run() {
     sync
-    bench_warm_memory "$WARM_MIB"
+    bench_warm_memory "$SIZE_BYTES"
     fio --name=seq --directory="$1" --filename=seq.dat --ioengine=psync --rw=write --bs=1M \
         --size="$SIZE" --end_fsync=1 --output-format=json --output="$B/fio.json" >/dev/null
     python3 -c "import json; print('%.0f' % (json.load(open('$B/fio.json'))['jobs'][0]['write']['bw'] / 1024))"
@@ -55,7 +53,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for bin in "${BINS[@]}"; do
         i=$((i + 1))
         # Room for the data set and its over-provisioned tail (images are sparse).
-        bench_on_fresh_pool "$bin" "$(($(numfmt --from=iec "$SIZE") * 3))" run
+        bench_on_fresh_pool "$bin" "$((SIZE_BYTES * 3))" run
         mib=$BENCH_OUT
         printf '%-6s %-10s %s (%s)\n' "$r" "build$i" "$mib" "$(bench_ratio "$mib" "$native")"
     done

@@ -231,17 +231,16 @@ record() { # line unit target config value
 # Before each timed job: memory for twice the file and some touched and freed, so that no
 # configuration pays the host's faults of memory that rested (bench_warm_memory in
 # scripts/lib/bench-common.sh; docs/benchmarks.md, "Machine").
-WARM_MIB=$(((2 * SIZE_BYTES >> 20) + 512))
 settle() {
     # Let the previous job's dirty pages reach the disk before the next timed job.
     sync
-    bench_warm_memory "$WARM_MIB"
+    bench_warm_memory "$SIZE_BYTES"
 }
 
 drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    bench_warm_memory "$WARM_MIB"
+    bench_warm_memory "$SIZE_BYTES"
 }
 
 # fio DIR NAME RW BS extra-args...  -> prints "MiB/s IOPS"

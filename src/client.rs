@@ -134,13 +134,17 @@ fn summary(j: &JobReport) -> String {
     }
 }
 
+/// How long the job takes to copy `bytes` at its rate; `None` while the rate is not known.
+fn time_for(bytes: u64, j: &JobReport) -> Option<Duration> {
+    (j.copy_rate_bytes_per_s > 0).then(|| Duration::from_secs_f64(bytes as f64 / j.copy_rate_bytes_per_s as f64))
+}
+
 /// The rate and the time left, as the bars and the lines show them: the job's own average
 /// (`copy_rate_bytes_per_s`, the summary's rate too), not an estimate of the CLI's.
 fn rate_and_eta(j: &JobReport) -> String {
-    let eta = if j.copy_rate_bytes_per_s > 0 && j.bytes_total > j.bytes_copied {
-        format!(", ETA {:.0} s", (j.bytes_total - j.bytes_copied) as f64 / j.copy_rate_bytes_per_s as f64)
-    } else {
-        String::new()
+    let eta = match time_for(j.bytes_total.saturating_sub(j.bytes_copied), j) {
+        Some(t) if !t.is_zero() => format!(", ETA {:.0} s", t.as_secs_f64()),
+        _ => String::new(),
     };
     format!("{:.1} MiB/s{eta}", mib(j.copy_rate_bytes_per_s))
 }
@@ -342,12 +346,7 @@ pub fn wait(mnt: &Path, what: &Started, interval: Duration) -> Result<(), Unfini
 /// times what the last look took, so that a large status (a plan of many jobs) costs the
 /// mount no more than a fifth of a thread.
 fn next_look(jobs: &[&JobReport], took: Duration) -> Duration {
-    let left = |bytes: u64, j: &JobReport| {
-        if j.copy_rate_bytes_per_s == 0 {
-            return POLL;
-        }
-        Duration::from_secs_f64(bytes as f64 / j.copy_rate_bytes_per_s as f64)
-    };
+    let left = |bytes: u64, j: &JobReport| time_for(bytes, j).unwrap_or(POLL);
     let soon = jobs
         .iter()
         .map(|j| match j.phase.as_str() {

@@ -41,15 +41,16 @@ bench_on_fresh_pool() { # BIN VOL_SIZE FN [MOUNT_ARGS...]
     rm -rf "$B/pool" "$B/mnt"
 }
 
-# Touch MIB of memory and give it back, just before a timed run (BENCH_WARM_MIB overrides MIB;
-# 0 turns it off). On a virtual machine whose balloon reports free pages to its host, memory
-# that stays free for a few seconds goes back to the host, and the first touch of each such
-# page costs a fault in the host. Measured on the machine of docs/benchmarks.md: `cp` + `sync`
-# of 1 GiB took 1.5-2.8 s after 5 s of rest, against 0.9-1.2 s right after 3 GiB were touched
-# and freed; the touch itself took 5-9 s. The pages touched here are free, and still backed,
-# when the run starts, so every side of a comparison starts from the same memory.
-bench_warm_memory() { # MIB
-    local mib=${BENCH_WARM_MIB:-$1}
+# Touch twice DATA_BYTES + 512 MiB of memory and give it back, just before a timed run of
+# DATA_BYTES (BENCH_WARM_MIB sets the MiB instead; 0 turns it off). On a virtual machine
+# whose balloon reports free pages to its host, memory that stays free for a few seconds goes
+# back to the host, and the first touch of each such page costs a fault in the host. Measured
+# on the machine of docs/benchmarks.md: `cp` + `sync` of 1 GiB took 2.2-3.3 s after 5 s of
+# rest, against 0.9-1.2 s right after 3 GiB were touched and freed; the touch itself took
+# 5-9 s. The pages touched here are free, and still backed, when the run starts, so every
+# side of a comparison starts from the same memory.
+bench_warm_memory() { # DATA_BYTES
+    local mib=${BENCH_WARM_MIB:-$(((2 * $1 >> 20) + 512))}
     ((mib > 0)) || return 0
     python3 -c 'import sys; bytearray(int(sys.argv[1]) << 20)' "$mib"
 }
